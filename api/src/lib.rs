@@ -1,0 +1,1 @@
+//! gpuvm API types.
