@@ -1,0 +1,531 @@
+//! Runtime configuration: the TOML file, its defaults, and the per-pod overrides read
+//! from annotations. Everything here is a pure function of its inputs, except
+//! [`ShimConfig::load`] which reads the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Where the config file is when nothing else says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpuvm/shim.toml";
+/// Environment variable that overrides [`DEFAULT_CONFIG_PATH`].
+pub const CONFIG_ENV: &str = "GPUVM_SHIM_CONFIG";
+
+/// Pod annotation with the guest's vCPU count (same key as `gpuvm_api::keys`).
+pub const ANNOTATION_CPUS: &str = "gpuvm.dev/cpus";
+/// Pod annotation with the guest's memory as a Kubernetes quantity (e.g. `8Gi`).
+pub const ANNOTATION_MEMORY: &str = "gpuvm.dev/memory";
+/// Pod annotation with the comma-separated PCI addresses passed to the guest with VFIO.
+pub const ANNOTATION_DEVICES: &str = "gpuvm.dev/devices";
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Cloud Hypervisor through its REST API (production, needs a KVM that boots real guests).
+    CloudHypervisor,
+    /// QEMU, with KVM when it works and TCG otherwise.
+    Qemu,
+    /// Cloud Hypervisor where KVM runs real guests, else QEMU.
+    Auto,
+}
+
+/// The whole config file. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    /// `cloud-hypervisor`, `qemu` or `auto` (default `auto`).
+    pub backend: Backend,
+    /// Log level for the shim (`error`, `warn`, `info`, `debug`, `trace`; default `info`).
+    pub log_level: String,
+    /// Guest image and size.
+    pub guest: GuestConfig,
+    /// Paths of the helper binaries.
+    pub binaries: BinaryPaths,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Guest image, kernel command line and size limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestConfig {
+    /// Uncompressed guest kernel (`vmlinux`, PVH entry) or `bzImage`.
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent.
+    pub initramfs: PathBuf,
+    /// Extra kernel command line.
+    pub kernel_params: String,
+    /// vCPUs when the pod has no `gpuvm.dev/cpus` annotation.
+    pub default_cpus: u32,
+    /// Memory when the pod has no `gpuvm.dev/memory` annotation (a quantity).
+    pub default_memory: String,
+    /// Largest vCPU count an annotation may ask for.
+    pub max_cpus: u32,
+    /// Largest memory an annotation may ask for (a quantity).
+    pub max_memory: String,
+    /// vsock port the agent listens on.
+    pub agent_port: u32,
+}
+
+/// Paths of the binaries the shim starts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BinaryPaths {
+    /// `cloud-hypervisor`.
+    pub cloud_hypervisor: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `virtiofsd`.
+    pub virtiofsd: PathBuf,
+    /// `vhost-device-vsock` (QEMU backend only).
+    pub vhost_device_vsock: PathBuf,
+}
+
+/// Timeouts, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// From VMM start until the agent answers on vsock.
+    pub agent_connect_secs: u64,
+    /// From `vm.shutdown` until the VMM process must have exited (then it is killed).
+    pub vm_shutdown_secs: u64,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            backend: Backend::Auto,
+            log_level: "info".to_owned(),
+            guest: GuestConfig::default(),
+            binaries: BinaryPaths::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
+            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
+            kernel_params: String::new(),
+            default_cpus: 1,
+            default_memory: "1Gi".to_owned(),
+            max_cpus: 64,
+            max_memory: "256Gi".to_owned(),
+            agent_port: 1024,
+        }
+    }
+}
+
+impl Default for BinaryPaths {
+    fn default() -> Self {
+        BinaryPaths {
+            cloud_hypervisor: PathBuf::from("/usr/bin/cloud-hypervisor"),
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            virtiofsd: PathBuf::from("/usr/libexec/virtiofsd"),
+            vhost_device_vsock: PathBuf::from("/usr/local/bin/vhost-device-vsock"),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            agent_connect_secs: 60,
+            vm_shutdown_secs: 10,
+        }
+    }
+}
+
+impl ShimConfig {
+    /// Parses a config file's text and checks that its values are consistent.
+    pub fn parse(text: &str, path: &Path) -> Result<ShimConfig> {
+        let config: ShimConfig = toml::from_str(text).map_err(|source| Error::ConfigParse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the config file; a missing file at the *default* path gives the defaults,
+    /// a missing file that was asked for explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<ShimConfig> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => ShimConfig::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(ShimConfig::default())
+            }
+            Err(source) => Err(Error::ConfigRead {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let g = &self.guest;
+        if g.default_cpus == 0 || g.max_cpus == 0 {
+            return Err(Error::Config("guest CPU counts must be at least 1".into()));
+        }
+        if g.default_cpus > g.max_cpus {
+            return Err(Error::Config(format!(
+                "guest.default_cpus ({}) exceeds guest.max_cpus ({})",
+                g.default_cpus, g.max_cpus
+            )));
+        }
+        let default_mib = parse_memory_mib(&g.default_memory)
+            .map_err(|e| Error::Config(format!("guest.default_memory: {e}")))?;
+        let max_mib = parse_memory_mib(&g.max_memory)
+            .map_err(|e| Error::Config(format!("guest.max_memory: {e}")))?;
+        if default_mib > max_mib {
+            return Err(Error::Config(format!(
+                "guest.default_memory ({}) exceeds guest.max_memory ({})",
+                g.default_memory, g.max_memory
+            )));
+        }
+        if self.timeouts.agent_connect_secs == 0 {
+            return Err(Error::Config(
+                "timeouts.agent_connect_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which config file to read: containerd's runtime option `ConfigPath` wins, then the
+/// `GPUVM_SHIM_CONFIG` environment variable, then [`DEFAULT_CONFIG_PATH`]. The flag says
+/// whether the path was asked for explicitly (so a missing file is an error).
+pub fn config_path(runtime_option: Option<&str>, env: Option<&str>) -> (PathBuf, bool) {
+    match (runtime_option, env) {
+        (Some(p), _) if !p.is_empty() => (PathBuf::from(p), true),
+        (_, Some(p)) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    }
+}
+
+/// The size of one guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestSize {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+}
+
+/// Parses a Kubernetes memory quantity (`8Gi`, `512Mi`, `1G`, `1500M`, `1073741824`)
+/// into MiB, rounding up to whole MiB.
+pub fn parse_memory_mib(quantity: &str) -> std::result::Result<u64, String> {
+    let q = quantity.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    if number.is_empty() {
+        return Err(format!("{quantity:?} is not a quantity like 8Gi or 512Mi"));
+    }
+    let value: u128 = number
+        .parse()
+        .map_err(|_| format!("{quantity:?} is too large"))?;
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => {
+            return Err(format!(
+                "{quantity:?} has an unknown suffix {suffix:?} (use Ki, Mi, Gi, Ti, k, M, G, T)"
+            ));
+        }
+    };
+    let bytes = value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{quantity:?} is too large"))?;
+    let mib = bytes.div_ceil(1 << 20);
+    if mib == 0 {
+        return Err(format!("{quantity:?} is less than 1 MiB"));
+    }
+    u64::try_from(mib).map_err(|_| format!("{quantity:?} is too large"))
+}
+
+/// Parses a CPU count: a whole number (`4`) or millicores (`2500m`, rounded up).
+pub fn parse_cpus(quantity: &str) -> std::result::Result<u32, String> {
+    let q = quantity.trim();
+    let parsed = match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<u64>().ok().map(|m| m.div_ceil(1000)),
+        None => q.parse::<u64>().ok(),
+    };
+    match parsed {
+        Some(0) => Err(format!("{quantity:?} is less than one CPU")),
+        Some(n) => u32::try_from(n).map_err(|_| format!("{quantity:?} is too large")),
+        None => Err(format!("{quantity:?} is not a CPU count like 4 or 2500m")),
+    }
+}
+
+/// The guest size for a sandbox: the annotations where present, the config's defaults
+/// otherwise, and a clear error when an annotation asks for more than the limits.
+pub fn guest_size(guest: &GuestConfig, annotations: &HashMap<String, String>) -> Result<GuestSize> {
+    let cpus = match annotations.get(ANNOTATION_CPUS) {
+        Some(v) => parse_cpus(v)
+            .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_CPUS}: {e}")))?,
+        None => guest.default_cpus,
+    };
+    if cpus > guest.max_cpus {
+        return Err(Error::InvalidArgument(format!(
+            "annotation {ANNOTATION_CPUS} asks for {cpus} CPUs, more than the configured maximum of {}",
+            guest.max_cpus
+        )));
+    }
+    let max_mib = parse_memory_mib(&guest.max_memory).map_err(Error::Config)?;
+    let memory_mib = match annotations.get(ANNOTATION_MEMORY) {
+        Some(v) => parse_memory_mib(v)
+            .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_MEMORY}: {e}")))?,
+        None => parse_memory_mib(&guest.default_memory).map_err(Error::Config)?,
+    };
+    if memory_mib > max_mib {
+        return Err(Error::InvalidArgument(format!(
+            "annotation {ANNOTATION_MEMORY} asks for {memory_mib} MiB, more than the configured maximum of {} ({max_mib} MiB)",
+            guest.max_memory
+        )));
+    }
+    Ok(GuestSize { cpus, memory_mib })
+}
+
+/// Parses the `gpuvm.dev/devices` annotation into PCI addresses (`0000:3b:00.0`),
+/// rejecting anything that isn't one.
+pub fn parse_devices(value: &str) -> Result<Vec<String>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|bdf| {
+            if is_pci_address(bdf) {
+                Ok(bdf.to_ascii_lowercase())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "annotation {ANNOTATION_DEVICES}: {bdf:?} is not a PCI address like 0000:3b:00.0"
+                )))
+            }
+        })
+        .collect()
+}
+
+fn is_pci_address(s: &str) -> bool {
+    let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
+    let parts: Vec<&str> = s.split([':', '.']).collect();
+    matches!(parts.as_slice(), [domain, bus, dev, func]
+        if hex(domain, 4) && hex(bus, 2) && hex(dev, 2) && func.len() == 1
+            && func.chars().all(|c| ('0'..='7').contains(&c)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_quantities() {
+        let cases: &[(&str, std::result::Result<u64, ()>)] = &[
+            ("8Gi", Ok(8192)),
+            ("512Mi", Ok(512)),
+            ("1Ti", Ok(1 << 20)),
+            ("2048Ki", Ok(2)),
+            ("1G", Ok(954)), // 1e9 bytes = 953.67 MiB, rounded up
+            ("1500M", Ok(1431)),
+            ("1073741824", Ok(1024)),
+            ("1", Ok(1)), // one byte still needs one MiB
+            ("", Err(())),
+            ("Gi", Err(())),
+            ("8GB", Err(())),
+            ("-1Gi", Err(())),
+            ("1.5Gi", Err(())),
+            ("0", Err(())),
+            ("99999999999999999999999999999999999999999Pi", Err(())),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_memory_mib(input).map_err(|_| ()), *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn cpu_quantities() {
+        let cases: &[(&str, std::result::Result<u32, ()>)] = &[
+            ("4", Ok(4)),
+            ("2500m", Ok(3)),
+            ("1000m", Ok(1)),
+            ("1m", Ok(1)),
+            ("0", Err(())),
+            ("0m", Err(())),
+            ("two", Err(())),
+            ("-1", Err(())),
+            ("99999999999", Err(())),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_cpus(input).map_err(|_| ()), *want, "{input:?}");
+        }
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn guest_size_from_annotations_within_limits() {
+        let guest = GuestConfig {
+            default_cpus: 2,
+            default_memory: "2Gi".into(),
+            max_cpus: 8,
+            max_memory: "16Gi".into(),
+            ..GuestConfig::default()
+        };
+        let cases: &[(&[(&str, &str)], std::result::Result<(u32, u64), &str>)] = &[
+            (&[], Ok((2, 2048))),
+            (&[(ANNOTATION_CPUS, "4")], Ok((4, 2048))),
+            (&[(ANNOTATION_MEMORY, "8Gi")], Ok((2, 8192))),
+            (
+                &[(ANNOTATION_CPUS, "8"), (ANNOTATION_MEMORY, "16Gi")],
+                Ok((8, 16384)),
+            ),
+            (
+                &[(ANNOTATION_CPUS, "9")],
+                Err("more than the configured maximum of 8"),
+            ),
+            (
+                &[(ANNOTATION_MEMORY, "17Gi")],
+                Err("more than the configured maximum of 16Gi"),
+            ),
+            (&[(ANNOTATION_MEMORY, "lots")], Err("gpuvm.dev/memory")),
+            (&[(ANNOTATION_CPUS, "")], Err("gpuvm.dev/cpus")),
+        ];
+        for (pairs, want) in cases {
+            let got = guest_size(&guest, &annotations(pairs));
+            match (got, want) {
+                (Ok(size), Ok((cpus, mib))) => {
+                    assert_eq!((size.cpus, size.memory_mib), (*cpus, *mib), "{pairs:?}")
+                }
+                (Err(e), Err(needle)) => {
+                    assert!(e.to_string().contains(needle), "{pairs:?}: {e}");
+                    assert_eq!(
+                        e.code(),
+                        containerd_shim::protos::ttrpc::Code::INVALID_ARGUMENT
+                    );
+                }
+                (got, want) => panic!("{pairs:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let config = ShimConfig::parse("", Path::new("x.toml")).expect("valid");
+        assert_eq!(config, ShimConfig::default());
+        assert_eq!(config.backend, Backend::Auto);
+        assert_eq!(config.guest.agent_port, 1024);
+        assert_eq!(config.timeouts.agent_connect_secs, 60);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let text = r#"
+            backend = "qemu"
+            log_level = "debug"
+            [guest]
+            kernel = "/k"
+            initramfs = "/i"
+            kernel_params = "quiet"
+            default_cpus = 2
+            default_memory = "512Mi"
+            max_cpus = 4
+            max_memory = "4Gi"
+            agent_port = 2000
+            [binaries]
+            cloud_hypervisor = "/ch"
+            qemu = "/q"
+            virtiofsd = "/v"
+            vhost_device_vsock = "/hv"
+            [timeouts]
+            agent_connect_secs = 5
+            vm_shutdown_secs = 3
+        "#;
+        let c = ShimConfig::parse(text, Path::new("x.toml")).expect("valid");
+        assert_eq!(c.backend, Backend::Qemu);
+        assert_eq!(c.guest.kernel, PathBuf::from("/k"));
+        assert_eq!(c.guest.agent_port, 2000);
+        assert_eq!(c.binaries.vhost_device_vsock, PathBuf::from("/hv"));
+        assert_eq!(c.timeouts.vm_shutdown_secs, 3);
+    }
+
+    #[test]
+    fn bad_files_are_rejected() {
+        let cases = [
+            ("backend = \"xen\"", "invalid config file"),
+            ("colour = \"blue\"", "invalid config file"),
+            ("[guest]\ndefault_cpus = 0", "at least 1"),
+            (
+                "[guest]\ndefault_cpus = 9\nmax_cpus = 8",
+                "exceeds guest.max_cpus",
+            ),
+            ("[guest]\nmax_memory = \"1Mi\"", "exceeds guest.max_memory"),
+            ("[guest]\ndefault_memory = \"big\"", "guest.default_memory"),
+            ("[timeouts]\nagent_connect_secs = 0", "agent_connect_secs"),
+        ];
+        for (text, needle) in cases {
+            let err = ShimConfig::parse(text, Path::new("x.toml")).expect_err(text);
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn config_path_precedence() {
+        assert_eq!(
+            config_path(Some("/opt/a.toml"), Some("/env.toml")),
+            (PathBuf::from("/opt/a.toml"), true)
+        );
+        assert_eq!(
+            config_path(None, Some("/env.toml")),
+            (PathBuf::from("/env.toml"), true)
+        );
+        assert_eq!(
+            config_path(Some(""), Some("/env.toml")),
+            (PathBuf::from("/env.toml"), true)
+        );
+        assert_eq!(
+            config_path(None, None),
+            (PathBuf::from(DEFAULT_CONFIG_PATH), false)
+        );
+    }
+
+    #[test]
+    fn missing_default_file_gives_defaults_but_missing_explicit_file_fails() {
+        let missing = Path::new("/nonexistent/gpuvm/shim.toml");
+        assert_eq!(
+            ShimConfig::load(missing, false).expect("defaults"),
+            ShimConfig::default()
+        );
+        assert!(ShimConfig::load(missing, true).is_err());
+    }
+
+    #[test]
+    fn devices_annotation() {
+        assert_eq!(
+            parse_devices("0000:3B:00.0, 0000:3c:00.1").expect("valid"),
+            vec!["0000:3b:00.0".to_string(), "0000:3c:00.1".to_string()]
+        );
+        assert_eq!(parse_devices("").expect("empty"), Vec::<String>::new());
+        for bad in ["3b:00.0", "0000:3b:00.8", "../../etc", "0000:3b:00"] {
+            assert!(parse_devices(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! gpuvm's containerd runtime v2 shim (`containerd-shim-gpuvm-v1`).
+//!
+//! One shim process and one micro-VM per pod sandbox. See `README.md` for what this
+//! crate owns and the config file it reads.
+
+pub mod config;
+pub mod error;
+pub mod state;
+
+pub use error::{Error, Result};
