@@ -8,3 +8,6 @@ pub mod error;
 pub mod state;
 
 pub use error::{Error, Result};
+pub mod hypervisor;
+pub mod process;
+pub mod vsock;

@@ -1,0 +1,549 @@
+//! Cloud Hypervisor backend: `cloud-hypervisor --api-socket <path>` driven over its
+//! REST API (HTTP/1.1 on a unix socket).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::UnixStream;
+use tokio::process::Command;
+
+use super::{GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, VmExit, VmRecord, VmSpec};
+use crate::config::ShimConfig;
+use crate::error::{Error, Result};
+use crate::process::{WatchedProcess, wait_for_socket};
+
+/// Every REST call the backend makes: (endpoint, HTTP method, has a JSON body). The
+/// contract test checks each against Cloud Hypervisor's OpenAPI spec.
+pub const API_CALLS: &[(&str, &str, bool)] = &[
+    ("vm.create", "put", true),
+    ("vm.boot", "put", false),
+    ("vm.info", "get", false),
+    ("vm.shutdown", "put", false),
+    ("vmm.shutdown", "put", false),
+];
+
+/// `vm.create` body: the subset of Cloud Hypervisor's `VmConfig` the shim uses.
+/// Field names follow `cloud-hypervisor.yaml`; the contract test checks every body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmConfig {
+    /// vCPUs.
+    pub cpus: CpusConfig,
+    /// Guest memory.
+    pub memory: MemoryConfig,
+    /// Kernel, initramfs, command line.
+    pub payload: PayloadConfig,
+    /// virtio-fs shares.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
+    /// virtio-net devices.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    /// VFIO devices.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceConfig>,
+    /// Hybrid vsock.
+    pub vsock: VsockConfig,
+    /// Serial port (to a log file).
+    pub serial: ConsoleConfig,
+    /// virtio-console (off).
+    pub console: ConsoleConfig,
+}
+
+/// `CpusConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpusConfig {
+    /// vCPUs at boot.
+    pub boot_vcpus: u32,
+    /// Maximum vCPUs.
+    pub max_vcpus: u32,
+}
+
+/// `MemoryConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryConfig {
+    /// Bytes.
+    pub size: u64,
+    /// Shared mappings, required by vhost-user (virtio-fs).
+    pub shared: bool,
+}
+
+/// `PayloadConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PayloadConfig {
+    /// Kernel path.
+    pub kernel: String,
+    /// Initramfs path.
+    pub initramfs: String,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// `FsConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FsConfig {
+    /// Mount tag.
+    pub tag: String,
+    /// virtiofsd socket.
+    pub socket: String,
+    /// Request queues.
+    pub num_queues: u32,
+    /// Queue size.
+    pub queue_size: u32,
+}
+
+/// `NetConfig` (tap only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetConfig {
+    /// Host tap device name.
+    pub tap: String,
+}
+
+/// `DeviceConfig` (VFIO).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceConfig {
+    /// `/sys/bus/pci/devices/<bdf>/`.
+    pub path: String,
+    /// Device id in the VMM.
+    pub id: String,
+}
+
+/// `VsockConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VsockConfig {
+    /// Guest CID (≥ 3).
+    pub cid: u32,
+    /// Hybrid-vsock unix socket.
+    pub socket: String,
+}
+
+/// `ConsoleConfig` / `SerialConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsoleConfig {
+    /// `Off`, `File`, …
+    pub mode: String,
+    /// Log file when `mode` is `File`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+fn path_text(what: &str, path: &Path) -> Result<String> {
+    if !path.is_absolute() {
+        return Err(Error::VmConfig(format!(
+            "{what} path {} must be absolute",
+            path.display()
+        )));
+    }
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::VmConfig(format!("{what} path {} is not UTF-8", path.display())))
+}
+
+impl TryFrom<&VmSpec> for VmConfig {
+    type Error = Error;
+
+    fn try_from(spec: &VmSpec) -> Result<VmConfig> {
+        if spec.size.cpus == 0 {
+            return Err(Error::VmConfig("a VM needs at least one vCPU".into()));
+        }
+        let size = spec
+            .size
+            .memory_mib
+            .checked_mul(1 << 20)
+            .filter(|bytes| *bytes > 0)
+            .ok_or_else(|| Error::VmConfig(format!("memory of {} MiB", spec.size.memory_mib)))?;
+        let devices = spec
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, bdf)| DeviceConfig {
+                path: format!("/sys/bus/pci/devices/{bdf}/"),
+                id: format!("gpu{i}"),
+            })
+            .collect();
+        Ok(VmConfig {
+            cpus: CpusConfig {
+                boot_vcpus: spec.size.cpus,
+                max_vcpus: spec.size.cpus,
+            },
+            memory: MemoryConfig { size, shared: true },
+            payload: PayloadConfig {
+                kernel: path_text("kernel", &spec.kernel)?,
+                initramfs: path_text("initramfs", &spec.initramfs)?,
+                cmdline: spec.cmdline.clone(),
+            },
+            fs: vec![FsConfig {
+                tag: SHARED_FS_TAG.to_owned(),
+                socket: path_text("virtio-fs socket", &spec.virtiofs_socket())?,
+                num_queues: 1,
+                queue_size: 1024,
+            }],
+            net: spec
+                .taps
+                .iter()
+                .map(|tap| NetConfig { tap: tap.clone() })
+                .collect(),
+            devices,
+            vsock: VsockConfig {
+                cid: GUEST_CID,
+                socket: path_text("vsock socket", &spec.vsock_socket())?,
+            },
+            serial: ConsoleConfig {
+                mode: "File".into(),
+                file: Some(path_text("console log", &spec.console_log())?),
+            },
+            console: ConsoleConfig {
+                mode: "Off".into(),
+                file: None,
+            },
+        })
+    }
+}
+
+/// Client for the REST API on one unix socket. Cloud Hypervisor handles one request at
+/// a time, so every call holds the one mutex.
+#[derive(Debug)]
+pub struct ApiClient {
+    socket: PathBuf,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl ApiClient {
+    /// A client for the API socket at `socket` (nothing is opened yet).
+    pub fn new(socket: PathBuf) -> ApiClient {
+        ApiClient {
+            socket,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// `PUT /api/v1/<endpoint>` with an optional JSON body; returns the response body.
+    pub async fn put(&self, endpoint: &str, body: Option<&serde_json::Value>) -> Result<Bytes> {
+        let body =
+            match body {
+                Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| {
+                    Error::Hypervisor(format!("cannot encode {endpoint} body: {e}"))
+                })?),
+                None => Bytes::new(),
+            };
+        self.request(hyper::Method::PUT, endpoint, body).await
+    }
+
+    /// `GET /api/v1/<endpoint>`.
+    pub async fn get(&self, endpoint: &str) -> Result<Bytes> {
+        self.request(hyper::Method::GET, endpoint, Bytes::new())
+            .await
+    }
+
+    async fn request(&self, method: hyper::Method, endpoint: &str, body: Bytes) -> Result<Bytes> {
+        let _guard = self.lock.lock().await;
+        let hyper_error = |e: hyper::Error| Error::Hypervisor(format!("API {endpoint}: {e}"));
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(Error::io(format!(
+                "cannot connect to {}",
+                self.socket.display()
+            )))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(hyper_error)?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let has_body = !body.is_empty();
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://localhost/api/v1/{endpoint}"))
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json");
+        if has_body {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|e| Error::Hypervisor(format!("API {endpoint}: {e}")))?;
+        let response = sender.send_request(request).await.map_err(hyper_error)?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(hyper_error)?
+            .to_bytes();
+        driver.abort();
+        if !status.is_success() {
+            return Err(Error::VmmApi {
+                endpoint: endpoint.to_owned(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).trim().to_owned(),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// The production backend.
+#[derive(Debug)]
+pub struct CloudHypervisor {
+    spec: VmSpec,
+    binary: PathBuf,
+    virtiofsd_binary: PathBuf,
+    shutdown_timeout: Duration,
+    api: ApiClient,
+    processes: StdMutex<Vec<WatchedProcess>>,
+}
+
+impl CloudHypervisor {
+    /// A backend for `spec`; nothing starts until [`Hypervisor::start`].
+    pub fn new(config: &ShimConfig, spec: VmSpec) -> CloudHypervisor {
+        let api = ApiClient::new(spec.work_dir.join("ch-api.sock"));
+        CloudHypervisor {
+            binary: config.binaries.cloud_hypervisor.clone(),
+            virtiofsd_binary: config.binaries.virtiofsd.clone(),
+            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
+            api,
+            spec,
+            processes: StdMutex::new(Vec::new()),
+        }
+    }
+
+    /// The REST client (for `vm.info` and friends).
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    fn vmm(&self) -> Option<WatchedProcess> {
+        self.processes_snapshot()
+            .into_iter()
+            .find(|p| p.name() == "cloud-hypervisor")
+    }
+
+    fn processes_snapshot(&self) -> Vec<WatchedProcess> {
+        match self.processes.lock() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn remember(&self, process: WatchedProcess) {
+        match self.processes.lock() {
+            Ok(mut list) => list.push(process),
+            Err(poisoned) => poisoned.into_inner().push(process),
+        }
+    }
+}
+
+/// Starts `virtiofsd` for the VM's shared directory (shared by both backends).
+pub(crate) async fn start_virtiofsd(binary: &Path, spec: &VmSpec) -> Result<WatchedProcess> {
+    let socket = spec.virtiofs_socket();
+    let mut cmd = Command::new(binary);
+    cmd.arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", spec.shared_dir.display()))
+        .arg("--cache=auto")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file(&spec.work_dir.join("virtiofsd.log"))?);
+    let process = WatchedProcess::spawn("virtiofsd", binary, cmd)?;
+    wait_for_socket(&socket, &process, Duration::from_secs(10)).await?;
+    Ok(process)
+}
+
+/// Opens (creates) a log file for a helper's stderr.
+pub(crate) fn log_file(path: &Path) -> Result<std::process::Stdio> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(Error::io(format!(
+            "cannot open log file {}",
+            path.display()
+        )))?;
+    Ok(std::process::Stdio::from(file))
+}
+
+/// Creates the VM's private work directory (mode 0700).
+pub(crate) fn create_work_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(format!("cannot create {}", dir.display())))
+}
+
+/// Stops every process (last started first) and removes the work dir.
+pub(crate) async fn stop_all(processes: Vec<WatchedProcess>, work_dir: &Path) {
+    for process in processes.iter().rev() {
+        process.stop(Duration::from_secs(2)).await;
+    }
+    if let Err(e) = std::fs::remove_dir_all(work_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove VM work dir");
+    }
+}
+
+#[async_trait]
+impl Hypervisor for CloudHypervisor {
+    async fn start(&self) -> Result<()> {
+        let config = serde_json::to_value(VmConfig::try_from(&self.spec)?)
+            .map_err(|e| Error::VmConfig(e.to_string()))?;
+        create_work_dir(&self.spec.work_dir)?;
+        self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec).await?);
+
+        let api_socket = self.spec.work_dir.join("ch-api.sock");
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--api-socket")
+            .arg(format!("path={}", api_socket.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?)
+            .stderr(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?);
+        let vmm = WatchedProcess::spawn("cloud-hypervisor", &self.binary, cmd)?;
+        self.remember(vmm.clone());
+        wait_for_socket(&api_socket, &vmm, Duration::from_secs(10)).await?;
+
+        self.api.put("vm.create", Some(&config)).await?;
+        self.api.put("vm.boot", None).await?;
+        tracing::info!(id = %self.spec.id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.vmm().map(|p| p.pid())
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.spec.vsock_socket()
+    }
+
+    async fn wait_exit(&self) -> VmExit {
+        match self.vmm() {
+            Some(vmm) => VmExit {
+                vmm_exit_code: vmm.wait().await.code,
+            },
+            None => VmExit { vmm_exit_code: -1 },
+        }
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        let Some(vmm) = self.vmm() else {
+            return Ok(());
+        };
+        if vmm.exited().is_none() {
+            // The VM may already be off (guest powered off): carry on to vmm.shutdown.
+            if let Err(e) = self.api.put("vm.shutdown", None).await {
+                tracing::debug!(error = %e, "vm.shutdown failed");
+            }
+            if let Err(e) = self.api.put("vmm.shutdown", None).await {
+                tracing::debug!(error = %e, "vmm.shutdown failed");
+            }
+        }
+        if tokio::time::timeout(self.shutdown_timeout, vmm.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pid = vmm.pid(),
+                "cloud-hypervisor did not exit after vmm.shutdown"
+            );
+            vmm.stop(Duration::from_secs(1)).await;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) {
+        stop_all(self.processes_snapshot(), &self.spec.work_dir).await;
+    }
+
+    fn record(&self) -> VmRecord {
+        VmRecord {
+            processes: self
+                .processes_snapshot()
+                .iter()
+                .map(|p| RecordedProcess {
+                    name: p.name().to_owned(),
+                    pid: p.pid(),
+                    binary: p.binary().to_owned(),
+                })
+                .collect(),
+            work_dir: self.spec.work_dir.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::GuestSize;
+
+    pub(crate) fn sample_spec() -> VmSpec {
+        VmSpec {
+            id: "sandbox1".into(),
+            work_dir: PathBuf::from("/run/gpuvm/sandbox1"),
+            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
+            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
+            cmdline: "console=ttyS0 reboot=k panic=1".into(),
+            size: GuestSize {
+                cpus: 2,
+                memory_mib: 1024,
+            },
+            shared_dir: PathBuf::from("/run/gpuvm/sandbox1/shared"),
+            devices: vec!["0000:3b:00.0".into()],
+            taps: vec!["tap0".into()],
+        }
+    }
+
+    #[test]
+    fn vm_config_from_spec() {
+        let config = VmConfig::try_from(&sample_spec()).expect("valid");
+        let json = serde_json::to_value(&config).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+                "memory": {"size": 1073741824u64, "shared": true},
+                "payload": {
+                    "kernel": "/usr/share/gpuvm/vmlinux",
+                    "initramfs": "/usr/share/gpuvm/initramfs.img",
+                    "cmdline": "console=ttyS0 reboot=k panic=1"
+                },
+                "fs": [{"tag": "gpuvm", "socket": "/run/gpuvm/sandbox1/virtiofs.sock",
+                        "num_queues": 1, "queue_size": 1024}],
+                "net": [{"tap": "tap0"}],
+                "devices": [{"path": "/sys/bus/pci/devices/0000:3b:00.0/", "id": "gpu0"}],
+                "vsock": {"cid": 3, "socket": "/run/gpuvm/sandbox1/vsock.sock"},
+                "serial": {"mode": "File", "file": "/run/gpuvm/sandbox1/console.log"},
+                "console": {"mode": "Off"}
+            })
+        );
+    }
+
+    #[test]
+    fn bad_specs_give_typed_errors() {
+        let mut no_cpu = sample_spec();
+        no_cpu.size.cpus = 0;
+        let mut no_mem = sample_spec();
+        no_mem.size.memory_mib = 0;
+        let mut relative = sample_spec();
+        relative.kernel = PathBuf::from("vmlinux");
+        for spec in [no_cpu, no_mem, relative] {
+            let err = VmConfig::try_from(&spec).expect_err("must fail");
+            assert!(matches!(err, Error::VmConfig(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_lists_are_left_out() {
+        let mut spec = sample_spec();
+        spec.devices.clear();
+        spec.taps.clear();
+        let json = serde_json::to_value(VmConfig::try_from(&spec).expect("valid")).expect("json");
+        assert!(json.get("devices").is_none());
+        assert!(json.get("net").is_none());
+    }
+}

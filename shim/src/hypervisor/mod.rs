@@ -1,0 +1,212 @@
+//! The `Hypervisor` seam: a small trait with two real implementations,
+//! [`CloudHypervisor`] (production) and [`Qemu`] (machines without a KVM that boots
+//! real guests). Both expose the guest's vsock as a hybrid-vsock unix socket, so the
+//! shim → agent path is the same code on both.
+
+pub mod cloud_hypervisor;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use cloud_hypervisor::CloudHypervisor;
+pub use qemu::Qemu;
+
+use crate::config::{Backend, GuestSize, ShimConfig};
+use crate::error::Result;
+
+/// virtio-fs tag of the sandbox's shared directory.
+pub const SHARED_FS_TAG: &str = "gpuvm";
+/// Guest vsock CID (any value ≥ 3; each VM has its own vsock device).
+pub const GUEST_CID: u32 = 3;
+
+/// Everything a backend needs to start one VM. Built from the config and the pod's
+/// annotations; holds no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Sandbox id (used in names).
+    pub id: String,
+    /// Private directory for this VM's sockets and logs (short: unix socket paths are
+    /// limited to 108 bytes).
+    pub work_dir: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs and memory.
+    pub size: GuestSize,
+    /// Host directory shared with the guest over virtio-fs (tag [`SHARED_FS_TAG`]).
+    pub shared_dir: PathBuf,
+    /// PCI addresses of the VFIO devices passed to the guest.
+    pub devices: Vec<String>,
+    /// Host tap devices, one virtio-net each.
+    pub taps: Vec<String>,
+}
+
+impl VmSpec {
+    /// Hybrid-vsock unix socket (the shim connects here).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.work_dir.join("vsock.sock")
+    }
+    /// virtiofsd's vhost-user socket.
+    pub fn virtiofs_socket(&self) -> PathBuf {
+        self.work_dir.join("virtiofs.sock")
+    }
+    /// Guest serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.work_dir.join("console.log")
+    }
+}
+
+/// The kernel command line common to both backends.
+pub fn kernel_cmdline(extra: &str) -> String {
+    let base = "console=ttyS0 reboot=k panic=1";
+    if extra.trim().is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base} {}", extra.trim())
+    }
+}
+
+/// A helper process as recorded in the state file, so `shim delete` can kill it after
+/// a shim crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedProcess {
+    /// Role, e.g. `cloud-hypervisor`, `virtiofsd`.
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    /// The binary it runs (checked against `/proc/<pid>/exe` before killing).
+    pub binary: PathBuf,
+}
+
+/// One VM's footprint on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Processes started for the VM.
+    pub processes: Vec<RecordedProcess>,
+    /// The VM's private directory (sockets, logs), removed on cleanup.
+    pub work_dir: PathBuf,
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmExit {
+    /// The VMM process's exit code (128 + signal when killed).
+    pub vmm_exit_code: i32,
+}
+
+/// A running (or starting) VM. Kept small on purpose.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
+    /// Starts the VMM and its helpers, creates and boots the VM. Returns once the VM
+    /// runs; the agent may still be booting.
+    async fn start(&self) -> Result<()>;
+    /// The VMM's pid (reported to containerd as the sandbox task's pid).
+    fn pid(&self) -> Option<u32>;
+    /// The hybrid-vsock unix socket to reach the guest.
+    fn vsock_socket(&self) -> PathBuf;
+    /// Resolves when the VMM process has exited (guest power-off, crash, shutdown).
+    async fn wait_exit(&self) -> VmExit;
+    /// Stops the VM and waits for the VMM to exit, killing it after the timeout.
+    async fn shutdown(&self) -> Result<()>;
+    /// Kills whatever is left (helpers included) and removes sockets and the work dir.
+    /// Idempotent.
+    async fn cleanup(&self);
+    /// What to write in the state file.
+    fn record(&self) -> VmRecord;
+}
+
+/// Whether KVM here can boot a stock Linux guest: `/dev/kvm` must exist and the CPU
+/// must advertise hardware virtualization (`vmx`/`svm`). Nested PVM exposes `/dev/kvm`
+/// without those flags and cannot boot stock kernels.
+pub fn kvm_runs_real_guests(cpuinfo: &str, dev_kvm_exists: bool) -> bool {
+    dev_kvm_exists
+        && cpuinfo.lines().any(|line| {
+            line.starts_with("flags")
+                && line
+                    .split_whitespace()
+                    .any(|flag| flag == "vmx" || flag == "svm")
+        })
+}
+
+/// Probes this host for [`kvm_runs_real_guests`].
+pub fn probe_kvm() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    kvm_runs_real_guests(&cpuinfo, Path::new("/dev/kvm").exists())
+}
+
+/// The backend that `auto` resolves to (pure).
+pub fn resolve_backend(
+    configured: Backend,
+    kvm_ok: bool,
+    cloud_hypervisor_present: bool,
+) -> Backend {
+    match configured {
+        Backend::Auto if kvm_ok && cloud_hypervisor_present => Backend::CloudHypervisor,
+        Backend::Auto => Backend::Qemu,
+        explicit => explicit,
+    }
+}
+
+/// Builds the configured backend for `spec` (no I/O beyond probing KVM).
+pub fn new_hypervisor(config: &ShimConfig, spec: VmSpec) -> Box<dyn Hypervisor> {
+    let kvm = probe_kvm();
+    let backend = resolve_backend(
+        config.backend,
+        kvm,
+        config.binaries.cloud_hypervisor.exists(),
+    );
+    tracing::debug!(?backend, kvm, "hypervisor backend chosen");
+    match backend {
+        Backend::CloudHypervisor => Box::new(CloudHypervisor::new(config, spec)),
+        Backend::Qemu | Backend::Auto => Box::new(Qemu::new(config, spec, kvm)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_probe_needs_hardware_virtualization_flags() {
+        let vmx = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
+        let pvm = "processor\t: 0\nflags\t\t: fpu vme sse hypervisor\n";
+        assert!(kvm_runs_real_guests(vmx, true));
+        assert!(!kvm_runs_real_guests(vmx, false));
+        assert!(!kvm_runs_real_guests(pvm, true));
+        assert!(kvm_runs_real_guests("flags : svm\n", true));
+    }
+
+    #[test]
+    fn auto_prefers_cloud_hypervisor_only_where_it_can_run() {
+        use Backend::*;
+        let cases = [
+            (Auto, true, true, CloudHypervisor),
+            (Auto, false, true, Qemu),
+            (Auto, true, false, Qemu),
+            (Qemu, true, true, Qemu),
+            (CloudHypervisor, false, false, CloudHypervisor),
+        ];
+        for (configured, kvm, ch, want) in cases {
+            assert_eq!(
+                resolve_backend(configured, kvm, ch),
+                want,
+                "{configured:?} {kvm} {ch}"
+            );
+        }
+    }
+
+    #[test]
+    fn cmdline_appends_extra_params() {
+        assert_eq!(kernel_cmdline(""), "console=ttyS0 reboot=k panic=1");
+        assert_eq!(
+            kernel_cmdline(" quiet "),
+            "console=ttyS0 reboot=k panic=1 quiet"
+        );
+    }
+}

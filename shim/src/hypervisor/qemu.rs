@@ -1,0 +1,344 @@
+//! QEMU backend for machines whose KVM cannot boot real guests: TCG (or KVM where it
+//! works), memfd shared memory, virtio-fs through `virtiofsd`, vsock through
+//! `vhost-device-vsock` so the shim sees the same hybrid-vsock socket as with Cloud
+//! Hypervisor.
+
+use std::path::PathBuf;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd, stop_all};
+use super::{GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, VmExit, VmRecord, VmSpec};
+use crate::config::ShimConfig;
+use crate::error::{Error, Result};
+use crate::process::{WatchedProcess, wait_for_socket};
+
+/// How QEMU runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// vhost-user socket between QEMU and vhost-device-vsock.
+fn vhost_vsock_socket(spec: &VmSpec) -> PathBuf {
+    spec.work_dir.join("vhost-vsock.sock")
+}
+
+/// The QEMU command line for `spec` (pure; the test asserts it exactly).
+pub fn qemu_args(spec: &VmSpec, accel: Accel) -> Result<Vec<String>> {
+    if spec.size.cpus == 0 || spec.size.memory_mib == 0 {
+        return Err(Error::VmConfig(
+            "a VM needs at least one vCPU and some memory".into(),
+        ));
+    }
+    for (what, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+        if !path.is_absolute() {
+            return Err(Error::VmConfig(format!(
+                "{what} path {} must be absolute",
+                path.display()
+            )));
+        }
+    }
+    if spec.cmdline.contains('\n') {
+        return Err(Error::VmConfig("kernel command line has a newline".into()));
+    }
+    let mem = spec.size.memory_mib;
+    let (accel_name, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("gpuvm-{}", spec.id),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        format!("q35,accel={accel_name},memory-backend=mem"),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.size.cpus.to_string(),
+        "-m".into(),
+        format!("{mem}M"),
+        // vhost-user needs guest memory the backends can map: shared memfd.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initramfs.display().to_string(),
+        "-append".into(),
+        spec.cmdline.clone(),
+        "-serial".into(),
+        format!("file:{}", spec.console_log().display()),
+        "-chardev".into(),
+        format!(
+            "socket,id=vsock,path={}",
+            vhost_vsock_socket(spec).display()
+        ),
+        "-device".into(),
+        "vhost-user-vsock-pci,chardev=vsock".into(),
+        "-chardev".into(),
+        format!("socket,id=fs,path={}", spec.virtiofs_socket().display()),
+        "-device".into(),
+        format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"),
+    ];
+    for (i, tap) in spec.taps.iter().enumerate() {
+        args.push("-netdev".into());
+        args.push(format!(
+            "tap,id=net{i},ifname={tap},script=no,downscript=no"
+        ));
+        args.push("-device".into());
+        args.push(format!("virtio-net-pci,netdev=net{i}"));
+    }
+    for bdf in &spec.devices {
+        args.push("-device".into());
+        args.push(format!("vfio-pci,host={bdf}"));
+    }
+    Ok(args)
+}
+
+/// The arguments of `vhost-device-vsock` for `spec`.
+pub fn vhost_device_vsock_args(spec: &VmSpec) -> Vec<String> {
+    vec![
+        "--vm".into(),
+        format!(
+            "guest-cid={GUEST_CID},socket={},uds-path={}",
+            vhost_vsock_socket(spec).display(),
+            spec.vsock_socket().display()
+        ),
+    ]
+}
+
+/// The QEMU backend.
+#[derive(Debug)]
+pub struct Qemu {
+    spec: VmSpec,
+    accel: Accel,
+    qemu_binary: PathBuf,
+    virtiofsd_binary: PathBuf,
+    vsock_binary: PathBuf,
+    shutdown_timeout: Duration,
+    processes: StdMutex<Vec<WatchedProcess>>,
+}
+
+impl Qemu {
+    /// A backend for `spec`, with KVM when `kvm_usable`.
+    pub fn new(config: &ShimConfig, spec: VmSpec, kvm_usable: bool) -> Qemu {
+        Qemu {
+            spec,
+            accel: if kvm_usable { Accel::Kvm } else { Accel::Tcg },
+            qemu_binary: config.binaries.qemu.clone(),
+            virtiofsd_binary: config.binaries.virtiofsd.clone(),
+            vsock_binary: config.binaries.vhost_device_vsock.clone(),
+            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
+            processes: StdMutex::new(Vec::new()),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<WatchedProcess> {
+        match self.processes.lock() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn remember(&self, process: WatchedProcess) {
+        match self.processes.lock() {
+            Ok(mut list) => list.push(process),
+            Err(poisoned) => poisoned.into_inner().push(process),
+        }
+    }
+
+    fn vmm(&self) -> Option<WatchedProcess> {
+        self.snapshot().into_iter().find(|p| p.name() == "qemu")
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn start(&self) -> Result<()> {
+        let args = qemu_args(&self.spec, self.accel)?;
+        create_work_dir(&self.spec.work_dir)?;
+
+        let mut cmd = Command::new(&self.vsock_binary);
+        cmd.args(vhost_device_vsock_args(&self.spec))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(
+                &self.spec.work_dir.join("vhost-device-vsock.log"),
+            )?);
+        let vsock = WatchedProcess::spawn("vhost-device-vsock", &self.vsock_binary, cmd)?;
+        self.remember(vsock.clone());
+        wait_for_socket(
+            &vhost_vsock_socket(&self.spec),
+            &vsock,
+            Duration::from_secs(10),
+        )
+        .await?;
+
+        self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec).await?);
+
+        let mut cmd = Command::new(&self.qemu_binary);
+        cmd.args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file(&self.spec.work_dir.join("qemu.log"))?)
+            .stderr(log_file(&self.spec.work_dir.join("qemu.log"))?);
+        let qemu = WatchedProcess::spawn("qemu", &self.qemu_binary, cmd)?;
+        self.remember(qemu.clone());
+        // QEMU fails fast on bad arguments or vhost-user errors: give it a moment so the
+        // error names QEMU rather than a later agent timeout.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(exit) = qemu.exited() {
+            let log =
+                std::fs::read_to_string(self.spec.work_dir.join("qemu.log")).unwrap_or_default();
+            return Err(Error::Hypervisor(format!(
+                "qemu exited with code {} at start: {}",
+                exit.code,
+                log.trim()
+            )));
+        }
+        tracing::info!(id = %self.spec.id, pid = qemu.pid(), accel = ?self.accel, "VM started (qemu)");
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.vmm().map(|p| p.pid())
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.spec.vsock_socket()
+    }
+
+    async fn wait_exit(&self) -> VmExit {
+        match self.vmm() {
+            Some(vmm) => VmExit {
+                vmm_exit_code: vmm.wait().await.code,
+            },
+            None => VmExit { vmm_exit_code: -1 },
+        }
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        // QEMU exits cleanly on SIGTERM, like `vm.shutdown` + `vmm.shutdown`.
+        if let Some(vmm) = self.vmm() {
+            vmm.stop(self.shutdown_timeout).await;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) {
+        stop_all(self.snapshot(), &self.spec.work_dir).await;
+    }
+
+    fn record(&self) -> VmRecord {
+        VmRecord {
+            processes: self
+                .snapshot()
+                .iter()
+                .map(|p| RecordedProcess {
+                    name: p.name().to_owned(),
+                    pid: p.pid(),
+                    binary: p.binary().to_owned(),
+                })
+                .collect(),
+            work_dir: self.spec.work_dir.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::cloud_hypervisor::tests::sample_spec;
+
+    #[test]
+    fn qemu_argv_for_tcg() {
+        let args = qemu_args(&sample_spec(), Accel::Tcg).expect("valid");
+        let want: Vec<&str> = vec![
+            "-name",
+            "gpuvm-sandbox1",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-machine",
+            "q35,accel=tcg,memory-backend=mem",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-memfd,id=mem,size=1024M,share=on",
+            "-kernel",
+            "/usr/share/gpuvm/vmlinux",
+            "-initrd",
+            "/usr/share/gpuvm/initramfs.img",
+            "-append",
+            "console=ttyS0 reboot=k panic=1",
+            "-serial",
+            "file:/run/gpuvm/sandbox1/console.log",
+            "-chardev",
+            "socket,id=vsock,path=/run/gpuvm/sandbox1/vhost-vsock.sock",
+            "-device",
+            "vhost-user-vsock-pci,chardev=vsock",
+            "-chardev",
+            "socket,id=fs,path=/run/gpuvm/sandbox1/virtiofs.sock",
+            "-device",
+            "vhost-user-fs-pci,chardev=fs,tag=gpuvm",
+            "-netdev",
+            "tap,id=net0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+            "-device",
+            "vfio-pci,host=0000:3b:00.0",
+        ];
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn qemu_argv_for_kvm_uses_the_host_cpu() {
+        let args = qemu_args(&sample_spec(), Accel::Kvm).expect("valid");
+        assert!(args.contains(&"q35,accel=kvm,memory-backend=mem".to_string()));
+        assert!(args.windows(2).any(|w| w == ["-cpu", "host"]));
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        let mut spec = sample_spec();
+        spec.size.cpus = 0;
+        assert!(matches!(
+            qemu_args(&spec, Accel::Tcg),
+            Err(Error::VmConfig(_))
+        ));
+        let mut spec = sample_spec();
+        spec.initramfs = PathBuf::from("initrd");
+        assert!(matches!(
+            qemu_args(&spec, Accel::Tcg),
+            Err(Error::VmConfig(_))
+        ));
+    }
+
+    #[test]
+    fn vhost_device_vsock_argv() {
+        assert_eq!(
+            vhost_device_vsock_args(&sample_spec()),
+            vec![
+                "--vm",
+                "guest-cid=3,socket=/run/gpuvm/sandbox1/vhost-vsock.sock,uds-path=/run/gpuvm/sandbox1/vsock.sock"
+            ]
+        );
+    }
+}
