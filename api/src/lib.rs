@@ -1,1 +1,23 @@
-//! gpuvm API types.
+//! gpuvm's Kubernetes API: the `GpuMachine` and `GpuNode` custom resources and the
+//! label, annotation and finalizer keys shared by the operator, the node agent and the
+//! containerd shim.
+//!
+//! This crate does no I/O. The CRD YAML in `crds/` is generated from these types by the
+//! operator's `crdgen` binary, so every field's doc comment becomes the description that
+//! `kubectl explain` prints.
+
+pub mod keys;
+pub mod machine;
+pub mod node;
+pub mod quantity;
+
+pub use machine::{
+    AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus,
+    GpuRequest, GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
+};
+pub use node::{GpuDevice, GpuNode, GpuNodeSpec, GpuNodeStatus, IommuMember, MemberRole};
+
+/// The API group of every gpuvm resource.
+pub const GROUP: &str = "gpuvm.dev";
+/// The API version served by this crate.
+pub const VERSION: &str = "v1alpha1";

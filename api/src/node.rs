@@ -1,0 +1,120 @@
+//! `GpuNode`: one node's GPU inventory, published by the node agent (`gpuvm-node`) and
+//! read by the operator's scheduler.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The GPU inventory of one Kubernetes node. Named like the node it describes.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "gpuvm.dev",
+    version = "v1alpha1",
+    kind = "GpuNode",
+    shortname = "gn",
+    category = "gpuvm",
+    status = "GpuNodeStatus",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.gpuCount"),
+    printcolumn(name = "Healthy", type_ = "integer", json_path = ".status.healthyCount"),
+    printcolumn(name = "IOMMU", type_ = "boolean", json_path = ".status.iommuEnabled"),
+    printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.heartbeat")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuNodeSpec {
+    /// Name of the Kubernetes Node this inventory belongs to.
+    pub node_name: String,
+    /// Set by an administrator to stop new machines from being placed here, without
+    /// cordoning the whole Node. Machines already placed keep running.
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+/// The observed inventory and health of a node's GPUs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuNodeStatus {
+    /// Every NVIDIA GPU found on the node.
+    #[serde(default)]
+    pub devices: Vec<GpuDevice>,
+    /// PCI addresses of NVSwitch bridges found on the node (reported, not passed through).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvswitches: Vec<String>,
+    /// Whether the host's IOMMU is on; without it no device can be passed through.
+    #[serde(default)]
+    pub iommu_enabled: bool,
+    /// Number of GPUs in `devices`.
+    #[serde(default)]
+    pub gpu_count: i32,
+    /// Number of healthy GPUs in `devices`.
+    #[serde(default)]
+    pub healthy_count: i32,
+    /// When the node agent last refreshed this inventory. The operator stops placing
+    /// machines on a node whose heartbeat is stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<Time>,
+    /// A human-readable note from the node agent, e.g. why the IOMMU check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One GPU on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuDevice {
+    /// PCI address, e.g. `0000:17:00.0`.
+    pub pci_address: String,
+    /// PCI vendor id in hex, e.g. `10de`.
+    pub vendor_id: String,
+    /// PCI device id in hex, e.g. `2330`.
+    pub device_id: String,
+    /// Model name, e.g. `h100-80gb`; unknown ids read `nvidia-<device id>`.
+    pub model: String,
+    /// IOMMU group number; absent when the IOMMU is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+    /// Every device of the IOMMU group, this GPU included, with its role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iommu_group_members: Vec<IommuMember>,
+    /// NUMA node the device hangs off, when the host reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<i32>,
+    /// PCI address of the closest upstream PCIe switch port (or root port), used to keep
+    /// multi-GPU machines under one switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_parent: Option<String>,
+    /// Kernel driver bound to the device, e.g. `vfio-pci` or `nvidia`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Whether the device can be given to a machine: present, bound to `vfio-pci`, and
+    /// its last reset succeeded.
+    pub healthy: bool,
+    /// Why the device is unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One member of a GPU's IOMMU group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IommuMember {
+    /// PCI address of the member.
+    pub pci_address: String,
+    /// What the member is, for passthrough purposes.
+    pub role: MemberRole,
+}
+
+/// The passthrough role of a device in an IOMMU group.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MemberRole {
+    /// A GPU: allocated as a unit with its group.
+    #[default]
+    Gpu,
+    /// A function of the GPU's own card (HDMI audio, USB-C controller): passed along.
+    Companion,
+    /// A PCIe bridge or switch port: stays with the host, harmless to the group.
+    Bridge,
+    /// A device the host uses (NIC, NVMe, ...): the whole group is unsafe to pass.
+    Host,
+}
