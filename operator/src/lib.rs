@@ -1,1 +1,8 @@
-//! gpuvm operator.
+//! The gpuvm operator: places `GpuMachine`s on GPU nodes, picks the exact GPUs, runs each
+//! machine as a Pod whose RuntimeClass boots a micro-VM, and mirrors the Pod's state back
+//! into the machine's status.
+//!
+//! Decisions are pure functions ([`scheduler`], [`pod`], [`status`]) with table tests;
+//! [`controller`] is the thin I/O layer that applies them.
+
+pub mod scheduler;
