@@ -1,0 +1,191 @@
+//! `gpuvm-agent`: PID 1 of a gpuvm guest, or (for tests and development) an ordinary
+//! process serving the agent protocol on a unix socket.
+//!
+//! ```text
+//! gpuvm-agent                       # as /init in the guest: boot, serve on vsock:1024
+//! gpuvm-agent --listen unix:///tmp/agent.sock
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use gpuvm_agent::boot::{self, BootConfig};
+use gpuvm_agent::runtime::Runtime;
+use gpuvm_agent::service::{AgentService, GuestFacts};
+use gpuvm_protocol::AGENT_VSOCK_PORT;
+
+fn usage() -> String {
+    "usage: gpuvm-agent [--listen <unix:///path | vsock://-1:<port>>] [--debug]".to_string()
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    let started = Instant::now();
+    let result = if pid1 {
+        run_as_init(started)
+    } else {
+        run_as_process()
+    };
+    if let Err(error) = result {
+        eprintln!("gpuvm-agent: {error:#}");
+        if pid1 {
+            // Exiting would panic the kernel; powering off lets the VMM exit cleanly
+            // and the shim report the failure.
+            power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(debug: bool) {
+    let level = if debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+}
+
+fn run_as_process() -> anyhow::Result<()> {
+    let mut listen = None;
+    let mut debug = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = Some(args.next().context(usage())?),
+            "--debug" => debug = true,
+            "--help" | "-h" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    init_logging(debug);
+    let listen = listen.context(format!("--listen is required when not PID 1\n{}", usage()))?;
+    if let Some(path) = listen.strip_prefix("unix://") {
+        // A stale socket from an earlier run would make bind fail.
+        let _ = std::fs::remove_file(path);
+    }
+    let runtime = Arc::new(Runtime::default());
+    let (shutdown_tx, shutdown_rx) = mpsc::channel();
+    let server = serve(&listen, &runtime, GuestFacts::default(), shutdown_tx)?;
+    tracing::info!(%listen, "serving");
+    let _ = shutdown_rx.recv();
+    runtime.kill_all();
+    server.shutdown();
+    Ok(())
+}
+
+fn run_as_init(started: Instant) -> anyhow::Result<()> {
+    boot::mount_api_filesystems().context("mounting the API filesystems")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let config: BootConfig = boot::parse_cmdline(&cmdline)?;
+    init_logging(config.debug);
+    // SAFETY: called before any other thread exists (the logger spawns none), so no
+    // concurrent reader of the environment can observe the change.
+    unsafe {
+        std::env::set_var(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let list = config
+        .module_list
+        .clone()
+        .unwrap_or_else(|| boot::DEFAULT_MODULE_LIST.into());
+    let loaded_modules = boot::load_modules(&list, &release)?;
+    tracing::info!(modules = loaded_modules.len(), "kernel modules loaded");
+
+    if let Err(error) = boot::link_up("lo") {
+        tracing::warn!("{}", gpuvm_agent::error::chain(&error));
+    }
+    if let Some(ip) = &config.ip {
+        boot::configure_ip(ip)?;
+    }
+    let shared_dir = match &config.share_tag {
+        Some(tag) => Some(boot::mount_share(tag)?),
+        None => None,
+    };
+
+    let listen = config
+        .listen
+        .clone()
+        .unwrap_or_else(|| format!("vsock://-1:{AGENT_VSOCK_PORT}"));
+    let runtime = Arc::new(Runtime::default());
+    let (shutdown_tx, shutdown_rx) = mpsc::channel();
+    let facts = GuestFacts {
+        loaded_modules,
+        shared_dir: shared_dir.clone(),
+    };
+    let _server = serve(&listen, &runtime, facts, shutdown_tx)?;
+    tracing::info!(%listen, boot_ms = started.elapsed().as_millis() as u64, "agent ready");
+
+    let _ = shutdown_rx.recv();
+    runtime.kill_all();
+    // Everything else (strays included): PID 1 is spared by kill(-1).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    if let Some(dir) = shared_dir {
+        nix::unistd::sync();
+        let _ = nix::mount::umount2(dir.as_path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    power_off();
+    Ok(())
+}
+
+fn serve(
+    listen: &str,
+    runtime: &Arc<Runtime>,
+    facts: GuestFacts,
+    shutdown: mpsc::Sender<()>,
+) -> anyhow::Result<ttrpc::Server> {
+    let methods = AgentService::new(Arc::clone(runtime), facts, shutdown).into_methods();
+    // Right after the vsock transport module loads, bind can briefly fail.
+    let mut attempt = 0;
+    let mut server = loop {
+        match ttrpc::Server::new().bind(listen) {
+            Ok(server) => break server,
+            Err(error) if attempt < 50 && listen.starts_with("vsock://") => {
+                attempt += 1;
+                tracing::debug!("bind {listen} failed, retrying: {error}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => return Err(anyhow::anyhow!("binding {listen} failed: {error}")),
+        }
+    }
+    .register_service(methods)
+    // Blocking calls (WaitProcess, the stdio long-polls) each hold a worker thread.
+    .set_thread_count_max(256);
+    server
+        .start()
+        .map_err(|e| anyhow::anyhow!("starting the ttrpc server failed: {e}"))?;
+    Ok(server)
+}
+
+fn power_off() {
+    nix::unistd::sync();
+    if std::process::id() != 1 || !Path::new("/proc/1").exists() {
+        return;
+    }
+    // Only ever reached as PID 1 inside the guest.
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // reboot() does not return on success.
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,793 @@
+//! One managed process: its state machine, its stdio, how it is spawned into a
+//! container, and the reaper that records its exit.
+//!
+//! State machine: `Created → Starting → Running → Exited`. A failed start returns to
+//! `Created`. Only the reaper moves a process to `Exited`.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::resource::setrlimit;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{
+    Gid, Pid, Uid, chdir, chroot, fchdir, pivot_root, setgroups, setresgid, setresuid, setsid,
+};
+
+use crate::error::{Error, Result};
+use crate::spec::{ConsoleSize, ContainerSpec, ProcessSpec, join_in_root};
+use crate::stream::OutputBuffer;
+
+/// How a process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// Exit code, or 128 + signal.
+    pub exit_status: u32,
+    /// The terminating signal, 0 for a normal exit.
+    pub signal: u32,
+    /// When the reaper collected it.
+    pub exited_at: SystemTime,
+}
+
+impl ExitInfo {
+    fn from_wait_status(status: WaitStatus, exited_at: SystemTime) -> Option<Self> {
+        let (pid, exit_status, signal) = match status {
+            WaitStatus::Exited(pid, code) => (pid, u32::try_from(code).unwrap_or(255), 0),
+            WaitStatus::Signaled(pid, signal, _) => {
+                let number = signal as u32;
+                (pid, 128 + number, number)
+            }
+            _ => return None,
+        };
+        Some(Self {
+            pid: u32::try_from(pid.as_raw()).ok()?,
+            exit_status,
+            signal,
+            exited_at,
+        })
+    }
+}
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Registered, not started.
+    Created,
+    /// Being spawned right now.
+    Starting,
+    /// Running with this pid.
+    Running(u32),
+    /// Reaped.
+    Exited(ExitInfo),
+}
+
+impl State {
+    /// A short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Running(_) => "running",
+            Self::Exited(_) => "exited",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Status {
+    state: State,
+    deleted: bool,
+}
+
+/// One process the agent manages.
+#[derive(Debug)]
+pub struct Process {
+    /// Its container.
+    pub container_id: String,
+    /// Its exec id; empty for the container's init process.
+    pub exec_id: String,
+    /// What to run.
+    pub spec: ProcessSpec,
+    status: Mutex<Status>,
+    changed: Condvar,
+    /// Standard output (and standard error, on a terminal).
+    pub stdout: OutputBuffer,
+    /// Standard error.
+    pub stderr: OutputBuffer,
+    stdin: Mutex<Option<File>>,
+    pty_master: Mutex<Option<OwnedFd>>,
+}
+
+/// How a process enters its container.
+#[derive(Debug)]
+pub enum Launch<'a> {
+    /// In the agent's own root and mount namespace.
+    Guest,
+    /// A new mount namespace rooted at the container's rootfs.
+    NewContainer(&'a ContainerSpec),
+    /// The mount namespace and root of the running process `init_pid`.
+    JoinContainer {
+        /// The container's init process.
+        init_pid: u32,
+    },
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // All guarded state stays consistent across a panic of another thread.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Process {
+    /// A new process in the `Created` state.
+    pub fn new(container_id: &str, exec_id: &str, spec: ProcessSpec) -> Arc<Self> {
+        Arc::new(Self {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            spec,
+            status: Mutex::new(Status {
+                state: State::Created,
+                deleted: false,
+            }),
+            changed: Condvar::new(),
+            stdout: OutputBuffer::default(),
+            stderr: OutputBuffer::default(),
+            stdin: Mutex::new(None),
+            pty_master: Mutex::new(None),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        lock(&self.status).state
+    }
+
+    /// The pid while running or after exit.
+    pub fn pid(&self) -> Option<u32> {
+        match self.state() {
+            State::Running(pid) => Some(pid),
+            State::Exited(exit) => Some(exit.pid),
+            State::Created | State::Starting => None,
+        }
+    }
+
+    fn wrong_state(&self, expected: &'static str, actual: State) -> Error {
+        Error::WrongState {
+            container_id: self.container_id.clone(),
+            exec_id: self.exec_id.clone(),
+            expected,
+            actual: actual.name(),
+        }
+    }
+
+    fn not_found(&self) -> Error {
+        Error::ProcessNotFound {
+            container_id: self.container_id.clone(),
+            exec_id: self.exec_id.clone(),
+        }
+    }
+
+    /// Spawns the process and returns its pid.
+    pub fn start(self: &Arc<Self>, launch: Launch<'_>) -> Result<u32> {
+        {
+            let mut status = lock(&self.status);
+            if status.state != State::Created {
+                return Err(self.wrong_state("created", status.state));
+            }
+            status.state = State::Starting;
+        }
+        match self.spawn(launch) {
+            Ok(pid) => {
+                let mut status = lock(&self.status);
+                // The reaper may already have recorded a very short-lived process.
+                if status.state == State::Starting {
+                    status.state = State::Running(pid);
+                }
+                self.changed.notify_all();
+                Ok(pid)
+            }
+            Err(error) => {
+                lock(&self.status).state = State::Created;
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, launch: Launch<'_>) -> Result<u32> {
+        let spec = &self.spec;
+        let (setup, host_root) = ChildSetup::prepare(spec, &launch)?;
+        let mut command = Command::new(&spec.args[0]);
+        command
+            .args(&spec.args[1..])
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)));
+
+        let mut pty_master = None;
+        if spec.terminal {
+            let pty = nix::pty::openpty(spec.console_size.map(winsize).as_ref(), None)
+                .map_err(|e| Error::io("Opening a pseudo-terminal", e))?;
+            set_cloexec(&pty.master)?;
+            let clone = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| Error::io("Duplicating the terminal", e))
+            };
+            command
+                .stdin(clone(&pty.slave)?)
+                .stdout(clone(&pty.slave)?)
+                .stderr(pty.slave);
+            pty_master = Some(pty.master);
+        } else {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        let terminal = spec.terminal;
+        // SAFETY: the closure runs in the forked child before exec. It only makes
+        // system calls on values prepared before the fork (no allocation, no locks),
+        // which is what `pre_exec` requires.
+        unsafe {
+            command.pre_exec(move || setup.run_in_child(terminal));
+        }
+
+        let child = reaper().track(self, || command.spawn()).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENOENT) && !program_exists(&host_root, spec) {
+                Error::ExecutableNotFound {
+                    program: spec.args[0].clone(),
+                    path: spec.path_env().unwrap_or(DEFAULT_EXEC_PATH).to_string(),
+                }
+            } else {
+                Error::Spawn {
+                    program: spec.args[0].clone(),
+                    source,
+                }
+            }
+        })?;
+        let pid = child.id();
+        let mut child = child;
+        if let Some(master) = pty_master {
+            let reader = File::from(
+                master
+                    .try_clone()
+                    .map_err(|e| Error::io("Duplicating the terminal", e))?,
+            );
+            let writer = File::from(
+                master
+                    .try_clone()
+                    .map_err(|e| Error::io("Duplicating the terminal", e))?,
+            );
+            *lock(&self.stdin) = Some(writer);
+            *lock(&self.pty_master) = Some(master);
+            self.stderr.close();
+            self.pump_output(reader, true);
+        } else {
+            if let Some(stdin) = child.stdin.take() {
+                *lock(&self.stdin) = Some(File::from(OwnedFd::from(stdin)));
+            }
+            if let Some(stdout) = child.stdout.take() {
+                self.pump_output(stdout, true);
+            }
+            if let Some(stderr) = child.stderr.take() {
+                self.pump_output(stderr, false);
+            }
+        }
+        // Dropping `child` neither waits nor kills: the reaper owns the exit status.
+        drop(child);
+        Ok(pid)
+    }
+
+    fn pump_output(self: &Arc<Self>, source: impl io::Read + Send + 'static, stdout: bool) {
+        let process = Arc::clone(self);
+        std::thread::spawn(move || {
+            let buffer = if stdout {
+                &process.stdout
+            } else {
+                &process.stderr
+            };
+            buffer.fill_from(source);
+        });
+    }
+
+    fn set_exited(&self, exit: ExitInfo) {
+        let mut status = lock(&self.status);
+        status.state = State::Exited(exit);
+        self.changed.notify_all();
+    }
+
+    /// Blocks until the process has exited.
+    pub fn wait(&self) -> Result<ExitInfo> {
+        let mut status = lock(&self.status);
+        loop {
+            if status.deleted {
+                return Err(self.not_found());
+            }
+            if let State::Exited(exit) = status.state {
+                return Ok(exit);
+            }
+            status = self
+                .changed
+                .wait(status)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        match self.state() {
+            State::Running(pid) => send_signal(pid, signal),
+            other => Err(self.wrong_state("running", other)),
+        }
+    }
+
+    /// Writes to the process's standard input.
+    pub fn write_stdin(&self, data: &[u8]) -> Result<usize> {
+        let mut stdin = lock(&self.stdin);
+        let Some(file) = stdin.as_mut() else {
+            return Err(self.wrong_state("running with an open stdin", self.state()));
+        };
+        file.write_all(data)
+            .map_err(|e| Error::io("Writing to the process's stdin", e))?;
+        Ok(data.len())
+    }
+
+    /// Closes standard input (on a terminal: sends end-of-file, ^D).
+    pub fn close_stdin(&self) -> Result<()> {
+        let mut stdin = lock(&self.stdin);
+        // A pty has no half-close: EOT at the start of a line is end-of-file.
+        if self.spec.terminal
+            && let Some(file) = stdin.as_mut()
+        {
+            file.write_all(&[4])
+                .map_err(|e| Error::io("Writing to the terminal", e))?;
+        }
+        stdin.take();
+        Ok(())
+    }
+
+    /// Sets the terminal size.
+    pub fn resize(&self, size: ConsoleSize) -> Result<()> {
+        let master = lock(&self.pty_master);
+        let Some(master) = master.as_ref() else {
+            return Err(Error::invalid("the process has no terminal"));
+        };
+        let ws = winsize(size);
+        // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for
+        // the duration of the call; the fd is an open pty master.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc < 0 {
+            return Err(Error::io(
+                "Resizing the terminal",
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forgets the process: wakes waiters and readers, drops buffered output.
+    pub fn mark_deleted(&self) {
+        lock(&self.status).deleted = true;
+        self.changed.notify_all();
+        self.stdout.discard();
+        self.stderr.discard();
+        lock(&self.stdin).take();
+        lock(&self.pty_master).take();
+    }
+}
+
+/// Sends a signal to a pid, ignoring a process that is already gone.
+pub fn send_signal(pid: u32, signal: Signal) -> Result<()> {
+    let raw = i32::try_from(pid).map_err(|_| Error::invalid("the pid is out of range"))?;
+    match kill(Pid::from_raw(raw), signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(Error::io(format!("Sending {signal} to pid {pid}"), e)),
+    }
+}
+
+fn winsize(size: ConsoleSize) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: size.rows,
+        ws_col: size.columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+fn set_cloexec(fd: &OwnedFd) -> Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(drop)
+        .map_err(|e| Error::io("Setting close-on-exec", e))
+}
+
+/// glibc's `execvp` search path when `PATH` is unset.
+const DEFAULT_EXEC_PATH: &str = "/bin:/usr/bin";
+
+/// Whether `execvp` could find the program, judged from the agent's view of the
+/// container root. Only used to explain an ENOENT from the child.
+fn program_exists(root: &Path, spec: &ProcessSpec) -> bool {
+    let program = &spec.args[0];
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        let inside = spec.cwd.join(program);
+        vec![join_in_root(root, &inside)]
+    } else {
+        spec.path_env()
+            .unwrap_or(DEFAULT_EXEC_PATH)
+            .split(':')
+            .map(|dir| {
+                join_in_root(
+                    root,
+                    &Path::new(if dir.is_empty() { "." } else { dir }).join(program),
+                )
+            })
+            .collect()
+    };
+    candidates
+        .iter()
+        .any(|path| path.symlink_metadata().is_ok())
+}
+
+fn cstring(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid(format!("the path {} contains a NUL byte", path.display())))
+}
+
+fn optional_cstring(value: &str) -> Result<Option<CString>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    CString::new(value)
+        .map(Some)
+        .map_err(|_| Error::invalid(format!("{value:?} contains a NUL byte")))
+}
+
+/// A mount, as C strings ready for the child.
+#[derive(Debug)]
+struct ChildMount {
+    source: Option<CString>,
+    target: CString,
+    fstype: Option<CString>,
+    flags: MsFlags,
+    propagation: MsFlags,
+    data: Option<CString>,
+}
+
+#[derive(Debug)]
+enum Root {
+    Guest,
+    New {
+        rootfs: CString,
+        mounts: Vec<ChildMount>,
+        readonly: bool,
+    },
+    Join {
+        mnt_ns: OwnedFd,
+        root: OwnedFd,
+    },
+}
+
+/// Everything the child does between fork and exec, prepared in the parent.
+#[derive(Debug)]
+struct ChildSetup {
+    root: Root,
+    rlimits: Vec<crate::spec::Rlimit>,
+    groups: Vec<Gid>,
+    uid: Uid,
+    gid: Gid,
+    cwd: CString,
+}
+
+impl ChildSetup {
+    /// Prepares the child's setup; also returns the container root as the agent sees it.
+    fn prepare(spec: &ProcessSpec, launch: &Launch<'_>) -> Result<(Self, PathBuf)> {
+        let (root, host_root) = match launch {
+            Launch::Guest => (Root::Guest, PathBuf::from("/")),
+            Launch::NewContainer(container) => match &container.rootfs {
+                None => (Root::Guest, PathBuf::from("/")),
+                Some(rootfs) => {
+                    if !rootfs.is_dir() {
+                        return Err(Error::invalid(format!(
+                            "the rootfs {} is not a directory in the guest",
+                            rootfs.display()
+                        )));
+                    }
+                    let mounts = container
+                        .mounts
+                        .iter()
+                        .map(|m| {
+                            let target = join_in_root(rootfs, &m.destination);
+                            create_mount_target(&target, m.is_bind().then(|| Path::new(&m.source)));
+                            Ok(ChildMount {
+                                source: optional_cstring(&m.source)?,
+                                target: cstring(&target)?,
+                                fstype: m
+                                    .fstype
+                                    .as_deref()
+                                    .map(optional_cstring)
+                                    .transpose()?
+                                    .flatten(),
+                                flags: m.flags,
+                                propagation: m.propagation,
+                                data: optional_cstring(&m.data)?,
+                            })
+                        })
+                        .collect::<Result<_>>()?;
+                    (
+                        Root::New {
+                            rootfs: cstring(rootfs)?,
+                            mounts,
+                            readonly: container.readonly_rootfs,
+                        },
+                        rootfs.clone(),
+                    )
+                }
+            },
+            Launch::JoinContainer { init_pid } => {
+                let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
+                let open_dir = |path: &Path, flags: OFlag| {
+                    open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
+                        .map_err(|e| Error::io(format!("Opening {}", path.display()), e))
+                };
+                let mnt_ns = open_dir(&proc_dir.join("ns/mnt"), OFlag::O_RDONLY)?;
+                let root = open_dir(&proc_dir.join("root"), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+                (Root::Join { mnt_ns, root }, proc_dir.join("root"))
+            }
+        };
+        let setup = Self {
+            root,
+            rlimits: spec.rlimits.clone(),
+            groups: spec
+                .additional_gids
+                .iter()
+                .map(|g| Gid::from_raw(*g))
+                .collect(),
+            uid: Uid::from_raw(spec.uid),
+            gid: Gid::from_raw(spec.gid),
+            cwd: cstring(&spec.cwd)?,
+        };
+        Ok((setup, host_root))
+    }
+
+    /// Runs in the forked child: session, root, limits, credentials, working dir.
+    fn run_in_child(&self, terminal: bool) -> io::Result<()> {
+        setsid()?;
+        if terminal {
+            // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty slave.
+            if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        match &self.root {
+            Root::Guest => {}
+            Root::New {
+                rootfs,
+                mounts,
+                readonly,
+            } => enter_new_root(rootfs, mounts, *readonly)?,
+            Root::Join { mnt_ns, root } => {
+                setns(mnt_ns.as_fd(), CloneFlags::CLONE_NEWNS)?;
+                fchdir(root)?;
+                chroot(".")?;
+            }
+        }
+        for limit in &self.rlimits {
+            setrlimit(limit.resource, limit.soft, limit.hard)?;
+        }
+        setgroups(&self.groups)?;
+        setresgid(self.gid, self.gid, self.gid)?;
+        setresuid(self.uid, self.uid, self.uid)?;
+        chdir(self.cwd.as_c_str())?;
+        Ok(())
+    }
+}
+
+/// Creates the mount point: a file for a bind mount of a file, else a directory.
+/// Failures are left for `mount(2)` to report.
+fn create_mount_target(target: &Path, bind_source: Option<&Path>) {
+    if target.exists() {
+        return;
+    }
+    if bind_source.is_some_and(|source| source.is_file()) {
+        if let Some(parent) = target.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = File::create(target);
+    } else {
+        let _ = std::fs::create_dir_all(target);
+    }
+}
+
+/// In the child: a private mount namespace with `rootfs` as `/`.
+fn enter_new_root(rootfs: &CString, mounts: &[ChildMount], readonly: bool) -> io::Result<()> {
+    const NONE: Option<&'static std::ffi::CStr> = None;
+    unshare(CloneFlags::CLONE_NEWNS)?;
+    mount(
+        NONE,
+        c"/",
+        NONE,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        NONE,
+    )?;
+    mount(
+        Some(rootfs.as_c_str()),
+        rootfs.as_c_str(),
+        NONE,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        NONE,
+    )?;
+    for m in mounts {
+        mount(
+            m.source.as_deref(),
+            m.target.as_c_str(),
+            m.fstype.as_deref(),
+            m.flags,
+            m.data.as_deref(),
+        )?;
+        if m.flags.contains(MsFlags::MS_BIND) && m.flags.contains(MsFlags::MS_RDONLY) {
+            // A bind mount ignores MS_RDONLY until it is remounted.
+            let keep = m.flags & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+            mount(
+                NONE,
+                m.target.as_c_str(),
+                NONE,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | keep,
+                NONE,
+            )?;
+        }
+        if !m.propagation.is_empty() {
+            mount(NONE, m.target.as_c_str(), NONE, m.propagation, NONE)?;
+        }
+    }
+    chdir(rootfs.as_c_str())?;
+    match pivot_root(".", ".") {
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH)?,
+        // The guest's root is the initramfs, which pivot_root refuses: move the
+        // rootfs over `/` and chroot into it instead (what switch_root does).
+        Err(Errno::EINVAL) => {
+            mount(Some(c"."), c"/", NONE, MsFlags::MS_MOVE, NONE)?;
+            chroot(".")?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    chdir(c"/")?;
+    if readonly {
+        mount(
+            NONE,
+            c"/",
+            NONE,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            NONE,
+        )?;
+    }
+    Ok(())
+}
+
+/// Collects the exit status of every child of the agent.
+///
+/// The agent is PID 1 in the guest, so orphans are reparented to it and must be
+/// reaped too; one `waitpid(-1)` loop does both. A process is registered under the
+/// same lock the reaper takes, so a child that exits at once is never missed.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    tracked: Mutex<HashMap<u32, Arc<Process>>>,
+    children_started: Condvar,
+}
+
+/// The process-wide reaper; starts its thread on first use.
+pub fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<&'static Reaper> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let reaper: &'static Reaper = Box::leak(Box::default());
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(|| reaper.run())
+            .map(drop)
+            .unwrap_or_else(|e| tracing::error!("starting the reaper failed: {e}"));
+        reaper
+    })
+}
+
+impl Reaper {
+    /// Spawns a child under the reaper's lock and registers it.
+    fn track(
+        &self,
+        process: &Arc<Process>,
+        spawn: impl FnOnce() -> io::Result<std::process::Child>,
+    ) -> io::Result<std::process::Child> {
+        let mut tracked = lock(&self.tracked);
+        let child = spawn()?;
+        tracked.insert(child.id(), Arc::clone(process));
+        self.children_started.notify_all();
+        Ok(child)
+    }
+
+    fn run(&self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), None) {
+                Ok(status) => {
+                    let exited_at = SystemTime::now();
+                    let Some(exit) = ExitInfo::from_wait_status(status, exited_at) else {
+                        continue;
+                    };
+                    let process = lock(&self.tracked).remove(&exit.pid);
+                    if let Some(process) = process {
+                        process.set_exited(exit);
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => {
+                    // No children right now: sleep until one is started. The timeout
+                    // covers children the agent did not start itself.
+                    let tracked = lock(&self.tracked);
+                    let _ = self
+                        .children_started
+                        .wait_timeout(tracked, Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_info_from_wait_status() {
+        let now = SystemTime::now();
+        let exited =
+            ExitInfo::from_wait_status(WaitStatus::Exited(Pid::from_raw(5), 3), now).unwrap();
+        assert_eq!((exited.pid, exited.exit_status, exited.signal), (5, 3, 0));
+        let killed = ExitInfo::from_wait_status(
+            WaitStatus::Signaled(Pid::from_raw(6), Signal::SIGKILL, false),
+            now,
+        )
+        .unwrap();
+        assert_eq!((killed.exit_status, killed.signal), (137, 9));
+        assert!(ExitInfo::from_wait_status(WaitStatus::StillAlive, now).is_none());
+    }
+
+    #[test]
+    fn program_lookup_follows_path_without_following_symlinks() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("bin")).unwrap();
+        std::os::unix::fs::symlink("/does/not/exist/busybox", root.path().join("bin/sh")).unwrap();
+        let spec = |args: &[&str], path: Option<&str>| ProcessSpec {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: path
+                .map(|p| ("PATH".to_string(), p.to_string()))
+                .into_iter()
+                .collect(),
+            cwd: PathBuf::from("/"),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            rlimits: vec![],
+            terminal: false,
+            console_size: None,
+        };
+        assert!(program_exists(root.path(), &spec(&["sh"], None)));
+        assert!(program_exists(
+            root.path(),
+            &spec(&["/bin/sh"], Some("/nowhere"))
+        ));
+        assert!(!program_exists(
+            root.path(),
+            &spec(&["sh"], Some("/usr/bin"))
+        ));
+        assert!(!program_exists(root.path(), &spec(&["nope"], None)));
+    }
+}

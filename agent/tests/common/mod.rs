@@ -1,0 +1,128 @@
+//! Helpers shared by the integration tests: drive a process through the protocol.
+
+#![allow(dead_code)]
+
+use gpuvm_protocol::agent as pb;
+use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
+use protobuf::MessageField;
+
+/// A context without a deadline (the calls below may block for a while).
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
+/// A ProcessSpec with a usual PATH.
+pub fn process(args: &[&str]) -> pb::ProcessSpec {
+    pb::ProcessSpec {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "GREETING=hello".into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Creates and starts a container's init process; returns its pid.
+pub fn create_and_start(
+    client: &AgentServiceClient,
+    id: &str,
+    rootfs: &str,
+    spec: pb::ProcessSpec,
+) -> ttrpc::Result<u32> {
+    client.create_process(
+        ctx(),
+        &pb::CreateProcessRequest {
+            container_id: id.into(),
+            rootfs: rootfs.into(),
+            process: MessageField::some(spec),
+            ..Default::default()
+        },
+    )?;
+    Ok(client
+        .start_process(
+            ctx(),
+            &pb::StartProcessRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )?
+        .pid)
+}
+
+/// Reads one stream to its end.
+pub fn read_all(client: &AgentServiceClient, id: &str, exec_id: &str, stdout: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let req = pb::ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let chunk = if stdout {
+            client.read_stdout(ctx(), &req)
+        } else {
+            client.read_stderr(ctx(), &req)
+        }
+        .expect("read stream");
+        out.extend_from_slice(&chunk.data);
+        if chunk.eof {
+            return out;
+        }
+    }
+}
+
+/// Waits for a process.
+pub fn wait(client: &AgentServiceClient, id: &str, exec_id: &str) -> pb::WaitProcessResponse {
+    client
+        .wait_process(
+            ctx(),
+            &pb::WaitProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            },
+        )
+        .expect("wait")
+}
+
+/// Deletes a process (or container).
+pub fn delete(client: &AgentServiceClient, id: &str, exec_id: &str) {
+    client
+        .delete_process(
+            ctx(),
+            &pb::DeleteProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            },
+        )
+        .expect("delete");
+}
+
+/// Runs a container to completion: (stdout, stderr, wait response).
+pub fn run(
+    client: &AgentServiceClient,
+    id: &str,
+    rootfs: &str,
+    spec: pb::ProcessSpec,
+) -> (String, String, pb::WaitProcessResponse) {
+    create_and_start(client, id, rootfs, spec).expect("create and start");
+    let stdout = read_all(client, id, "", true);
+    let stderr = read_all(client, id, "", false);
+    let exit = wait(client, id, "");
+    delete(client, id, "");
+    (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+        exit,
+    )
+}
+
+/// The status code and message of a failed call.
+pub fn status_of(error: ttrpc::Error) -> (ttrpc::Code, String) {
+    match error {
+        ttrpc::Error::RpcStatus(status) => (status.code(), status.message().to_string()),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}

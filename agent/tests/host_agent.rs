@@ -1,0 +1,379 @@
+//! The real agent binary, serving on a unix socket on the host, running real
+//! processes. Everything but the VM is real here.
+
+// Test helpers outside `#[test]` fns may panic on failure too.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use gpuvm_protocol::agent as pb;
+use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
+use protobuf::MessageField;
+
+struct Agent {
+    child: Child,
+    client: AgentServiceClient,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let address = format!("unix://{}", socket.display());
+    let child = Command::new(env!("CARGO_BIN_EXE_gpuvm-agent"))
+        .args(["--listen", &address])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "agent did not create its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let client = AgentServiceClient::new(ttrpc::Client::connect(&address).unwrap());
+    Agent {
+        child,
+        client,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn ping_and_guest_info() {
+    let agent = start_agent();
+    let pong = agent.client.ping(ctx(), &pb::PingRequest::new()).unwrap();
+    assert_eq!(pong.agent_version, env!("CARGO_PKG_VERSION"));
+    let info = agent
+        .client
+        .guest_info(ctx(), &pb::GuestInfoRequest::new())
+        .unwrap();
+    let host = Command::new("uname").arg("-r").output().unwrap();
+    assert_eq!(
+        info.kernel_release,
+        String::from_utf8_lossy(&host.stdout).trim()
+    );
+    let stats = agent.client.stats(ctx(), &pb::StatsRequest::new()).unwrap();
+    assert!(stats.agent_rss_bytes > 0 && stats.mem_total_bytes > 0);
+}
+
+#[test]
+fn runs_a_process_with_exact_stdio_and_exit() {
+    let agent = start_agent();
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let (stdout, stderr, exit) = run(
+        &agent.client,
+        "c1",
+        "",
+        process(&["sh", "-c", "echo $GREETING; echo oops >&2; exit 3"]),
+    );
+    let after = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert_eq!(stdout, "hello\n");
+    assert_eq!(stderr, "oops\n");
+    assert_eq!((exit.exit_status, exit.signal), (3, 0));
+    assert!(exit.pid > 0);
+    assert!(before <= exit.exited_at_unix_nanos && exit.exited_at_unix_nanos <= after);
+}
+
+#[test]
+fn cwd_uid_and_rlimits_apply() {
+    let agent = start_agent();
+    let mut spec = process(&["sh", "-c", "pwd; id -u; id -g; ulimit -n"]);
+    spec.cwd = "/tmp".into();
+    spec.uid = 65534;
+    spec.gid = 65534;
+    spec.rlimits = vec![pb::Rlimit {
+        type_: "RLIMIT_NOFILE".into(),
+        soft: 123,
+        hard: 456,
+        ..Default::default()
+    }];
+    let (stdout, _, exit) = run(&agent.client, "c2", "", spec);
+    assert_eq!(exit.exit_status, 0);
+    assert_eq!(stdout, "/tmp\n65534\n65534\n123\n");
+}
+
+#[test]
+fn a_missing_command_is_a_clear_not_found() {
+    let agent = start_agent();
+    let err =
+        create_and_start(&agent.client, "c3", "", process(&["no-such-command-xyz"])).unwrap_err();
+    let (code, message) = status_of(err);
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    assert!(
+        message.contains("\"no-such-command-xyz\" was not found"),
+        "{message}"
+    );
+    // The failed process can be cleaned up, and the id reused.
+    delete(&agent.client, "c3", "");
+    let (_, _, exit) = run(&agent.client, "c3", "", process(&["true"]));
+    assert_eq!(exit.exit_status, 0);
+}
+
+#[test]
+fn stdin_reaches_the_process() {
+    let agent = start_agent();
+    create_and_start(&agent.client, "cat", "", process(&["cat"])).unwrap();
+    let written = agent
+        .client
+        .write_stdin(
+            ctx(),
+            &pb::WriteStdinRequest {
+                container_id: "cat".into(),
+                data: b"piped through\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(written.written, 14);
+    agent
+        .client
+        .close_stdin(
+            ctx(),
+            &pb::CloseStdinRequest {
+                container_id: "cat".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(read_all(&agent.client, "cat", "", true), b"piped through\n");
+    assert_eq!(wait(&agent.client, "cat", "").exit_status, 0);
+}
+
+#[test]
+fn signals_stats_list_and_exec() {
+    let agent = start_agent();
+    let pid = create_and_start(
+        &agent.client,
+        "sleeper",
+        "",
+        process(&["sh", "-c", "sleep 30 & wait"]),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let stats = agent
+        .client
+        .process_stats(
+            ctx(),
+            &pb::ProcessStatsRequest {
+                container_id: "sleeper".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(stats.pid, pid);
+    assert!(stats.processes >= 2 && stats.rss_bytes > 0, "{stats:?}");
+
+    let list = agent
+        .client
+        .list_processes(
+            ctx(),
+            &pb::ListProcessesRequest {
+                container_id: "sleeper".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(list.processes.len(), 1);
+    assert_eq!(
+        list.processes[0].state.enum_value_or_default(),
+        pb::ProcessState::PROCESS_STATE_RUNNING
+    );
+    assert!(
+        list.pids.contains(&pid) && list.pids.len() >= 2,
+        "{:?}",
+        list.pids
+    );
+
+    // An exec in the same container.
+    agent
+        .client
+        .exec_process(
+            ctx(),
+            &pb::ExecProcessRequest {
+                container_id: "sleeper".into(),
+                exec_id: "e1".into(),
+                process: MessageField::some(process(&["echo", "from exec"])),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    agent
+        .client
+        .start_process(
+            ctx(),
+            &pb::StartProcessRequest {
+                container_id: "sleeper".into(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        read_all(&agent.client, "sleeper", "e1", true),
+        b"from exec\n"
+    );
+    assert_eq!(wait(&agent.client, "sleeper", "e1").exit_status, 0);
+
+    // Kill everything in the container; the shell dies of SIGKILL.
+    agent
+        .client
+        .signal_process(
+            ctx(),
+            &pb::SignalProcessRequest {
+                container_id: "sleeper".into(),
+                signal: 9,
+                all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let exit = wait(&agent.client, "sleeper", "");
+    assert_eq!((exit.exit_status, exit.signal), (137, 9));
+    let running = agent
+        .client
+        .stats(ctx(), &pb::StatsRequest::new())
+        .unwrap()
+        .running_processes;
+    assert_eq!(running, 0);
+    delete(&agent.client, "sleeper", "");
+}
+
+#[test]
+fn a_terminal_process_gets_a_pty() {
+    let agent = start_agent();
+    let mut spec = process(&["sh", "-c", "tty; stty size"]);
+    spec.terminal = true;
+    spec.console_size = MessageField::some(pb::ConsoleSize {
+        rows: 33,
+        columns: 101,
+        ..Default::default()
+    });
+    let (stdout, stderr, exit) = run(&agent.client, "tty", "", spec);
+    assert_eq!(exit.exit_status, 0, "{stdout}");
+    assert!(stdout.starts_with("/dev/pts/"), "{stdout:?}");
+    assert!(stdout.contains("33 101"), "{stdout:?}");
+    assert_eq!(stderr, "");
+}
+
+/// A container with its own root: the host's /usr bind-mounted into an otherwise
+/// empty rootfs that holds a marker file. Needs root (mount namespaces).
+#[test]
+fn a_container_sees_its_own_root() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED: needs root for mount namespaces");
+        return;
+    }
+    let agent = start_agent();
+    let rootfs = tempfile::tempdir().unwrap();
+    let root = rootfs.path();
+    std::fs::write(root.join("marker"), "inside the container\n").unwrap();
+    for dir in ["bin", "lib", "lib64", "sbin"] {
+        if Path::new("/").join(dir).is_symlink() {
+            symlink(format!("usr/{dir}"), root.join(dir)).unwrap();
+        }
+    }
+    let mut spec = process(&[
+        "sh",
+        "-c",
+        "cat /marker; ls /proc/self >/dev/null && echo proc; pwd",
+    ]);
+    spec.cwd = "/usr".into();
+    agent
+        .client
+        .create_process(
+            ctx(),
+            &pb::CreateProcessRequest {
+                container_id: "rooted".into(),
+                rootfs: root.display().to_string(),
+                process: MessageField::some(spec),
+                mounts: vec![
+                    pb::Mount {
+                        destination: "/usr".into(),
+                        type_: "bind".into(),
+                        source: "/usr".into(),
+                        options: vec!["rbind".into(), "ro".into()],
+                        ..Default::default()
+                    },
+                    pb::Mount {
+                        destination: "/proc".into(),
+                        type_: "proc".into(),
+                        source: "proc".into(),
+                        ..Default::default()
+                    },
+                    pb::Mount {
+                        destination: "/dev".into(),
+                        type_: "bind".into(),
+                        source: "/dev".into(),
+                        options: vec!["rbind".into()],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    agent
+        .client
+        .start_process(
+            ctx(),
+            &pb::StartProcessRequest {
+                container_id: "rooted".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let stdout = String::from_utf8(read_all(&agent.client, "rooted", "", true)).unwrap();
+    let stderr = String::from_utf8(read_all(&agent.client, "rooted", "", false)).unwrap();
+    assert_eq!(wait(&agent.client, "rooted", "").exit_status, 0, "{stderr}");
+    assert_eq!(stdout, "inside the container\nproc\n/usr\n");
+    delete(&agent.client, "rooted", "");
+    // The host never saw the container's mounts.
+    assert!(
+        std::fs::read_dir(root.join("proc"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn shutdown_stops_the_agent_and_its_processes() {
+    let mut agent = start_agent();
+    let pid = create_and_start(&agent.client, "long", "", process(&["sleep", "60"])).unwrap();
+    agent
+        .client
+        .shutdown(ctx(), &pb::ShutdownRequest::new())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The sleeper was killed (and, its parent gone, reaped by init).
+    std::thread::sleep(Duration::from_millis(100));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z"), "{stat}");
+}
