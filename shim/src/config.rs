@@ -381,6 +381,11 @@ mod tests {
             .collect()
     }
 
+    type SizeCase<'a> = (
+        &'a [(&'a str, &'a str)],
+        std::result::Result<(u32, u64), &'a str>,
+    );
+
     #[test]
     fn guest_size_from_annotations_within_limits() {
         let guest = GuestConfig {
@@ -390,7 +395,7 @@ mod tests {
             max_memory: "16Gi".into(),
             ..GuestConfig::default()
         };
-        let cases: &[(&[(&str, &str)], std::result::Result<(u32, u64), &str>)] = &[
+        let cases: &[SizeCase<'_>] = &[
             (&[], Ok((2, 2048))),
             (&[(ANNOTATION_CPUS, "4")], Ok((4, 2048))),
             (&[(ANNOTATION_MEMORY, "8Gi")], Ok((2, 8192))),

@@ -8,6 +8,11 @@ pub mod error;
 pub mod state;
 
 pub use error::{Error, Result};
+pub mod agent;
 pub mod hypervisor;
+pub mod persist;
 pub mod process;
+pub mod rootfs;
+pub mod service;
+pub mod stdio;
 pub mod vsock;

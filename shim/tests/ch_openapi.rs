@@ -166,6 +166,9 @@ fn vm_create_bodies_validate() {
     }
 }
 
+/// A change that makes a valid body invalid.
+type Breakage = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn broken_bodies_fail_validation() {
     let Some(api) = load() else { return };
@@ -177,7 +180,7 @@ fn broken_bodies_fail_validation() {
     .expect("json");
     assert!(errors(&validator, &good).is_empty());
 
-    let breakages: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let breakages: Vec<(&str, Breakage)> = vec![
         (
             "missing payload",
             Box::new(|v| {

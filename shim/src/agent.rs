@@ -1,0 +1,565 @@
+//! The seam between the shim and the guest agent: an [`Agent`] trait in plain Rust
+//! types, and [`TtrpcAgent`], the single translation layer onto `gpuvm-protocol`'s
+//! ttrpc client.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use gpuvm_protocol::agent as pb;
+use gpuvm_protocol::agent_ttrpc_async::AgentServiceClient;
+use gpuvm_protocol::ttrpc;
+use tokio::net::UnixStream;
+
+use crate::error::{Error, Result};
+
+/// Identifies one process: a container's init process (empty `exec_id`) or an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// Container id.
+    pub container_id: String,
+    /// Exec id, empty for the init process.
+    pub exec_id: String,
+}
+
+impl ProcessId {
+    /// The init process of `container_id`.
+    pub fn init(container_id: &str) -> ProcessId {
+        ProcessId {
+            container_id: container_id.to_owned(),
+            exec_id: String::new(),
+        }
+    }
+}
+
+/// One process to run (from the OCI spec's `process`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// argv.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` environment.
+    pub env: Vec<String>,
+    /// Working directory in the container.
+    pub cwd: String,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+    /// Run on a pseudo-terminal.
+    pub terminal: bool,
+    /// Initial terminal size (rows, columns).
+    pub console_size: Option<(u32, u32)>,
+}
+
+/// A mount inside the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Path in the container.
+    pub destination: String,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Source.
+    pub source: String,
+    /// Options.
+    pub options: Vec<String>,
+}
+
+/// A container with its init process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    /// Container id.
+    pub container_id: String,
+    /// Guest path of the root filesystem.
+    pub rootfs: String,
+    /// Init process.
+    pub process: ProcessSpec,
+    /// Mounts, in order.
+    pub mounts: Vec<Mount>,
+    /// Read-only root filesystem.
+    pub readonly_rootfs: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Guest pid.
+    pub pid: u32,
+    /// Exit code, or 128 + signal.
+    pub status: u32,
+    /// When it exited.
+    pub exited_at: SystemTime,
+}
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// stdout (with a terminal: all output).
+    Stdout,
+    /// stderr.
+    Stderr,
+}
+
+/// CPU and memory of one process tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    /// User CPU time.
+    pub cpu_user_ns: u64,
+    /// System CPU time.
+    pub cpu_system_ns: u64,
+    /// Resident memory.
+    pub rss_bytes: u64,
+    /// Number of processes.
+    pub processes: u32,
+}
+
+/// Facts about the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Where the virtio-fs share is mounted in the guest, empty if none.
+    pub shared_dir: String,
+}
+
+/// One GPU seen by the guest driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// Model name.
+    pub name: String,
+    /// GPU UUID.
+    pub uuid: String,
+    /// PCI bus id in the guest.
+    pub pci_bus_id: String,
+}
+
+/// What the shim needs from the guest agent.
+#[async_trait]
+pub trait Agent: Send + Sync + std::fmt::Debug {
+    /// Liveness; returns the agent version.
+    async fn ping(&self) -> Result<String>;
+    /// Facts about the guest.
+    async fn guest_info(&self) -> Result<GuestInfo>;
+    /// GPUs the guest driver sees.
+    async fn gpu_info(&self) -> Result<Vec<GpuInfo>>;
+    /// Registers a container and its init process (not started).
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<()>;
+    /// Registers an exec process (not started).
+    async fn exec_process(&self, id: &ProcessId, spec: &ProcessSpec) -> Result<()>;
+    /// Starts a registered process; returns its guest pid.
+    async fn start_process(&self, id: &ProcessId) -> Result<u32>;
+    /// Sends `signal` to the process, or to every process of the container with `all`.
+    async fn signal_process(&self, id: &ProcessId, signal: u32, all: bool) -> Result<()>;
+    /// Waits for the process to exit.
+    async fn wait_process(&self, id: &ProcessId) -> Result<ExitInfo>;
+    /// Forgets an exited process.
+    async fn delete_process(&self, id: &ProcessId) -> Result<()>;
+    /// Reads output; `None` at end of stream.
+    async fn read_output(&self, id: &ProcessId, stream: OutputStream) -> Result<Option<Vec<u8>>>;
+    /// Writes to stdin; returns the bytes written.
+    async fn write_stdin(&self, id: &ProcessId, data: &[u8]) -> Result<usize>;
+    /// Closes stdin.
+    async fn close_stdin(&self, id: &ProcessId) -> Result<()>;
+    /// Resizes the process's terminal.
+    async fn resize_terminal(&self, id: &ProcessId, rows: u32, columns: u32) -> Result<()>;
+    /// Guest pids of a container's processes.
+    async fn pids(&self, container_id: &str) -> Result<Vec<u32>>;
+    /// CPU and memory of a process tree.
+    async fn process_stats(&self, id: &ProcessId) -> Result<ProcessStats>;
+    /// Kills everything and powers the guest off.
+    async fn shutdown(&self) -> Result<()>;
+}
+
+/// [`Agent`] over ttrpc on a hybrid-vsock stream.
+#[derive(Clone)]
+pub struct TtrpcAgent {
+    client: AgentServiceClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TtrpcAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtrpcAgent")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a ttrpc error from the agent onto the shim's error (the only place that does).
+fn agent_error(call: &str, err: ttrpc::Error) -> Error {
+    match err {
+        ttrpc::Error::RpcStatus(status) => {
+            let message = format!("{call}: {}", status.message);
+            match status.code() {
+                ttrpc::Code::NOT_FOUND => Error::NotFound(message),
+                ttrpc::Code::ALREADY_EXISTS => Error::AlreadyExists(message),
+                ttrpc::Code::INVALID_ARGUMENT => Error::InvalidArgument(message),
+                ttrpc::Code::UNIMPLEMENTED => Error::Unimplemented(message),
+                ttrpc::Code::UNAVAILABLE => Error::AgentUnavailable(message),
+                _ => Error::Agent(message),
+            }
+        }
+        other => Error::AgentUnavailable(format!("{call}: {other}")),
+    }
+}
+
+impl From<&ProcessSpec> for pb::ProcessSpec {
+    fn from(spec: &ProcessSpec) -> pb::ProcessSpec {
+        let mut out = pb::ProcessSpec {
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+            uid: spec.uid,
+            gid: spec.gid,
+            additional_gids: spec.additional_gids.clone(),
+            terminal: spec.terminal,
+            ..Default::default()
+        };
+        if let Some((rows, columns)) = spec.console_size {
+            out.console_size = protobuf_some(pb::ConsoleSize {
+                rows,
+                columns,
+                ..Default::default()
+            });
+        }
+        out
+    }
+}
+
+fn protobuf_some<T>(value: T) -> gpuvm_protocol::protobuf::MessageField<T> {
+    gpuvm_protocol::protobuf::MessageField::some(value)
+}
+
+/// Guest exit time (ns since the epoch) as a `SystemTime`; 0 or negative means "now".
+fn exit_time(unix_nanos: i64) -> SystemTime {
+    match u64::try_from(unix_nanos) {
+        Ok(n) if n > 0 => SystemTime::UNIX_EPOCH + Duration::from_nanos(n),
+        _ => SystemTime::now(),
+    }
+}
+
+impl TtrpcAgent {
+    /// Wraps a connected hybrid-vsock stream. `timeout` bounds every call except
+    /// waits and reads, which block by design.
+    pub fn new(stream: UnixStream, timeout: Duration) -> TtrpcAgent {
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
+        TtrpcAgent {
+            client: AgentServiceClient::new(client),
+            timeout,
+        }
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    fn no_timeout() -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(0)
+    }
+}
+
+#[async_trait]
+impl Agent for TtrpcAgent {
+    async fn ping(&self) -> Result<String> {
+        let r = self
+            .client
+            .ping(self.ctx(), &pb::PingRequest::default())
+            .await
+            .map_err(|e| agent_error("Ping", e))?;
+        Ok(r.agent_version)
+    }
+
+    async fn guest_info(&self) -> Result<GuestInfo> {
+        let r = self
+            .client
+            .guest_info(self.ctx(), &pb::GuestInfoRequest::default())
+            .await
+            .map_err(|e| agent_error("GuestInfo", e))?;
+        Ok(GuestInfo {
+            kernel_release: r.kernel_release,
+            agent_version: r.agent_version,
+            shared_dir: r.shared_dir,
+        })
+    }
+
+    async fn gpu_info(&self) -> Result<Vec<GpuInfo>> {
+        let r = self
+            .client
+            .gpu_info(self.ctx(), &pb::GpuInfoRequest::default())
+            .await
+            .map_err(|e| agent_error("GpuInfo", e))?;
+        Ok(r.gpus
+            .into_iter()
+            .map(|g| GpuInfo {
+                name: g.name,
+                uuid: g.uuid,
+                pci_bus_id: g.pci_bus_id,
+            })
+            .collect())
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<()> {
+        let req = pb::CreateProcessRequest {
+            container_id: spec.container_id.clone(),
+            rootfs: spec.rootfs.clone(),
+            process: protobuf_some(pb::ProcessSpec::from(&spec.process)),
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|m| pb::Mount {
+                    destination: m.destination.clone(),
+                    type_: m.fs_type.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            readonly_rootfs: spec.readonly_rootfs,
+            ..Default::default()
+        };
+        self.client
+            .create_process(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("CreateProcess", e))?;
+        Ok(())
+    }
+
+    async fn exec_process(&self, id: &ProcessId, spec: &ProcessSpec) -> Result<()> {
+        let req = pb::ExecProcessRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            process: protobuf_some(pb::ProcessSpec::from(spec)),
+            ..Default::default()
+        };
+        self.client
+            .exec_process(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("ExecProcess", e))?;
+        Ok(())
+    }
+
+    async fn start_process(&self, id: &ProcessId) -> Result<u32> {
+        let req = pb::StartProcessRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .start_process(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("StartProcess", e))?;
+        Ok(r.pid)
+    }
+
+    async fn signal_process(&self, id: &ProcessId, signal: u32, all: bool) -> Result<()> {
+        let req = pb::SignalProcessRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.client
+            .signal_process(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("SignalProcess", e))?;
+        Ok(())
+    }
+
+    async fn wait_process(&self, id: &ProcessId) -> Result<ExitInfo> {
+        let req = pb::WaitProcessRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .wait_process(Self::no_timeout(), &req)
+            .await
+            .map_err(|e| agent_error("WaitProcess", e))?;
+        Ok(ExitInfo {
+            pid: r.pid,
+            status: r.exit_status,
+            exited_at: exit_time(r.exited_at_unix_nanos),
+        })
+    }
+
+    async fn delete_process(&self, id: &ProcessId) -> Result<()> {
+        let req = pb::DeleteProcessRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            ..Default::default()
+        };
+        self.client
+            .delete_process(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("DeleteProcess", e))?;
+        Ok(())
+    }
+
+    async fn read_output(&self, id: &ProcessId, stream: OutputStream) -> Result<Option<Vec<u8>>> {
+        let req = pb::ReadStreamRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            max_bytes: 0,
+            ..Default::default()
+        };
+        let r = match stream {
+            OutputStream::Stdout => self.client.read_stdout(Self::no_timeout(), &req).await,
+            OutputStream::Stderr => self.client.read_stderr(Self::no_timeout(), &req).await,
+        }
+        .map_err(|e| agent_error("ReadStream", e))?;
+        if r.data.is_empty() && r.eof {
+            Ok(None)
+        } else {
+            Ok(Some(r.data))
+        }
+    }
+
+    async fn write_stdin(&self, id: &ProcessId, data: &[u8]) -> Result<usize> {
+        let req = pb::WriteStdinRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .write_stdin(Self::no_timeout(), &req)
+            .await
+            .map_err(|e| agent_error("WriteStdin", e))?;
+        Ok(r.written as usize)
+    }
+
+    async fn close_stdin(&self, id: &ProcessId) -> Result<()> {
+        let req = pb::CloseStdinRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            ..Default::default()
+        };
+        self.client
+            .close_stdin(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("CloseStdin", e))?;
+        Ok(())
+    }
+
+    async fn resize_terminal(&self, id: &ProcessId, rows: u32, columns: u32) -> Result<()> {
+        let req = pb::ResizeTerminalRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            size: protobuf_some(pb::ConsoleSize {
+                rows,
+                columns,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.client
+            .resize_terminal(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("ResizeTerminal", e))?;
+        Ok(())
+    }
+
+    async fn pids(&self, container_id: &str) -> Result<Vec<u32>> {
+        let req = pb::ListProcessesRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .list_processes(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("ListProcesses", e))?;
+        Ok(r.pids)
+    }
+
+    async fn process_stats(&self, id: &ProcessId) -> Result<ProcessStats> {
+        let req = pb::ProcessStatsRequest {
+            container_id: id.container_id.clone(),
+            exec_id: id.exec_id.clone(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .process_stats(self.ctx(), &req)
+            .await
+            .map_err(|e| agent_error("ProcessStats", e))?;
+        Ok(ProcessStats {
+            cpu_user_ns: r.cpu_user_ns,
+            cpu_system_ns: r.cpu_system_ns,
+            rss_bytes: r.rss_bytes,
+            processes: r.processes,
+        })
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.client
+            .shutdown(self.ctx(), &pb::ShutdownRequest::default())
+            .await
+            .map_err(|e| agent_error("Shutdown", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_status_codes_become_shim_errors() {
+        let status = |code, msg: &str| ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg));
+        let cases = [
+            (
+                status(ttrpc::Code::NOT_FOUND, "no c1"),
+                ttrpc::Code::NOT_FOUND,
+            ),
+            (
+                status(ttrpc::Code::INVALID_ARGUMENT, "x"),
+                ttrpc::Code::INVALID_ARGUMENT,
+            ),
+            (
+                status(ttrpc::Code::UNIMPLEMENTED, "x"),
+                ttrpc::Code::UNIMPLEMENTED,
+            ),
+            (status(ttrpc::Code::INTERNAL, "x"), ttrpc::Code::INTERNAL),
+            (ttrpc::Error::LocalClosed, ttrpc::Code::UNAVAILABLE),
+        ];
+        for (err, want) in cases {
+            assert_eq!(agent_error("Call", err).code(), want);
+        }
+    }
+
+    #[test]
+    fn process_spec_translation() {
+        let spec = ProcessSpec {
+            args: vec!["sh".into()],
+            env: vec!["A=1".into()],
+            cwd: "/".into(),
+            uid: 1,
+            gid: 2,
+            additional_gids: vec![3],
+            terminal: true,
+            console_size: Some((24, 80)),
+        };
+        let pb = pb::ProcessSpec::from(&spec);
+        assert_eq!(pb.args, spec.args);
+        assert_eq!(pb.uid, 1);
+        assert!(pb.terminal);
+        assert_eq!(pb.console_size.rows, 24);
+        assert_eq!(pb.console_size.columns, 80);
+    }
+
+    #[test]
+    fn exit_time_from_guest_clock() {
+        assert_eq!(
+            exit_time(1_500_000_000_000_000_000),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000)
+        );
+        assert!(exit_time(0) > SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000));
+    }
+}
