@@ -12,8 +12,8 @@ pub mod node;
 pub mod quantity;
 
 pub use machine::{
-    AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus,
-    GpuRequest, GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
+    AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuRequest,
+    GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
 };
 pub use node::{GpuDevice, GpuNode, GpuNodeSpec, GpuNodeStatus, IommuMember, MemberRole};
 

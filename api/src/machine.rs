@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 /// A GPU machine: one container image run inside its own micro-VM with whole GPUs passed
 /// through. The operator places it on a GPU node, picks the exact devices, and runs it
 /// as a Pod whose RuntimeClass boots the VM.
+// Several printcolumns share a `type_`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[cfg_attr(test, kube(cel))]
 #[kube(
@@ -354,19 +356,50 @@ mod tests {
 
     #[test]
     fn a_valid_machine_passes_cel() {
-        assert_eq!(cel_errors(&machine(valid_spec()), None), Vec::<String>::new());
+        assert_eq!(
+            cel_errors(&machine(valid_spec()), None),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn bad_specs_fail_cel_with_a_clear_message() {
         let cases: [(&str, serde_json::Value, &str); 7] = [
-            ("count 0", serde_json::json!({"gpu": {"model": "h100-80gb", "count": 0}}), "between 1 and 8"),
-            ("count 9", serde_json::json!({"gpu": {"model": "h100-80gb", "count": 9}}), "between 1 and 8"),
-            ("cpus 0", serde_json::json!({"guest": {"cpus": 0, "memory": "1Gi"}}), "cpus must be between"),
-            ("memory lots", serde_json::json!({"guest": {"cpus": 1, "memory": "lots"}}), "memory must be a Kubernetes quantity"),
-            ("memory tiny", serde_json::json!({"guest": {"cpus": 1, "memory": "1Mi"}}), "at least 128Mi"),
-            ("empty image", serde_json::json!({"image": " "}), "must name a container image"),
-            ("bad model", serde_json::json!({"gpu": {"model": "H100 80GB", "count": 1}}), "lowercase model name"),
+            (
+                "count 0",
+                serde_json::json!({"gpu": {"model": "h100-80gb", "count": 0}}),
+                "between 1 and 8",
+            ),
+            (
+                "count 9",
+                serde_json::json!({"gpu": {"model": "h100-80gb", "count": 9}}),
+                "between 1 and 8",
+            ),
+            (
+                "cpus 0",
+                serde_json::json!({"guest": {"cpus": 0, "memory": "1Gi"}}),
+                "cpus must be between",
+            ),
+            (
+                "memory lots",
+                serde_json::json!({"guest": {"cpus": 1, "memory": "lots"}}),
+                "memory must be a Kubernetes quantity",
+            ),
+            (
+                "memory tiny",
+                serde_json::json!({"guest": {"cpus": 1, "memory": "1Mi"}}),
+                "at least 128Mi",
+            ),
+            (
+                "empty image",
+                serde_json::json!({"image": " "}),
+                "must name a container image",
+            ),
+            (
+                "bad model",
+                serde_json::json!({"gpu": {"model": "H100 80GB", "count": 1}}),
+                "lowercase model name",
+            ),
         ];
         for (name, patch, want) in cases {
             let mut spec = valid_spec();
@@ -392,7 +425,9 @@ mod tests {
         new["status"] = old["status"].clone();
         let errors = cel_errors(&new, Some(&old));
         assert!(
-            errors.iter().any(|e| e.contains("cannot change once the machine is scheduled")),
+            errors
+                .iter()
+                .any(|e| e.contains("cannot change once the machine is scheduled")),
             "{errors:?}"
         );
         // Other fields may still change (e.g. env), the freeze is only gpu/guest.

@@ -7,6 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The GPU inventory of one Kubernetes node. Named like the node it describes.
+// Several printcolumns share a `type_`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "gpuvm.dev",
@@ -17,7 +19,11 @@ use serde::{Deserialize, Serialize};
     status = "GpuNodeStatus",
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.gpuCount"),
-    printcolumn(name = "Healthy", type_ = "integer", json_path = ".status.healthyCount"),
+    printcolumn(
+        name = "Healthy",
+        type_ = "integer",
+        json_path = ".status.healthyCount"
+    ),
     printcolumn(name = "IOMMU", type_ = "boolean", json_path = ".status.iommuEnabled"),
     printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.heartbeat")
 )]

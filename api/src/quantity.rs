@@ -71,7 +71,11 @@ pub fn parse_bytes(value: &str) -> Result<u64, QuantityError> {
                 .map_err(|_| err("its exponent is not an integer"))?;
             10f64.powi(e)
         }
-        _ => return Err(err("its suffix is not one of Ki Mi Gi Ti Pi Ei k M G T P E")),
+        _ => {
+            return Err(err(
+                "its suffix is not one of Ki Mi Gi Ti Pi Ei k M G T P E",
+            ));
+        }
     };
     let n: f64 = number
         .parse()
@@ -90,7 +94,7 @@ pub fn format_bytes(bytes: u64) -> String {
     let mut value = bytes;
     let mut suffix = "";
     for s in SUFFIXES {
-        if value == 0 || value % 1024 != 0 {
+        if value == 0 || !value.is_multiple_of(1024) {
             break;
         }
         value /= 1024;
@@ -123,7 +127,9 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_memory() {
-        for input in ["", "-1Gi", "lots", "12Gb", "100m", "1.2.3", "Gi", "1e", "99999Ei"] {
+        for input in [
+            "", "-1Gi", "lots", "12Gb", "100m", "1.2.3", "Gi", "1e", "99999Ei",
+        ] {
             let e = parse_bytes(input).expect_err(input);
             assert!(e.to_string().contains("is not a memory quantity"), "{e}");
         }

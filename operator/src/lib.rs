@@ -2,7 +2,14 @@
 //! machine as a Pod whose RuntimeClass boots a micro-VM, and mirrors the Pod's state back
 //! into the machine's status.
 //!
-//! Decisions are pure functions ([`scheduler`], [`pod`], [`status`]) with table tests;
-//! [`controller`] is the thin I/O layer that applies them.
+//! Decisions are pure functions ([`scheduler`], [`pod`], [`status`], [`inventory`]) with
+//! table tests; [`controller`] is the thin I/O layer that applies them.
 
+pub mod controller;
+pub mod crds;
+pub mod inventory;
+pub mod leader;
+pub mod metrics;
+pub mod pod;
 pub mod scheduler;
+pub mod status;

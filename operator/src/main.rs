@@ -1,1 +1,111 @@
-fn main() {}
+//! `gpuvm-operator`: places GpuMachines on GPU nodes and runs each in its own micro-VM Pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use gpuvm_operator::controller::{self, Settings};
+use gpuvm_operator::leader::{self, LeaseConfig};
+use gpuvm_operator::metrics::{self, Metrics};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The gpuvm operator: places GpuMachines on GPU nodes, picks the exact GPUs, and runs
+/// each machine as a Pod whose RuntimeClass boots a micro-VM.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "GPUVM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "GPUVM_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter, in `RUST_LOG` syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+    /// Elect a leader through a Lease, so several replicas can run.
+    #[arg(long, env = "GPUVM_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (defaults to the Pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "gpuvm-system")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "gpuvm-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (defaults to the Pod name, else the hostname).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Seconds after which a GpuNode without a heartbeat counts as not ready.
+    #[arg(long, default_value_t = 120)]
+    heartbeat_timeout_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_new(&args.log_level).context("invalid --log-level")?;
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Text => subscriber.init(),
+    }
+
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration found (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::new());
+    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let settings = Settings {
+        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_seconds),
+        ..Settings::default()
+    };
+    if !args.leader_elect {
+        metrics.leader.set(1);
+        controller::run(client, metrics, settings).await;
+        server.abort();
+        return Ok(());
+    }
+
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("gpuvm-operator-{}", std::process::id()));
+    let lease = LeaseConfig {
+        namespace: args.lease_namespace,
+        name: args.lease_name,
+        identity,
+        duration: Duration::from_secs(args.lease_seconds.max(3)),
+    };
+    // A follower is ready (it can take over at once); it just doesn't reconcile.
+    metrics.set_ready(true);
+    leader::acquire(&client, &lease).await;
+    metrics.set_ready(false);
+    metrics.leader.set(1);
+    tokio::select! {
+        () = controller::run(client.clone(), metrics.clone(), settings) => {
+            info!("controller stopped");
+            Ok(())
+        }
+        () = leader::hold(&client, &lease) => {
+            error!("lost leadership; exiting so a new leader can take over");
+            std::process::exit(1);
+        }
+    }
+}

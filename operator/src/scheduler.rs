@@ -243,15 +243,20 @@ impl Inventory {
 
         for view in sorted {
             let taken = allocations.get(&view.name).unwrap_or(&empty);
-            let units = build_units(view, taken, &mut |model: &str| {
-                *model_ids.entry(model.to_owned()).or_insert_with(|| {
-                    models.push(model.to_owned());
-                    ModelId::try_from(models.len() - 1).unwrap_or(ModelId::MAX)
-                })
-            }, &mut |domain: &str| {
-                let next = DomainId::try_from(domain_ids.len()).unwrap_or(DomainId::MAX);
-                *domain_ids.entry(domain.to_owned()).or_insert(next)
-            });
+            let units = build_units(
+                view,
+                taken,
+                &mut |model: &str| {
+                    *model_ids.entry(model.to_owned()).or_insert_with(|| {
+                        models.push(model.to_owned());
+                        ModelId::try_from(models.len() - 1).unwrap_or(ModelId::MAX)
+                    })
+                },
+                &mut |domain: &str| {
+                    let next = DomainId::try_from(domain_ids.len()).unwrap_or(DomainId::MAX);
+                    *domain_ids.entry(domain.to_owned()).or_insert(next)
+                },
+            );
             let mut node = IndexedNode {
                 view: view.clone(),
                 units,
@@ -292,13 +297,11 @@ impl Inventory {
                 continue;
             }
             for summary in &node.summaries {
-                if wanted_model.is_some_and(|m| m != summary.model)
-                    || summary.free < request.count
+                if wanted_model.is_some_and(|m| m != summary.model) || summary.free < request.count
                 {
                     continue;
                 }
-                if !summary.unit_sized
-                    && choose_units(node, summary.model, request.count).is_none()
+                if !summary.unit_sized && choose_units(node, summary.model, request.count).is_none()
                 {
                     continue;
                 }
@@ -392,7 +395,9 @@ impl Inventory {
                 if unit.blocked.is_some() {
                     continue;
                 }
-                let entry = out.entry(self.models[usize::from(unit.model)].clone()).or_default();
+                let entry = out
+                    .entry(self.models[usize::from(unit.model)].clone())
+                    .or_default();
                 if unit.taken {
                     entry.1 += unit.size();
                 } else if node.view.ready {
@@ -532,7 +537,10 @@ fn build_units(
             }
         }
         companions.sort();
-        let models: HashSet<&str> = gpus.iter().map(|&i| view.devices[i].model.as_str()).collect();
+        let models: HashSet<&str> = gpus
+            .iter()
+            .map(|&i| view.devices[i].model.as_str())
+            .collect();
         if blocked.is_none() && gpus.iter().any(|&i| !view.devices[i].healthy) {
             blocked = Some(Blocked::Unhealthy);
         }
@@ -655,7 +663,11 @@ fn choose_units(node: &IndexedNode, model: ModelId, count: u32) -> Option<Vec<us
     for d in numa_order {
         ordered.extend(d.iter().copied());
     }
-    ordered.extend(free.iter().copied().filter(|&u| node.units[u].numa.is_none()));
+    ordered.extend(
+        free.iter()
+            .copied()
+            .filter(|&u| node.units[u].numa.is_none()),
+    );
     exact_subset(node, &ordered, count)
 }
 

@@ -93,8 +93,12 @@ fn addrs(p: &Placement) -> Vec<&str> {
 
 #[test]
 fn companion_functions_travel_with_their_gpu_and_bridges_stay() {
-    let p = place_machine(&request("l40s", 1), &[l40s_workstation("ws")], &no_allocations())
-        .unwrap();
+    let p = place_machine(
+        &request("l40s", 1),
+        &[l40s_workstation("ws")],
+        &no_allocations(),
+    )
+    .unwrap();
     assert_eq!(p.node, "ws");
     assert_eq!(p.gpus[0].companions, vec!["0000:01:00.1"]);
     assert_eq!(p.devices(), vec!["0000:01:00.0", "0000:01:00.1"]);
@@ -111,8 +115,12 @@ fn a_group_shared_with_a_nic_is_never_used() {
     let clean = gpu("0000:5e:00.0", "a100-40gb", 41, 0, "0000:5d:00.0");
     let n = node("board", vec![shared, clean]);
 
-    let p = place_machine(&request("a100-40gb", 1), std::slice::from_ref(&n), &no_allocations())
-        .unwrap();
+    let p = place_machine(
+        &request("a100-40gb", 1),
+        std::slice::from_ref(&n),
+        &no_allocations(),
+    )
+    .unwrap();
     assert_eq!(addrs(&p), vec!["0000:5e:00.0"]);
 
     let err = place_machine(&request("a100-40gb", 2), &[n], &no_allocations()).unwrap_err();
@@ -126,8 +134,12 @@ fn a_group_shared_with_a_nic_is_never_used() {
 fn multi_gpu_prefers_one_switch_then_one_numa_node() {
     let n = hgx("hgx");
     // Two GPUs: one switch.
-    let p = place_machine(&request("h100-80gb", 2), std::slice::from_ref(&n), &no_allocations())
-        .unwrap();
+    let p = place_machine(
+        &request("h100-80gb", 2),
+        std::slice::from_ref(&n),
+        &no_allocations(),
+    )
+    .unwrap();
     assert_eq!(addrs(&p), vec!["0000:18:00.0", "0000:2a:00.0"]);
 
     // Break every switch on NUMA 0 by taking one GPU of each; NUMA 1 is whole.
@@ -167,7 +179,12 @@ fn table_of_node_level_choices() {
     let nodes = vec![cordoned, not_ready, sick, no_iommu, half, whole, l40s];
     let half_taken = taken(
         "e-half",
-        &["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"],
+        &[
+            "0000:18:00.0",
+            "0000:2a:00.0",
+            "0000:3a:00.0",
+            "0000:5d:00.0",
+        ],
     );
 
     struct Case {
@@ -282,7 +299,11 @@ fn committed_devices_are_never_handed_out_twice() {
         }
         inv.commit(&p);
     }
-    assert_eq!(seen.len(), 8 + 2, "8 H100s, and the L40S with its audio function");
+    assert_eq!(
+        seen.len(),
+        8 + 2,
+        "8 H100s, and the L40S with its audio function"
+    );
     let usage = inv.usage_by_model();
     assert_eq!(usage["h100-80gb"], (0, 8));
     assert_eq!(usage["l40s"], (0, 1));
@@ -302,8 +323,8 @@ fn release_returns_devices() {
 #[test]
 fn a_taken_companion_blocks_its_group() {
     let nodes = vec![l40s_workstation("ws")];
-    let err = place_machine(&request("l40s", 1), &nodes, &taken("ws", &["0000:01:00.1"]))
-        .unwrap_err();
+    let err =
+        place_machine(&request("l40s", 1), &nodes, &taken("ws", &["0000:01:00.1"])).unwrap_err();
     assert!(err.to_string().contains("1 full"), "{err}");
 }
 
@@ -321,16 +342,24 @@ fn two_gpus_in_one_group_are_allocated_together() {
     let c = gpu("0000:81:00.0", "l40", 8, 1, "0000:80:00.0");
     let n = node("pair", vec![a, b, c]);
     // One GPU: the singleton group, the pair can't be split.
-    let p = place_machine(&request("l40", 1), std::slice::from_ref(&n), &no_allocations())
-        .unwrap();
+    let p = place_machine(
+        &request("l40", 1),
+        std::slice::from_ref(&n),
+        &no_allocations(),
+    )
+    .unwrap();
     assert_eq!(addrs(&p), vec!["0000:81:00.0"]);
     // Two GPUs: the pair, together.
-    let p = place_machine(&request("l40", 2), std::slice::from_ref(&n), &no_allocations())
-        .unwrap();
+    let p = place_machine(
+        &request("l40", 2),
+        std::slice::from_ref(&n),
+        &no_allocations(),
+    )
+    .unwrap();
     assert_eq!(addrs(&p), vec!["0000:41:00.0", "0000:42:00.0"]);
     // With the singleton taken, one GPU cannot be served by half a group.
-    let err = place_machine(&request("l40", 1), &[n], &taken("pair", &["0000:81:00.0"]))
-        .unwrap_err();
+    let err =
+        place_machine(&request("l40", 1), &[n], &taken("pair", &["0000:81:00.0"])).unwrap_err();
     assert!(err.to_string().contains("1 full"), "{err}");
 }
 
@@ -348,5 +377,8 @@ fn ties_break_by_node_name_whatever_the_input_order() {
 fn no_nodes_at_all() {
     let err = place_machine(&request("h100-80gb", 1), &[], &no_allocations()).unwrap_err();
     assert_eq!(err.reason(), "NoGpuNodes");
-    assert!(err.to_string().contains("no GPU node is registered"), "{err}");
+    assert!(
+        err.to_string().contains("no GPU node is registered"),
+        "{err}"
+    );
 }

@@ -1,0 +1,245 @@
+//! Joins what the cluster says into the scheduler's input: Nodes + GpuNodes become
+//! [`NodeView`]s, and machines' statuses become the allocation map.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use gpuvm_api::{GpuMachine, GpuNode};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::scheduler::NodeView;
+
+/// Builds one [`NodeView`] per GpuNode. A GpuNode counts as ready only when its Node
+/// exists and is Ready and its heartbeat is younger than `heartbeat_timeout`; it is
+/// schedulable unless the Node is cordoned or the GpuNode marked unschedulable.
+pub fn node_views<'a>(
+    gpu_nodes: impl IntoIterator<Item = &'a GpuNode>,
+    nodes: impl IntoIterator<Item = &'a Node>,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> Vec<NodeView> {
+    let nodes: HashMap<String, &Node> = nodes.into_iter().map(|n| (n.name_any(), n)).collect();
+    gpu_nodes
+        .into_iter()
+        .map(|gn| {
+            let node = nodes.get(&gn.spec.node_name).copied();
+            let status = gn.status.clone().unwrap_or_default();
+            let fresh = status.heartbeat.as_ref().is_some_and(|hb| {
+                let age = now.duration_since(hb.0);
+                age.as_secs_f64() <= heartbeat_timeout.as_secs_f64()
+            });
+            let node_ready = node.is_some_and(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            let cordoned = node
+                .and_then(|n| n.spec.as_ref())
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
+            NodeView {
+                name: gn.spec.node_name.clone(),
+                labels: node.map(|n| n.labels().clone()).unwrap_or_default(),
+                ready: node_ready && fresh,
+                schedulable: !cordoned && !gn.spec.unschedulable,
+                devices: status.devices,
+            }
+        })
+        .collect()
+}
+
+/// Whether a machine still holds its GPUs: it is placed, and it has not both ended and
+/// lost its Pod (an ended machine keeps its devices until its VM is surely gone).
+pub fn holds_gpus(machine: &GpuMachine) -> bool {
+    machine.status.as_ref().is_some_and(|s| {
+        s.is_placed() && !(s.phase.is_some_and(|p| p.is_terminal()) && s.pod_name.is_none())
+    })
+}
+
+/// The allocation map: node → PCI addresses held, from every machine that holds GPUs,
+/// except `exclude` (the machine being placed). `overlay` entries (allocations this
+/// process wrote that the cache may not show yet) win over the cached status.
+pub fn allocations<'a>(
+    machines: impl IntoIterator<Item = &'a GpuMachine>,
+    overlay: &HashMap<String, (String, Vec<String>)>,
+    exclude: &str,
+) -> BTreeMap<String, HashSet<String>> {
+    let mut out: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for m in machines {
+        let key = machine_key(m);
+        if key == exclude || overlay.contains_key(&key) {
+            continue;
+        }
+        seen.insert(key);
+        if holds_gpus(m)
+            && let Some(s) = &m.status
+            && let Some(node) = &s.node_name
+        {
+            out.entry(node.clone()).or_default().extend(s.devices());
+        }
+    }
+    for (key, (node, devices)) in overlay {
+        if key != exclude {
+            out.entry(node.clone())
+                .or_default()
+                .extend(devices.iter().cloned());
+        }
+    }
+    out
+}
+
+/// `namespace/name`, the key machines are tracked by.
+pub fn machine_key(m: &GpuMachine) -> String {
+    format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvm_api::{
+        AllocatedGpu, GpuMachineSpec, GpuMachineStatus, GpuNodeSpec, GpuNodeStatus, GpuRequest,
+        GuestResources, MachinePhase,
+    };
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn node(name: &str, ready: bool, cordoned: bool) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(BTreeMap::from([("zone".into(), "a".into())]));
+        n.spec = Some(NodeSpec {
+            unschedulable: Some(cordoned),
+            ..NodeSpec::default()
+        });
+        n.status = Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..NodeCondition::default()
+            }]),
+            ..NodeStatus::default()
+        });
+        n
+    }
+
+    fn gpu_node(name: &str, heartbeat: i64, unschedulable: bool) -> GpuNode {
+        let mut gn = GpuNode::new(
+            name,
+            GpuNodeSpec {
+                node_name: name.into(),
+                unschedulable,
+            },
+        );
+        gn.status = Some(GpuNodeStatus {
+            heartbeat: Some(Time(Timestamp::from_second(heartbeat).unwrap())),
+            ..GpuNodeStatus::default()
+        });
+        gn
+    }
+
+    #[test]
+    fn readiness_and_schedulability_come_from_node_and_heartbeat() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let gns = [
+            gpu_node("ok", 9_990, false),
+            gpu_node("stale", 1_000, false),
+            gpu_node("notready", 9_990, false),
+            gpu_node("cordoned", 9_990, false),
+            gpu_node("admin-off", 9_990, true),
+            gpu_node("no-node", 9_990, false),
+        ];
+        let nodes = [
+            node("ok", true, false),
+            node("stale", true, false),
+            node("notready", false, false),
+            node("cordoned", true, true),
+            node("admin-off", true, false),
+        ];
+        let views = node_views(&gns, &nodes, now, Duration::from_secs(120));
+        let got: Vec<(&str, bool, bool)> = views
+            .iter()
+            .map(|v| (v.name.as_str(), v.ready, v.schedulable))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ok", true, true),
+                ("stale", false, true),
+                ("notready", false, true),
+                ("cordoned", true, false),
+                ("admin-off", true, false),
+                ("no-node", false, true),
+            ]
+        );
+        assert_eq!(views[0].labels["zone"], "a");
+    }
+
+    fn machine(name: &str, phase: MachinePhase, pod: Option<&str>) -> GpuMachine {
+        let mut m = GpuMachine::new(
+            name,
+            GpuMachineSpec {
+                image: "x".into(),
+                command: vec![],
+                args: vec![],
+                env: vec![],
+                gpu: GpuRequest {
+                    model: "l40s".into(),
+                    count: 1,
+                },
+                guest: GuestResources {
+                    cpus: 1,
+                    memory: "1Gi".into(),
+                },
+                restart_policy: Default::default(),
+                node_selector: BTreeMap::new(),
+                placement: Default::default(),
+            },
+        );
+        m.metadata.namespace = Some("ns".into());
+        m.status = Some(GpuMachineStatus {
+            phase: Some(phase),
+            node_name: Some("n1".into()),
+            pod_name: pod.map(str::to_owned),
+            gpus: vec![AllocatedGpu {
+                pci_address: format!("0000:{name}:00.0"),
+                model: "l40s".into(),
+                iommu_group: None,
+                numa_node: None,
+                companions: vec![format!("0000:{name}:00.1")],
+            }],
+            ..GpuMachineStatus::default()
+        });
+        m
+    }
+
+    #[test]
+    fn allocation_map_counts_holders_and_the_overlay() {
+        let ms = [
+            machine("01", MachinePhase::Running, Some("01-vm")),
+            machine("02", MachinePhase::Succeeded, Some("02-vm")),
+            machine("03", MachinePhase::Succeeded, None),
+            machine("04", MachinePhase::Running, Some("04-vm")),
+        ];
+        let overlay = HashMap::from([(
+            "ns/05".to_owned(),
+            ("n1".to_owned(), vec!["0000:05:00.0".to_owned()]),
+        )]);
+        let map = allocations(&ms, &overlay, "ns/04");
+        let mut got: Vec<&str> = map["n1"].iter().map(String::as_str).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "0000:01:00.0",
+                "0000:01:00.1",
+                "0000:02:00.0",
+                "0000:02:00.1",
+                "0000:05:00.0"
+            ]
+        );
+    }
+}

@@ -1,0 +1,278 @@
+//! The Pod that runs a placed machine: a pure function of the machine and its allocation.
+
+use std::collections::BTreeMap;
+
+use gpuvm_api::{GpuMachine, keys};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, Pod, PodSpec, ResourceRequirements, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+/// Why no Pod can be built for a machine.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PodError {
+    /// The machine has no allocation yet.
+    #[error("machine {0} has no GPU allocation yet")]
+    NotPlaced(String),
+    /// The machine object lacks what an owner reference needs (uid, name).
+    #[error("machine {0} has no uid, so it cannot own a Pod")]
+    NoOwner(String),
+    /// The guest memory is not a quantity (the CRD rule should have caught it).
+    #[error("machine {name}: {source}")]
+    BadMemory {
+        /// Machine name.
+        name: String,
+        /// The parse error.
+        source: gpuvm_api::quantity::QuantityError,
+    },
+}
+
+/// The name of a machine's Pod for a given restart count: `<machine>-vm`, then
+/// `<machine>-vm-1`, `<machine>-vm-2`, ... Kept within the 253-character limit.
+pub fn pod_name(machine: &str, restarts: i32) -> String {
+    let suffix = if restarts == 0 {
+        "-vm".to_owned()
+    } else {
+        format!("-vm-{restarts}")
+    };
+    let keep = machine.len().min(253 - suffix.len());
+    let mut base = machine[..keep].to_owned();
+    while base.ends_with(['-', '.']) {
+        base.pop();
+    }
+    base + &suffix
+}
+
+/// Builds the Pod for a placed machine: RuntimeClass `gpuvm`, pinned to the allocated
+/// node, tolerating the GPU-node taint, owned by the machine, and annotated with the
+/// devices and the guest size the shim needs.
+pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
+    let name = machine.name_any();
+    let status = machine.status.clone().unwrap_or_default();
+    let node = match (&status.node_name, status.gpus.is_empty()) {
+        (Some(node), false) => node.clone(),
+        _ => return Err(PodError::NotPlaced(name)),
+    };
+    let owner = machine
+        .controller_owner_ref(&())
+        .ok_or_else(|| PodError::NoOwner(name.clone()))?;
+    let spec = &machine.spec;
+    gpuvm_api::quantity::parse_bytes(&spec.guest.memory).map_err(|source| PodError::BadMemory {
+        name: name.clone(),
+        source,
+    })?;
+
+    let models: Vec<&str> = status.gpus.iter().map(|g| g.model.as_str()).collect();
+    let annotations = BTreeMap::from([
+        (
+            keys::ANNOTATION_DEVICES.to_owned(),
+            status.devices().join(","),
+        ),
+        (
+            keys::ANNOTATION_CPUS.to_owned(),
+            spec.guest.cpus.to_string(),
+        ),
+        (
+            keys::ANNOTATION_MEMORY.to_owned(),
+            spec.guest.memory.clone(),
+        ),
+        (keys::ANNOTATION_GPU_MODELS.to_owned(), models.join(",")),
+    ]);
+    let labels = BTreeMap::from([
+        (keys::LABEL_MACHINE.to_owned(), name.clone()),
+        (keys::LABEL_RESTART.to_owned(), status.restarts.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            keys::FIELD_MANAGER.to_owned(),
+        ),
+    ]);
+    let resources = BTreeMap::from([
+        ("cpu".to_owned(), Quantity(spec.guest.cpus.to_string())),
+        ("memory".to_owned(), Quantity(spec.guest.memory.clone())),
+    ]);
+    let container = Container {
+        name: "machine".to_owned(),
+        image: Some(spec.image.clone()),
+        command: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        args: (!spec.args.is_empty()).then(|| spec.args.clone()),
+        env: (!spec.env.is_empty()).then(|| {
+            spec.env
+                .iter()
+                .map(|e| EnvVar {
+                    name: e.name.clone(),
+                    value: Some(e.value.clone()),
+                    ..EnvVar::default()
+                })
+                .collect()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(resources.clone()),
+            limits: Some(resources),
+            ..ResourceRequirements::default()
+        }),
+        ..Container::default()
+    };
+    // Pinned with a required affinity on the node's name (as DaemonSets do) rather than
+    // `nodeName`, so kube-scheduler still accounts the Pod's resources and overhead.
+    let affinity = Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".to_owned(),
+                        operator: "In".to_owned(),
+                        values: Some(vec![node]),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    };
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name, status.restarts)),
+            namespace: machine.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            runtime_class_name: Some(keys::RUNTIME_CLASS.to_owned()),
+            affinity: Some(affinity),
+            tolerations: Some(vec![Toleration {
+                key: Some(keys::TAINT_GPU_NODE.to_owned()),
+                operator: Some("Exists".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                ..Toleration::default()
+            }]),
+            // The operator applies the machine's restart policy itself, with a new Pod
+            // on the same devices, so the Pod never restarts in place.
+            restart_policy: Some("Never".to_owned()),
+            // A tenant VM has no business talking to this cluster's API.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            containers: vec![container],
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvm_api::{AllocatedGpu, GpuMachineSpec, GpuMachineStatus, GpuRequest, GuestResources};
+
+    fn placed() -> GpuMachine {
+        let mut m = GpuMachine::new(
+            "train",
+            GpuMachineSpec {
+                image: "nvcr.io/nvidia/pytorch:24.05-py3".into(),
+                command: vec!["python".into()],
+                args: vec!["train.py".into()],
+                env: vec![gpuvm_api::EnvVar {
+                    name: "EPOCHS".into(),
+                    value: "3".into(),
+                }],
+                gpu: GpuRequest {
+                    model: "l40s".into(),
+                    count: 1,
+                },
+                guest: GuestResources {
+                    cpus: 8,
+                    memory: "32Gi".into(),
+                },
+                restart_policy: Default::default(),
+                node_selector: Default::default(),
+                placement: Default::default(),
+            },
+        );
+        m.metadata.namespace = Some("ml".into());
+        m.metadata.uid = Some("uid-1".into());
+        m.status = Some(GpuMachineStatus {
+            node_name: Some("ws-1".into()),
+            gpus: vec![AllocatedGpu {
+                pci_address: "0000:01:00.0".into(),
+                model: "l40s".into(),
+                iommu_group: Some(12),
+                numa_node: Some(0),
+                companions: vec!["0000:01:00.1".into()],
+            }],
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn pod_carries_runtime_class_pinning_annotations_and_owner() {
+        let pod = build_pod(&placed()).unwrap();
+        let meta = &pod.metadata;
+        assert_eq!(meta.name.as_deref(), Some("train-vm"));
+        assert_eq!(meta.namespace.as_deref(), Some("ml"));
+        let ann = meta.annotations.as_ref().unwrap();
+        assert_eq!(ann["gpuvm.dev/devices"], "0000:01:00.0,0000:01:00.1");
+        assert_eq!(ann["gpuvm.dev/cpus"], "8");
+        assert_eq!(ann["gpuvm.dev/memory"], "32Gi");
+        assert_eq!(ann["gpuvm.dev/gpu-models"], "l40s");
+        assert_eq!(meta.labels.as_ref().unwrap()["gpuvm.dev/machine"], "train");
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("GpuMachine", "uid-1")
+        );
+        assert_eq!(owner.controller, Some(true));
+
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("gpuvm"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let term = &spec
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms[0];
+        let field = &term.match_fields.as_ref().unwrap()[0];
+        assert_eq!(field.key, "metadata.name");
+        assert_eq!(field.values.as_deref(), Some(&["ws-1".to_owned()][..]));
+        let tol = &spec.tolerations.unwrap()[0];
+        assert_eq!(tol.key.as_deref(), Some("gpuvm.dev/gpu-node"));
+        assert_eq!(tol.effect.as_deref(), Some("NoSchedule"));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("nvcr.io/nvidia/pytorch:24.05-py3"));
+        assert_eq!(c.command.as_deref(), Some(&["python".to_owned()][..]));
+        assert_eq!(c.args.as_deref(), Some(&["train.py".to_owned()][..]));
+        assert_eq!(c.env.as_ref().unwrap()[0].value.as_deref(), Some("3"));
+        let req = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(req["cpu"].0, "8");
+        assert_eq!(req["memory"].0, "32Gi");
+    }
+
+    #[test]
+    fn restarts_get_new_names() {
+        let mut m = placed();
+        m.status.as_mut().unwrap().restarts = 2;
+        let pod = build_pod(&m).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("train-vm-2"));
+        assert_eq!(pod.metadata.labels.unwrap()["gpuvm.dev/restart"], "2");
+        let long = "x".repeat(253);
+        assert_eq!(pod_name(&long, 12).len(), 253);
+    }
+
+    #[test]
+    fn unplaced_or_ownerless_machines_get_no_pod() {
+        let mut m = placed();
+        m.status = None;
+        assert_eq!(build_pod(&m), Err(PodError::NotPlaced("train".into())));
+        let mut m = placed();
+        m.metadata.uid = None;
+        assert_eq!(build_pod(&m), Err(PodError::NoOwner("train".into())));
+    }
+}
