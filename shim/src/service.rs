@@ -278,7 +278,7 @@ impl Service {
             initramfs: config.guest.initramfs.clone(),
             cmdline: hypervisor::kernel_cmdline(&config.guest.kernel_params),
             size,
-            shared_dir: shared_host.clone(),
+            shared_dir: Some(shared_host.clone()),
             devices,
             taps: Vec::new(),
         };

@@ -111,7 +111,7 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
             cpus: 4,
             memory_mib: 8192,
         },
-        shared_dir: PathBuf::from("/run/gpuvm/3f1c/shared"),
+        shared_dir: Some(PathBuf::from("/run/gpuvm/3f1c/shared")),
         devices,
         taps,
     }

@@ -25,6 +25,7 @@ pub const API_CALLS: &[(&str, &str, bool)] = &[
     ("vm.boot", "put", false),
     ("vm.info", "get", false),
     ("vm.shutdown", "put", false),
+    ("vm.delete", "put", false),
     ("vmm.shutdown", "put", false),
 ];
 
@@ -177,12 +178,15 @@ impl TryFrom<&VmSpec> for VmConfig {
                 initramfs: path_text("initramfs", &spec.initramfs)?,
                 cmdline: spec.cmdline.clone(),
             },
-            fs: vec![FsConfig {
-                tag: SHARED_FS_TAG.to_owned(),
-                socket: path_text("virtio-fs socket", &spec.virtiofs_socket())?,
-                num_queues: 1,
-                queue_size: 1024,
-            }],
+            fs: match &spec.shared_dir {
+                Some(_) => vec![FsConfig {
+                    tag: SHARED_FS_TAG.to_owned(),
+                    socket: path_text("virtio-fs socket", &spec.virtiofs_socket())?,
+                    num_queues: 1,
+                    queue_size: 1024,
+                }],
+                None => Vec::new(),
+            },
             net: spec
                 .taps
                 .iter()
@@ -317,6 +321,17 @@ impl CloudHypervisor {
         &self.api
     }
 
+    /// The VM's state as `vm.info` reports it (`Created`, `Running`, `Shutdown`, …).
+    pub async fn vm_state(&self) -> Result<String> {
+        let body = self.api.get("vm.info").await?;
+        let info: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::Hypervisor(format!("vm.info answered invalid JSON: {e}")))?;
+        info.get("state")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Hypervisor("vm.info has no state".into()))
+    }
+
     fn vmm(&self) -> Option<WatchedProcess> {
         self.processes_snapshot()
             .into_iter()
@@ -339,11 +354,15 @@ impl CloudHypervisor {
 }
 
 /// Starts `virtiofsd` for the VM's shared directory (shared by both backends).
-pub(crate) async fn start_virtiofsd(binary: &Path, spec: &VmSpec) -> Result<WatchedProcess> {
+pub(crate) async fn start_virtiofsd(
+    binary: &Path,
+    spec: &VmSpec,
+    shared_dir: &Path,
+) -> Result<WatchedProcess> {
     let socket = spec.virtiofs_socket();
     let mut cmd = Command::new(binary);
     cmd.arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", spec.shared_dir.display()))
+        .arg(format!("--shared-dir={}", shared_dir.display()))
         .arg("--cache=auto")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -394,7 +413,9 @@ impl Hypervisor for CloudHypervisor {
         let config = serde_json::to_value(VmConfig::try_from(&self.spec)?)
             .map_err(|e| Error::VmConfig(e.to_string()))?;
         create_work_dir(&self.spec.work_dir)?;
-        self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec).await?);
+        if let Some(shared_dir) = &self.spec.shared_dir {
+            self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+        }
 
         let api_socket = self.spec.work_dir.join("ch-api.sock");
         let mut cmd = Command::new(&self.binary);
@@ -436,8 +457,10 @@ impl Hypervisor for CloudHypervisor {
         };
         if vmm.exited().is_none() {
             // The VM may already be off (guest powered off): carry on to vmm.shutdown.
-            if let Err(e) = self.api.put("vm.shutdown", None).await {
-                tracing::debug!(error = %e, "vm.shutdown failed");
+            for endpoint in ["vm.shutdown", "vm.delete"] {
+                if let Err(e) = self.api.put(endpoint, None).await {
+                    tracing::debug!(endpoint, error = %e, "API call failed");
+                }
             }
             if let Err(e) = self.api.put("vmm.shutdown", None).await {
                 tracing::debug!(error = %e, "vmm.shutdown failed");
@@ -492,7 +515,7 @@ pub(crate) mod tests {
                 cpus: 2,
                 memory_mib: 1024,
             },
-            shared_dir: PathBuf::from("/run/gpuvm/sandbox1/shared"),
+            shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
             devices: vec!["0000:3b:00.0".into()],
             taps: vec!["tap0".into()],
         }
@@ -542,8 +565,10 @@ pub(crate) mod tests {
         let mut spec = sample_spec();
         spec.devices.clear();
         spec.taps.clear();
+        spec.shared_dir = None;
         let json = serde_json::to_value(VmConfig::try_from(&spec).expect("valid")).expect("json");
         assert!(json.get("devices").is_none());
         assert!(json.get("net").is_none());
+        assert!(json.get("fs").is_none());
     }
 }

@@ -39,8 +39,9 @@ pub struct VmSpec {
     pub cmdline: String,
     /// vCPUs and memory.
     pub size: GuestSize,
-    /// Host directory shared with the guest over virtio-fs (tag [`SHARED_FS_TAG`]).
-    pub shared_dir: PathBuf,
+    /// Host directory shared with the guest over virtio-fs (tag [`SHARED_FS_TAG`]);
+    /// `None` starts no virtiofsd.
+    pub shared_dir: Option<PathBuf>,
     /// PCI addresses of the VFIO devices passed to the guest.
     pub devices: Vec<String>,
     /// Host tap devices, one virtio-net each.

@@ -87,11 +87,16 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel) -> Result<Vec<String>> {
         ),
         "-device".into(),
         "vhost-user-vsock-pci,chardev=vsock".into(),
-        "-chardev".into(),
-        format!("socket,id=fs,path={}", spec.virtiofs_socket().display()),
-        "-device".into(),
-        format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"),
     ];
+    if spec.shared_dir.is_some() {
+        args.push("-chardev".into());
+        args.push(format!(
+            "socket,id=fs,path={}",
+            spec.virtiofs_socket().display()
+        ));
+        args.push("-device".into());
+        args.push(format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"));
+    }
     for (i, tap) in spec.taps.iter().enumerate() {
         args.push("-netdev".into());
         args.push(format!(
@@ -186,7 +191,9 @@ impl Hypervisor for Qemu {
         )
         .await?;
 
-        self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec).await?);
+        if let Some(shared_dir) = &self.spec.shared_dir {
+            self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+        }
 
         let mut cmd = Command::new(&self.qemu_binary);
         cmd.args(&args)
