@@ -36,11 +36,11 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -124,8 +124,10 @@ async fn cloud_hypervisor_lifecycle_and_guest_poweroff() {
         return;
     }
     let work = short_tempdir();
-    let mut config = ShimConfig::default();
-    config.backend = Backend::CloudHypervisor;
+    let mut config = ShimConfig {
+        backend: Backend::CloudHypervisor,
+        ..ShimConfig::default()
+    };
     config.binaries.cloud_hypervisor = binary;
 
     // 1. create → boot → info → shutdown → delete, on a guest that stays up: init
@@ -170,8 +172,10 @@ async fn qemu_guest_poweroff_is_noticed() {
         return;
     }
     let work = short_tempdir();
-    let mut config = ShimConfig::default();
-    config.backend = Backend::Qemu;
+    let mut config = ShimConfig {
+        backend: Backend::Qemu,
+        ..ShimConfig::default()
+    };
     config.binaries.qemu = qemu;
     config.binaries.vhost_device_vsock = vsock;
     let spec = poweroff_spec(work.path(), kernel);
