@@ -18,7 +18,8 @@ pub struct SandboxRecord {
     pub sandbox_id: String,
     /// The VM's processes and work dir.
     pub vm: VmRecord,
-    /// Rootfs mounts made on the host for containers (unmounted on cleanup).
+    /// Host mounts made for the sandbox (container rootfs mounts, then the shared dir's
+    /// own bind mount), unmounted in this order on cleanup.
     pub mounts: Vec<PathBuf>,
 }
 
@@ -74,7 +75,7 @@ impl SandboxRecord {
             crate::rootfs::unmount(mount);
         }
         if !self.vm.work_dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.vm.work_dir);
+            crate::rootfs::remove_dir_if_unmounted(&self.vm.work_dir);
         }
     }
 }

@@ -276,7 +276,12 @@ impl Service {
             work_dir: work_dir.clone(),
             kernel: config.guest.kernel.clone(),
             initramfs: config.guest.initramfs.clone(),
-            cmdline: hypervisor::kernel_cmdline(&config.guest.kernel_params),
+            // The agent mounts the virtio-fs share with this tag.
+            cmdline: hypervisor::kernel_cmdline(&format!(
+                "gpuvm.share={} {}",
+                hypervisor::SHARED_FS_TAG,
+                config.guest.kernel_params
+            )),
             size,
             shared_dir: Some(shared_host.clone()),
             devices,
@@ -296,8 +301,14 @@ impl Service {
         let started = hv.start().await;
         record.vm = hv.record();
         record.save(bundle)?;
-        if let Err(e) = started {
+        let fail = |hv: Box<dyn Hypervisor>, shared: PathBuf| async move {
             hv.cleanup().await;
+            crate::rootfs::unmount(&shared);
+            crate::rootfs::remove_dir_if_unmounted(&hv.record().work_dir);
+        };
+        if let Err(e) = started {
+            fail(hv, shared_host).await;
+            SandboxRecord::remove(bundle);
             return Err(e);
         }
 
@@ -312,14 +323,16 @@ impl Service {
         let agent: Arc<dyn Agent> = match connected {
             Ok(stream) => Arc::new(TtrpcAgent::new(stream, timeout)),
             Err(e) => {
-                hv.cleanup().await;
+                fail(hv, shared_host).await;
+                SandboxRecord::remove(bundle);
                 return Err(e);
             }
         };
         let info = match agent.guest_info().await {
             Ok(info) => info,
             Err(e) => {
-                hv.cleanup().await;
+                fail(hv, shared_host).await;
+                SandboxRecord::remove(bundle);
                 return Err(e);
             }
         };

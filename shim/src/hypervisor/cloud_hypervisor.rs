@@ -400,11 +400,7 @@ pub(crate) async fn stop_all(processes: Vec<WatchedProcess>, work_dir: &Path) {
     for process in processes.iter().rev() {
         process.stop(Duration::from_secs(2)).await;
     }
-    if let Err(e) = std::fs::remove_dir_all(work_dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %work_dir.display(), error = %e, "cannot remove VM work dir");
-    }
+    crate::rootfs::remove_dir_if_unmounted(work_dir);
 }
 
 #[async_trait]
