@@ -62,7 +62,7 @@ pub enum Error {
 
     /// The function is not an NVIDIA GPU, so this crate will not bind or pass it.
     #[error(
-        "{address} is a {class_name} (vendor 0x{vendor:04x}, class 0x{class:06x}), not an NVIDIA GPU"
+        "{address} ({class_name}, vendor 0x{vendor:04x}, class 0x{class:06x}) is not an NVIDIA GPU"
     )]
     NotAGpu {
         /// The device asked for.
@@ -99,8 +99,8 @@ pub enum Error {
 
     /// The GPU's IOMMU group holds a device the host uses, so the group cannot be given away.
     #[error(
-        "cannot pass {address} through: its IOMMU group {group} also holds {member}, \
-         a {class_name} (vendor 0x{vendor:04x}, class 0x{class:06x}) that the host uses"
+        "cannot pass {address} through: its IOMMU group {group} also holds {member} \
+         ({class_name}, vendor 0x{vendor:04x}, class 0x{class:06x}), a device the host uses"
     )]
     HostDeviceInGroup {
         /// The device asked for.

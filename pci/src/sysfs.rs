@@ -98,18 +98,13 @@ impl Sysfs {
 
     /// The vendor id, device id and class of a function: the cheap first look a scan takes.
     pub fn ids(&self, address: &PciAddress) -> Result<DeviceIds> {
-        let dir = self.existing_device_dir(address)?;
-        Ok(DeviceIds {
-            vendor: read_hex_u16(&dir.join("vendor"))?,
-            device: read_hex_u16(&dir.join("device"))?,
-            class: read_class(&dir.join("class"))?,
-        })
+        read_ids(&self.existing_device_dir(address)?)
     }
 
     /// Everything this crate models about one function.
     pub fn device(&self, address: &PciAddress) -> Result<PciDevice> {
         let dir = self.existing_device_dir(address)?;
-        let ids = self.ids(address)?;
+        let ids = read_ids(&dir)?;
         let (host_bridge, upstream) = self.topology(address)?;
         Ok(PciDevice {
             address: *address,
@@ -383,6 +378,14 @@ pub(crate) fn write_attribute(path: &Path, value: &str) -> Result<()> {
         path: path.to_owned(),
         value: value.to_owned(),
         source,
+    })
+}
+
+fn read_ids(dir: &Path) -> Result<DeviceIds> {
+    Ok(DeviceIds {
+        vendor: read_hex_u16(&dir.join("vendor"))?,
+        device: read_hex_u16(&dir.join("device"))?,
+        class: read_class(&dir.join("class"))?,
     })
 }
 
