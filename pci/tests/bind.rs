@@ -311,3 +311,88 @@ fn reset_without_a_method_is_an_error() {
     );
     assert!(fake.all_writes().unwrap().is_empty());
 }
+
+#[test]
+fn two_gpus_in_one_group_are_bound_together_and_bridges_are_left_alone() {
+    let fake = SysfsBuilder::new()
+        .device(DeviceSpec::bridge("0000:40:01.0", 0x8086, 0x352a).group(5))
+        .device(
+            DeviceSpec::bridge("0000:41:00.0", 0x10b5, 0x8747)
+                .parent("0000:40:01.0")
+                .group(6),
+        )
+        .device(
+            DeviceSpec::bridge("0000:42:08.0", 0x10b5, 0x8747)
+                .parent("0000:41:00.0")
+                .group(6),
+        )
+        .device(
+            DeviceSpec::bridge("0000:42:10.0", 0x10b5, 0x8747)
+                .parent("0000:41:00.0")
+                .group(6),
+        )
+        .device(
+            DeviceSpec::nvidia_gpu("0000:43:00.0", 0x26b5, 0xa000_0000)
+                .parent("0000:42:08.0")
+                .group(6)
+                .driver("nvidia"),
+        )
+        .device(
+            DeviceSpec::nvidia_gpu("0000:44:00.0", 0x26b5, 0xb000_0000)
+                .parent("0000:42:10.0")
+                .group(6),
+        )
+        .build()
+        .unwrap();
+    let report = bind_group_to_vfio(&fake.sysfs(), &bdf("0000:44:00.0")).unwrap();
+    assert_eq!(report.devices, [bdf("0000:43:00.0"), bdf("0000:44:00.0")]);
+    assert_eq!(
+        report.writes,
+        [
+            write(
+                &fake,
+                "bus/pci/devices/0000:43:00.0/driver_override",
+                "vfio-pci"
+            ),
+            write(&fake, "bus/pci/drivers/nvidia/unbind", "0000:43:00.0"),
+            write(&fake, "bus/pci/drivers_probe", "0000:43:00.0"),
+            // Unbound: nothing to unbind.
+            write(
+                &fake,
+                "bus/pci/devices/0000:44:00.0/driver_override",
+                "vfio-pci"
+            ),
+            write(&fake, "bus/pci/drivers_probe", "0000:44:00.0"),
+        ]
+    );
+    assert!(
+        fake.writes("bus/pci/drivers/pcieport/unbind")
+            .unwrap()
+            .is_empty()
+    );
+
+    fake.settle().unwrap();
+    let inventory = scan(&fake.sysfs());
+    assert_eq!(inventory.gpus.len(), 2);
+    assert!(inventory.gpus.iter().all(|gpu| gpu.group_bound_to_vfio()));
+    assert!(fake.dev_root().join("vfio/6").exists());
+}
+
+#[test]
+fn gpu_without_a_group_while_the_iommu_is_on_is_refused() {
+    let fake = presets::workstation_l40s()
+        .device(DeviceSpec::nvidia_gpu("0000:05:00.0", 0x27b8, 0xb000_0000).driver("nvidia"))
+        .build()
+        .unwrap();
+    let gpu = bdf("0000:05:00.0");
+    let err = bind_group_to_vfio(&fake.sysfs(), &gpu).unwrap_err();
+    assert!(matches!(err, Error::NoIommuGroup { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("cannot pass 0000:05:00.0 through: it has no IOMMU group")
+    );
+    let inventory = scan(&fake.sysfs());
+    let lonely = inventory.gpus.iter().find(|g| g.address() == gpu).unwrap();
+    assert!(!lonely.passthrough.is_capable());
+    assert!(fake.all_writes().unwrap().is_empty());
+}

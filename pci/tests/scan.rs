@@ -323,3 +323,24 @@ fn real_sys_scan_finds_no_nvidia_gpu_and_does_not_fail() {
     assert_eq!(inventory.devices_scanned, listed);
     assert!(inventory.problems.is_empty(), "{:?}", inventory.problems);
 }
+
+#[test]
+fn large_generated_tree_scans_completely() {
+    let builder = presets::large(500);
+    let inventory = scan_of(&builder);
+    assert!(inventory.problems.is_empty(), "{:?}", inventory.problems);
+    assert_eq!(inventory.gpus.len(), 100);
+    let with_audio = inventory
+        .gpus
+        .iter()
+        .filter(|g| g.companions.len() == 1)
+        .count();
+    assert_eq!(with_audio, 50);
+    assert!(inventory.gpus.iter().all(|g| g.passthrough.is_capable()));
+    let domains: BTreeSet<u16> = inventory
+        .gpus
+        .iter()
+        .map(|g| g.address().domain())
+        .collect();
+    assert_eq!(domains.len(), 2, "40 blocks per domain");
+}
