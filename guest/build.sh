@@ -13,7 +13,8 @@
 #   GPUVM_EXTRA_MODULES_DIR  extra .ko files (e.g. NVIDIA's) plus their own
 #                            modules.list; see guest/README.md
 #   SOURCE_DATE_EPOCH        timestamp of every initramfs entry
-#                            (default: the last commit's time)
+#                            (default: time of the last commit touching
+#                            guest/, agent/, protocol/ or Cargo.lock)
 #   CARGO_TARGET_DIR         where cargo builds the agent
 set -euo pipefail
 
@@ -24,7 +25,10 @@ cache="${GPUVM_GUEST_CACHE:-$repo/.work/guest-cache}"
 mkdir -p "$cache"
 
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
-    SOURCE_DATE_EPOCH="$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)"
+    # The last commit that changed what goes into the image, so unrelated commits
+    # elsewhere in the repository do not change the bytes.
+    SOURCE_DATE_EPOCH="$(git -C "$repo" log -1 --format=%ct -- guest agent protocol Cargo.lock 2>/dev/null || true)"
+    SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-0}"
 fi
 export SOURCE_DATE_EPOCH
 
