@@ -1,1 +1,33 @@
-//! End-to-end test harness.
+//! gpuvm's end-to-end harness: a real kube-apiserver (an existing cluster from
+//! `KUBECONFIG`, or etcd + kube-apiserver binaries started on loopback, the envtest
+//! convention), the committed CRDs, fake GPU nodes modelled on real machines, and the
+//! real `gpuvm-operator` binary run as a child process.
+//!
+//! Without an API server every test prints `SKIPPED: <reason>` and passes. Everything
+//! the harness starts (processes, temp dirs) is torn down on drop, panics included.
+
+pub mod assets;
+pub mod cluster;
+pub mod control_plane;
+pub mod fixtures;
+pub mod invariants;
+pub mod kubeconfig;
+pub mod net;
+pub mod operator;
+pub mod pki;
+pub mod process;
+
+pub use assets::{Assets, ServerSource};
+pub use cluster::{Check, TestEnv, eventually};
+pub use control_plane::ControlPlane;
+pub use fixtures::HostKind;
+pub use operator::{Operator, OperatorOptions};
+
+/// Writes a line to the real stderr, past libtest's output capture, so `SKIPPED:` notes
+/// and figures show up in a plain `cargo test` run.
+pub fn note(line: &str) {
+    use std::io::Write as _;
+    let mut err = std::io::stderr().lock();
+    // Best effort: a closed stderr must not fail a test.
+    let _ = writeln!(err, "{line}");
+}
