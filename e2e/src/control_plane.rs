@@ -63,9 +63,17 @@ impl ControlPlane {
 
     /// Like [`ControlPlane::start_or_skip`], with the error returned.
     pub async fn try_start() -> anyhow::Result<Option<ControlPlane>> {
+        Self::try_start_for(None).await
+    }
+
+    /// Like [`ControlPlane::try_start`]; the `SKIPPED:` line names `test` when given.
+    pub async fn try_start_for(test: Option<&str>) -> anyhow::Result<Option<ControlPlane>> {
         match assets::discover_from_env()? {
             ServerSource::Unavailable(reason) => {
-                note(&format!("SKIPPED: {reason}"));
+                match test {
+                    Some(test) => note(&format!("SKIPPED: {test}: {reason}")),
+                    None => note(&format!("SKIPPED: {reason}")),
+                }
                 Ok(None)
             }
             ServerSource::Kubeconfig(path) => {

@@ -306,3 +306,30 @@ mod tests {
         assert!(dir.join("deps").is_dir(), "{}", dir.display());
     }
 }
+
+#[cfg(test)]
+mod build_tests {
+    /// Builds the operator from inside `cargo test`, as the e2e tests do. Ignored by
+    /// default: it may compile the operator. Run with `cargo test -p gpuvm-e2e --lib --
+    /// --ignored`.
+    #[tokio::test]
+    #[ignore = "builds gpuvm-operator"]
+    async fn the_operator_binary_is_built_and_runs() {
+        let bin = super::operator_binary().await.unwrap();
+        let out = std::process::Command::new(&bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in [
+            "--leader-elect",
+            "--lease-namespace",
+            "--metrics-addr",
+            "--heartbeat-timeout-seconds",
+            "--identity",
+            "--lease-seconds",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from:\n{help}");
+        }
+    }
+}
