@@ -8,13 +8,18 @@ use nix::mount::{MntFlags, MsFlags};
 use crate::error::{Error, Result};
 
 /// Makes the container's rootfs appear at `target` (inside the shared dir): mounts
-/// containerd's rootfs mounts there, or bind-mounts `<bundle>/rootfs` when containerd
-/// prepared it already (no mounts given).
-pub fn mount(mounts: &[ContainerdMount], bundle: &Path, target: &Path) -> Result<()> {
+/// containerd's rootfs mounts there, or bind-mounts the spec's `root.path` (`source`,
+/// relative to the bundle or absolute) when containerd gave no mounts.
+pub fn mount(
+    mounts: &[ContainerdMount],
+    bundle: &Path,
+    source: &Path,
+    target: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(target)
         .map_err(Error::io(format!("cannot create {}", target.display())))?;
     if mounts.is_empty() {
-        let source = bundle.join("rootfs");
+        let source = bundle.join(source);
         nix::mount::mount(
             Some(&source),
             target,

@@ -291,13 +291,15 @@ impl Service {
         let mut record = SandboxRecord {
             sandbox_id: sandbox_id.to_owned(),
             vm: hv.record(),
-            mounts: Vec::new(),
+            mounts: vec![shared_host.clone()],
         };
-        std::fs::create_dir_all(&shared_host).map_err(Error::io(format!(
-            "cannot create {}",
-            shared_host.display()
-        )))?;
         record.save(bundle)?;
+        // Rootfs mounts made under the share later must reach virtiofsd's namespace.
+        if let Err(e) = crate::rootfs::make_shared_mount(&shared_host) {
+            crate::rootfs::unmount(&shared_host);
+            SandboxRecord::remove(bundle);
+            return Err(e);
+        }
         let started = hv.start().await;
         record.vm = hv.record();
         record.save(bundle)?;
@@ -442,7 +444,8 @@ impl Service {
         if let Err(e) = sandbox.hypervisor.shutdown().await {
             tracing::warn!(error = %e, "VM shutdown failed");
         }
-        sandbox.hypervisor.cleanup().await;
+        // Unmount before the work dir is removed: removing through a rootfs mount
+        // would delete the container's image data.
         let mounts: Vec<PathBuf> = {
             let mut containers = self.inner.containers.lock().await;
             containers
@@ -453,18 +456,21 @@ impl Service {
         for m in mounts {
             crate::rootfs::unmount(&m);
         }
+        crate::rootfs::unmount(&sandbox.shared_host);
+        sandbox.hypervisor.cleanup().await;
         SandboxRecord::remove(&sandbox.bundle);
         tracing::info!(sandbox = %sandbox.id, "sandbox torn down");
     }
 
     async fn save_record(&self, sandbox: &Sandbox) {
-        let mounts = {
+        let mut mounts: Vec<PathBuf> = {
             let containers = self.inner.containers.lock().await;
             containers
                 .values()
                 .filter_map(|c| c.rootfs_mount.clone())
                 .collect()
         };
+        mounts.push(sandbox.shared_host.clone());
         let record = SandboxRecord {
             sandbox_id: sandbox.id.clone(),
             vm: sandbox.hypervisor.record(),
@@ -534,7 +540,12 @@ impl Service {
                 .as_ref()
                 .ok_or_else(|| Error::InvalidArgument("the OCI spec has no process".into()))?;
             let target = sandbox.shared_host.join(&req.id).join("rootfs");
-            crate::rootfs::mount(&req.rootfs, &bundle, &target)?;
+            let root_path = spec
+                .root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .unwrap_or_else(|| PathBuf::from("rootfs"));
+            crate::rootfs::mount(&req.rootfs, &bundle, &root_path, &target)?;
             container.rootfs_mount = Some(target);
             let mut process = process_spec(process);
             process.terminal = req.terminal || process.terminal;
@@ -672,7 +683,9 @@ impl Service {
                 .map(|p| p.stdio.clone())
                 .unwrap_or_default()
         };
-        let _guest_pid = sandbox.agent.start_process(&pid_id).await?;
+        let _guest_pid = sandbox.agent.start_process(&pid_id).await.inspect_err(|e| {
+            tracing::warn!(task = id, exec = exec_id, error = %e, "guest could not start the process");
+        })?;
         // Execs report the VMM pid too, for the same reason as containers.
         let pid = if exec_id.is_empty() {
             vmm_pid
@@ -798,6 +811,15 @@ impl Service {
             container_id: id.to_owned(),
             exec_id: exec_id.to_owned(),
         };
+        let never_started = self
+            .with_process(id, exec_id, |p| p.state == TaskState::Created)
+            .await?;
+        if never_started {
+            // Nothing runs in the guest yet, so no exit would ever come from there:
+            // a kill of a created process ends it here (runc kills its `runc init`).
+            self.record_exit(id, exec_id, 128 + signal).await;
+            return Ok(());
+        }
         sandbox.agent.signal_process(&pid, signal, all).await
     }
 
@@ -1055,7 +1077,7 @@ impl Service {
 
 #[async_trait]
 impl Task for Service {
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn create(
         &self,
         _ctx: &TtrpcContext,
@@ -1064,7 +1086,7 @@ impl Task for Service {
         Ok(self.do_create(req).await?)
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn start(
         &self,
         _ctx: &TtrpcContext,
@@ -1077,7 +1099,7 @@ impl Task for Service {
         })
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn wait(
         &self,
         _ctx: &TtrpcContext,
@@ -1091,14 +1113,14 @@ impl Task for Service {
         })
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
         self.do_kill(&req.id, &req.exec_id, req.signal, req.all)
             .await?;
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn delete(
         &self,
         _ctx: &TtrpcContext,
@@ -1113,13 +1135,13 @@ impl Task for Service {
         })
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
         self.do_exec(req).await?;
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn state(
         &self,
         _ctx: &TtrpcContext,
@@ -1128,7 +1150,7 @@ impl Task for Service {
         Ok(self.do_state(&req.id, &req.exec_id).await?)
     }
 
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn pids(
         &self,
         _ctx: &TtrpcContext,
@@ -1137,7 +1159,7 @@ impl Task for Service {
         Ok(self.do_pids(&req.id).await?)
     }
 
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn stats(
         &self,
         _ctx: &TtrpcContext,
@@ -1146,7 +1168,7 @@ impl Task for Service {
         Ok(self.do_stats(&req.id).await?)
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
         self.check(&req.id, &req.exec_id, TaskAction::Io).await?;
         self.with_process(&req.id, &req.exec_id, |p| {
@@ -1158,7 +1180,7 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id, exec = %req.exec_id))]
     async fn resize_pty(
         &self,
         _ctx: &TtrpcContext,
@@ -1177,7 +1199,7 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<Empty> {
         self.check(&req.id, "", TaskAction::Pause).await?;
         Err(
@@ -1186,7 +1208,7 @@ impl Task for Service {
         )
     }
 
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
         self.check(&req.id, "", TaskAction::Resume).await?;
         Err(
@@ -1195,7 +1217,7 @@ impl Task for Service {
         )
     }
 
-    #[instrument(skip_all, fields(id = %req.id))]
+    #[instrument(level = "debug", skip_all, fields(id = %req.id))]
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
@@ -1214,7 +1236,7 @@ impl Task for Service {
         })
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
