@@ -208,12 +208,29 @@ struct Containerd {
     ctr: PathBuf,
     log: PathBuf,
     shim_config: PathBuf,
+    /// The VM work dir of the one container this test runs.
+    vm_work_dir: String,
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test may leave its shim and VM running: kill what names our
+        // containerd socket (the shim) or this test's VM work dirs.
+        let needles = [
+            self.socket.display().to_string(),
+            format!("{}/", self.vm_work_dir),
+        ];
+        for needle in needles {
+            for entry in processes_mentioning(&needle) {
+                if let Some(pid) = entry.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) with a pid we just read and SIGKILL has no memory
+                    // effects on this process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
     }
 }
 
@@ -231,7 +248,7 @@ impl Containerd {
     }
 }
 
-fn start_containerd(s: &Setup, dir: &Path) -> Containerd {
+fn start_containerd(s: &Setup, dir: &Path, container_id: &str) -> Containerd {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).expect("mkdir");
     std::os::unix::fs::symlink(SHIM_BIN, bin.join("containerd-shim-gpuvm-v1")).expect("symlink");
@@ -313,6 +330,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         ctr: s.ctr.clone(),
         log,
         shim_config,
+        vm_work_dir: format!("/run/gpuvm/{container_id}"),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !containerd.socket.exists() {
@@ -379,6 +397,16 @@ fn minimal_spec(dir: &Path) -> PathBuf {
     path
 }
 
+/// The minimal spec with `args` as the process.
+fn spec_with_args(dir: &Path, args: &[&str]) -> PathBuf {
+    let path = minimal_spec(dir);
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read spec")).expect("spec");
+    spec["process"]["args"] = json!(args);
+    std::fs::write(&path, serde_json::to_vec(&spec).expect("json")).expect("write spec");
+    path
+}
+
 /// Starts containerd, imports the image, runs one container with `extra_args`
 /// (before the image name), checks its output, exit status and that nothing is
 /// left behind.
@@ -395,10 +423,14 @@ fn run_container(extra_args: &[&str], with_spec_file: bool) {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let image = busybox_image(dir.path());
-    let containerd = start_containerd(&s, dir.path());
+    let id = format!(
+        "gpuvm-test-{}-{}",
+        std::process::id(),
+        u8::from(with_spec_file)
+    );
+    let containerd = start_containerd(&s, dir.path(), &id);
     run(containerd.ctr().args(["images", "import"]).arg(&image));
 
-    let id = format!("gpuvm-test-{}", std::process::id());
     let started = Instant::now();
     let mut ctr = containerd.ctr();
     ctr.args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
@@ -479,4 +511,155 @@ fn ctr_run_with_a_minimal_spec_runs_in_a_vm_and_leaves_nothing_behind() {
             un-ignore once agent/src/process.rs creates targets after each mount"]
 fn ctr_run_with_ctr_default_spec() {
     run_container(&[], false);
+}
+
+/// A long-running container: exec into it (stdout, stderr, exit status), read its
+/// pids and metrics, kill it, delete it, and check that nothing is left behind.
+#[test]
+fn exec_kill_and_delete_in_a_running_vm() {
+    let s = match setup() {
+        Ok(s) => s,
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("gpuvm-ctr-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    busybox_image(dir.path());
+    let id = format!("gpuvm-test-{}-exec", std::process::id());
+    let containerd = start_containerd(&s, dir.path(), &id);
+    let spec = spec_with_args(dir.path(), &["/bin/sleep", "600"]);
+    let context = || {
+        let lines: Vec<String> = containerd
+            .log()
+            .lines()
+            .filter(|l| !l.contains("loading plugin"))
+            .map(str::to_owned)
+            .collect();
+        let start = lines.len().saturating_sub(40);
+        lines[start..].join("\n")
+    };
+    let out = containerd
+        .ctr()
+        .args([
+            "run",
+            "-d",
+            "--runtime",
+            "io.containerd.gpuvm.v1",
+            "--runtime-config-path",
+        ])
+        .arg(&containerd.shim_config)
+        .arg("--config")
+        .arg(&spec)
+        .arg(&id)
+        .output()
+        .expect("ctr run -d");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        context()
+    );
+
+    let exec = containerd
+        .ctr()
+        .args(["task", "exec", "--exec-id", "e1", &id])
+        .args(["/bin/sh", "-c", "echo from exec; echo exec-err >&2; exit 5"])
+        .output()
+        .expect("ctr task exec");
+    let stdout = String::from_utf8_lossy(&exec.stdout);
+    let stderr = String::from_utf8_lossy(&exec.stderr);
+    assert!(
+        stdout.contains("from exec"),
+        "stdout {stdout:?} stderr {stderr:?}\n{}",
+        context()
+    );
+    assert!(
+        stderr.contains("exec-err"),
+        "stderr {stderr:?}\n{}",
+        context()
+    );
+    assert_eq!(exec.status.code(), Some(5), "{}", context());
+
+    let ps = containerd
+        .ctr()
+        .args(["task", "ps", &id])
+        .output()
+        .expect("ctr task ps");
+    assert!(
+        ps.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&ps.stderr),
+        context()
+    );
+    let metrics = containerd
+        .ctr()
+        .args(["task", "metrics", &id])
+        .output()
+        .expect("ctr task metrics");
+    assert!(
+        metrics.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&metrics.stderr),
+        context()
+    );
+    let pause = containerd
+        .ctr()
+        .args(["task", "pause", &id])
+        .output()
+        .expect("pause");
+    assert!(!pause.status.success(), "pause must be refused");
+    assert!(
+        String::from_utf8_lossy(&pause.stderr).contains("not supported"),
+        "{}",
+        String::from_utf8_lossy(&pause.stderr)
+    );
+
+    run(containerd
+        .ctr()
+        .args(["task", "kill", "-s", "SIGKILL", &id]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = containerd
+            .ctr()
+            .args(["task", "ls"])
+            .output()
+            .expect("task ls");
+        let list = String::from_utf8_lossy(&out.stdout).into_owned();
+        if list
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task did not stop: {list}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run(containerd.ctr().args(["task", "delete", &id]));
+    run(containerd.ctr().args(["container", "delete", &id]));
+
+    let work_dir = format!("/run/gpuvm/{id}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leftovers = processes_mentioning(&work_dir);
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(&work_dir);
+        if leftovers.is_empty() && !mounted && !Path::new(&work_dir).exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {leftovers:?} mounted {mounted}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
