@@ -4,7 +4,8 @@
 //!
 //! - Cloud Hypervisor: needs `CLOUD_HYPERVISOR_BIN` and `GPUVM_TEST_KERNEL` (a `vmlinux`)
 //!   and a KVM that boots real guests; create → boot → info → shutdown → delete.
-//! - QEMU: needs `GPUVM_TEST_KERNEL`, `qemu-system-x86_64` and `vhost-device-vsock`
+//! - QEMU: needs a kernel (`GPUVM_TEST_KERNEL`, else `.work/guest/vmlinux` from
+//!   `guest/build.sh`), `qemu-system-x86_64` and `vhost-device-vsock`
 //!   (`scripts/vm-deps.sh`); runs under TCG where KVM can't boot real guests.
 //!
 //! Each prints `SKIPPED: <reason>` and passes when something is missing.
@@ -153,10 +154,21 @@ async fn cloud_hypervisor_lifecycle_and_guest_poweroff() {
     exit.expect("guest power-off ends the VMM");
 }
 
+/// `GPUVM_TEST_KERNEL`, else the `vmlinux` that `guest/build.sh` leaves in
+/// `.work/guest` (or `$GPUVM_GUEST_DIR`).
+fn test_kernel() -> Option<PathBuf> {
+    env_path("GPUVM_TEST_KERNEL").or_else(|| {
+        let guest_dir = std::env::var_os("GPUVM_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.work/guest"));
+        Some(guest_dir.join("vmlinux")).filter(|p| p.exists())
+    })
+}
+
 #[tokio::test]
 async fn qemu_guest_poweroff_is_noticed() {
-    let Some(kernel) = env_path("GPUVM_TEST_KERNEL") else {
-        println!("SKIPPED: set GPUVM_TEST_KERNEL to a guest kernel to run QEMU");
+    let Some(kernel) = test_kernel() else {
+        println!("SKIPPED: no guest kernel (set GPUVM_TEST_KERNEL or run guest/build.sh)");
         return;
     };
     let Some(qemu) = find_binary("QEMU_BIN", "qemu-system-x86_64") else {
