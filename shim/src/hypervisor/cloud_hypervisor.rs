@@ -262,7 +262,8 @@ impl ApiClient {
         let has_body = !body.is_empty();
         let mut builder = hyper::Request::builder()
             .method(method)
-            .uri(format!("http://localhost/api/v1/{endpoint}"))
+            // Origin-form: the request goes over a unix socket, Host names the server.
+            .uri(format!("/api/v1/{endpoint}"))
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::ACCEPT, "application/json");
         if has_body {
@@ -554,6 +555,98 @@ pub(crate) mod tests {
             let err = VmConfig::try_from(&spec).expect_err("must fail");
             assert!(matches!(err, Error::VmConfig(_)), "{err}");
         }
+    }
+
+    /// A fake API socket answering like Cloud Hypervisor: records each request line
+    /// and body, answers from `replies` in order.
+    async fn fake_api(
+        listener: tokio::net::UnixListener,
+        replies: Vec<&'static str>,
+    ) -> Vec<(String, String)> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let mut seen = Vec::new();
+        for reply in replies {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            reader
+                .read_line(&mut request_line)
+                .await
+                .expect("request line");
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).await.expect("header");
+                if header == "\r\n" {
+                    break;
+                }
+                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().expect("length");
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).await.expect("body");
+            seen.push((
+                request_line.trim().to_owned(),
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+            reader
+                .get_mut()
+                .write_all(reply.as_bytes())
+                .await
+                .expect("reply");
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn api_client_speaks_http_over_the_unix_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let info = r#"{"config":{"payload":{}},"state":"Running"}"#;
+        let ok_info: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{info}",
+                info.len()
+            )
+            .into_boxed_str(),
+        );
+        let server = tokio::spawn(fake_api(
+            listener,
+            vec![
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                ok_info,
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 12\r\n\r\nVM not boots",
+            ],
+        ));
+        let api = ApiClient::new(socket);
+        let body = serde_json::json!({"payload": {"kernel": "/k"}});
+        api.put("vm.create", Some(&body)).await.expect("create");
+        let reply = api.get("vm.info").await.expect("info");
+        assert_eq!(&reply[..], info.as_bytes());
+        let err = api.put("vm.boot", None).await.expect_err("500");
+        match err {
+            Error::VmmApi {
+                endpoint,
+                status,
+                body,
+            } => {
+                assert_eq!(
+                    (endpoint.as_str(), status, body.as_str()),
+                    ("vm.boot", 500, "VM not boots")
+                );
+            }
+            other => panic!("expected VmmApi, got {other}"),
+        }
+        let seen = server.await.expect("server");
+        assert_eq!(seen[0].0, "PUT /api/v1/vm.create HTTP/1.1");
+        assert_eq!(seen[0].1, r#"{"payload":{"kernel":"/k"}}"#);
+        assert_eq!(seen[1].0, "GET /api/v1/vm.info HTTP/1.1");
+        assert_eq!(
+            seen[2],
+            ("PUT /api/v1/vm.boot HTTP/1.1".to_owned(), String::new())
+        );
     }
 
     #[test]
