@@ -663,3 +663,192 @@ fn exec_kill_and_delete_in_a_running_vm() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The pod flow CRI drives, through ctr: a pod sandbox task (the VM itself, grouped by
+/// `io.kubernetes.cri.sandbox-id`), then an app container that joins the same shim and
+/// VM, then stop and removal in CRI's order, and nothing left behind.
+#[test]
+fn pod_sandbox_and_app_container_share_one_vm() {
+    let s = match setup() {
+        Ok(s) => s,
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("gpuvm-ctr-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    busybox_image(dir.path());
+    let pod = format!("gpuvm-test-{}-pod", std::process::id());
+    let app = format!("{pod}-app");
+    let containerd = start_containerd(&s, dir.path(), &pod);
+    let context = || {
+        let lines: Vec<String> = containerd
+            .log()
+            .lines()
+            .filter(|l| !l.contains("loading plugin"))
+            .map(str::to_owned)
+            .collect();
+        let start = lines.len().saturating_sub(40);
+        lines[start..].join("\n")
+    };
+    let spec_for = |name: &str, kind: &str, args: &[&str]| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::create_dir_all(sub.join("rootfs")).expect("mkdir");
+        let path = spec_with_args(dir.path(), args);
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("spec");
+        spec["annotations"] = json!({
+            "io.kubernetes.cri.container-type": kind,
+            "io.kubernetes.cri.sandbox-id": pod,
+            "gpuvm.dev/cpus": "1",
+            "gpuvm.dev/memory": "384Mi",
+        });
+        let out = sub.join("spec.json");
+        std::fs::write(&out, serde_json::to_vec(&spec).expect("json")).expect("write");
+        out
+    };
+    let run_detached = |id: &str, spec: &Path| {
+        let out = containerd
+            .ctr()
+            .args([
+                "run",
+                "-d",
+                "--runtime",
+                "io.containerd.gpuvm.v1",
+                "--runtime-config-path",
+            ])
+            .arg(&containerd.shim_config)
+            .arg("--config")
+            .arg(spec)
+            .arg(id)
+            .output()
+            .expect("ctr run -d");
+        assert!(
+            out.status.success(),
+            "{id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            context()
+        );
+    };
+
+    // The pod sandbox: its task is the VM; its pid is the VMM's.
+    run_detached(&pod, &spec_for("pod", "sandbox", &["/bin/sleep", "600"]));
+    let vmm_pids = processes_mentioning(&format!("-name gpuvm-{pod}"));
+    assert_eq!(vmm_pids.len(), 1, "one VMM for the pod: {vmm_pids:?}");
+    let vmm_pid = vmm_pids[0].split(':').next().expect("pid").to_owned();
+    let tasks = containerd
+        .ctr()
+        .args(["task", "ls"])
+        .output()
+        .expect("task ls");
+    let tasks = String::from_utf8_lossy(&tasks.stdout).into_owned();
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with(&pod) && l.contains(&vmm_pid) && l.contains("RUNNING")),
+        "pod task should run with the VMM's pid {vmm_pid}: {tasks}"
+    );
+
+    // The app container joins the same shim and VM.
+    run_detached(&app, &spec_for("app", "container", &["/bin/sleep", "600"]));
+    assert_eq!(
+        processes_mentioning("qemu-system-x86_64 -name gpuvm-gpuvm-test-")
+            .iter()
+            .filter(|p| p.contains(&pod))
+            .count(),
+        1,
+        "the app container must not start a second VM"
+    );
+    let exec = containerd
+        .ctr()
+        .args([
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &app,
+            "/bin/sh",
+            "-c",
+            "echo in app",
+        ])
+        .output()
+        .expect("exec");
+    assert!(
+        String::from_utf8_lossy(&exec.stdout).contains("in app"),
+        "{}\n{}",
+        String::from_utf8_lossy(&exec.stderr),
+        context()
+    );
+
+    // CRI's stop order: app Kill(15), Kill(9, all), Delete; then the sandbox.
+    run(containerd
+        .ctr()
+        .args(["task", "kill", "-s", "SIGTERM", &app]));
+    // If SIGTERM already ended it, SIGKILL answers NotFound ("already finished"), which
+    // CRI ignores, as with runc.
+    let kill = containerd
+        .ctr()
+        .args(["task", "kill", "-a", "-s", "SIGKILL", &app])
+        .output()
+        .expect("kill -a");
+    assert!(
+        kill.status.success() || String::from_utf8_lossy(&kill.stderr).contains("already finished"),
+        "{}",
+        String::from_utf8_lossy(&kill.stderr)
+    );
+    let wait_stopped = |id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = containerd
+                .ctr()
+                .args(["task", "ls"])
+                .output()
+                .expect("task ls");
+            let list = String::from_utf8_lossy(&out.stdout).into_owned();
+            if list
+                .lines()
+                .any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not stop: {list}\n{}",
+                context()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_stopped(&app);
+    run(containerd.ctr().args(["task", "delete", &app]));
+    run(containerd.ctr().args(["container", "delete", &app]));
+    run(containerd
+        .ctr()
+        .args(["task", "kill", "-s", "SIGKILL", &pod]));
+    wait_stopped(&pod);
+    run(containerd.ctr().args(["task", "delete", &pod]));
+    run(containerd.ctr().args(["container", "delete", &pod]));
+
+    let work_dir = format!("/run/gpuvm/{pod}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leftovers = processes_mentioning(&work_dir);
+        let shims = processes_mentioning(&format!("-id {pod}"));
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(&work_dir);
+        if leftovers.is_empty() && shims.is_empty() && !mounted && !Path::new(&work_dir).exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {leftovers:?} shims {shims:?} mounted {mounted}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
