@@ -210,6 +210,8 @@ struct Containerd {
     shim_config: PathBuf,
     /// The VM work dir of the one container this test runs.
     vm_work_dir: String,
+    /// containerd's state dir (holds the task bundles).
+    state_dir: PathBuf,
 }
 
 impl Drop for Containerd {
@@ -230,6 +232,35 @@ impl Drop for Containerd {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
+        }
+        // Then what containerd does after a shim crash: `shim delete` in each bundle,
+        // which unmounts and removes what the state file names.
+        let tasks = self.state_dir.join("io.containerd.runtime.v2.task/default");
+        for bundle in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let bundle = bundle.path();
+            let Some(id) = bundle
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let _ = Command::new(SHIM_BIN)
+                .current_dir(&bundle)
+                .args([
+                    "-namespace",
+                    "default",
+                    "-id",
+                    &id,
+                    "-address",
+                    "/nonexistent",
+                    "-bundle",
+                ])
+                .arg(&bundle)
+                .arg("delete")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -331,6 +362,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         log,
         shim_config,
         vm_work_dir: format!("/run/gpuvm/{container_id}"),
+        state_dir: dir.join("state"),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !containerd.socket.exists() {
