@@ -800,10 +800,11 @@ impl Service {
     async fn do_kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let (_, _, pod_sandbox) = self.check(id, exec_id, TaskAction::Kill).await?;
         if pod_sandbox && exec_id.is_empty() {
-            // The pod sandbox task is the VM: stopping it stops the VM.
+            // The pod sandbox task is the VM: stopping it stops the VM. Its exit is
+            // the signal's, recorded first so the VM-exit watcher's 255 doesn't win.
             tracing::info!(task = id, signal, "stopping the sandbox VM");
-            self.teardown().await;
             self.record_exit(id, "", 128 + signal).await;
+            self.teardown().await;
             return Ok(());
         }
         let sandbox = self.sandbox().await?;
@@ -1385,5 +1386,28 @@ mod tests {
         );
         // With no task left, Shutdown signals the shim to exit.
         service.do_shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn killing_the_pod_sandbox_task_reports_the_signal() {
+        let service = Service::new("k8s.io", Arc::new(ExitSignal::default()), None);
+        service.inner.containers.lock().await.insert(
+            "pod".into(),
+            Container {
+                bundle: PathBuf::from("/b"),
+                is_pod_sandbox: true,
+                init: Process::new(StdioPaths::default()),
+                execs: HashMap::new(),
+                rootfs_mount: None,
+            },
+        );
+        service.do_start("pod", "").await.expect("start");
+        service.do_kill("pod", "", 9, false).await.expect("kill");
+        assert_eq!(service.do_wait("pod", "").await.expect("wait").status, 137);
+        // A second exit (the VM watcher's) doesn't overwrite the first.
+        service.record_exit("pod", "", 255).await;
+        let state = service.do_state("pod", "").await.expect("state");
+        assert_eq!(state.exit_status, 137);
+        assert_eq!(state.status.enum_value_or_default(), api::Status::STOPPED);
     }
 }
