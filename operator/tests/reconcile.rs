@@ -1,0 +1,645 @@
+//! Reconcile tests against a scripted API server (the controller-rs pattern): kube's
+//! real `Client` talks HTTP to a `tower_test` mock, and each scenario answers the exact
+//! requests the reconciler must make, in order, asserting their contents.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuvm_api::{
+    AllocatedGpu, GpuDevice, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuNode, GpuNodeSpec,
+    GpuNodeStatus, GpuRequest, GuestResources, IommuMember, MachinePhase, MemberRole,
+    RestartPolicy, keys,
+};
+use gpuvm_operator::controller::{Context, Error, Settings, reconcile};
+use gpuvm_operator::metrics::Metrics;
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Node,
+    NodeCondition, NodeStatus, Pod, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// The scripted API server.
+struct Server(tokio::sync::mpsc::UnboundedReceiver<Call>);
+
+/// One request the reconciler made.
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+    reply: tower_test::mock::SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn respond(self, status: StatusCode, body: &Value) {
+        self.reply.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(body).unwrap()))
+                .unwrap(),
+        );
+    }
+    fn ok(self, body: &impl serde::Serialize) {
+        let v = serde_json::to_value(body).unwrap();
+        self.respond(StatusCode::OK, &v);
+    }
+    fn error(self, code: u16, reason: &str) {
+        let status = StatusCode::from_u16(code).unwrap();
+        self.respond(
+            status,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("scripted {reason}"), "reason": reason, "code": code}),
+        );
+    }
+}
+
+impl Server {
+    /// Serves the mock in the background: Events are answered at once (they are best
+    /// effort and may come at any point); every other request is queued for the test.
+    fn spawn(mut handle: Handle) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((req, reply)) = handle.next_request().await {
+                let method = req.method().clone();
+                let path = req.uri().path().to_owned();
+                let query = req.uri().query().unwrap_or_default().to_owned();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                if path.contains("/events") {
+                    reply.send_response(
+                        Response::builder()
+                            .status(201)
+                            .body(Body::from(bytes.to_vec()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let call = Call {
+                    method,
+                    path,
+                    query,
+                    body,
+                    reply,
+                };
+                if tx.send(call).is_err() {
+                    break;
+                }
+            }
+        });
+        Server(rx)
+    }
+
+    /// The next request that is not an Event.
+    async fn next(&mut self) -> Call {
+        tokio::time::timeout(Duration::from_secs(5), self.0.recv())
+            .await
+            .expect("the reconciler made no further request within 5 s")
+            .expect("the client hung up")
+    }
+
+    /// Asserts that no request other than Events is pending.
+    async fn done(&mut self) {
+        if let Ok(Some(call)) =
+            tokio::time::timeout(Duration::from_millis(300), self.0.recv()).await
+        {
+            panic!("unexpected request {} {}", call.method, call.path);
+        }
+    }
+}
+
+const MACHINES: &str = "/apis/gpuvm.dev/v1alpha1/namespaces/default/gpumachines";
+
+fn machine(name: &str) -> GpuMachine {
+    let mut m = GpuMachine::new(
+        name,
+        GpuMachineSpec {
+            image: "busybox:1.36".into(),
+            command: vec!["sh".into(), "-c".into(), "nvidia-smi".into()],
+            args: vec![],
+            env: vec![],
+            gpu: GpuRequest {
+                model: "l40s".into(),
+                count: 1,
+            },
+            guest: GuestResources {
+                cpus: 4,
+                memory: "8Gi".into(),
+            },
+            restart_policy: RestartPolicy::Never,
+            node_selector: BTreeMap::new(),
+            placement: Default::default(),
+        },
+    );
+    m.metadata.namespace = Some("default".into());
+    m.metadata.uid = Some(format!("uid-{name}"));
+    m.metadata.resource_version = Some("1".into());
+    m.metadata.generation = Some(1);
+    m.metadata.finalizers = Some(vec![keys::FINALIZER.into()]);
+    m
+}
+
+fn placed(name: &str) -> GpuMachine {
+    let mut m = machine(name);
+    m.status = Some(GpuMachineStatus {
+        phase: Some(MachinePhase::Scheduled),
+        node_name: Some("ws".into()),
+        gpus: vec![AllocatedGpu {
+            pci_address: "0000:01:00.0".into(),
+            model: "l40s".into(),
+            iommu_group: Some(12),
+            numa_node: Some(0),
+            companions: vec!["0000:01:00.1".into()],
+        }],
+        ..GpuMachineStatus::default()
+    });
+    m
+}
+
+fn workstation() -> (GpuNode, Node) {
+    let mut gn = GpuNode::new(
+        "ws",
+        GpuNodeSpec {
+            node_name: "ws".into(),
+            unschedulable: false,
+        },
+    );
+    gn.status = Some(GpuNodeStatus {
+        devices: vec![GpuDevice {
+            pci_address: "0000:01:00.0".into(),
+            vendor_id: "10de".into(),
+            device_id: "26b9".into(),
+            model: "l40s".into(),
+            iommu_group: Some(12),
+            iommu_group_members: vec![
+                IommuMember {
+                    pci_address: "0000:01:00.0".into(),
+                    role: MemberRole::Gpu,
+                },
+                IommuMember {
+                    pci_address: "0000:01:00.1".into(),
+                    role: MemberRole::Companion,
+                },
+            ],
+            numa_node: Some(0),
+            pcie_parent: Some("0000:00:01.0".into()),
+            driver: Some("vfio-pci".into()),
+            healthy: true,
+            reason: None,
+        }],
+        iommu_enabled: true,
+        gpu_count: 1,
+        healthy_count: 1,
+        heartbeat: Some(Time(Timestamp::now())),
+        ..GpuNodeStatus::default()
+    });
+    let mut node = Node::default();
+    node.metadata.name = Some("ws".into());
+    node.status = Some(NodeStatus {
+        conditions: Some(vec![NodeCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..NodeCondition::default()
+        }]),
+        ..NodeStatus::default()
+    });
+    (gn, node)
+}
+
+fn store_of<K>(items: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for item in items {
+        writer.apply_watcher_event(&watcher::Event::InitApply(item));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
+}
+
+fn context(machines: Vec<GpuMachine>) -> (Arc<Context>, Server) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let (gn, node) = workstation();
+    let ctx = Context::new(
+        client,
+        store_of(machines),
+        store_of(vec![gn]),
+        store_of(vec![node]),
+        Arc::new(Metrics::new()),
+        Settings::default(),
+    );
+    (Arc::new(ctx), Server::spawn(handle))
+}
+
+fn with_status(mut m: GpuMachine, body: &Value, rv: &str) -> GpuMachine {
+    m.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
+    m.metadata.resource_version = Some(rv.into());
+    m
+}
+
+async fn run(
+    m: GpuMachine,
+    ctx: &Arc<Context>,
+) -> tokio::task::JoinHandle<Result<kube::runtime::controller::Action, Error>> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { reconcile(Arc::new(m), ctx).await })
+}
+
+/// Awaits a reconcile, failing the test instead of hanging if it waits on a reply the
+/// scenario never scripted.
+async fn finish(
+    task: tokio::task::JoinHandle<Result<kube::runtime::controller::Action, Error>>,
+) -> Result<kube::runtime::controller::Action, Error> {
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the reconcile is still waiting (on a request the scenario did not answer?)")
+        .expect("the reconcile task panicked")
+}
+
+#[tokio::test]
+async fn a_new_machine_first_gets_the_finalizer() {
+    let mut m = machine("m");
+    m.metadata.finalizers = None;
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PATCH, &*format!("{MACHINES}/m"))
+    );
+    let ops = call.body.to_string();
+    assert!(ops.contains(keys::FINALIZER), "finalizer patch: {ops}");
+    let mut with = m.clone();
+    with.metadata.finalizers = Some(vec![keys::FINALIZER.into()]);
+    call.ok(&with);
+
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn allocation_is_written_before_the_pod_exists() {
+    let m = machine("m");
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+
+    // 1. Label the machine with its node, guarded by its resourceVersion.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PATCH, &*format!("{MACHINES}/m"))
+    );
+    assert_eq!(call.body["metadata"]["labels"]["gpuvm.dev/node"], "ws");
+    assert_eq!(call.body["metadata"]["resourceVersion"], "1");
+    let mut labelled = m.clone();
+    labelled.metadata.resource_version = Some("2".into());
+    call.ok(&labelled);
+
+    // 2. The allocation goes into status, by server-side apply, with the new precondition.
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert!(
+        call.query.contains("fieldManager=gpuvm-operator"),
+        "{}",
+        call.query
+    );
+    assert!(call.query.contains("force=true"), "{}", call.query);
+    assert_eq!(call.body["metadata"]["resourceVersion"], "2");
+    let status = &call.body["status"];
+    assert_eq!(status["nodeName"], "ws");
+    assert_eq!(status["phase"], "Scheduled");
+    assert_eq!(status["gpus"][0]["pciAddress"], "0000:01:00.0");
+    assert_eq!(status["gpus"][0]["companions"][0], "0000:01:00.1");
+    assert_eq!(status["conditions"][0]["type"], "Scheduled");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    assert_eq!(status["conditions"][0]["observedGeneration"], 1);
+    let after = with_status(labelled, &call.body, "3");
+    call.ok(&after);
+    finish(task).await.unwrap();
+    server.done().await;
+
+    // 3. Next pass: no Pod yet -> fresh check of the node's machines -> create the Pod.
+    let task = run(after.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, "/api/v1/namespaces/default/pods/m-vm")
+    );
+    call.error(404, "NotFound");
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, "/apis/gpuvm.dev/v1alpha1/gpumachines")
+    );
+    assert!(
+        call.query.contains("labelSelector=gpuvm.dev%2Fnode%3Dws"),
+        "{}",
+        call.query
+    );
+    call.ok(
+        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
+                    "metadata": {"resourceVersion": "9"}, "items": [after]}),
+    );
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::POST, "/api/v1/namespaces/default/pods")
+    );
+    let pod: Pod = serde_json::from_value(call.body.clone()).unwrap();
+    let ann = pod.metadata.annotations.clone().unwrap();
+    assert_eq!(ann["gpuvm.dev/devices"], "0000:01:00.0,0000:01:00.1");
+    assert_eq!(ann["gpuvm.dev/cpus"], "4");
+    assert_eq!(ann["gpuvm.dev/memory"], "8Gi");
+    assert_eq!(
+        pod.spec.as_ref().unwrap().runtime_class_name.as_deref(),
+        Some("gpuvm")
+    );
+    assert_eq!(
+        pod.metadata.owner_references.as_ref().unwrap()[0].uid,
+        "uid-m"
+    );
+    call.ok(&pod);
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert_eq!(call.body["status"]["podName"], "m-vm");
+    let reply = with_status(after, &call.body, "4");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_conflicting_status_write_retries_and_never_double_allocates() {
+    let a = machine("a");
+    let b = machine("b");
+    // The cache never catches up during this test: only the overlay knows about `a`.
+    let (ctx, mut server) = context(vec![a.clone(), b.clone()]);
+
+    // `a`'s allocation write hits a 409: nothing is recorded, the error is a conflict.
+    let task = run(a.clone(), &ctx).await;
+    server.next().await.ok(&a);
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/a/status"));
+    call.error(409, "Conflict");
+    let err = finish(task).await.unwrap_err();
+    assert_eq!(err.metric_label(), "conflict", "{err}");
+    assert_eq!(err.backoff(), Duration::from_millis(200));
+
+    // Meanwhile `b` can still be placed on the one GPU: `a` holds nothing.
+    let task = run(b.clone(), &ctx).await;
+    server.next().await.ok(&b);
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/b/status"));
+    assert_eq!(call.body["status"]["gpus"][0]["pciAddress"], "0000:01:00.0");
+    let reply = with_status(b.clone(), &call.body, "5");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+
+    // `a` retries: the GPU is now `b`'s (known from the overlay, not the stale cache),
+    // so `a` is reported unschedulable instead of being handed the same GPU.
+    let task = run(a.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/a/status"));
+    let status = &call.body["status"];
+    assert!(status.get("gpus").is_none(), "{status}");
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["conditions"][0]["type"], "Scheduled");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["conditions"][0]["reason"], "Unschedulable");
+    assert_eq!(
+        status["message"],
+        "no node has 1 free healthy l40s GPU (1 node checked: 1 full)"
+    );
+    let reply = with_status(a, &call.body, "6");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_clash_found_before_pod_creation_gives_the_allocation_back() {
+    let mine = placed("mine");
+    let mut theirs = placed("theirs");
+    theirs.status.as_mut().unwrap().pod_name = Some("theirs-vm".into());
+    let (ctx, mut server) = context(vec![mine.clone()]);
+    let task = run(mine.clone(), &ctx).await;
+
+    server.next().await.error(404, "NotFound");
+    let call = server.next().await;
+    assert!(call.query.contains("labelSelector=gpuvm.dev%2Fnode%3Dws"));
+    call.ok(
+        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
+                    "metadata": {"resourceVersion": "9"}, "items": [mine, theirs]}),
+    );
+    // No Pod is created; the allocation is released instead.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PATCH, &*format!("{MACHINES}/mine/status"))
+    );
+    let status = &call.body["status"];
+    assert!(
+        status.get("nodeName").is_none() && status.get("gpus").is_none(),
+        "{status}"
+    );
+    assert_eq!(status["phase"], "Pending");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("clashed with default/theirs")
+    );
+    let reply = with_status(mine, &call.body, "7");
+    call.ok(&reply);
+    let action = finish(task).await.unwrap();
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some"),
+        "{action:?}"
+    );
+    server.done().await;
+}
+
+fn pod(phase: &str, state: ContainerState, ready: bool) -> Pod {
+    let mut p = Pod::default();
+    p.metadata.name = Some("m-vm".into());
+    p.metadata.namespace = Some("default".into());
+    p.status = Some(PodStatus {
+        phase: Some(phase.into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "machine".into(),
+            ready,
+            state: Some(state),
+            ..ContainerStatus::default()
+        }]),
+        ..PodStatus::default()
+    });
+    p
+}
+
+#[tokio::test]
+async fn pod_state_is_mirrored_into_phase_and_conditions() {
+    let mut m = placed("m");
+    m.status.as_mut().unwrap().pod_name = Some("m-vm".into());
+    m.status.as_mut().unwrap().phase = Some(MachinePhase::Booting);
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+
+    let running = ContainerState {
+        running: Some(ContainerStateRunning::default()),
+        ..ContainerState::default()
+    };
+    server.next().await.ok(&pod("Running", running, true));
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
+    assert_eq!(status.phase, Some(MachinePhase::Running));
+    let ready = status.condition(gpuvm_api::ConditionType::Ready).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Running")
+    );
+    let vm = status.condition(gpuvm_api::ConditionType::VmReady).unwrap();
+    assert_eq!(vm.status, "True");
+    let gpu = status
+        .condition(gpuvm_api::ConditionType::GpuReady)
+        .unwrap();
+    assert_eq!(gpu.status, "Unknown");
+    let reply = with_status(m, &call.body, "8");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
+    let mut m = placed("m");
+    m.spec.restart_policy = RestartPolicy::OnFailure;
+    m.status.as_mut().unwrap().pod_name = Some("m-vm".into());
+    m.status.as_mut().unwrap().phase = Some(MachinePhase::Running);
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+
+    let failed = ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: 3,
+            reason: Some("Error".into()),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    };
+    server.next().await.ok(&pod("Failed", failed, false));
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+    );
+    call.ok(&pod("Failed", ContainerState::default(), false));
+    let call = server.next().await;
+    let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
+    assert_eq!(status.restarts, 1);
+    assert_eq!(status.pod_name.as_deref(), Some("m-vm-1"));
+    assert_eq!(status.exit_code, Some(3));
+    assert_eq!(status.phase, Some(MachinePhase::Scheduled));
+    // Same GPUs: the allocation is untouched.
+    assert_eq!(status.gpus, m.status.as_ref().unwrap().gpus);
+    let next = with_status(m, &call.body, "9");
+    call.ok(&next);
+    finish(task).await.unwrap();
+    server.done().await;
+
+    // The replacement Pod is named for the restart and created after the fresh check.
+    let task = run(next.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(call.path, "/api/v1/namespaces/default/pods/m-vm-1");
+    call.error(404, "NotFound");
+    server.next().await.ok(
+        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
+                                    "metadata": {"resourceVersion": "9"}, "items": [next]}),
+    );
+    let call = server.next().await;
+    assert_eq!(call.method, Method::POST);
+    assert_eq!(call.body["metadata"]["name"], "m-vm-1");
+    assert_eq!(
+        call.body["metadata"]["annotations"]["gpuvm.dev/devices"],
+        "0000:01:00.0,0000:01:00.1"
+    );
+    let created = call.body.clone();
+    call.respond(StatusCode::CREATED, &created);
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert_eq!(call.body["status"]["podName"], "m-vm-1");
+    let reply = with_status(next, &call.body, "10");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
+    let mut m = placed("m");
+    m.status.as_mut().unwrap().pod_name = Some("m-vm".into());
+    m.status.as_mut().unwrap().phase = Some(MachinePhase::Running);
+    m.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let (ctx, mut server) = context(vec![m.clone()]);
+
+    // First pass: the Pod exists -> Terminating, delete it, and keep the finalizer.
+    let task = run(m.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, "/api/v1/namespaces/default/pods")
+    );
+    assert!(
+        call.query.contains("labelSelector=gpuvm.dev%2Fmachine%3Dm"),
+        "{}",
+        call.query
+    );
+    let running = pod("Running", ContainerState::default(), true);
+    call.ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [running]}));
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert_eq!(call.body["status"]["phase"], "Terminating");
+    let terminating = with_status(m.clone(), &call.body, "10");
+    call.ok(&terminating);
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+    );
+    call.ok(&running);
+    let err = finish(task).await.unwrap_err();
+    assert_eq!(err.metric_label(), "pods_terminating", "{err}");
+    server.done().await;
+
+    // Second pass: the Pod is gone -> the finalizer is removed, releasing the GPUs.
+    let task = run(terminating.clone(), &ctx).await;
+    server
+        .next()
+        .await
+        .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PATCH, &*format!("{MACHINES}/m"))
+    );
+    assert!(call.body.to_string().contains("remove"), "{}", call.body);
+    let mut gone = terminating;
+    gone.metadata.finalizers = None;
+    call.ok(&gone);
+    finish(task).await.unwrap();
+    server.done().await;
+    assert!(gone.meta().finalizers.is_none());
+}
