@@ -2,6 +2,9 @@
 //! real `Client` talks HTTP to a `tower_test` mock, and each scenario answers the exact
 //! requests the reconciler must make, in order, asserting their contents.
 
+// Helpers of an integration test are test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
