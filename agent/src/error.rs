@@ -61,6 +61,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A step of setting up the container in the child failed (a mount, the
+    /// working directory, ...).
+    #[error("{step} failed")]
+    ContainerSetup {
+        /// What the child was doing, e.g. "Mounting devpts at /…/dev/pts".
+        step: String,
+        /// The errno the child reported.
+        #[source]
+        source: io::Error,
+    },
     /// NVML could not be initialised: no NVIDIA driver (or no libnvidia-ml) in the guest.
     #[error("There is no NVIDIA driver in the guest")]
     NoGpuDriver(#[source] nvml_wrapper::error::NvmlError),
@@ -101,7 +111,9 @@ impl Error {
             Self::ExecutableNotFound { .. } => Code::NOT_FOUND,
             Self::WrongState { .. } => Code::FAILED_PRECONDITION,
             Self::NoGpuDriver(_) => Code::FAILED_PRECONDITION,
-            Self::Spawn { .. } | Self::Nvml(_) | Self::Io { .. } => Code::INTERNAL,
+            Self::Spawn { .. } | Self::ContainerSetup { .. } | Self::Nvml(_) | Self::Io { .. } => {
+                Code::INTERNAL
+            }
         }
     }
 }

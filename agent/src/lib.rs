@@ -11,8 +11,10 @@
 //! on a unix socket.
 
 pub mod boot;
+pub mod cgroup;
 pub mod error;
 pub mod gpu;
+pub mod mounts;
 pub mod process;
 pub mod procfs;
 pub mod runtime;

@@ -8,11 +8,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use gpuvm_agent::boot::{self, BootConfig};
+use gpuvm_agent::cgroup::Cgroups;
+use gpuvm_agent::procfs;
 use gpuvm_agent::runtime::Runtime;
 use gpuvm_agent::service::{AgentService, GuestFacts};
 use gpuvm_protocol::AGENT_VSOCK_PORT;
@@ -124,28 +127,71 @@ fn run_as_init(started: Instant) -> anyhow::Result<()> {
         .listen
         .clone()
         .unwrap_or_else(|| format!("vsock://-1:{AGENT_VSOCK_PORT}"));
-    let runtime = Arc::new(Runtime::default());
+    let runtime = match Cgroups::setup(Path::new("/sys/fs/cgroup")) {
+        Ok(cgroups) => Runtime::with_cgroups(cgroups),
+        Err(error) => {
+            tracing::warn!(
+                "{}; containers share the root cgroup and OOM kills are judged guest-wide",
+                gpuvm_agent::error::chain(&error)
+            );
+            Runtime::default()
+        }
+    };
+    let runtime = Arc::new(runtime);
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
     let facts = GuestFacts {
         loaded_modules,
         shared_dir: shared_dir.clone(),
+        ..GuestFacts::default()
     };
+    let listening = Arc::clone(&facts.listening_uptime_ns);
     let _server = serve(&listen, &runtime, facts, shutdown_tx)?;
-    tracing::info!(%listen, boot_ms = started.elapsed().as_millis() as u64, "agent ready");
+    let uptime_ns = procfs::parse_uptime_ns(&procfs::read("/proc/uptime")).unwrap_or(0);
+    listening.store(uptime_ns, Ordering::Relaxed);
+    tracing::info!(
+        %listen,
+        agent_ms = started.elapsed().as_millis() as u64,
+        kernel_boot_to_listen_ms = uptime_ns / 1_000_000,
+        "agent ready"
+    );
 
     let _ = shutdown_rx.recv();
-    runtime.kill_all();
-    // Everything else (strays included): PID 1 is spared by kill(-1).
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(-1),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let stopping = Instant::now();
+    let left = kill_everything(&runtime, Duration::from_secs(5));
+    if left.is_empty() {
+        tracing::info!(
+            ms = stopping.elapsed().as_millis() as u64,
+            "every process killed and reaped"
+        );
+    } else {
+        tracing::warn!(?left, "processes still there at power-off");
+    }
+    nix::unistd::sync();
     if let Some(dir) = shared_dir {
-        nix::unistd::sync();
         let _ = nix::mount::umount2(dir.as_path(), nix::mount::MntFlags::MNT_DETACH);
     }
     power_off();
     Ok(())
+}
+
+/// SIGKILLs every process but PID 1 until none is left (the reaper collects them),
+/// or `timeout` passes; returns the pids still there.
+fn kill_everything(runtime: &Runtime, timeout: Duration) -> Vec<u32> {
+    runtime.kill_all();
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Strays included: kill(-1) spares only PID 1. Repeated, since a process may
+        // fork between two rounds.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-1),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let left = procfs::user_pids(&procfs::all_pid_stats(Path::new("/proc")));
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn serve(

@@ -28,7 +28,9 @@ use nix::unistd::{
     Gid, Pid, Uid, chdir, chroot, fchdir, pivot_root, setgroups, setresgid, setresuid, setsid,
 };
 
+use crate::cgroup::{OomCounter, was_oom_killed};
 use crate::error::{Error, Result};
+use crate::mounts::{GuestMounts, SourceKind, Step, plan_mounts};
 use crate::spec::{ConsoleSize, ContainerSpec, ProcessSpec, join_in_root};
 use crate::stream::OutputBuffer;
 
@@ -43,6 +45,8 @@ pub struct ExitInfo {
     pub signal: u32,
     /// When the reaper collected it.
     pub exited_at: SystemTime,
+    /// The kernel's OOM killer ended it (see [`was_oom_killed`]).
+    pub oom_killed: bool,
 }
 
 impl ExitInfo {
@@ -60,6 +64,7 @@ impl ExitInfo {
             exit_status,
             signal,
             exited_at,
+            oom_killed: false,
         })
     }
 }
@@ -89,6 +94,15 @@ impl State {
     }
 }
 
+/// The OOM counter a process is judged by, as it was when the process started.
+#[derive(Debug)]
+struct OomWatch {
+    counter: OomCounter,
+    before: Option<u64>,
+    /// An init process watched through its container's own cgroup.
+    container_scope: bool,
+}
+
 #[derive(Debug)]
 struct Status {
     state: State,
@@ -112,6 +126,7 @@ pub struct Process {
     pub stderr: OutputBuffer,
     stdin: Mutex<Option<File>>,
     pty_master: Mutex<Option<OwnedFd>>,
+    oom: Mutex<Option<OomWatch>>,
 }
 
 /// How a process enters its container.
@@ -149,6 +164,7 @@ impl Process {
             stderr: OutputBuffer::default(),
             stdin: Mutex::new(None),
             pty_master: Mutex::new(None),
+            oom: Mutex::new(None),
         })
     }
 
@@ -182,8 +198,9 @@ impl Process {
         }
     }
 
-    /// Spawns the process and returns its pid.
-    pub fn start(self: &Arc<Self>, launch: Launch<'_>) -> Result<u32> {
+    /// Spawns the process, in the cgroup directory `cgroup` if given, and returns
+    /// its pid.
+    pub fn start(self: &Arc<Self>, launch: Launch<'_>, cgroup: Option<&Path>) -> Result<u32> {
         {
             let mut status = lock(&self.status);
             if status.state != State::Created {
@@ -191,7 +208,7 @@ impl Process {
             }
             status.state = State::Starting;
         }
-        match self.spawn(launch) {
+        match self.spawn(launch, cgroup) {
             Ok(pid) => {
                 let mut status = lock(&self.status);
                 // The reaper may already have recorded a very short-lived process.
@@ -208,9 +225,20 @@ impl Process {
         }
     }
 
-    fn spawn(self: &Arc<Self>, launch: Launch<'_>) -> Result<u32> {
+    fn spawn(self: &Arc<Self>, launch: Launch<'_>, cgroup: Option<&Path>) -> Result<u32> {
         let spec = &self.spec;
-        let (setup, host_root) = ChildSetup::prepare(spec, &launch)?;
+        let Prepared {
+            setup,
+            host_root,
+            failures,
+        } = ChildSetup::prepare(spec, &launch, cgroup)?;
+        // The baseline predates the process, so any kill of it counts.
+        let counter = OomCounter::for_cgroup(cgroup);
+        *lock(&self.oom) = Some(OomWatch {
+            before: counter.read(),
+            container_scope: self.exec_id.is_empty() && matches!(counter, OomCounter::Cgroup(_)),
+            counter,
+        });
         let mut command = Command::new(&spec.args[0]);
         command
             .args(&spec.args[1..])
@@ -246,7 +274,11 @@ impl Process {
         }
 
         let child = reaper().track(self, || command.spawn()).map_err(|source| {
-            if source.raw_os_error() == Some(libc::ENOENT) && !program_exists(&host_root, spec) {
+            if let Some(step) = failures.failed_step(spec) {
+                Error::ContainerSetup { step, source }
+            } else if source.raw_os_error() == Some(libc::ENOENT)
+                && !program_exists(&host_root, spec)
+            {
                 Error::ExecutableNotFound {
                     program: spec.args[0].clone(),
                     path: spec.path_env().unwrap_or(DEFAULT_EXEC_PATH).to_string(),
@@ -303,7 +335,15 @@ impl Process {
         });
     }
 
-    fn set_exited(&self, exit: ExitInfo) {
+    fn set_exited(&self, mut exit: ExitInfo) {
+        if let Some(watch) = lock(&self.oom).as_ref() {
+            exit.oom_killed = was_oom_killed(
+                watch.before,
+                watch.counter.read(),
+                exit.signal,
+                watch.container_scope,
+            );
+        }
         let mut status = lock(&self.status);
         status.state = State::Exited(exit);
         self.changed.notify_all();
@@ -454,15 +494,124 @@ fn optional_cstring(value: &str) -> Result<Option<CString>> {
         .map_err(|_| Error::invalid(format!("{value:?} contains a NUL byte")))
 }
 
-/// A mount, as C strings ready for the child.
+/// A planned mount step as C strings, ready for the child.
 #[derive(Debug)]
-struct ChildMount {
-    source: Option<CString>,
-    target: CString,
-    fstype: Option<CString>,
-    flags: MsFlags,
-    propagation: MsFlags,
-    data: Option<CString>,
+enum ChildStep {
+    MakeDir(CString),
+    MakeFile(CString),
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: MsFlags,
+        data: Option<CString>,
+    },
+    Remount {
+        target: CString,
+        flags: MsFlags,
+    },
+    CharDevice {
+        path: CString,
+        dev: libc::dev_t,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+}
+
+impl ChildStep {
+    fn from_step(step: &Step) -> Result<Self> {
+        Ok(match step {
+            Step::MakeDir(path) => Self::MakeDir(cstring(path)?),
+            Step::MakeFile(path) => Self::MakeFile(cstring(path)?),
+            Step::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => Self::Mount {
+                source: optional_cstring(source.as_deref().unwrap_or(""))?,
+                target: cstring(target)?,
+                fstype: optional_cstring(fstype.as_deref().unwrap_or(""))?,
+                flags: *flags,
+                data: optional_cstring(data)?,
+            },
+            Step::RemountReadOnly { target, flags } => Self::Remount {
+                target: cstring(target)?,
+                flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | *flags,
+            },
+            Step::Propagation { target, flags } => Self::Remount {
+                target: cstring(target)?,
+                flags: *flags,
+            },
+            Step::CharDevice { path, major, minor } => Self::CharDevice {
+                path: cstring(path)?,
+                dev: nix::sys::stat::makedev(*major, *minor),
+            },
+            Step::Symlink { target, link } => Self::Symlink {
+                target: cstring(target)?,
+                link: cstring(link)?,
+            },
+        })
+    }
+
+    /// Runs in the child: system calls only, on values prepared before the fork.
+    fn run(&self) -> nix::Result<()> {
+        const NONE: Option<&'static std::ffi::CStr> = None;
+        let existing_is_fine = |result: nix::Result<()>| match result {
+            Err(Errno::EEXIST) => Ok(()),
+            other => other,
+        };
+        match self {
+            Self::MakeDir(path) => existing_is_fine(nix::unistd::mkdir(
+                path.as_c_str(),
+                Mode::from_bits_truncate(0o755),
+            )),
+            Self::MakeFile(path) => open(
+                path.as_c_str(),
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .map(drop),
+            Self::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => mount(
+                source.as_deref(),
+                target.as_c_str(),
+                fstype.as_deref(),
+                *flags,
+                data.as_deref(),
+            ),
+            Self::Remount { target, flags } => mount(NONE, target.as_c_str(), NONE, *flags, NONE),
+            Self::CharDevice { path, dev } => {
+                let mode = Mode::from_bits_truncate(0o666);
+                existing_is_fine(nix::sys::stat::mknod(
+                    path.as_c_str(),
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    mode,
+                    *dev,
+                ))?;
+                // mknod applies the umask.
+                nix::sys::stat::fchmodat(
+                    nix::fcntl::AT_FDCWD,
+                    path.as_c_str(),
+                    mode,
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+            }
+            Self::Symlink { target, link } => existing_is_fine(nix::unistd::symlinkat(
+                target.as_c_str(),
+                nix::fcntl::AT_FDCWD,
+                link.as_c_str(),
+            )),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -470,7 +619,7 @@ enum Root {
     Guest,
     New {
         rootfs: CString,
-        mounts: Vec<ChildMount>,
+        steps: Vec<ChildStep>,
         readonly: bool,
     },
     Join {
@@ -479,10 +628,70 @@ enum Root {
     },
 }
 
+/// A stage of the child's setup, reported to the parent when it fails.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Session = 0,
+    Terminal,
+    Cgroup,
+    MountNamespace,
+    RootfsBind,
+    EnterRoot,
+    ReadOnlyRoot,
+    JoinContainer,
+    Rlimits,
+    Groups,
+    Credentials,
+    WorkingDirectory,
+}
+
+impl Phase {
+    const ALL: [Phase; 12] = [
+        Phase::Session,
+        Phase::Terminal,
+        Phase::Cgroup,
+        Phase::MountNamespace,
+        Phase::RootfsBind,
+        Phase::EnterRoot,
+        Phase::ReadOnlyRoot,
+        Phase::JoinContainer,
+        Phase::Rlimits,
+        Phase::Groups,
+        Phase::Credentials,
+        Phase::WorkingDirectory,
+    ];
+
+    fn describe(self, spec: &ProcessSpec) -> String {
+        match self {
+            Self::Session => "Starting a session".into(),
+            Self::Terminal => "Taking the terminal".into(),
+            Self::Cgroup => "Joining the container's cgroup".into(),
+            Self::MountNamespace => "Creating the mount namespace".into(),
+            Self::RootfsBind => "Bind-mounting the rootfs".into(),
+            Self::EnterRoot => "Entering the rootfs".into(),
+            Self::ReadOnlyRoot => "Making the rootfs read-only".into(),
+            Self::JoinContainer => "Joining the container's mount namespace".into(),
+            Self::Rlimits => "Setting the resource limits".into(),
+            Self::Groups => "Setting the supplementary groups".into(),
+            Self::Credentials => format!("Switching to uid {} gid {}", spec.uid, spec.gid),
+            Self::WorkingDirectory => {
+                format!("Changing to the working directory {}", spec.cwd.display())
+            }
+        }
+    }
+}
+
+/// Set in a failure report for a mount step (the rest is its index).
+const STEP_REPORT: u32 = 1 << 31;
+
 /// Everything the child does between fork and exec, prepared in the parent.
 #[derive(Debug)]
 struct ChildSetup {
     root: Root,
+    /// `cgroup.procs` of the container's group, written before anything else.
+    cgroup_procs: Option<OwnedFd>,
+    /// Write end of the pipe on which a failing child names the step that failed.
+    report: OwnedFd,
     rlimits: Vec<crate::spec::Rlimit>,
     groups: Vec<Gid>,
     uid: Uid,
@@ -490,9 +699,46 @@ struct ChildSetup {
     cwd: CString,
 }
 
+/// A prepared child, and the parent's means to explain its failure.
+#[derive(Debug)]
+struct Prepared {
+    setup: ChildSetup,
+    /// The container root as the agent sees it.
+    host_root: PathBuf,
+    failures: FailureReport,
+}
+
+/// The parent's side of the failure report pipe.
+#[derive(Debug)]
+struct FailureReport {
+    /// What each mount step does, for error messages.
+    step_names: Vec<String>,
+    /// Read end of the pipe (non-blocking).
+    report: OwnedFd,
+}
+
+impl FailureReport {
+    /// The step that failed in the child, if it reported one.
+    fn failed_step(&self, spec: &ProcessSpec) -> Option<String> {
+        let mut code = [0u8; 4];
+        match nix::unistd::read(&self.report, &mut code) {
+            Ok(4) => {}
+            _ => return None,
+        }
+        let code = u32::from_ne_bytes(code);
+        if code & STEP_REPORT != 0 {
+            let index = usize::try_from(code & !STEP_REPORT).ok()?;
+            return self.step_names.get(index).cloned();
+        }
+        let phase = Phase::ALL.get(usize::try_from(code).ok()?)?;
+        Some(phase.describe(spec))
+    }
+}
+
 impl ChildSetup {
-    /// Prepares the child's setup; also returns the container root as the agent sees it.
-    fn prepare(spec: &ProcessSpec, launch: &Launch<'_>) -> Result<(Self, PathBuf)> {
+    /// Prepares the child's setup in the parent.
+    fn prepare(spec: &ProcessSpec, launch: &Launch<'_>, cgroup: Option<&Path>) -> Result<Prepared> {
+        let mut step_names = Vec::new();
         let (root, host_root) = match launch {
             Launch::Guest => (Root::Guest, PathBuf::from("/")),
             Launch::NewContainer(container) => match &container.rootfs {
@@ -504,31 +750,25 @@ impl ChildSetup {
                             rootfs.display()
                         )));
                     }
-                    let mounts = container
-                        .mounts
+                    let plan = plan_mounts(
+                        rootfs,
+                        &container.mounts,
+                        &GuestMounts::probe(),
+                        SourceKind::of,
+                    )?;
+                    for warning in &plan.warnings {
+                        tracing::warn!("{warning}");
+                    }
+                    step_names = plan.steps.iter().map(ToString::to_string).collect();
+                    let steps = plan
+                        .steps
                         .iter()
-                        .map(|m| {
-                            let target = join_in_root(rootfs, &m.destination);
-                            create_mount_target(&target, m.is_bind().then(|| Path::new(&m.source)));
-                            Ok(ChildMount {
-                                source: optional_cstring(&m.source)?,
-                                target: cstring(&target)?,
-                                fstype: m
-                                    .fstype
-                                    .as_deref()
-                                    .map(optional_cstring)
-                                    .transpose()?
-                                    .flatten(),
-                                flags: m.flags,
-                                propagation: m.propagation,
-                                data: optional_cstring(&m.data)?,
-                            })
-                        })
+                        .map(ChildStep::from_step)
                         .collect::<Result<_>>()?;
                     (
                         Root::New {
                             rootfs: cstring(rootfs)?,
-                            mounts,
+                            steps,
                             readonly: container.readonly_rootfs,
                         },
                         rootfs.clone(),
@@ -546,8 +786,19 @@ impl ChildSetup {
                 (Root::Join { mnt_ns, root }, proc_dir.join("root"))
             }
         };
+        let cgroup_procs = cgroup
+            .map(|dir| {
+                let procs = dir.join("cgroup.procs");
+                open(&procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
+                    .map_err(|e| Error::io(format!("Opening {}", procs.display()), e))
+            })
+            .transpose()?;
+        let (report_read, report_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+            .map_err(|e| Error::io("Creating a pipe", e))?;
         let setup = Self {
             root,
+            cgroup_procs,
+            report: report_write,
             rlimits: spec.rlimits.clone(),
             groups: spec
                 .additional_gids
@@ -558,121 +809,137 @@ impl ChildSetup {
             gid: Gid::from_raw(spec.gid),
             cwd: cstring(&spec.cwd)?,
         };
-        Ok((setup, host_root))
+        Ok(Prepared {
+            setup,
+            host_root,
+            failures: FailureReport {
+                step_names,
+                report: report_read,
+            },
+        })
     }
 
-    /// Runs in the forked child: session, root, limits, credentials, working dir.
+    /// In the child: tells the parent which step failed, then passes the error on.
+    fn report(&self, code: u32, error: impl Into<io::Error>) -> io::Error {
+        let bytes = code.to_ne_bytes();
+        // SAFETY: write(2) reads 4 bytes from a live stack array; the fd is the open
+        // write end of the report pipe. No allocation, as `pre_exec` requires.
+        let _ = unsafe { libc::write(self.report.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        error.into()
+    }
+
+    fn phase<T, E: Into<io::Error>>(
+        &self,
+        phase: Phase,
+        result: std::result::Result<T, E>,
+    ) -> io::Result<T> {
+        result.map_err(|e| self.report(phase as u32, e))
+    }
+
+    /// Runs in the forked child: cgroup, session, root, limits, credentials, cwd.
     fn run_in_child(&self, terminal: bool) -> io::Result<()> {
-        setsid()?;
+        if let Some(procs) = &self.cgroup_procs {
+            // "0" moves the writing process itself.
+            self.phase(Phase::Cgroup, nix::unistd::write(procs, b"0"))?;
+        }
+        self.phase(Phase::Session, setsid())?;
         if terminal {
             // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty slave.
             if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-                return Err(io::Error::last_os_error());
+                return Err(self.report(Phase::Terminal as u32, io::Error::last_os_error()));
             }
         }
         match &self.root {
             Root::Guest => {}
             Root::New {
                 rootfs,
-                mounts,
+                steps,
                 readonly,
-            } => enter_new_root(rootfs, mounts, *readonly)?,
+            } => self.enter_new_root(rootfs, steps, *readonly)?,
             Root::Join { mnt_ns, root } => {
-                setns(mnt_ns.as_fd(), CloneFlags::CLONE_NEWNS)?;
-                fchdir(root)?;
-                chroot(".")?;
+                self.phase(
+                    Phase::JoinContainer,
+                    setns(mnt_ns.as_fd(), CloneFlags::CLONE_NEWNS),
+                )?;
+                self.phase(Phase::JoinContainer, fchdir(root))?;
+                self.phase(Phase::JoinContainer, chroot("."))?;
             }
         }
         for limit in &self.rlimits {
-            setrlimit(limit.resource, limit.soft, limit.hard)?;
-        }
-        setgroups(&self.groups)?;
-        setresgid(self.gid, self.gid, self.gid)?;
-        setresuid(self.uid, self.uid, self.uid)?;
-        chdir(self.cwd.as_c_str())?;
-        Ok(())
-    }
-}
-
-/// Creates the mount point: a file for a bind mount of a file, else a directory.
-/// Failures are left for `mount(2)` to report.
-fn create_mount_target(target: &Path, bind_source: Option<&Path>) {
-    if target.exists() {
-        return;
-    }
-    if bind_source.is_some_and(|source| source.is_file()) {
-        if let Some(parent) = target.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let _ = File::create(target);
-    } else {
-        let _ = std::fs::create_dir_all(target);
-    }
-}
-
-/// In the child: a private mount namespace with `rootfs` as `/`.
-fn enter_new_root(rootfs: &CString, mounts: &[ChildMount], readonly: bool) -> io::Result<()> {
-    const NONE: Option<&'static std::ffi::CStr> = None;
-    unshare(CloneFlags::CLONE_NEWNS)?;
-    mount(
-        NONE,
-        c"/",
-        NONE,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        NONE,
-    )?;
-    mount(
-        Some(rootfs.as_c_str()),
-        rootfs.as_c_str(),
-        NONE,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        NONE,
-    )?;
-    for m in mounts {
-        mount(
-            m.source.as_deref(),
-            m.target.as_c_str(),
-            m.fstype.as_deref(),
-            m.flags,
-            m.data.as_deref(),
-        )?;
-        if m.flags.contains(MsFlags::MS_BIND) && m.flags.contains(MsFlags::MS_RDONLY) {
-            // A bind mount ignores MS_RDONLY until it is remounted.
-            let keep = m.flags & (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
-            mount(
-                NONE,
-                m.target.as_c_str(),
-                NONE,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | keep,
-                NONE,
+            self.phase(
+                Phase::Rlimits,
+                setrlimit(limit.resource, limit.soft, limit.hard),
             )?;
         }
-        if !m.propagation.is_empty() {
-            mount(NONE, m.target.as_c_str(), NONE, m.propagation, NONE)?;
-        }
+        self.phase(Phase::Groups, setgroups(&self.groups))?;
+        self.phase(Phase::Credentials, setresgid(self.gid, self.gid, self.gid))?;
+        self.phase(Phase::Credentials, setresuid(self.uid, self.uid, self.uid))?;
+        self.phase(Phase::WorkingDirectory, chdir(self.cwd.as_c_str()))?;
+        Ok(())
     }
-    chdir(rootfs.as_c_str())?;
-    match pivot_root(".", ".") {
-        Ok(()) => umount2(".", MntFlags::MNT_DETACH)?,
-        // The guest's root is the initramfs, which pivot_root refuses: move the
-        // rootfs over `/` and chroot into it instead (what switch_root does).
-        Err(Errno::EINVAL) => {
-            mount(Some(c"."), c"/", NONE, MsFlags::MS_MOVE, NONE)?;
-            chroot(".")?;
-        }
-        Err(e) => return Err(e.into()),
-    }
-    chdir(c"/")?;
-    if readonly {
-        mount(
-            NONE,
-            c"/",
-            NONE,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-            NONE,
+
+    /// In the child: a private mount namespace with `rootfs` as `/`.
+    fn enter_new_root(
+        &self,
+        rootfs: &CString,
+        steps: &[ChildStep],
+        readonly: bool,
+    ) -> io::Result<()> {
+        const NONE: Option<&'static std::ffi::CStr> = None;
+        self.phase(Phase::MountNamespace, unshare(CloneFlags::CLONE_NEWNS))?;
+        self.phase(
+            Phase::MountNamespace,
+            mount(
+                NONE,
+                c"/",
+                NONE,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                NONE,
+            ),
         )?;
+        self.phase(
+            Phase::RootfsBind,
+            mount(
+                Some(rootfs.as_c_str()),
+                rootfs.as_c_str(),
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                NONE,
+            ),
+        )?;
+        for (index, step) in steps.iter().enumerate() {
+            let code = STEP_REPORT | u32::try_from(index).unwrap_or(0);
+            step.run().map_err(|e| self.report(code, e))?;
+        }
+        self.phase(Phase::EnterRoot, chdir(rootfs.as_c_str()))?;
+        match pivot_root(".", ".") {
+            Ok(()) => self.phase(Phase::EnterRoot, umount2(".", MntFlags::MNT_DETACH))?,
+            // The guest's root is the initramfs, which pivot_root refuses: move the
+            // rootfs over `/` and chroot into it instead (what switch_root does).
+            Err(Errno::EINVAL) => {
+                self.phase(
+                    Phase::EnterRoot,
+                    mount(Some(c"."), c"/", NONE, MsFlags::MS_MOVE, NONE),
+                )?;
+                self.phase(Phase::EnterRoot, chroot("."))?;
+            }
+            Err(e) => return Err(self.report(Phase::EnterRoot as u32, e)),
+        }
+        self.phase(Phase::EnterRoot, chdir(c"/"))?;
+        if readonly {
+            self.phase(
+                Phase::ReadOnlyRoot,
+                mount(
+                    NONE,
+                    c"/",
+                    NONE,
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                    NONE,
+                ),
+            )?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Collects the exit status of every child of the agent.

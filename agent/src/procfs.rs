@@ -77,6 +77,18 @@ pub fn descendants(stats: &[PidStat], roots: &[u32]) -> BTreeSet<u32> {
     found
 }
 
+/// Every process but PID 1 and the kernel's threads (kthreadd, pid 2, and its
+/// children), sorted: what must be gone before the guest powers off.
+pub fn user_pids(stats: &[PidStat]) -> Vec<u32> {
+    let mut pids: Vec<u32> = stats
+        .iter()
+        .filter(|s| s.pid > 2 && s.ppid != 2)
+        .map(|s| s.pid)
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// Finds a `Key:   <number> kB` line of `/proc/meminfo` or `/proc/<pid>/status`,
 /// in bytes.
 pub fn parse_kib_field(text: &str, key: &str) -> Option<u64> {
@@ -148,6 +160,23 @@ mod tests {
             vec![10, 11, 12]
         );
         assert!(descendants(&stats, &[99]).is_empty());
+    }
+
+    #[test]
+    fn user_pids_leave_out_init_and_kernel_threads() {
+        let stat = |pid, ppid| PidStat {
+            pid,
+            ppid,
+            ..Default::default()
+        };
+        let stats = [
+            stat(1, 0),
+            stat(2, 0),
+            stat(3, 2),
+            stat(40, 1),
+            stat(41, 40),
+        ];
+        assert_eq!(user_pids(&stats), vec![40, 41]);
     }
 
     #[test]

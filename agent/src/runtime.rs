@@ -1,11 +1,12 @@
 //! The containers and processes the agent manages, addressed by (container id, exec id).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nix::sys::signal::Signal;
 
+use crate::cgroup::Cgroups;
 use crate::error::{Error, Result};
 use crate::process::{Launch, Process, State, send_signal};
 use crate::procfs;
@@ -16,12 +17,15 @@ struct Container {
     spec: ContainerSpec,
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
+    /// The container's cgroup directory, when the agent manages cgroups.
+    cgroup: Option<PathBuf>,
 }
 
 /// All containers in the guest.
 #[derive(Debug, Default)]
 pub struct Runtime {
     containers: Mutex<HashMap<String, Container>>,
+    cgroups: Option<Cgroups>,
 }
 
 /// CPU and memory use of a process tree.
@@ -44,6 +48,14 @@ pub struct TreeStats {
 }
 
 impl Runtime {
+    /// A runtime that puts each container in its own cgroup (in the guest).
+    pub fn with_cgroups(cgroups: Cgroups) -> Self {
+        Self {
+            containers: Mutex::default(),
+            cgroups: Some(cgroups),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
         // The map is only ever changed by single inserts and removes.
         self.containers
@@ -62,12 +74,18 @@ impl Runtime {
         if containers.contains_key(container_id) {
             return Err(Error::ContainerExists(container_id.to_string()));
         }
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .map(|cgroups| cgroups.create(container_id))
+            .transpose()?;
         containers.insert(
             container_id.to_string(),
             Container {
                 spec,
                 init: Process::new(container_id, "", process),
                 execs: HashMap::new(),
+                cgroup,
             },
         );
         Ok(())
@@ -115,28 +133,23 @@ impl Runtime {
     /// Starts a registered process and returns its pid.
     pub fn start(&self, container_id: &str, exec_id: &str) -> Result<u32> {
         let process = self.process(container_id, exec_id)?;
-        if exec_id.is_empty() {
-            let spec = {
-                let containers = self.lock();
-                containers
-                    .get(container_id)
-                    .map(|c| c.spec.clone())
-                    .ok_or_else(|| Error::ContainerNotFound(container_id.to_string()))?
-            };
-            return process.start(Launch::NewContainer(&spec));
-        }
-        let init = self.process(container_id, "")?;
-        let has_rootfs = {
+        let (spec, cgroup) = {
             let containers = self.lock();
             containers
                 .get(container_id)
-                .is_some_and(|c| c.spec.rootfs.is_some())
+                .map(|c| (c.spec.clone(), c.cgroup.clone()))
+                .ok_or_else(|| Error::ContainerNotFound(container_id.to_string()))?
         };
-        if !has_rootfs {
-            return process.start(Launch::Guest);
+        let cgroup = cgroup.as_deref();
+        if exec_id.is_empty() {
+            return process.start(Launch::NewContainer(&spec), cgroup);
+        }
+        let init = self.process(container_id, "")?;
+        if spec.rootfs.is_none() {
+            return process.start(Launch::Guest, cgroup);
         }
         match init.state() {
-            State::Running(init_pid) => process.start(Launch::JoinContainer { init_pid }),
+            State::Running(init_pid) => process.start(Launch::JoinContainer { init_pid }, cgroup),
             other => Err(Error::WrongState {
                 container_id: container_id.to_string(),
                 exec_id: String::new(),
@@ -208,12 +221,14 @@ impl Runtime {
                 actual: process.state().name(),
             });
         }
+        let mut cgroup = None;
         let removed: Vec<Arc<Process>> = {
             let mut containers = self.lock();
             if exec_id.is_empty() {
                 containers
                     .remove(container_id)
                     .map(|c| {
+                        cgroup = c.cgroup;
                         std::iter::once(c.init)
                             .chain(c.execs.into_values())
                             .collect()
@@ -232,6 +247,10 @@ impl Runtime {
                 send_signal(pid, Signal::SIGKILL)?;
             }
             process.mark_deleted();
+        }
+        if let (Some(cgroups), Some(dir)) = (&self.cgroups, cgroup) {
+            // Also kills what the container left behind (daemons, orphans).
+            cgroups.remove(&dir)?;
         }
         Ok(())
     }

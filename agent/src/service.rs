@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -27,6 +28,8 @@ pub struct GuestFacts {
     pub loaded_modules: Vec<String>,
     /// Where the virtio-fs share is mounted.
     pub shared_dir: Option<PathBuf>,
+    /// Guest uptime when the agent began serving; 0 until then (and outside a VM).
+    pub listening_uptime_ns: Arc<AtomicU64>,
 }
 
 /// The service implementation.
@@ -126,6 +129,7 @@ impl agent_ttrpc::AgentService for AgentService {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            agent_listening_uptime_ns: self.facts.listening_uptime_ns.load(Ordering::Relaxed),
             ..Default::default()
         })
     }
@@ -216,6 +220,7 @@ impl agent_ttrpc::AgentService for AgentService {
             exit_status: exit.exit_status,
             signal: exit.signal,
             exited_at_unix_nanos: unix_nanos(exit.exited_at),
+            oom_killed: exit.oom_killed,
             ..Default::default()
         })
     }
@@ -356,13 +361,14 @@ impl agent_ttrpc::AgentService for AgentService {
     #[tracing::instrument(skip_all)]
     fn stats(&self, _: &TtrpcContext, _: pb::StatsRequest) -> Reply<pb::StatsResponse> {
         let meminfo = procfs::read("/proc/meminfo");
+        let own = procfs::read("/proc/self/status");
         Ok(pb::StatsResponse {
             mem_total_bytes: procfs::parse_kib_field(&meminfo, "MemTotal").unwrap_or(0),
             mem_available_bytes: procfs::parse_kib_field(&meminfo, "MemAvailable").unwrap_or(0),
             uptime_ns: procfs::parse_uptime_ns(&procfs::read("/proc/uptime")).unwrap_or(0),
             load1: procfs::parse_load1(&procfs::read("/proc/loadavg")).unwrap_or(0.0),
-            agent_rss_bytes: procfs::parse_kib_field(&procfs::read("/proc/self/status"), "VmRSS")
-                .unwrap_or(0),
+            agent_rss_bytes: procfs::parse_kib_field(&own, "VmRSS").unwrap_or(0),
+            agent_hwm_bytes: procfs::parse_kib_field(&own, "VmHWM").unwrap_or(0),
             running_processes: u32::try_from(self.runtime.running()).unwrap_or(u32::MAX),
             ..Default::default()
         })

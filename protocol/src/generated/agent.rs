@@ -374,6 +374,8 @@ pub struct GuestInfoResponse {
     pub loaded_modules: ::std::vec::Vec<::std::string::String>,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.GuestInfoResponse.shared_dir)
     pub shared_dir: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.GuestInfoResponse.agent_listening_uptime_ns)
+    pub agent_listening_uptime_ns: u64,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.GuestInfoResponse.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -391,7 +393,7 @@ impl GuestInfoResponse {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(9);
+        let mut fields = ::std::vec::Vec::with_capacity(10);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "kernel_release",
@@ -438,6 +440,11 @@ impl GuestInfoResponse {
             |m: &GuestInfoResponse| { &m.shared_dir },
             |m: &mut GuestInfoResponse| { &mut m.shared_dir },
         ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "agent_listening_uptime_ns",
+            |m: &GuestInfoResponse| { &m.agent_listening_uptime_ns },
+            |m: &mut GuestInfoResponse| { &mut m.agent_listening_uptime_ns },
+        ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<GuestInfoResponse>(
             "GuestInfoResponse",
             fields,
@@ -483,6 +490,9 @@ impl ::protobuf::Message for GuestInfoResponse {
                 74 => {
                     self.shared_dir = is.read_string()?;
                 },
+                80 => {
+                    self.agent_listening_uptime_ns = is.read_uint64()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -522,6 +532,9 @@ impl ::protobuf::Message for GuestInfoResponse {
         if !self.shared_dir.is_empty() {
             my_size += ::protobuf::rt::string_size(9, &self.shared_dir);
         }
+        if self.agent_listening_uptime_ns != 0 {
+            my_size += ::protobuf::rt::uint64_size(10, self.agent_listening_uptime_ns);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -555,6 +568,9 @@ impl ::protobuf::Message for GuestInfoResponse {
         if !self.shared_dir.is_empty() {
             os.write_string(9, &self.shared_dir)?;
         }
+        if self.agent_listening_uptime_ns != 0 {
+            os.write_uint64(10, self.agent_listening_uptime_ns)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -581,6 +597,7 @@ impl ::protobuf::Message for GuestInfoResponse {
         self.kernel_cmdline.clear();
         self.loaded_modules.clear();
         self.shared_dir.clear();
+        self.agent_listening_uptime_ns = 0;
         self.special_fields.clear();
     }
 
@@ -595,6 +612,7 @@ impl ::protobuf::Message for GuestInfoResponse {
             kernel_cmdline: ::std::string::String::new(),
             loaded_modules: ::std::vec::Vec::new(),
             shared_dir: ::std::string::String::new(),
+            agent_listening_uptime_ns: 0,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -3087,6 +3105,8 @@ pub struct WaitProcessResponse {
     pub signal: u32,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.WaitProcessResponse.exited_at_unix_nanos)
     pub exited_at_unix_nanos: i64,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.WaitProcessResponse.oom_killed)
+    pub oom_killed: bool,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.WaitProcessResponse.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -3104,7 +3124,7 @@ impl WaitProcessResponse {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut fields = ::std::vec::Vec::with_capacity(5);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "pid",
@@ -3125,6 +3145,11 @@ impl WaitProcessResponse {
             "exited_at_unix_nanos",
             |m: &WaitProcessResponse| { &m.exited_at_unix_nanos },
             |m: &mut WaitProcessResponse| { &mut m.exited_at_unix_nanos },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "oom_killed",
+            |m: &WaitProcessResponse| { &m.oom_killed },
+            |m: &mut WaitProcessResponse| { &mut m.oom_killed },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<WaitProcessResponse>(
             "WaitProcessResponse",
@@ -3156,6 +3181,9 @@ impl ::protobuf::Message for WaitProcessResponse {
                 32 => {
                     self.exited_at_unix_nanos = is.read_int64()?;
                 },
+                40 => {
+                    self.oom_killed = is.read_bool()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -3180,6 +3208,9 @@ impl ::protobuf::Message for WaitProcessResponse {
         if self.exited_at_unix_nanos != 0 {
             my_size += ::protobuf::rt::int64_size(4, self.exited_at_unix_nanos);
         }
+        if self.oom_killed != false {
+            my_size += 1 + 1;
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -3197,6 +3228,9 @@ impl ::protobuf::Message for WaitProcessResponse {
         }
         if self.exited_at_unix_nanos != 0 {
             os.write_int64(4, self.exited_at_unix_nanos)?;
+        }
+        if self.oom_killed != false {
+            os.write_bool(5, self.oom_killed)?;
         }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -3219,6 +3253,7 @@ impl ::protobuf::Message for WaitProcessResponse {
         self.exit_status = 0;
         self.signal = 0;
         self.exited_at_unix_nanos = 0;
+        self.oom_killed = false;
         self.special_fields.clear();
     }
 
@@ -3228,6 +3263,7 @@ impl ::protobuf::Message for WaitProcessResponse {
             exit_status: 0,
             signal: 0,
             exited_at_unix_nanos: 0,
+            oom_killed: false,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -5522,6 +5558,8 @@ pub struct StatsResponse {
     pub agent_rss_bytes: u64,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.StatsResponse.running_processes)
     pub running_processes: u32,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.StatsResponse.agent_hwm_bytes)
+    pub agent_hwm_bytes: u64,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.StatsResponse.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -5539,7 +5577,7 @@ impl StatsResponse {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(6);
+        let mut fields = ::std::vec::Vec::with_capacity(7);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "mem_total_bytes",
@@ -5570,6 +5608,11 @@ impl StatsResponse {
             "running_processes",
             |m: &StatsResponse| { &m.running_processes },
             |m: &mut StatsResponse| { &mut m.running_processes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "agent_hwm_bytes",
+            |m: &StatsResponse| { &m.agent_hwm_bytes },
+            |m: &mut StatsResponse| { &mut m.agent_hwm_bytes },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<StatsResponse>(
             "StatsResponse",
@@ -5607,6 +5650,9 @@ impl ::protobuf::Message for StatsResponse {
                 48 => {
                     self.running_processes = is.read_uint32()?;
                 },
+                56 => {
+                    self.agent_hwm_bytes = is.read_uint64()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -5637,6 +5683,9 @@ impl ::protobuf::Message for StatsResponse {
         if self.running_processes != 0 {
             my_size += ::protobuf::rt::uint32_size(6, self.running_processes);
         }
+        if self.agent_hwm_bytes != 0 {
+            my_size += ::protobuf::rt::uint64_size(7, self.agent_hwm_bytes);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -5661,6 +5710,9 @@ impl ::protobuf::Message for StatsResponse {
         if self.running_processes != 0 {
             os.write_uint32(6, self.running_processes)?;
         }
+        if self.agent_hwm_bytes != 0 {
+            os.write_uint64(7, self.agent_hwm_bytes)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -5684,6 +5736,7 @@ impl ::protobuf::Message for StatsResponse {
         self.load1 = 0.;
         self.agent_rss_bytes = 0;
         self.running_processes = 0;
+        self.agent_hwm_bytes = 0;
         self.special_fields.clear();
     }
 
@@ -5695,6 +5748,7 @@ impl ::protobuf::Message for StatsResponse {
             load1: 0.,
             agent_rss_bytes: 0,
             running_processes: 0,
+            agent_hwm_bytes: 0,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -5999,59 +6053,61 @@ impl ProcessState {
 static file_descriptor_proto_data: &'static [u8] = b"\
     \n\x0bagent.proto\x12\x0egpuvm.agent.v1\"\r\n\x0bPingRequest\"3\n\x0cPin\
     gResponse\x12#\n\ragent_version\x18\x01\x20\x01(\tR\x0cagentVersion\"\
-    \x12\n\x10GuestInfoRequest\"\xc6\x02\n\x11GuestInfoResponse\x12%\n\x0eke\
+    \x12\n\x10GuestInfoRequest\"\x81\x03\n\x11GuestInfoResponse\x12%\n\x0eke\
     rnel_release\x18\x01\x20\x01(\tR\rkernelRelease\x12%\n\x0ekernel_version\
     \x18\x02\x20\x01(\tR\rkernelVersion\x12\x18\n\x07machine\x18\x03\x20\x01\
     (\tR\x07machine\x12\x1a\n\x08hostname\x18\x04\x20\x01(\tR\x08hostname\
     \x12#\n\ragent_version\x18\x05\x20\x01(\tR\x0cagentVersion\x12\x1b\n\tup\
     time_ns\x18\x06\x20\x01(\x04R\x08uptimeNs\x12%\n\x0ekernel_cmdline\x18\
     \x07\x20\x01(\tR\rkernelCmdline\x12%\n\x0eloaded_modules\x18\x08\x20\x03\
-    (\tR\rloadedModules\x12\x1d\n\nshared_dir\x18\t\x20\x01(\tR\tsharedDir\"\
-    \x10\n\x0eGpuInfoRequest\"\xbb\x01\n\x03Gpu\x12\x14\n\x05index\x18\x01\
-    \x20\x01(\rR\x05index\x12\x12\n\x04name\x18\x02\x20\x01(\tR\x04name\x12\
-    \x12\n\x04uuid\x18\x03\x20\x01(\tR\x04uuid\x12\x1c\n\npci_bus_id\x18\x04\
-    \x20\x01(\tR\x08pciBusId\x12,\n\x12memory_total_bytes\x18\x05\x20\x01(\
-    \x04R\x10memoryTotalBytes\x12*\n\x11memory_used_bytes\x18\x06\x20\x01(\
-    \x04R\x0fmemoryUsedBytes\"\x91\x01\n\x0fGpuInfoResponse\x12%\n\x0edriver\
-    _version\x18\x01\x20\x01(\tR\rdriverVersion\x12.\n\x13cuda_driver_versio\
-    n\x18\x02\x20\x01(\x05R\x11cudaDriverVersion\x12'\n\x04gpus\x18\x03\x20\
-    \x03(\x0b2\x13.gpuvm.agent.v1.GpuR\x04gpus\"o\n\x05Mount\x12\x20\n\x0bde\
-    stination\x18\x01\x20\x01(\tR\x0bdestination\x12\x12\n\x04type\x18\x02\
-    \x20\x01(\tR\x04type\x12\x16\n\x06source\x18\x03\x20\x01(\tR\x06source\
-    \x12\x18\n\x07options\x18\x04\x20\x03(\tR\x07options\"D\n\x06Rlimit\x12\
-    \x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\x04soft\x18\x02\x20\
-    \x01(\x04R\x04soft\x12\x12\n\x04hard\x18\x03\x20\x01(\x04R\x04hard\";\n\
-    \x0bConsoleSize\x12\x12\n\x04rows\x18\x01\x20\x01(\rR\x04rows\x12\x18\n\
-    \x07columns\x18\x02\x20\x01(\rR\x07columns\"\xa0\x02\n\x0bProcessSpec\
-    \x12\x12\n\x04args\x18\x01\x20\x03(\tR\x04args\x12\x10\n\x03env\x18\x02\
-    \x20\x03(\tR\x03env\x12\x10\n\x03cwd\x18\x03\x20\x01(\tR\x03cwd\x12\x10\
-    \n\x03uid\x18\x04\x20\x01(\rR\x03uid\x12\x10\n\x03gid\x18\x05\x20\x01(\r\
-    R\x03gid\x12'\n\x0fadditional_gids\x18\x06\x20\x03(\rR\x0eadditionalGids\
-    \x120\n\x07rlimits\x18\x07\x20\x03(\x0b2\x16.gpuvm.agent.v1.RlimitR\x07r\
-    limits\x12\x1a\n\x08terminal\x18\x08\x20\x01(\x08R\x08terminal\x12>\n\
-    \x0cconsole_size\x18\t\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleSizeR\x0b\
-    consoleSize\"\xe0\x01\n\x14CreateProcessRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x16\n\x06rootfs\x18\x02\x20\x01(\
-    \tR\x06rootfs\x125\n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1\
-    .ProcessSpecR\x07process\x12-\n\x06mounts\x18\x04\x20\x03(\x0b2\x15.gpuv\
-    m.agent.v1.MountR\x06mounts\x12'\n\x0freadonly_rootfs\x18\x05\x20\x01(\
-    \x08R\x0ereadonlyRootfs\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12\
-    ExecProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontain\
-    erId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07proces\
-    s\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\
-    \n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontaine\
-    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
-    \x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\x03pid\x18\x01\
-    \x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
-    (\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\
-    \n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15SignalProcessResponse\
-    \"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
-    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x91\
-    \x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pi\
-    d\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06\
-    signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_at_unix_nanos\x18\
-    \x04\x20\x01(\x03R\x11exitedAtUnixNanos\"R\n\x14DeleteProcessRequest\x12\
+    (\tR\rloadedModules\x12\x1d\n\nshared_dir\x18\t\x20\x01(\tR\tsharedDir\
+    \x129\n\x19agent_listening_uptime_ns\x18\n\x20\x01(\x04R\x16agentListeni\
+    ngUptimeNs\"\x10\n\x0eGpuInfoRequest\"\xbb\x01\n\x03Gpu\x12\x14\n\x05ind\
+    ex\x18\x01\x20\x01(\rR\x05index\x12\x12\n\x04name\x18\x02\x20\x01(\tR\
+    \x04name\x12\x12\n\x04uuid\x18\x03\x20\x01(\tR\x04uuid\x12\x1c\n\npci_bu\
+    s_id\x18\x04\x20\x01(\tR\x08pciBusId\x12,\n\x12memory_total_bytes\x18\
+    \x05\x20\x01(\x04R\x10memoryTotalBytes\x12*\n\x11memory_used_bytes\x18\
+    \x06\x20\x01(\x04R\x0fmemoryUsedBytes\"\x91\x01\n\x0fGpuInfoResponse\x12\
+    %\n\x0edriver_version\x18\x01\x20\x01(\tR\rdriverVersion\x12.\n\x13cuda_\
+    driver_version\x18\x02\x20\x01(\x05R\x11cudaDriverVersion\x12'\n\x04gpus\
+    \x18\x03\x20\x03(\x0b2\x13.gpuvm.agent.v1.GpuR\x04gpus\"o\n\x05Mount\x12\
+    \x20\n\x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x12\n\x04ty\
+    pe\x18\x02\x20\x01(\tR\x04type\x12\x16\n\x06source\x18\x03\x20\x01(\tR\
+    \x06source\x12\x18\n\x07options\x18\x04\x20\x03(\tR\x07options\"D\n\x06R\
+    limit\x12\x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\x04soft\
+    \x18\x02\x20\x01(\x04R\x04soft\x12\x12\n\x04hard\x18\x03\x20\x01(\x04R\
+    \x04hard\";\n\x0bConsoleSize\x12\x12\n\x04rows\x18\x01\x20\x01(\rR\x04ro\
+    ws\x12\x18\n\x07columns\x18\x02\x20\x01(\rR\x07columns\"\xa0\x02\n\x0bPr\
+    ocessSpec\x12\x12\n\x04args\x18\x01\x20\x03(\tR\x04args\x12\x10\n\x03env\
+    \x18\x02\x20\x03(\tR\x03env\x12\x10\n\x03cwd\x18\x03\x20\x01(\tR\x03cwd\
+    \x12\x10\n\x03uid\x18\x04\x20\x01(\rR\x03uid\x12\x10\n\x03gid\x18\x05\
+    \x20\x01(\rR\x03gid\x12'\n\x0fadditional_gids\x18\x06\x20\x03(\rR\x0eadd\
+    itionalGids\x120\n\x07rlimits\x18\x07\x20\x03(\x0b2\x16.gpuvm.agent.v1.R\
+    limitR\x07rlimits\x12\x1a\n\x08terminal\x18\x08\x20\x01(\x08R\x08termina\
+    l\x12>\n\x0cconsole_size\x18\t\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleS\
+    izeR\x0bconsoleSize\"\xe0\x01\n\x14CreateProcessRequest\x12!\n\x0ccontai\
+    ner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x16\n\x06rootfs\x18\x02\
+    \x20\x01(\tR\x06rootfs\x125\n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm\
+    .agent.v1.ProcessSpecR\x07process\x12-\n\x06mounts\x18\x04\x20\x03(\x0b2\
+    \x15.gpuvm.agent.v1.MountR\x06mounts\x12'\n\x0freadonly_rootfs\x18\x05\
+    \x20\x01(\x08R\x0ereadonlyRootfs\"\x17\n\x15CreateProcessResponse\"\x87\
+    \x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\
+    \n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07p\
+    rocess\"\x15\n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\
+    \x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\
+    \x18\x02\x20\x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\
+    \x03pid\x18\x01\x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\
+    \x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\
+    \x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\
+    \x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15Sign\
+    alProcessResponse\"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\
+    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
+    \x06execId\"\xb0\x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\
+    \x20\x01(\rR\x03pid\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitSt\
+    atus\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_\
+    at_unix_nanos\x18\x04\x20\x01(\x03R\x11exitedAtUnixNanos\x12\x1d\n\noom_\
+    killed\x18\x05\x20\x01(\x08R\toomKilled\"R\n\x14DeleteProcessRequest\x12\
     !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec\
     _id\x18\x02\x20\x01(\tR\x06execId\"\x17\n\x15DeleteProcessResponse\"l\n\
     \x11ReadStreamRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcont\
@@ -6083,42 +6139,43 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x20\x01(\x04R\x0bcpuSystemNs\x12\x1b\n\trss_bytes\x18\x04\x20\x01(\x04R\
     \x08rssBytes\x12\"\n\rvm_size_bytes\x18\x05\x20\x01(\x04R\x0bvmSizeBytes\
     \x12\x18\n\x07threads\x18\x06\x20\x01(\rR\x07threads\x12\x1c\n\tprocesse\
-    s\x18\x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\xef\x01\n\rSt\
+    s\x18\x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\x97\x02\n\rSt\
     atsResponse\x12&\n\x0fmem_total_bytes\x18\x01\x20\x01(\x04R\rmemTotalByt\
     es\x12.\n\x13mem_available_bytes\x18\x02\x20\x01(\x04R\x11memAvailableBy\
     tes\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\x04R\x08uptimeNs\x12\x14\n\x05\
     load1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\
     \x20\x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\
-    \x01(\rR\x10runningProcesses\"\x11\n\x0fShutdownRequest\"\x12\n\x10Shutd\
-    ownResponse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\
-    \x10\0\x12\x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_S\
-    TATE_RUNNING\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\x97\x0c\
-    \n\x0cAgentService\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\
-    \x1c.gpuvm.agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v\
-    1.GuestInfoRequest\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuIn\
-    fo\x12\x1e.gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoR\
-    esponse\x12\\\n\rCreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\
-    \x1a%.gpuvm.agent.v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".g\
-    puvm.agent.v1.ExecProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\
-    \x12Y\n\x0cStartProcess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpu\
-    vm.agent.v1.StartProcessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent\
-    .v1.SignalProcessRequest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\
-    \n\x0bWaitProcess\x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.age\
-    nt.v1.WaitProcessResponse\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.Del\
-    eteProcessRequest\x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nRead\
-    Stdout\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadSt\
-    reamResponse\x12S\n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\
-    \x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.a\
-    gent.v1.WriteStdinRequest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\
-    \nCloseStdin\x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.\
-    CloseStdinResponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTe\
-    rminalRequest\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListPr\
-    ocesses\x12$.gpuvm.agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.Lis\
-    tProcessesResponse\x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessSta\
-    tsRequest\x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\
-    \x1c.gpuvm.agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\
-    \x12M\n\x08Shutdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm\
-    .agent.v1.ShutdownResponseb\x06proto3\
+    \x01(\rR\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\
+    \x04R\ragentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownRespo\
+    nse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\
+    \x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNI\
+    NG\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\x97\x0c\n\x0cAgent\
+    Service\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.\
+    agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfo\
+    Request\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.\
+    gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\
+    \\\n\rCreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.\
+    agent.v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v\
+    1.ExecProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cS\
+    tartProcess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.\
+    StartProcessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalPr\
+    ocessRequest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitPro\
+    cess\x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitPro\
+    cessResponse\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessReq\
+    uest\x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.g\
+    puvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\
+    \x12S\n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.ag\
+    ent.v1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteSt\
+    dinRequest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\
+    \x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinRe\
+    sponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalReques\
+    t\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$\
+    .gpuvm.agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesRe\
+    sponse\x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\
+    \x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.\
+    agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shu\
+    tdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.Shut\
+    downResponseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
