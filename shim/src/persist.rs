@@ -21,6 +21,34 @@ pub struct SandboxRecord {
     /// Host mounts made for the sandbox (container rootfs mounts, then the shared dir's
     /// own bind mount), unmounted in this order on cleanup.
     pub mounts: Vec<PathBuf>,
+    /// Where the sandbox's start time went; the benchmark reads it while the pod runs.
+    #[serde(default)]
+    pub timings: StartTimings,
+}
+
+/// The sandbox start broken down, in milliseconds. Each phase ends where the next
+/// begins, so the sum is the time from the sandbox's Create to its first container
+/// running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// The shim's own work: config, guest sizing, state file, mounts, bookkeeping.
+    pub shim_ms: u64,
+    /// Starting the VMM and its helpers (virtiofsd, vhost-device-vsock).
+    pub vmm_ms: u64,
+    /// VMM started → the agent accepts a vsock connection (kernel boot, module load).
+    pub boot_ms: u64,
+    /// Connected → the agent answered its first request.
+    pub agent_ms: u64,
+    /// The first app container's create and start in the guest (0 for a pod sandbox
+    /// until its first container starts).
+    pub container_ms: u64,
+}
+
+impl StartTimings {
+    /// Milliseconds between two instants, saturating.
+    pub fn millis(from: std::time::Instant, to: std::time::Instant) -> u64 {
+        u64::try_from(to.saturating_duration_since(from).as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 impl SandboxRecord {
@@ -100,6 +128,13 @@ mod tests {
                 work_dir: "/run/gpuvm/s1".into(),
             },
             mounts: vec!["/run/gpuvm/s1/shared/c1/rootfs".into()],
+            timings: StartTimings {
+                shim_ms: 3,
+                vmm_ms: 200,
+                boot_ms: 4000,
+                agent_ms: 2,
+                container_ms: 5,
+            },
         };
         record.save(dir.path()).expect("save");
         assert_eq!(SandboxRecord::load(dir.path()).expect("load"), Some(record));
@@ -126,7 +161,7 @@ mod tests {
                 }],
                 work_dir: work_dir.clone(),
             },
-            mounts: vec![],
+            ..SandboxRecord::default()
         };
         record.clean_up();
         let exit = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
@@ -134,6 +169,20 @@ mod tests {
             .expect("killed");
         assert_eq!(exit.code, 128 + libc::SIGKILL);
         assert!(!work_dir.exists());
+    }
+
+    #[test]
+    fn a_state_file_without_timings_still_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"sandbox_id":"s1","vm":{"processes":[],"work_dir":"/run/gpuvm/s1"},"mounts":[]}"#,
+        )
+        .expect("write");
+        let record = SandboxRecord::load(dir.path())
+            .expect("load")
+            .expect("some");
+        assert_eq!(record.timings, StartTimings::default());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use containerd_shim::api;
@@ -27,7 +27,7 @@ use crate::agent::{Agent, ContainerSpec, Mount as AgentMount, ProcessId, Process
 use crate::config::{self, ShimConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{self, Hypervisor, VmSpec};
-use crate::persist::SandboxRecord;
+use crate::persist::{SandboxRecord, StartTimings};
 use crate::state::{TaskAction, TaskState};
 use crate::stdio::{StdioCopy, StdioPaths};
 
@@ -136,6 +136,19 @@ fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
+/// Checks that a configured file exists, so a typo names the setting rather than
+/// surfacing later as a VMM error or an agent timeout.
+fn require_file(what: &str, setting: &str, path: &Path) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::VmConfig(format!(
+            "the {what} {} does not exist (set {setting} in the shim config)",
+            path.display()
+        )))
+    }
+}
+
 /// A process's recorded exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Exit {
@@ -190,6 +203,40 @@ struct Sandbox {
     shared_host: PathBuf,
     shared_guest: String,
     shutdown_timeout: Duration,
+    /// Where the start time went; `container_ms` is filled by the first app container.
+    timings: std::sync::Mutex<StartClock>,
+}
+
+/// The start timings and whether the first app container has started.
+#[derive(Debug, Default)]
+struct StartClock {
+    timings: StartTimings,
+    first_container_started: bool,
+}
+
+impl Sandbox {
+    fn clock(&self) -> std::sync::MutexGuard<'_, StartClock> {
+        match self.timings.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn timings(&self) -> StartTimings {
+        self.clock().timings
+    }
+
+    /// Counts `from..now` towards the first app container's start; `started` ends
+    /// the count. Returns the complete timings when this call ended it.
+    fn count_container_time(&self, from: Instant, started: bool) -> Option<StartTimings> {
+        let mut clock = self.clock();
+        if clock.first_container_started {
+            return None;
+        }
+        clock.timings.container_ms += StartTimings::millis(from, Instant::now());
+        clock.first_container_started = started;
+        started.then_some(clock.timings)
+    }
 }
 
 /// The shim's Task service.
@@ -261,9 +308,16 @@ impl Service {
         annotations: &HashMap<String, String>,
         config_option: Option<String>,
     ) -> Result<Arc<Sandbox>> {
+        let entered = Instant::now();
         let env = std::env::var(config::CONFIG_ENV).ok();
         let (path, explicit) = config::config_path(config_option.as_deref(), env.as_deref());
         let config = ShimConfig::load(&path, explicit)?;
+        require_file("guest kernel", "guest.kernel", &config.guest.kernel)?;
+        require_file(
+            "guest initramfs",
+            "guest.initramfs",
+            &config.guest.initramfs,
+        )?;
         let size = config::guest_size(&config.guest, annotations)?;
         let devices = match annotations.get(config::ANNOTATION_DEVICES) {
             Some(v) => config::parse_devices(v)?,
@@ -292,6 +346,7 @@ impl Service {
             sandbox_id: sandbox_id.to_owned(),
             vm: hv.record(),
             mounts: vec![shared_host.clone()],
+            timings: StartTimings::default(),
         };
         record.save(bundle)?;
         // Rootfs mounts made under the share later must reach virtiofsd's namespace.
@@ -300,7 +355,18 @@ impl Service {
             SandboxRecord::remove(bundle);
             return Err(e);
         }
-        let started = hv.start().await;
+        let vmm_starting = Instant::now();
+        let persist = |vm: &hypervisor::VmRecord| {
+            let record = SandboxRecord {
+                vm: vm.clone(),
+                ..record.clone()
+            };
+            if let Err(e) = record.save(bundle) {
+                tracing::warn!(error = %e, "cannot update the state file");
+            }
+        };
+        let started = hv.start(&persist).await;
+        let vmm_started = Instant::now();
         record.vm = hv.record();
         record.save(bundle)?;
         let fail = |hv: Box<dyn Hypervisor>, shared: PathBuf| async move {
@@ -324,12 +390,26 @@ impl Service {
         };
         let agent: Arc<dyn Agent> = match connected {
             Ok(stream) => Arc::new(TtrpcAgent::new(stream, timeout)),
+            Err(Error::Timeout { what, secs }) => {
+                fail(hv, shared_host).await;
+                SandboxRecord::remove(bundle);
+                // Say which setting to look at: the agent must be the initramfs's /init
+                // and listen on guest.agent_port; timeouts.agent_connect_secs bounds it.
+                return Err(Error::Timeout {
+                    what: format!(
+                        "the guest agent to answer on {what} \
+                         (is the agent /init of the initramfs? see timeouts.agent_connect_secs)"
+                    ),
+                    secs,
+                });
+            }
             Err(e) => {
                 fail(hv, shared_host).await;
                 SandboxRecord::remove(bundle);
                 return Err(e);
             }
         };
+        let connected = Instant::now();
         let info = match agent.guest_info().await {
             Ok(info) => info,
             Err(e) => {
@@ -338,6 +418,7 @@ impl Service {
                 return Err(e);
             }
         };
+        let ready = Instant::now();
         tracing::info!(sandbox = sandbox_id, kernel = %info.kernel_release, agent = %info.agent_version, "guest agent ready");
         let shared_guest = if info.shared_dir.is_empty() {
             DEFAULT_GUEST_SHARED_DIR.to_owned()
@@ -352,6 +433,19 @@ impl Service {
             shared_host,
             shared_guest,
             shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
+            timings: std::sync::Mutex::new(StartClock {
+                timings: StartTimings {
+                    // The shim's own work: before the VMM starts and after the agent
+                    // is ready.
+                    shim_ms: StartTimings::millis(entered, vmm_starting)
+                        + StartTimings::millis(ready, Instant::now()),
+                    vmm_ms: StartTimings::millis(vmm_starting, vmm_started),
+                    boot_ms: StartTimings::millis(vmm_started, connected),
+                    agent_ms: StartTimings::millis(connected, ready),
+                    container_ms: 0,
+                },
+                first_container_started: false,
+            }),
         });
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
@@ -475,6 +569,7 @@ impl Service {
             sandbox_id: sandbox.id.clone(),
             vm: sandbox.hypervisor.record(),
             mounts,
+            timings: sandbox.timings(),
         };
         if let Err(e) = record.save(&sandbox.bundle) {
             tracing::warn!(error = %e, "cannot update the state file");
@@ -560,12 +655,14 @@ impl Service {
                     .and_then(|r| r.readonly())
                     .unwrap_or(false),
             };
+            let creating = Instant::now();
             if let Err(e) = sandbox.agent.create_container(&container_spec).await {
                 if let Some(m) = container.rootfs_mount.take() {
                     crate::rootfs::unmount(&m);
                 }
                 return Err(e);
             }
+            sandbox.count_container_time(creating, false);
             // The host-visible pid of every task is the VMM's: guest pids mean nothing
             // on the host, and containerd reads /proc/<pid> of the tasks it tracks.
             container.init.pid = sandbox.hypervisor.pid().unwrap_or(0);
@@ -683,9 +780,15 @@ impl Service {
                 .map(|p| p.stdio.clone())
                 .unwrap_or_default()
         };
+        let starting = Instant::now();
         let _guest_pid = sandbox.agent.start_process(&pid_id).await.inspect_err(|e| {
             tracing::warn!(task = id, exec = exec_id, error = %e, "guest could not start the process");
         })?;
+        let first_start = if exec_id.is_empty() {
+            sandbox.count_container_time(starting, true)
+        } else {
+            None
+        };
         // Execs report the VMM pid too, for the same reason as containers.
         let pid = if exec_id.is_empty() {
             vmm_pid
@@ -708,6 +811,18 @@ impl Service {
         }
         self.set_state(id, exec_id, next, Some(pid)).await;
         tracing::info!(task = id, exec = exec_id, "process started");
+        if let Some(t) = first_start {
+            tracing::info!(
+                sandbox = %sandbox.id,
+                shim_ms = t.shim_ms,
+                vmm_ms = t.vmm_ms,
+                boot_ms = t.boot_ms,
+                agent_ms = t.agent_ms,
+                container_ms = t.container_ms,
+                "sandbox start timings"
+            );
+            self.save_record(&sandbox).await;
+        }
         if exec_id.is_empty() {
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,

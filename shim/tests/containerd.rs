@@ -1,477 +1,72 @@
 //! The real thing: containerd 2.x (from `scripts/containerd-deps.sh`) on private dirs
 //! inside `unshare --net`, the `gpuvm` runtime pointing at the built shim, a hand-made
 //! busybox OCI image, and `ctr run --runtime io.containerd.gpuvm.v1`. The container
-//! runs in a QEMU VM with the guest image from `guest/build.sh`.
+//! runs in a QEMU VM with the guest image from `guest/build.sh`. Every test ends by
+//! checking that nothing is left behind (VM processes, shims, mounts, sockets).
 //!
-//! Needs: root; `GPUVM_CONTAINERD_DIR` (default `/opt/gpuvm-containerd/usr/bin`);
-//! `GPUVM_GUEST_DIR` (default `<repo>/.work/guest`) with `vmlinux` and
-//! `initramfs.cpio.gz`; `qemu-system-x86_64`, `vhost-device-vsock`, `virtiofsd`
-//! (`scripts/vm-deps.sh`); `/bin/busybox`; `unshare`. Prints `SKIPPED: <reason>` and
-//! passes when something is missing.
+//! Needs what `common` lists; prints `SKIPPED: <reason>` and passes when something is
+//! missing.
 
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    Containerd, IMAGE, Plugins, Setup, ShimSettings, busybox_image, processes_mentioning, run,
+    setup, spec_with_args, start_containerd, test_dir,
+};
 use serde_json::json;
-
-const SHIM_BIN: &str = env!("CARGO_BIN_EXE_containerd-shim-gpuvm-v1");
-const IMAGE: &str = "docker.io/gpuvm/busybox:test";
-
-fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env)
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-    {
-        return Some(p);
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.push(PathBuf::from("/usr/libexec"));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists())
-}
-
-struct Setup {
-    containerd: PathBuf,
-    ctr: PathBuf,
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    qemu: PathBuf,
-    vsock: PathBuf,
-    virtiofsd: PathBuf,
-    guest_dir: PathBuf,
-}
-
-fn setup() -> Result<Setup, String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root".into());
-    }
-    let cdir = std::env::var_os("GPUVM_CONTAINERD_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/gpuvm-containerd/usr/bin"));
-    let containerd = cdir.join("containerd");
-    let ctr = cdir.join("ctr");
-    if !containerd.exists() || !ctr.exists() {
-        return Err(format!(
-            "no containerd 2.x in {} (run scripts/containerd-deps.sh or set GPUVM_CONTAINERD_DIR)",
-            cdir.display()
-        ));
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let guest_dir = std::env::var_os("GPUVM_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join(".work/guest"));
-    let kernel = guest_dir.join("vmlinux");
-    let initramfs = guest_dir.join("initramfs.cpio.gz");
-    if !kernel.exists() || !initramfs.exists() {
-        return Err(format!(
-            "no guest image in {} (run guest/build.sh or set GPUVM_GUEST_DIR)",
-            guest_dir.display()
-        ));
-    }
-    let qemu = find_binary("QEMU_BIN", "qemu-system-x86_64")
-        .ok_or("qemu-system-x86_64 not found (scripts/vm-deps.sh)")?;
-    let vsock = find_binary("VHOST_DEVICE_VSOCK_BIN", "vhost-device-vsock")
-        .ok_or("vhost-device-vsock not found (scripts/vm-deps.sh)")?;
-    let virtiofsd = find_binary("VIRTIOFSD_BIN", "virtiofsd")
-        .ok_or("virtiofsd not found (scripts/vm-deps.sh)")?;
-    if !Path::new("/bin/busybox").exists() {
-        return Err("/bin/busybox (busybox-static) is missing".into());
-    }
-    if find_binary("UNSHARE_BIN", "unshare").is_none() {
-        return Err("unshare not found".into());
-    }
-    Ok(Setup {
-        containerd,
-        ctr,
-        kernel,
-        initramfs,
-        qemu,
-        vsock,
-        virtiofsd,
-        guest_dir: guest_dir.canonicalize().unwrap_or(guest_dir),
-    })
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
-fn run(cmd: &mut Command) {
-    let status = cmd.status().expect("spawn");
-    assert!(status.success(), "{cmd:?} failed: {status}");
-}
-
-/// Writes blob `bytes`, returns (digest, size).
-fn blob(oci: &Path, path: &Path) -> (String, u64) {
-    let digest = sha256(path);
-    let size = std::fs::metadata(path).expect("stat").len();
-    std::fs::copy(path, oci.join("blobs/sha256").join(&digest)).expect("copy blob");
-    (format!("sha256:{digest}"), size)
-}
-
-/// A one-layer busybox OCI image as an `oci-layout` tarball.
-fn busybox_image(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
-    for d in ["proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "echo", "uname", "sleep", "cat", "ls", "true"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink");
-    }
-    let oci = dir.join("oci");
-    std::fs::create_dir_all(oci.join("blobs/sha256")).expect("mkdir");
-    let layer = dir.join("layer.tar");
-    run(Command::new("tar")
-        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer)
-        .arg("."));
-    let (layer_digest, layer_size) = blob(&oci, &layer);
-    let config = dir.join("config.json");
-    std::fs::write(
-        &config,
-        serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
-        }))
-        .expect("json"),
-    )
-    .expect("write config");
-    let (config_digest, config_size) = blob(&oci, &config);
-    let manifest = dir.join("manifest.json");
-    std::fs::write(
-        &manifest,
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": config_size},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest, "size": layer_size}]
-        }))
-        .expect("json"),
-    )
-    .expect("write manifest");
-    let (manifest_digest, manifest_size) = blob(&oci, &manifest);
-    std::fs::write(
-        oci.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest, "size": manifest_size,
-                "annotations": {"io.containerd.image.name": IMAGE,
-                                "org.opencontainers.image.ref.name": "test"}
-            }]
-        }))
-        .expect("json"),
-    )
-    .expect("write index");
-    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
-    let tarball = dir.join("image.tar");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&oci)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("."));
-    tarball
-}
-
-/// containerd on private dirs; killed (with its shims' leftovers checked) on drop.
-struct Containerd {
-    child: std::process::Child,
-    socket: PathBuf,
-    ctr: PathBuf,
-    log: PathBuf,
-    shim_config: PathBuf,
-    /// The VM work dir of the one container this test runs.
-    vm_work_dir: String,
-    /// containerd's state dir (holds the task bundles).
-    state_dir: PathBuf,
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // A failed test may leave its shim and VM running: kill what names our
-        // containerd socket (the shim) or this test's VM work dirs.
-        let needles = [
-            self.socket.display().to_string(),
-            format!("{}/", self.vm_work_dir),
-        ];
-        for needle in needles {
-            for entry in processes_mentioning(&needle) {
-                if let Some(pid) = entry.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
-                    // SAFETY: kill(2) with a pid we just read and SIGKILL has no memory
-                    // effects on this process.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        // Then what containerd does after a shim crash: `shim delete` in each bundle,
-        // which unmounts and removes what the state file names.
-        let tasks = self.state_dir.join("io.containerd.runtime.v2.task/default");
-        for bundle in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-            let bundle = bundle.path();
-            let Some(id) = bundle
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            let _ = Command::new(SHIM_BIN)
-                .current_dir(&bundle)
-                .args([
-                    "-namespace",
-                    "default",
-                    "-id",
-                    &id,
-                    "-address",
-                    "/nonexistent",
-                    "-bundle",
-                ])
-                .arg(&bundle)
-                .arg("delete")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Containerd {
-    fn ctr(&self) -> Command {
-        let mut cmd = Command::new(&self.ctr);
-        cmd.arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "default"]);
-        cmd
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn start_containerd(s: &Setup, dir: &Path, container_id: &str) -> Containerd {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::os::unix::fs::symlink(SHIM_BIN, bin.join("containerd-shim-gpuvm-v1")).expect("symlink");
-    let shim_config = dir.join("shim.toml");
-    std::fs::write(
-        &shim_config,
-        format!(
-            r#"backend = "qemu"
-log_level = "debug"
-[guest]
-kernel = "{}"
-initramfs = "{}"
-default_cpus = 1
-default_memory = "512Mi"
-[binaries]
-qemu = "{}"
-vhost_device_vsock = "{}"
-virtiofsd = "{}"
-[timeouts]
-agent_connect_secs = 90
-vm_shutdown_secs = 10
-"#,
-            s.kernel.display(),
-            s.initramfs.display(),
-            s.qemu.display(),
-            s.vsock.display(),
-            s.virtiofsd.display()
-        ),
-    )
-    .expect("write shim config");
-    let socket = dir.join("containerd.sock");
-    let config = dir.join("containerd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"version = 3
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  level = "debug"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display()
-        ),
-    )
-    .expect("write containerd config");
-    let log = dir.join("containerd.log");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-    );
-    let child = Command::new("unshare")
-        .args(["--net", "--"])
-        .arg(&s.containerd)
-        .arg("--config")
-        .arg(&config)
-        .env("PATH", path)
-        .env_remove("GPUVM_SHIM_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(
-            std::fs::File::options()
-                .append(true)
-                .open(&log)
-                .expect("log"),
-        )
-        .spawn()
-        .expect("start containerd");
-    let containerd = Containerd {
-        child,
-        socket,
-        ctr: s.ctr.clone(),
-        log,
-        shim_config,
-        vm_work_dir: format!("/run/gpuvm/{container_id}"),
-        state_dir: dir.join("state"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !containerd.socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "containerd did not start:\n{}",
-            containerd.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    containerd
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains(needle) {
-                found.push(format!("{pid}: {text}"));
-            }
-        }
-    }
-    found
-}
 
 /// What a container run should show.
 const SCRIPT: &str = "echo hello from the vm; uname -r; echo oops >&2; exit 3";
 
-/// A minimal OCI spec: no mounts nested under another mount.
-fn minimal_spec(dir: &Path) -> PathBuf {
-    let path = dir.join("spec.json");
-    // With a spec file ctr takes no image: the root is the unpacked busybox tree.
-    let rootfs = dir.join("rootfs");
-    let spec = json!({
-        "ociVersion": "1.1.0",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/sh", "-c", SCRIPT],
-            "env": ["PATH=/bin"],
-            "cwd": "/"
-        },
-        "root": {"path": rootfs},
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "mode=755", "size=65536k"]}
-        ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
-    });
-    std::fs::write(&path, serde_json::to_vec(&spec).expect("json")).expect("write spec");
-    path
+/// The setup, or `None` after printing why the test is skipped.
+fn setup_or_skip() -> Option<Setup> {
+    match setup() {
+        Ok(s) => Some(s),
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            None
+        }
+    }
 }
 
-/// The minimal spec with `args` as the process.
-fn spec_with_args(dir: &Path, args: &[&str]) -> PathBuf {
-    let path = minimal_spec(dir);
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("read spec")).expect("spec");
-    spec["process"]["args"] = json!(args);
-    std::fs::write(&path, serde_json::to_vec(&spec).expect("json")).expect("write spec");
-    path
+/// A unique container id for this test process.
+fn unique_id(what: &str) -> String {
+    format!("gpuvm-test-{}-{what}", std::process::id())
+}
+
+/// `ctr run` with the gpuvm runtime and the test's shim config `shim_config`.
+fn ctr_run(containerd: &Containerd, shim_config: &Path) -> Command {
+    let mut ctr = containerd.ctr();
+    ctr.args(["run", "--runtime", "io.containerd.gpuvm.v1"])
+        // containerd's ConfigPath runtime option names the shim's config file.
+        .arg("--runtime-config-path")
+        .arg(shim_config);
+    ctr
 }
 
 /// Starts containerd, imports the image, runs one container with `extra_args`
 /// (before the image name), checks its output, exit status and that nothing is
 /// left behind.
 fn run_container(extra_args: &[&str], with_spec_file: bool) {
-    let s = match setup() {
-        Ok(s) => s,
-        Err(reason) => {
-            println!("SKIPPED: {reason}");
-            return;
-        }
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("gpuvm-ctr-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
     let image = busybox_image(dir.path());
-    let id = format!(
-        "gpuvm-test-{}-{}",
-        std::process::id(),
-        u8::from(with_spec_file)
-    );
-    let containerd = start_containerd(&s, dir.path(), &id);
+    let id = unique_id(if with_spec_file { "spec" } else { "image" });
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
     run(containerd.ctr().args(["images", "import"]).arg(&image));
 
     let started = Instant::now();
-    let mut ctr = containerd.ctr();
-    ctr.args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
-        // containerd's ConfigPath runtime option names the shim's config file.
-        .arg("--runtime-config-path")
-        .arg(&containerd.shim_config)
-        .args(extra_args);
+    let mut ctr = ctr_run(&containerd, &containerd.shim_config);
+    ctr.arg("--rm").args(extra_args);
     if with_spec_file {
-        ctr.arg("--config").arg(minimal_spec(dir.path())).arg(&id);
+        ctr.arg("--config")
+            .arg(spec_with_args(dir.path(), &["/bin/sh", "-c", SCRIPT]))
+            .arg(&id);
     } else {
         ctr.args([IMAGE, &id, "/bin/sh", "-c", SCRIPT]);
     }
@@ -479,16 +74,9 @@ fn run_container(extra_args: &[&str], with_spec_file: bool) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let context = || {
-        let tail: Vec<String> = containerd
-            .log()
-            .lines()
-            .filter(|l| !l.contains("loading plugin"))
-            .map(str::to_owned)
-            .collect();
-        let start = tail.len().saturating_sub(40);
         format!(
             "stdout:\n{stdout}\nstderr:\n{stderr}\ncontainerd log (tail):\n{}",
-            tail[start..].join("\n")
+            containerd.log_tail()
         )
     };
     assert!(stdout.contains("hello from the vm"), "{}", context());
@@ -510,26 +98,7 @@ fn run_container(extra_args: &[&str], with_spec_file: bool) {
     );
     assert_eq!(out.status.code(), Some(3), "exit status: {}", context());
     println!("ctr run in a VM took {:?}", started.elapsed());
-
-    // Nothing left behind: no VM processes, no work dir, no mounts.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let work_dir = format!("/run/gpuvm/{id}");
-    loop {
-        let leftovers = processes_mentioning(&work_dir);
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(&work_dir);
-        if leftovers.is_empty() && !mounted && !Path::new(&work_dir).exists() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: processes {leftovers:?}, mounted {mounted}, dir exists {}\n{}",
-            Path::new(&work_dir).exists(),
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    containerd.assert_nothing_left_behind(&[&id]);
 }
 
 #[test]
@@ -545,35 +114,331 @@ fn ctr_run_with_ctr_default_spec() {
     run_container(&[], false);
 }
 
+/// `ctr run` with piped stdin: what is piped into ctr reaches the container's stdin
+/// (`cat` echoes it back), and the end of the input ends `cat`.
+#[test]
+fn stdin_reaches_the_container() {
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
+    busybox_image(dir.path());
+    let id = unique_id("stdin");
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    let mut child = ctr_run(&containerd, &containerd.shim_config)
+        .args(["--rm", "--config"])
+        .arg(spec_with_args(dir.path(), &["/bin/cat"]))
+        .arg(&id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run -i");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"line one through stdin\nline two\n")
+        .expect("write stdin");
+    drop(stdin);
+    let out = child.wait_with_output().expect("ctr run -i");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("line one through stdin") && stdout.contains("line two"),
+        "stdout {stdout:?} stderr {:?}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log_tail()
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", containerd.log_tail());
+    containerd.assert_nothing_left_behind(&[&id]);
+}
+
+/// `ctr run -t` under `script` (which gives ctr a pty): the container's process has a
+/// terminal on stdin and stdout, and its output and exit status arrive.
+#[test]
+fn terminal_output_arrives() {
+    let Some(s) = setup_or_skip() else { return };
+    let Some(script) = common::find_binary("SCRIPT_BIN", "script") else {
+        println!("SKIPPED: script (util-linux) not found");
+        return;
+    };
+    let dir = test_dir();
+    busybox_image(dir.path());
+    let id = unique_id("tty");
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    let spec = spec_with_args(
+        dir.path(),
+        // `tty` would need /dev/pts in the container; `-t` asks isatty() directly.
+        &[
+            "/bin/sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo terminal-ok && exit 4",
+        ],
+    );
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec).expect("read spec")).expect("spec");
+    value["process"]["terminal"] = json!(true);
+    std::fs::write(&spec, serde_json::to_vec(&value).expect("json")).expect("write spec");
+    let ctr = ctr_run(&containerd, &containerd.shim_config);
+    let mut line: Vec<String> = vec![ctr.get_program().to_string_lossy().into_owned()];
+    line.extend(ctr.get_args().map(|a| a.to_string_lossy().into_owned()));
+    line.extend([
+        "--rm".into(),
+        "-t".into(),
+        "--config".into(),
+        spec.display().to_string(),
+        id.clone(),
+    ]);
+    let out = Command::new(script)
+        .args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .expect("script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("terminal-ok"),
+        "stdout {stdout:?} stderr {:?}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log_tail()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{stdout}\n{}",
+        containerd.log_tail()
+    );
+    containerd.assert_nothing_left_behind(&[&id]);
+}
+
+/// Runs `ctr run --rm` of `args` with shim `settings`, expects it to fail with an
+/// error naming `expected`, removes the container as an operator would, and checks
+/// that nothing is left behind.
+fn run_expecting_failure(
+    settings: impl FnOnce(&Setup, &Path) -> ShimSettings,
+    args: &[&str],
+    what: &str,
+    expected: &[&str],
+) {
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
+    busybox_image(dir.path());
+    let id = unique_id(what);
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    let shim_config = dir.path().join("failing-shim.toml");
+    common::write_shim_config(&s, &settings(&s, dir.path()), &shim_config);
+    let started = Instant::now();
+    let out = ctr_run(&containerd, &shim_config)
+        .arg("--rm")
+        .arg("--config")
+        .arg(spec_with_args(dir.path(), args))
+        .arg(&id)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "ctr run should fail: {stderr}\n{}",
+        containerd.log_tail()
+    );
+    for needle in expected {
+        assert!(
+            stderr.contains(needle),
+            "ctr's error should say {needle:?}: {stderr}\n{}",
+            containerd.log_tail()
+        );
+    }
+    println!(
+        "{what}: failed in {:?} with: {}",
+        started.elapsed(),
+        stderr.trim()
+    );
+    // ctr leaves the container record when the task never started.
+    let _ = containerd
+        .ctr()
+        .args(["task", "delete", "-f", &id])
+        .output();
+    let _ = containerd.ctr().args(["container", "delete", &id]).output();
+    containerd.assert_nothing_left_behind(&[&id]);
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    run_expecting_failure(
+        |s, dir| ShimSettings {
+            kernel: dir.join("no-such-vmlinux"),
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        "nokernel",
+        &["guest kernel", "no-such-vmlinux", "does not exist"],
+    );
+}
+
+#[test]
+fn missing_vmm_binary_is_a_clear_error() {
+    run_expecting_failure(
+        |s, dir| ShimSettings {
+            qemu: dir.join("no-such-qemu"),
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        "novmm",
+        &["cannot start qemu", "no-such-qemu"],
+    );
+}
+
+#[test]
+fn an_agent_that_never_answers_times_out() {
+    run_expecting_failure(
+        |s, dir| ShimSettings {
+            initramfs: sleeping_initramfs(dir),
+            agent_connect_secs: 10,
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        "noagent",
+        &["timed out after 10s", "guest agent"],
+    );
+}
+
+#[test]
+fn a_command_missing_in_the_guest_reaches_ctr() {
+    run_expecting_failure(
+        |s, _| ShimSettings::new(s),
+        &["/bin/no-such-command"],
+        "nocmd",
+        &["/bin/no-such-command", "not found"],
+    );
+}
+
+/// A `newc` cpio entry.
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        u32::try_from(data.len()).expect("small file"),
+        0,
+        0,
+        0,
+        0,
+        u32::try_from(name.len() + 1).expect("short name"),
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+/// An initramfs whose `/init` boots and sleeps: a guest without an agent.
+fn sleeping_initramfs(dir: &Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox").expect("read busybox");
+    let mut cpio = Vec::new();
+    cpio_entry(&mut cpio, 1, "bin", 0o040_755, &[]);
+    cpio_entry(&mut cpio, 2, "bin/busybox", 0o100_755, &busybox);
+    cpio_entry(&mut cpio, 3, "bin/sh", 0o120_777, b"busybox");
+    cpio_entry(&mut cpio, 4, "bin/sleep", 0o120_777, b"busybox");
+    cpio_entry(
+        &mut cpio,
+        5,
+        "init",
+        0o100_755,
+        b"#!/bin/sh\nexec /bin/sleep 100000\n",
+    );
+    cpio_entry(&mut cpio, 0, "TRAILER!!!", 0, &[]);
+    let path = dir.join("sleeping-initramfs.cpio");
+    std::fs::write(&path, cpio).expect("write initramfs");
+    path
+}
+
+/// The shim is SIGKILLed while its VM boots: containerd's cleanup (`shim delete`)
+/// must kill the VM and its helpers and unmount everything.
+#[test]
+fn shim_killed_mid_start_leaves_nothing_behind() {
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
+    busybox_image(dir.path());
+    let id = unique_id("killed");
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    // A guest that never answers keeps the shim in its start for as long as we like.
+    let shim_config = dir.path().join("hanging-shim.toml");
+    common::write_shim_config(
+        &s,
+        &ShimSettings {
+            initramfs: sleeping_initramfs(dir.path()),
+            ..ShimSettings::new(&s)
+        },
+        &shim_config,
+    );
+    let ctr = ctr_run(&containerd, &shim_config)
+        .args(["-d", "--config"])
+        .arg(spec_with_args(dir.path(), &["/bin/sleep", "600"]))
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run -d");
+    let work_dir = format!("{}/{id}/", common::RUN_DIR);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shim_pid = loop {
+        let vm_up = processes_mentioning(&work_dir)
+            .iter()
+            .any(|p| p.contains("qemu-system"));
+        let shim = processes_mentioning(&format!("-id {id} "))
+            .into_iter()
+            .find(|p| !p.trim_end().ends_with(" start") && !p.contains(" delete"));
+        if let (true, Some(shim)) = (vm_up, shim) {
+            break shim
+                .split(':')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+                .expect("pid");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM never started\n{}",
+            containerd.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !processes_mentioning(&work_dir).is_empty(),
+        "the VM should be running"
+    );
+    // SAFETY: kill(2) of the shim's pid, just read from /proc; no memory effects here.
+    assert_eq!(unsafe { libc::kill(shim_pid, libc::SIGKILL) }, 0);
+    let out = ctr.wait_with_output().expect("ctr run -d");
+    assert!(
+        !out.status.success(),
+        "ctr run should fail when its shim dies: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    containerd.assert_nothing_left_behind(&[&id]);
+    let _ = containerd.ctr().args(["container", "delete", &id]).output();
+}
+
 /// A long-running container: exec into it (stdout, stderr, exit status), read its
 /// pids and metrics, kill it, delete it, and check that nothing is left behind.
 #[test]
 fn exec_kill_and_delete_in_a_running_vm() {
-    let s = match setup() {
-        Ok(s) => s,
-        Err(reason) => {
-            println!("SKIPPED: {reason}");
-            return;
-        }
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("gpuvm-ctr-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
     busybox_image(dir.path());
     let id = format!("gpuvm-test-{}-exec", std::process::id());
-    let containerd = start_containerd(&s, dir.path(), &id);
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
     let spec = spec_with_args(dir.path(), &["/bin/sleep", "600"]);
-    let context = || {
-        let lines: Vec<String> = containerd
-            .log()
-            .lines()
-            .filter(|l| !l.contains("loading plugin"))
-            .map(str::to_owned)
-            .collect();
-        let start = lines.len().saturating_sub(40);
-        lines[start..].join("\n")
-    };
+    let context = || containerd.log_tail();
     let out = containerd
         .ctr()
         .args([
@@ -677,23 +542,7 @@ fn exec_kill_and_delete_in_a_running_vm() {
     run(containerd.ctr().args(["task", "delete", &id]));
     run(containerd.ctr().args(["container", "delete", &id]));
 
-    let work_dir = format!("/run/gpuvm/{id}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let leftovers = processes_mentioning(&work_dir);
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(&work_dir);
-        if leftovers.is_empty() && !mounted && !Path::new(&work_dir).exists() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {leftovers:?} mounted {mounted}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    containerd.assert_nothing_left_behind(&[&id]);
 }
 
 /// The pod flow CRI drives, through ctr: a pod sandbox task (the VM itself, grouped by
@@ -701,31 +550,13 @@ fn exec_kill_and_delete_in_a_running_vm() {
 /// VM, then stop and removal in CRI's order, and nothing left behind.
 #[test]
 fn pod_sandbox_and_app_container_share_one_vm() {
-    let s = match setup() {
-        Ok(s) => s,
-        Err(reason) => {
-            println!("SKIPPED: {reason}");
-            return;
-        }
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("gpuvm-ctr-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let Some(s) = setup_or_skip() else { return };
+    let dir = test_dir();
     busybox_image(dir.path());
     let pod = format!("gpuvm-test-{}-pod", std::process::id());
     let app = format!("{pod}-app");
-    let containerd = start_containerd(&s, dir.path(), &pod);
-    let context = || {
-        let lines: Vec<String> = containerd
-            .log()
-            .lines()
-            .filter(|l| !l.contains("loading plugin"))
-            .map(str::to_owned)
-            .collect();
-        let start = lines.len().saturating_sub(40);
-        lines[start..].join("\n")
-    };
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    let context = || containerd.log_tail();
     let spec_for = |name: &str, kind: &str, args: &[&str]| {
         let sub = dir.path().join(name);
         std::fs::create_dir_all(&sub).expect("mkdir");
@@ -865,22 +696,5 @@ fn pod_sandbox_and_app_container_share_one_vm() {
     run(containerd.ctr().args(["task", "delete", &pod]));
     run(containerd.ctr().args(["container", "delete", &pod]));
 
-    let work_dir = format!("/run/gpuvm/{pod}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let leftovers = processes_mentioning(&work_dir);
-        let shims = processes_mentioning(&format!("-id {pod}"));
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .contains(&work_dir);
-        if leftovers.is_empty() && shims.is_empty() && !mounted && !Path::new(&work_dir).exists() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {leftovers:?} shims {shims:?} mounted {mounted}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    containerd.assert_nothing_left_behind(&[&pod, &app]);
 }

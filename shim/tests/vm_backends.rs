@@ -136,7 +136,7 @@ async fn cloud_hypervisor_lifecycle_and_guest_poweroff() {
     let mut spec = poweroff_spec(work.path(), kernel.clone());
     spec.cmdline = hypervisor::kernel_cmdline("rdinit=/busybox -- sleep 600");
     let ch = CloudHypervisor::new(&config, spec);
-    ch.start().await.expect("create and boot");
+    ch.start(&|_| {}).await.expect("create and boot");
     assert!(ch.pid().is_some());
     assert_eq!(ch.vm_state().await.expect("vm.info"), "Running");
     tokio::time::timeout(Duration::from_secs(30), ch.shutdown())
@@ -148,7 +148,7 @@ async fn cloud_hypervisor_lifecycle_and_guest_poweroff() {
 
     // 2. A guest that powers itself off is noticed as the VM's exit.
     let ch = CloudHypervisor::new(&config, poweroff_spec(work.path(), kernel));
-    ch.start().await.expect("create and boot");
+    ch.start(&|_| {}).await.expect("create and boot");
     let exit = tokio::time::timeout(Duration::from_secs(60), ch.wait_exit()).await;
     ch.cleanup().await;
     exit.expect("guest power-off ends the VMM");
@@ -192,7 +192,7 @@ async fn qemu_guest_poweroff_is_noticed() {
     config.binaries.vhost_device_vsock = vsock;
     let spec = poweroff_spec(work.path(), kernel);
     let vm = Qemu::new(&config, spec.clone(), hypervisor::probe_kvm());
-    vm.start().await.expect("start qemu");
+    vm.start(&|_| {}).await.expect("start qemu");
     assert!(vm.pid().is_some());
     assert!(vm.vsock_socket().exists(), "hybrid-vsock socket missing");
     let exit = tokio::time::timeout(Duration::from_secs(120), vm.wait_exit()).await;

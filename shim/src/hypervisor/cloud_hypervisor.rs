@@ -13,7 +13,9 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use super::{GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, VmExit, VmRecord, VmSpec};
+use super::{
+    GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec,
+};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -406,12 +408,13 @@ pub(crate) async fn stop_all(processes: Vec<WatchedProcess>, work_dir: &Path) {
 
 #[async_trait]
 impl Hypervisor for CloudHypervisor {
-    async fn start(&self) -> Result<()> {
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
         let config = serde_json::to_value(VmConfig::try_from(&self.spec)?)
             .map_err(|e| Error::VmConfig(e.to_string()))?;
         create_work_dir(&self.spec.work_dir)?;
         if let Some(shared_dir) = &self.spec.shared_dir {
             self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+            spawned(&self.record());
         }
 
         let api_socket = self.spec.work_dir.join("ch-api.sock");
@@ -423,6 +426,7 @@ impl Hypervisor for CloudHypervisor {
             .stderr(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?);
         let vmm = WatchedProcess::spawn("cloud-hypervisor", &self.binary, cmd)?;
         self.remember(vmm.clone());
+        spawned(&self.record());
         wait_for_socket(&api_socket, &vmm, Duration::from_secs(10)).await?;
 
         self.api.put("vm.create", Some(&config)).await?;

@@ -101,12 +101,17 @@ pub struct VmExit {
     pub vmm_exit_code: i32,
 }
 
+/// Called with the VM's record after each of its processes starts.
+pub type SpawnHook<'a> = dyn Fn(&VmRecord) + Send + Sync + 'a;
+
 /// A running (or starting) VM. Kept small on purpose.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Starts the VMM and its helpers, creates and boots the VM. Returns once the VM
-    /// runs; the agent may still be booting.
-    async fn start(&self) -> Result<()>;
+    /// runs; the agent may still be booting. `spawned` is called with the record so
+    /// far after each process starts, so that a shim killed mid-start leaves a state
+    /// file naming everything `shim delete` must kill.
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()>;
     /// The VMM's pid (reported to containerd as the sandbox task's pid).
     fn pid(&self) -> Option<u32>;
     /// The hybrid-vsock unix socket to reach the guest.

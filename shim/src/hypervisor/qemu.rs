@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd, stop_all};
-use super::{GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, VmExit, VmRecord, VmSpec};
+use super::{
+    GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec,
+};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -171,7 +173,7 @@ impl Qemu {
 
 #[async_trait]
 impl Hypervisor for Qemu {
-    async fn start(&self) -> Result<()> {
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
         let args = qemu_args(&self.spec, self.accel)?;
         create_work_dir(&self.spec.work_dir)?;
 
@@ -184,6 +186,7 @@ impl Hypervisor for Qemu {
             )?);
         let vsock = WatchedProcess::spawn("vhost-device-vsock", &self.vsock_binary, cmd)?;
         self.remember(vsock.clone());
+        spawned(&self.record());
         wait_for_socket(
             &vhost_vsock_socket(&self.spec),
             &vsock,
@@ -193,6 +196,7 @@ impl Hypervisor for Qemu {
 
         if let Some(shared_dir) = &self.spec.shared_dir {
             self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+            spawned(&self.record());
         }
 
         let mut cmd = Command::new(&self.qemu_binary);
@@ -202,6 +206,7 @@ impl Hypervisor for Qemu {
             .stderr(log_file(&self.spec.work_dir.join("qemu.log"))?);
         let qemu = WatchedProcess::spawn("qemu", &self.qemu_binary, cmd)?;
         self.remember(qemu.clone());
+        spawned(&self.record());
         // QEMU fails fast on bad arguments or vhost-user errors: give it a moment so the
         // error names QEMU rather than a later agent timeout.
         tokio::time::sleep(Duration::from_millis(200)).await;

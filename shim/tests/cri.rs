@@ -1,0 +1,276 @@
+//! The CRI path, driven the way kubelet drives it: containerd 2.x with its CRI plugin
+//! (a `gpuvm` runtime handler of type `io.containerd.gpuvm.v1`, the busybox image as
+//! the pinned sandbox image in `k8s.io`), and a CRI v1 client from the `k8s-cri`
+//! crate on containerd's socket: RunPodSandbox → CreateContainer → StartContainer →
+//! ExecSync → StopPodSandbox → RemovePodSandbox. Two containers of one pod share one
+//! VM. While the pod runs, the shim's RSS and the sandbox start breakdown are printed
+//! (`SHIM_RSS_KB=…`, `START_BREAKDOWN_MS …`), not asserted.
+//!
+//! Needs what `common` lists; prints `SKIPPED: <reason>` and passes when something is
+//! missing. CRI uses containerd's full default container spec (the pod is on the
+//! host network of containerd's private netns, so no CNI is needed).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Plugins, ShimSettings, busybox_image, run, setup, start_containerd, test_dir};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
+    ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The CRI runtime handler naming the gpuvm runtime in containerd's config.
+const RUNTIME_HANDLER: &str = "gpuvm";
+
+async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
+    let channel = Endpoint::try_from("http://[::]")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to containerd's CRI");
+    RuntimeServiceClient::new(channel)
+}
+
+fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        log_directory: log_dir.display().to_string(),
+        annotations: [
+            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
+            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
+        ]
+        .into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                // The pod is on the "node" network (containerd's private netns): no CNI.
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node.into(),
+                    pid: NamespaceMode::Container.into(),
+                    ipc: NamespaceMode::Pod.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: common::IMAGE.to_owned(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sleep".to_owned()],
+        args: vec!["600".to_owned()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+async fn exec_sync(
+    client: &mut RuntimeServiceClient<Channel>,
+    container_id: &str,
+    cmd: &[&str],
+) -> ExecSyncResponse {
+    client
+        .exec_sync(ExecSyncRequest {
+            container_id: container_id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 120,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
+    let s = match setup() {
+        Ok(s) => s,
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let dir = test_dir();
+    let image = busybox_image(dir.path());
+    let containerd = start_containerd(
+        &s,
+        dir.path(),
+        &ShimSettings::new(&s),
+        &Plugins::Cri {
+            sandbox_image: common::IMAGE.to_owned(),
+        },
+    );
+    run(containerd
+        .ctr_in("k8s.io")
+        .args(["images", "import"])
+        .arg(&image));
+    let log_dir = dir.path().join("pod-logs");
+    std::fs::create_dir_all(&log_dir).expect("mkdir");
+    let mut client = connect(containerd.socket.clone()).await;
+    let context = || containerd.log_tail();
+
+    let pod_name = format!("gpuvm-cri-{}", std::process::id());
+    let config = sandbox_config(&pod_name, &log_dir);
+    let started = Instant::now();
+    let pod_id = match client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: RUNTIME_HANDLER.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().pod_sandbox_id,
+        Err(e) => panic!("RunPodSandbox: {e}\n{}", context()),
+    };
+    let sandbox_ready = started.elapsed();
+    let mut containers = Vec::new();
+    for name in ["first", "second"] {
+        let id = match client
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(container_config(name)),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().container_id,
+            Err(e) => panic!("CreateContainer {name}: {e}\n{}", context()),
+        };
+        if let Err(e) = client
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+        {
+            panic!("StartContainer {name}: {e}\n{}", context());
+        }
+        containers.push(id);
+    }
+    println!(
+        "CRI: sandbox ready in {sandbox_ready:?}, two containers running after {:?}",
+        started.elapsed()
+    );
+
+    // ExecSync: stdout, stderr and the exit code come back.
+    let out = exec_sync(
+        &mut client,
+        &containers[0],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo out-via-cri; echo err-via-cri >&2; exit 7",
+        ],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "out-via-cri",
+        "{}",
+        context()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "err-via-cri");
+    assert_eq!(out.exit_code, 7);
+
+    // One VMM for the pod, and both containers in the same guest kernel.
+    let work_dir = format!("{}/{pod_id}/", common::RUN_DIR);
+    let vmms: Vec<String> = common::processes_mentioning(&work_dir)
+        .into_iter()
+        .filter(|p| p.contains("qemu-system"))
+        .collect();
+    assert_eq!(vmms.len(), 1, "one VMM for the pod: {vmms:?}");
+    let boot_ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for c in &containers {
+            let out = exec_sync(
+                &mut client,
+                c,
+                &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+            )
+            .await;
+            assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+            ids.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        }
+        ids
+    };
+    let host_boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    assert!(!boot_ids[0].is_empty());
+    assert_eq!(boot_ids[0], boot_ids[1], "both containers share one guest");
+    assert_ne!(boot_ids[0], host_boot_id, "the containers run in a VM");
+
+    // Figures (printed, not asserted): the shim's memory per pod and where the
+    // sandbox's start time went.
+    let shim_pid = common::processes_mentioning(&format!("-id {pod_id} "))
+        .into_iter()
+        .find(|p| p.contains("containerd-shim-gpuvm-v1") && !p.trim_end().ends_with(" start"))
+        .and_then(|p| p.split(':').next().and_then(|pid| pid.parse::<u32>().ok()));
+    if let Some(rss) = shim_pid.and_then(common::rss_kib) {
+        println!("SHIM_RSS_KB={rss}");
+    }
+    let state = containerd
+        .bundle("k8s.io", &pod_id)
+        .join(gpuvm_shim::persist::STATE_FILE);
+    let record: Option<gpuvm_shim::persist::SandboxRecord> = std::fs::read(&state)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(t) = record.map(|r| r.timings) {
+        println!(
+            "START_BREAKDOWN_MS shim={} vmm={} boot={} agent={} container={}",
+            t.shim_ms, t.vmm_ms, t.boot_ms, t.agent_ms, t.container_ms
+        );
+    }
+
+    // Stop and remove the pod as kubelet does.
+    if let Err(e) = client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+    {
+        panic!("StopPodSandbox: {e}\n{}", context());
+    }
+    if let Err(e) = client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+    {
+        panic!("RemovePodSandbox: {e}\n{}", context());
+    }
+    println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
+    let mut ids: Vec<&str> = vec![&pod_id];
+    ids.extend(containers.iter().map(String::as_str));
+    // The teardown is asynchronous in places: give it a moment before checking.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::task::block_in_place(|| containerd.assert_nothing_left_behind(&ids));
+}
