@@ -16,6 +16,11 @@
 #                            (default: time of the last commit touching
 #                            guest/, agent/, protocol/ or Cargo.lock)
 #   CARGO_TARGET_DIR         where cargo builds the agent
+#   GPUVM_FORCE_PACK=1       repack even when the inputs are unchanged
+#
+# A re-run with unchanged inputs (packages, agent binary, pack.py, modules.txt, this
+# script, extra modules, SOURCE_DATE_EPOCH) only rebuilds the agent incrementally,
+# finds the same input digest in OUT_DIR/.inputs.sha256 and leaves the outputs alone.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -59,11 +64,6 @@ fetch() {
 kernel_deb="$(fetch "$kernel_pkg")"
 busybox_deb="$(fetch busybox-static)"
 
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-dpkg -x "$kernel_deb" "$work/kernel"
-dpkg -x "$busybox_deb" "$work/busybox"
-
 # 2. The agent, statically linked (glibc static). --target keeps RUSTFLAGS away from
 #    build scripts and proc macros, which must stay dynamic.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
@@ -74,7 +74,33 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 )
 agent="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/gpuvm-agent"
 
-# 3. vmlinux, modules, initramfs, test rootfs.
+# 3. Nothing to do when every input is what the outputs were made from.
+inputs_digest="$(
+    {
+        echo "epoch $SOURCE_DATE_EPOCH"
+        echo "kernel $(basename "$kernel_deb")"
+        sha256sum "$kernel_deb" "$busybox_deb" "$agent" "$here/pack.py" "$here/modules.txt" "$here/build.sh" \
+            | awk '{ print $1 }'
+        if [ -n "${GPUVM_EXTRA_MODULES_DIR:-}" ]; then
+            (cd "$GPUVM_EXTRA_MODULES_DIR" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)
+        fi
+    } | sha256sum | awk '{ print $1 }'
+)"
+stamp="$out/.inputs.sha256"
+if [ "${GPUVM_FORCE_PACK:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_digest" ] \
+    && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/manifest.json" ] \
+    && [ -d "$out/busybox-rootfs" ]; then
+    echo "guest/build.sh: $out is up to date (inputs $inputs_digest)"
+    exit 0
+fi
+rm -f "$stamp"
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+dpkg -x "$kernel_deb" "$work/kernel"
+dpkg -x "$busybox_deb" "$work/busybox"
+
+# 4. vmlinux, modules, initramfs, test rootfs.
 python3 "$here/pack.py" \
     --kernel-root "$work/kernel" \
     --busybox-root "$work/busybox" \
@@ -84,3 +110,4 @@ python3 "$here/pack.py" \
     --epoch "$SOURCE_DATE_EPOCH" \
     --kernel-package "$(basename "$kernel_deb")" \
     --out "$out"
+echo "$inputs_digest" >"$stamp"

@@ -188,7 +188,7 @@ def write_busybox_rootfs(busybox_root, out_dir):
     for d in ("bin", "proc", "dev", "tmp", "etc"):
         os.makedirs(os.path.join(rootfs, d), exist_ok=True)
     shutil.copy2(os.path.join(busybox_root, "bin", "busybox"), os.path.join(rootfs, "bin", "busybox"))
-    for applet in ("sh", "echo", "cat", "ls", "sleep", "id", "true", "false", "env", "pwd", "uname", "grep", "ps"):
+    for applet in ("sh", "echo", "cat", "ls", "sleep", "id", "true", "false", "env", "pwd", "uname", "grep", "ps", "head", "tail", "dd", "wc", "test", "stat", "mount", "kill"):
         os.symlink("busybox", os.path.join(rootfs, "bin", applet))
     with open(os.path.join(rootfs, "etc", "passwd"), "w") as f:
         f.write("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")

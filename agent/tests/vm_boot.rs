@@ -20,9 +20,81 @@ use common::*;
 use gpuvm_protocol::agent as pb;
 use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
 use gpuvm_protocol::{AGENT_VSOCK_PORT, hybrid_vsock};
+use protobuf::MessageField;
 
 const SHARE_TAG: &str = "gpuvmshare";
-const MEMORY: &str = "512M";
+/// Small enough that the OOM case fills it quickly under TCG.
+const MEMORY: &str = "256M";
+const ROOTFS: &str = "/run/gpuvm/shared/c1/rootfs";
+
+fn oci_mount(destination: &str, type_: &str, source: &str, options: &[&str]) -> pb::Mount {
+    pb::Mount {
+        destination: destination.into(),
+        type_: type_.into(),
+        source: source.into(),
+        options: options.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The mounts of containerd's default OCI spec (what `ctr run` and CRI send), in order.
+fn containerd_default_mounts() -> Vec<pb::Mount> {
+    vec![
+        oci_mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        oci_mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        oci_mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        ),
+        oci_mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        ),
+        oci_mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        ),
+        oci_mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ),
+        oci_mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        ),
+    ]
+}
+
+/// What a container with the default spec checks about its own mounts.
+const DEFAULT_SPEC_SCRIPT: &str = "set -e
+for d in /proc/self /dev/pts /dev/shm /dev/mqueue /sys/kernel /sys/fs/cgroup; do test -d $d; done
+test -c /dev/null; test -c /dev/zero; test -c /dev/urandom; test -L /dev/ptmx
+echo discarded > /dev/null
+head -c 4 /dev/zero | wc -c
+grep -cE '^devpts /dev/pts devpts |^mqueue /dev/mqueue mqueue |^sysfs /sys sysfs ro,|^cgroup2 /sys/fs/cgroup cgroup2 ro,|^tmpfs /dev tmpfs |^shm /dev/shm tmpfs ' /proc/mounts
+echo done";
 
 /// Children started by the test, killed by pid (and reaped) however the test ends.
 struct Children(Vec<(&'static str, Child)>);
@@ -264,11 +336,12 @@ fn boots_the_guest_and_runs_a_container() {
     let (stdout, stderr, exit) = run(
         &client,
         "c1",
-        "/run/gpuvm/shared/c1/rootfs",
+        ROOTFS,
         process(&["sh", "-c", "echo hello; exit 3"]),
     );
     assert_eq!(stdout, "hello\n", "stderr: {stderr}");
     assert_eq!(exit.exit_status, 3);
+    assert!(!exit.oom_killed);
 
     // The container sees its own root, on the share, with /proc mounted.
     let (stdout, stderr, exit) = run(
@@ -306,16 +379,106 @@ fn boots_the_guest_and_runs_a_container() {
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
     assert!(message.contains("no NVIDIA driver"), "{message}");
 
+    // containerd's default spec: a tmpfs over /dev, then devpts and more inside it.
+    create_request_and_start(
+        &client,
+        &pb::CreateProcessRequest {
+            container_id: "default-spec".into(),
+            rootfs: ROOTFS.into(),
+            process: MessageField::some(process(&["sh", "-c", DEFAULT_SPEC_SCRIPT])),
+            mounts: containerd_default_mounts(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("default spec: {e:?}\nconsole:\n{}", console_log()));
+    let (stdout, stderr, exit) = finish(&client, "default-spec");
+    assert_eq!(
+        (stdout.as_str(), exit.exit_status),
+        ("4\n6\ndone\n", 0),
+        "stderr: {stderr}"
+    );
+    assert!(!exit.oom_killed);
+
+    // A bind mount of a missing source fails clearly at start.
+    let mut mounts = containerd_default_mounts();
+    mounts.push(oci_mount("/data", "bind", "/no/such/dir", &["rbind"]));
+    let err = create_request_and_start(
+        &client,
+        &pb::CreateProcessRequest {
+            container_id: "missing-bind".into(),
+            rootfs: ROOTFS.into(),
+            process: MessageField::some(process(&["true"])),
+            mounts,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    let (code, message) = status_of(err);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{message}");
+    assert!(
+        message.contains("/no/such/dir of the bind mount at /data does not exist"),
+        "{message}"
+    );
+    delete(&client, "missing-bind", "");
+
+    // More than the guest's memory: the kernel kills `tail`, the shell reports 137.
+    let oom_start = Instant::now();
+    let (_, stderr, exit) = run(
+        &client,
+        "oom",
+        ROOTFS,
+        process(&["sh", "-c", "head -c 629145600 /dev/zero | tail"]),
+    );
+    assert!(
+        exit.oom_killed,
+        "not reported OOM-killed: exit {} signal {}; stderr {stderr}",
+        exit.exit_status, exit.signal
+    );
+    assert_eq!(exit.exit_status, 137, "{stderr}");
+    println!("OOM case took {:.2?}", oom_start.elapsed());
+
     let stats = client.stats(ctx(), &pb::StatsRequest::new()).unwrap();
+    assert!(stats.agent_hwm_bytes >= stats.agent_rss_bytes);
+    assert!(info.agent_listening_uptime_ns > 0);
     println!(
-        "guest kernel {} (host {}); boot to agent ready {:.2?}; agent RSS {} KiB; guest memory {} MiB total, {} MiB available",
+        "guest kernel {} (host {}); boot to agent ready {:.2?}; guest memory {} MiB total, {} MiB available",
         info.kernel_release,
         host_kernel_release(),
         ready,
-        stats.agent_rss_bytes >> 10,
         stats.mem_total_bytes >> 20,
         stats.mem_available_bytes >> 20,
     );
+    // Figures for the README (printed, not asserted: TCG timings vary with load).
+    println!("AGENT_RSS_KB={}", stats.agent_rss_bytes >> 10);
+    println!("AGENT_HWM_KB={}", stats.agent_hwm_bytes >> 10);
+    println!(
+        "BOOT_TO_LISTEN_MS={}",
+        info.agent_listening_uptime_ns / 1_000_000
+    );
+    println!("QEMU_START_TO_PING_MS={}", ready.as_millis());
+
+    // Shutdown with processes running: one that ignores SIGTERM and a background
+    // child. The agent kills and reaps them all, syncs, and powers off.
+    let marker = share.join("c1/rootfs/shutdown-marker");
+    create_and_start(
+        &client,
+        "long",
+        ROOTFS,
+        process(&[
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 1000 & echo written > /shutdown-marker; wait",
+        ]),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the long container never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     client.shutdown(ctx(), &pb::ShutdownRequest::new()).unwrap();
     drop(client);
@@ -337,6 +500,12 @@ fn boots_the_guest_and_runs_a_container() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "QEMU exited with {status}");
+    assert!(
+        console_log().contains("every process killed and reaped"),
+        "console:\n{}",
+        console_log()
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "written\n");
     // virtiofsd exits with its VM; vhost-device-vsock serves the next VM, so it is
     // stopped by pid here.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -30,24 +30,46 @@ pub fn create_and_start(
     rootfs: &str,
     spec: pb::ProcessSpec,
 ) -> ttrpc::Result<u32> {
-    client.create_process(
-        ctx(),
+    create_request_and_start(
+        client,
         &pb::CreateProcessRequest {
             container_id: id.into(),
             rootfs: rootfs.into(),
             process: MessageField::some(spec),
             ..Default::default()
         },
-    )?;
+    )
+}
+
+/// Creates a container from a full request and starts it; returns its pid.
+pub fn create_request_and_start(
+    client: &AgentServiceClient,
+    req: &pb::CreateProcessRequest,
+) -> ttrpc::Result<u32> {
+    client.create_process(ctx(), req)?;
     Ok(client
         .start_process(
             ctx(),
             &pb::StartProcessRequest {
-                container_id: id.into(),
+                container_id: req.container_id.clone(),
                 ..Default::default()
             },
         )?
         .pid)
+}
+
+/// Runs a started container to completion and deletes it: (stdout, stderr, wait
+/// response).
+pub fn finish(client: &AgentServiceClient, id: &str) -> (String, String, pb::WaitProcessResponse) {
+    let stdout = read_all(client, id, "", true);
+    let stderr = read_all(client, id, "", false);
+    let exit = wait(client, id, "");
+    delete(client, id, "");
+    (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+        exit,
+    )
 }
 
 /// Reads one stream to its end.
@@ -108,15 +130,7 @@ pub fn run(
     spec: pb::ProcessSpec,
 ) -> (String, String, pb::WaitProcessResponse) {
     create_and_start(client, id, rootfs, spec).expect("create and start");
-    let stdout = read_all(client, id, "", true);
-    let stderr = read_all(client, id, "", false);
-    let exit = wait(client, id, "");
-    delete(client, id, "");
-    (
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-        exit,
-    )
+    finish(client, id)
 }
 
 /// The status code and message of a failed call.
