@@ -1,0 +1,506 @@
+//! The real `gpuvm-node` binary against a real kube-apiserver (the `gpuvm-e2e` harness:
+//! `KUBECONFIG`, or `KUBEBUILDER_ASSETS` / `KUBE_APISERVER` + `ETCD`), on a fake sysfs
+//! tree. Without an API server each test prints `SKIPPED: no API server` and passes.
+//!
+//! Checked: the GpuNode is created and its status published (heartbeat, devices) under
+//! field manager `gpuvm-node`; the Node gets its labels and keeps the others; a GPU
+//! vanishing from the bus and a reset-failure record show up as `healthy: false` after a
+//! SIGHUP; the operator's own view (`node_views` + `place_machine`) stops placing on the
+//! unhealthy GPUs; SIGTERM ends the agent cleanly; `--once` keeps an administrator's
+//! `spec.unschedulable`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use gpuvm_api::keys::{LABEL_GPU_COUNT, LABEL_GPU_MODEL, LABEL_GPU_NODE};
+use gpuvm_api::{GpuNode, PlacementStrategy};
+use gpuvm_e2e::fixtures::{LABEL_RUN, node_ready_patch};
+use gpuvm_e2e::{Check, TestEnv, eventually, note};
+use gpuvm_operator::inventory::node_views;
+use gpuvm_operator::scheduler::{PlacementRequest, place_machine};
+use gpuvm_pci::testing::{FakeSysfs, presets};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gpuvm-node");
+const WAIT: Duration = Duration::from_secs(60);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The agent as a child process; killed on drop, so a failing test leaves nothing behind.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(env: &TestEnv, args: &[&str], dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join("gpuvm-node.log");
+        let stderr = fs::File::create(&log).context("creating the agent's log")?;
+        let child = Command::new(BIN)
+            .args(args)
+            .env("KUBECONFIG", env.cp.kubeconfig_path())
+            .env("RUST_LOG", "info,gpuvm_node=debug")
+            .env_remove("NODE_NAME")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting gpuvm-node")?;
+        Ok(Self { child, log })
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.child.id()).context("pid out of range")?;
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal}"))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for gpuvm-node")? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("gpuvm-node still running after {} s", timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // Best effort: it may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn path_arg(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().context("a non-UTF-8 temp path")
+}
+
+/// A bare Node for the test run (no gpuvm labels but a stale model), Ready.
+async fn create_node(env: &TestEnv, name: &str) -> anyhow::Result<Api<Node>> {
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([
+                (LABEL_RUN.to_owned(), env.run.clone()),
+                ("example.com/keep".to_owned(), "yes".to_owned()),
+                (LABEL_GPU_MODEL.to_owned(), "stale".to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("creating Node {name}"))?;
+    mark_ready(&nodes, name).await?;
+    Ok(nodes)
+}
+
+async fn mark_ready(nodes: &Api<Node>, name: &str) -> anyhow::Result<()> {
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(node_ready_patch()),
+        )
+        .await
+        .with_context(|| format!("marking Node {name} Ready"))?;
+    Ok(())
+}
+
+/// Best-effort removal of what a test made (a loopback control plane is thrown away
+/// anyway; an existing cluster keeps what is not deleted).
+async fn remove(env: &TestEnv, name: &str) {
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
+    let _ = nodes.delete(name, &DeleteParams::default()).await;
+    let _ = gpu_nodes.delete(name, &DeleteParams::default()).await;
+}
+
+/// Polls the GpuNode until `check` accepts it.
+async fn wait_gpu_node<F>(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    check: F,
+) -> anyhow::Result<GpuNode>
+where
+    F: Fn(&GpuNode) -> Check<()>,
+{
+    let api: Api<GpuNode> = Api::all(env.client.clone());
+    eventually(what, WAIT, || {
+        let api = api.clone();
+        let check = &check;
+        async move {
+            Ok(match api.get_opt(name).await? {
+                None => Err("no GpuNode yet".to_owned()),
+                Some(gn) => check(&gn).map(|()| gn),
+            })
+        }
+    })
+    .await
+}
+
+fn device_health(gn: &GpuNode, address: &str) -> Option<(bool, String)> {
+    gn.status
+        .as_ref()?
+        .devices
+        .iter()
+        .find(|d| d.pci_address == address)
+        .map(|d| (d.healthy, d.reason.clone().unwrap_or_default()))
+}
+
+fn counts(gn: &GpuNode) -> (i32, i32) {
+    gn.status
+        .as_ref()
+        .map_or((0, 0), |s| (s.gpu_count, s.healthy_count))
+}
+
+fn request(run: &str, count: u32) -> PlacementRequest {
+    PlacementRequest {
+        model: "h100-80gb".to_owned(),
+        count,
+        node_selector: BTreeMap::from([(LABEL_RUN.to_owned(), run.to_owned())]),
+        strategy: PlacementStrategy::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_publishes_inventory_labels_and_health_changes() -> anyhow::Result<()> {
+    let test = "node_agent_publishes";
+    let Some(env) = TestEnv::start(test).await? else {
+        note(&format!("SKIPPED: no API server ({test})"));
+        return Ok(());
+    };
+    let name = format!("{}-hgx", env.run);
+    let result = publishes(&env, &name).await;
+    remove(&env, &name).await;
+    env.cleanup().await;
+    result
+}
+
+async fn publishes(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let nodes = create_node(env, name).await?;
+    let fake: FakeSysfs = presets::hgx_h100_8gpu().build()?;
+    let work = tempfile::tempdir()?;
+    let health = work.path().join("health");
+    fs::create_dir_all(&health)?;
+    let sys = fake.sys_root();
+    let dev = fake.dev_root();
+    let mut agent = AgentProcess::start(
+        env,
+        &[
+            "--node-name",
+            name,
+            "--sysfs-root",
+            path_arg(&sys)?,
+            "--dev-root",
+            path_arg(&dev)?,
+            "--health-dir",
+            path_arg(&health)?,
+            "--interval",
+            "3600",
+            "--log-format",
+            "json",
+        ],
+        work.path(),
+    )?;
+    let outcome = scenario(env, name, &nodes, &fake, &health, &mut agent).await;
+    outcome.with_context(|| format!("gpuvm-node's log:\n{}", agent.log_tail()))
+}
+
+async fn scenario(
+    env: &TestEnv,
+    name: &str,
+    nodes: &Api<Node>,
+    fake: &FakeSysfs,
+    health: &Path,
+    agent: &mut AgentProcess,
+) -> anyhow::Result<()> {
+    // 1. The GpuNode: created with spec.nodeName, status published with a heartbeat.
+    let gn = wait_gpu_node(env, name, "8 healthy GPUs published", |gn| {
+        match counts(gn) {
+            (8, 8) => Ok(()),
+            seen => Err(format!("(gpuCount, healthyCount) = {seen:?}")),
+        }
+    })
+    .await?;
+    ensure!(
+        gn.spec.node_name == name,
+        "spec.nodeName is {}",
+        gn.spec.node_name
+    );
+    ensure!(!gn.spec.unschedulable);
+    let status = gn.status.clone().context("no status")?;
+    ensure!(status.iommu_enabled);
+    ensure!(status.nvswitches.len() == 4, "{:?}", status.nvswitches);
+    let heartbeat = status.heartbeat.clone().context("no heartbeat")?;
+    let age = Timestamp::now().duration_since(heartbeat.0).as_secs_f64();
+    ensure!(age.abs() < 60.0, "heartbeat is {age} s old");
+    let numa: std::collections::BTreeSet<_> = status.devices.iter().map(|d| d.numa_node).collect();
+    ensure!(numa.len() == 2, "NUMA nodes {numa:?}");
+    ensure!(status.devices.iter().all(|d| d.model == "h100-80gb"));
+    let managers: Vec<(String, Option<String>)> = gn
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| (m.manager.clone().unwrap_or_default(), m.subresource.clone()))
+        .collect();
+    ensure!(
+        managers.contains(&("gpuvm-node".to_owned(), Some("status".to_owned()))),
+        "managedFields {managers:?}"
+    );
+
+    // 2. The Node's labels: ours set (the stale model overwritten), others kept.
+    let node = eventually("the Node's gpuvm labels", WAIT, || async {
+        let node = nodes.get(name).await?;
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let ours = (
+            labels.get(LABEL_GPU_NODE).cloned(),
+            labels.get(LABEL_GPU_MODEL).cloned(),
+            labels.get(LABEL_GPU_COUNT).cloned(),
+        );
+        Ok(
+            if ours
+                == (
+                    Some("true".into()),
+                    Some("h100-80gb".into()),
+                    Some("8".into()),
+                )
+            {
+                Ok(node)
+            } else {
+                Err(format!("{ours:?}"))
+            },
+        )
+    })
+    .await?;
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    ensure!(
+        labels.get("example.com/keep").map(String::as_str) == Some("yes"),
+        "{labels:?}"
+    );
+    ensure!(labels.get(LABEL_RUN) == Some(&env.run), "{labels:?}");
+
+    // The operator's view: ready, and 8 GPUs placeable.
+    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    ensure!(
+        views.len() == 1 && views[0].ready && views[0].schedulable,
+        "{views:?}"
+    );
+    place_machine(&request(&env.run, 8), &views, &BTreeMap::new())
+        .map_err(|e| anyhow::anyhow!("8 GPUs should be placeable: {e:?}"))?;
+
+    // 3. A GPU falls off the bus; SIGHUP rescans at once (the interval is an hour).
+    fs::remove_file(fake.sysfs().devices_dir().join("0000:9d:00.0"))?;
+    agent.signal(Signal::SIGHUP)?;
+    let gn = wait_gpu_node(
+        env,
+        name,
+        "0000:9d:00.0 unhealthy",
+        |gn| match device_health(gn, "0000:9d:00.0") {
+            Some((false, reason)) if reason == gpuvm_node::REASON_DISAPPEARED => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        },
+    )
+    .await?;
+    ensure!(counts(&gn) == (8, 7), "{:?}", counts(&gn));
+    let node = eventually("gpu.count=7", WAIT, || async {
+        let node = nodes.get(name).await?;
+        let count = node.labels().get(LABEL_GPU_COUNT).cloned();
+        Ok(if count.as_deref() == Some("7") {
+            Ok(node)
+        } else {
+            Err(format!("{count:?}"))
+        })
+    })
+    .await?;
+    mark_ready(nodes, name).await?;
+    let node = nodes.get(name).await.unwrap_or(node);
+    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    ensure!(views[0].ready, "{views:?}");
+    ensure!(
+        views[0]
+            .devices
+            .iter()
+            .any(|d| d.pci_address == "0000:9d:00.0" && !d.healthy),
+        "{views:?}"
+    );
+    ensure!(
+        place_machine(&request(&env.run, 8), &views, &BTreeMap::new()).is_err(),
+        "8 GPUs placed with one gone"
+    );
+    let placed = place_machine(&request(&env.run, 7), &views, &BTreeMap::new())
+        .map_err(|e| anyhow::anyhow!("7 GPUs should be placeable: {e:?}"))?;
+    ensure!(
+        !placed.devices().iter().any(|d| d == "0000:9d:00.0"),
+        "the vanished GPU was placed: {placed:?}"
+    );
+
+    // 4. The shim records a failed reset; the next pass (SIGHUP) marks that GPU too,
+    // with a newer heartbeat.
+    let before = gn.status.as_ref().and_then(|s| s.heartbeat.clone());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fs::write(
+        health.join("0000:18:00.0"),
+        "reset failed: flr: Inappropriate ioctl for device\n",
+    )?;
+    agent.signal(Signal::SIGHUP)?;
+    let gn = wait_gpu_node(
+        env,
+        name,
+        "0000:18:00.0 unhealthy after its reset failed",
+        |gn| match device_health(gn, "0000:18:00.0") {
+            Some((false, reason)) if reason.contains("the last reset of 0000:18:00.0 failed") => {
+                Ok(())
+            }
+            seen => Err(format!("{seen:?}")),
+        },
+    )
+    .await?;
+    ensure!(counts(&gn) == (8, 6), "{:?}", counts(&gn));
+    let after = gn.status.as_ref().and_then(|s| s.heartbeat.clone());
+    ensure!(
+        after.as_ref().map(|t| t.0) > before.as_ref().map(|t| t.0),
+        "heartbeat did not advance: {before:?} → {after:?}"
+    );
+    mark_ready(nodes, name).await?;
+    let node = nodes.get(name).await?;
+    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    ensure!(views[0].ready, "{views:?}");
+    ensure!(
+        place_machine(&request(&env.run, 7), &views, &BTreeMap::new()).is_err(),
+        "7 GPUs placed with two unhealthy"
+    );
+    let placed = place_machine(&request(&env.run, 6), &views, &BTreeMap::new())
+        .map_err(|e| anyhow::anyhow!("6 GPUs should be placeable: {e:?}"))?;
+    ensure!(
+        !placed
+            .devices()
+            .iter()
+            .any(|d| d == "0000:18:00.0" || d == "0000:9d:00.0"),
+        "an unhealthy GPU was placed: {placed:?}"
+    );
+
+    // 5. SIGTERM ends it cleanly.
+    agent.signal(Signal::SIGTERM)?;
+    let exit = agent.wait(Duration::from_secs(15))?;
+    ensure!(exit.success(), "gpuvm-node exited with {exit}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_publishes_and_keeps_the_administrators_fields() -> anyhow::Result<()> {
+    let test = "node_agent_once";
+    let Some(env) = TestEnv::start(test).await? else {
+        note(&format!("SKIPPED: no API server ({test})"));
+        return Ok(());
+    };
+    let name = format!("{}-ws", env.run);
+    let result = once(&env, &name).await;
+    remove(&env, &name).await;
+    env.cleanup().await;
+    result
+}
+
+async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let nodes = create_node(env, name).await?;
+    let fake = presets::workstation_l40s().build()?;
+    let work = tempfile::tempdir()?;
+    let sys = fake.sys_root();
+    let dev = fake.dev_root();
+    let health = work.path().join("health");
+    let args = [
+        "--once",
+        "--no-bind",
+        "--node-name",
+        name,
+        "--sysfs-root",
+        path_arg(&sys)?,
+        "--dev-root",
+        path_arg(&dev)?,
+        "--health-dir",
+        path_arg(&health)?,
+    ];
+    let run_once = || -> anyhow::Result<()> {
+        let mut agent = AgentProcess::start(env, &args, work.path())?;
+        let exit = agent.wait(WAIT)?;
+        ensure!(
+            exit.success(),
+            "--once exited with {exit}:\n{}",
+            agent.log_tail()
+        );
+        Ok(())
+    };
+    run_once()?;
+
+    let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
+    let gn = gpu_nodes.get(name).await?;
+    ensure!(gn.spec.node_name == name);
+    ensure!(counts(&gn) == (1, 0), "{:?}", counts(&gn));
+    let (healthy, reason) = device_health(&gn, "0000:01:00.0").context("no L40S")?;
+    ensure!(
+        !healthy && reason.contains("bound to nvidia, not vfio-pci"),
+        "{reason}"
+    );
+    let status = gn.status.clone().context("no status")?;
+    let members: Vec<String> = status.devices[0]
+        .iommu_group_members
+        .iter()
+        .map(|m| format!("{}:{:?}", m.pci_address, m.role))
+        .collect();
+    ensure!(
+        members == ["0000:01:00.0:Gpu", "0000:01:00.1:Companion"],
+        "{members:?}"
+    );
+    ensure!(status.heartbeat.is_some());
+    ensure!(fake.all_writes()?.is_empty(), "--no-bind wrote to sysfs");
+    let labels = nodes.get(name).await?.metadata.labels.unwrap_or_default();
+    ensure!(
+        labels.get(LABEL_GPU_COUNT).map(String::as_str) == Some("0"),
+        "{labels:?}"
+    );
+    ensure!(
+        labels.get(LABEL_GPU_MODEL).map(String::as_str) == Some("l40s"),
+        "{labels:?}"
+    );
+
+    // An administrator takes the node out of placement; the agent must keep that.
+    gpu_nodes
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await?;
+    run_once()?;
+    let gn = gpu_nodes.get(name).await?;
+    ensure!(gn.spec.unschedulable, "spec.unschedulable was reset");
+    let node = nodes.get(name).await?;
+    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    ensure!(views[0].ready && !views[0].schedulable, "{views:?}");
+    Ok(())
+}
