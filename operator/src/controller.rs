@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -123,6 +124,23 @@ impl Default for Settings {
     }
 }
 
+/// A dirty index is rebuilt no more often than this: heartbeats arrive constantly on a
+/// large fleet, and a second-old view of readiness is good enough to rank nodes (it is
+/// never what keeps a GPU from being given twice: see the module docs).
+pub const INDEX_REBUILD_MIN: Duration = Duration::from_secs(1);
+/// Even when nothing signalled a change, the index is rebuilt this often.
+pub const INDEX_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// What placement keeps between reconciles.
+#[derive(Debug, Default)]
+pub struct Placer {
+    /// Allocations written by this process, keyed `namespace/name`, until the cache
+    /// shows them.
+    pub overlay: HashMap<String, (String, Vec<String>)>,
+    /// The scheduler's index of the fleet, with every allocation committed so far.
+    index: Option<(Inventory, Instant)>,
+}
+
 /// Shared state of the reconcilers.
 pub struct Context {
     /// API client.
@@ -139,9 +157,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Tunables.
     pub settings: Settings,
-    /// Allocations written by this process, keyed `namespace/name`, until the cache
-    /// shows them. Holding the lock serializes placements in this process.
-    pub overlay: Mutex<HashMap<String, (String, Vec<String>)>>,
+    /// Placement state; holding the lock serializes placements in this process.
+    pub placer: Mutex<Placer>,
+    /// Set when the inventory may have changed (a GpuNode or Node event, GPUs released):
+    /// the cached index is then rebuilt, at most once per [`INDEX_REBUILD_MIN`].
+    pub inventory_dirty: AtomicBool,
 }
 
 impl std::fmt::Debug for Context {
@@ -177,7 +197,8 @@ impl Context {
             recorder,
             metrics,
             settings,
-            overlay: Mutex::new(HashMap::new()),
+            placer: Mutex::new(Placer::default()),
+            inventory_dirty: AtomicBool::new(true),
         }
     }
 
@@ -297,6 +318,13 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
 
     if decision.status != status {
         write_status(machine, &decision.status, ctx).await?;
+        if !inventory::holds_gpus(&GpuMachine {
+            status: Some(decision.status.clone()),
+            ..machine.clone()
+        }) {
+            // The machine ended and its Pod is gone: its GPUs are free again.
+            ctx.inventory_dirty.store(true, Ordering::Relaxed);
+        }
         for note in &decision.notes {
             info!(reason = %note.reason, "{}", note.message);
             ctx.publish(machine, note.severity, &note.reason, &note.message)
@@ -317,31 +345,47 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let key = machine_key(machine);
     let ns = machine.namespace().unwrap_or_default();
     let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut overlay = ctx.overlay.lock().await;
+    let mut guard = ctx.placer.lock().await;
+    let placer = &mut *guard;
 
-    let machines = ctx.machines.state();
-    // The cache may now show what the overlay remembered: drop entries it confirms.
-    overlay.retain(|k, (node, _)| {
-        !machines.iter().any(|m| {
-            machine_key(m) == *k
-                && m.status.as_ref().and_then(|s| s.node_name.as_ref()) == Some(node)
-        })
-    });
-    let views = inventory::node_views(
-        ctx.gpu_nodes.state().iter().map(|g| g.as_ref()),
-        ctx.nodes.state().iter().map(|n| n.as_ref()),
-        Timestamp::now(),
-        ctx.settings.heartbeat_timeout,
-    );
-    let allocations = inventory::allocations(machines.iter().map(|m| m.as_ref()), &overlay, &key);
-    let mut inv = Inventory::build(&views, &allocations);
+    let stale = match &placer.index {
+        None => true,
+        Some((_, built)) => {
+            built.elapsed() >= INDEX_MAX_AGE
+                || (built.elapsed() >= INDEX_REBUILD_MIN
+                    && ctx.inventory_dirty.load(Ordering::Relaxed))
+        }
+    };
+    if stale {
+        ctx.inventory_dirty.store(false, Ordering::Relaxed);
+        let machines = ctx.machines.state();
+        // The cache may now show what the overlay remembered: drop entries it confirms.
+        placer.overlay.retain(|k, (node, _)| {
+            !machines.iter().any(|m| {
+                machine_key(m) == *k
+                    && m.status.as_ref().and_then(|s| s.node_name.as_ref()) == Some(node)
+            })
+        });
+        let views = inventory::node_views(
+            ctx.gpu_nodes.state().iter().map(|g| g.as_ref()),
+            ctx.nodes.state().iter().map(|n| n.as_ref()),
+            Timestamp::now(),
+            ctx.settings.heartbeat_timeout,
+        );
+        let allocations =
+            inventory::allocations(machines.iter().map(|m| m.as_ref()), &placer.overlay, &key);
+        placer.index = Some((Inventory::build(&views, &allocations), Instant::now()));
+    }
+    let Some((inv, _)) = placer.index.as_mut() else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
     let request = PlacementRequest::from(&machine.spec);
     let result = inv.place(&request);
 
     match result {
         Err(why) => {
-            drop(overlay);
             ctx.metrics.set_usage(&inv.usage_by_model());
+            drop(guard);
             let message = why.to_string();
             let status = status::unschedulable(machine, why.reason(), &message, &now());
             let changed = machine.status.as_ref().and_then(|s| s.message.as_deref())
@@ -397,10 +441,12 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
             );
             // Optimistic write: fails with 409 if the machine changed since we read it.
             write_status(&labelled, &status, ctx).await?;
-            overlay.insert(key, (placement.node.clone(), placement.devices()));
+            placer
+                .overlay
+                .insert(key, (placement.node.clone(), placement.devices()));
             inv.commit(&placement);
-            drop(overlay);
             ctx.metrics.set_usage(&inv.usage_by_model());
+            drop(guard);
             ctx.metrics
                 .placement_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -446,7 +492,8 @@ async fn verify_exclusive(machine: &GpuMachine, ctx: &Context) -> Result<bool, E
         machine_key(other)
     ));
     write_status(machine, &released, ctx).await?;
-    ctx.overlay.lock().await.remove(&me);
+    ctx.placer.lock().await.overlay.remove(&me);
+    ctx.inventory_dirty.store(true, Ordering::Relaxed);
     ctx.publish(
         machine,
         Severity::Warning,
@@ -486,7 +533,12 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let selector = format!("{}={}", keys::LABEL_MACHINE, machine.name_any());
     let remaining = pods.list(&ListParams::default().labels(&selector)).await?;
     if remaining.items.is_empty() {
-        ctx.overlay.lock().await.remove(&machine_key(machine));
+        ctx.placer
+            .lock()
+            .await
+            .overlay
+            .remove(&machine_key(machine));
+        ctx.inventory_dirty.store(true, Ordering::Relaxed);
         info!("released GPUs");
         return Ok(Action::await_change());
     }
@@ -565,8 +617,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     ));
 
     // Inventory changes (a GpuNode or Node) wake every machine still waiting for GPUs.
-    let waiting = |store: Store<GpuMachine>| {
+    let waiting = |store: Store<GpuMachine>, ctx: Arc<Context>| {
         move || {
+            ctx.inventory_dirty.store(true, Ordering::Relaxed);
             store
                 .state()
                 .into_iter()
@@ -575,8 +628,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
                 .collect::<Vec<_>>()
         }
     };
-    let on_gpu_node = waiting(machines.clone());
-    let on_node = waiting(machines.clone());
+    let on_gpu_node = waiting(machines.clone(), ctx.clone());
+    let on_node = waiting(machines.clone(), ctx.clone());
 
     let ready_metrics = metrics.clone();
     let readiness = async move {

@@ -38,7 +38,10 @@ pub fn pod_name(machine: &str, restarts: i32) -> String {
     } else {
         format!("-vm-{restarts}")
     };
-    let keep = machine.len().min(253 - suffix.len());
+    let mut keep = machine.len().min(253 - suffix.len());
+    while !machine.is_char_boundary(keep) {
+        keep -= 1;
+    }
     let mut base = machine[..keep].to_owned();
     while base.ends_with(['-', '.']) {
         base.pop();

@@ -163,7 +163,7 @@ impl fmt::Display for Unschedulable {
 
 impl std::error::Error for Unschedulable {}
 
-type ModelId = u16;
+type ModelId = u32;
 type DomainId = u32;
 
 /// Why a unit (an IOMMU group's worth of GPUs) can never be allocated.
@@ -395,9 +395,10 @@ impl Inventory {
                 if unit.blocked.is_some() {
                     continue;
                 }
-                let entry = out
-                    .entry(self.models[usize::from(unit.model)].clone())
-                    .or_default();
+                let Some(model) = self.models.get(unit.model as usize) else {
+                    continue;
+                };
+                let entry = out.entry(model.clone()).or_default();
                 if unit.taken {
                     entry.1 += unit.size();
                 } else if node.view.ready {
@@ -479,7 +480,7 @@ fn reject_reason(
     let no_iommu = sum(|s| s.blocked_no_iommu);
     let host = sum(|s| s.blocked_host);
     let unhealthy = sum(|s| s.blocked_unhealthy);
-    let taken = total - free - no_iommu - host - unhealthy;
+    let taken = total.saturating_sub(free + no_iommu + host + unhealthy);
     // The largest obstacle names the node; ties go to the more fundamental one.
     [
         (no_iommu, NodeRejection::NoIommu),
