@@ -6,7 +6,9 @@
 #     `apt-get download` through a PRIVATE apt config (the system's sources are not
 #     touched) and unpacked with `dpkg -x` into $PREFIX (default /opt/gpuvm-containerd).
 #     It runs on bookworm's libc (it is a static-ish Go binary).
-#   - runc and busybox-static from bookworm, installed normally.
+#   - runc, busybox-static, util-linux/bsdutils (unshare, script) and
+#     protobuf-compiler (protoc, for the k8s-cri dev-dependency) from bookworm,
+#     installed normally.
 #
 #   scripts/containerd-deps.sh          # as root (or with sudo available)
 #   PREFIX=/somewhere scripts/containerd-deps.sh
@@ -26,6 +28,10 @@ need_apt=()
 command -v runc >/dev/null 2>&1 || need_apt+=(runc)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v script >/dev/null 2>&1 || need_apt+=(bsdutils)
+# protoc: the CRI test's client (k8s-cri, a dev-dependency of gpuvm-shim) compiles
+# the CRI proto in its build script, so `cargo test -p gpuvm-shim` needs it to build.
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "containerd-deps: installing ${need_apt[*]} from bookworm"
     $SUDO apt-get update -qq

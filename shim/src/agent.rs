@@ -89,6 +89,8 @@ pub struct ExitInfo {
     pub status: u32,
     /// When it exited.
     pub exited_at: SystemTime,
+    /// The guest kernel's OOM killer ended it (or a process of its container).
+    pub oom_killed: bool,
 }
 
 /// Which output stream.
@@ -384,6 +386,7 @@ impl Agent for TtrpcAgent {
             pid: r.pid,
             status: r.exit_status,
             exited_at: exit_time(r.exited_at_unix_nanos),
+            oom_killed: r.oom_killed,
         })
     }
 

@@ -61,6 +61,14 @@ impl Shim for GpuvmShim {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot read the state file"),
         }
+        // A killed shim leaves its socket file behind: remove it unless a live shim
+        // (the pod's, for an app container) still listens on it.
+        if let Ok(address) = std::fs::read_to_string(self.bundle.join("address")) {
+            let socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+            if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                let _ = std::fs::remove_file(&socket);
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

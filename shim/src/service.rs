@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -251,6 +251,10 @@ struct Inner {
     publisher: Option<RemotePublisher>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Held for a whole teardown: a Delete or Shutdown that arrives while the pod
+    /// sandbox's Kill is stopping the VM waits for it, so the shim cannot exit under
+    /// that Kill (containerd would see "ttrpc: closed").
+    teardown_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -275,6 +279,7 @@ impl Service {
                 publisher,
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                teardown_lock: Mutex::new(()),
             }),
         }
     }
@@ -530,6 +535,7 @@ impl Service {
 
     /// Stops the VM: agent shutdown, then VM shutdown, then cleanup. Idempotent.
     async fn teardown(&self) {
+        let _teardown = self.inner.teardown_lock.lock().await;
         let sandbox = self.inner.sandbox.lock().await.take();
         let Some(sandbox) = sandbox else {
             return;
@@ -870,6 +876,20 @@ impl Service {
             }
             match exit {
                 Ok(exit) => {
+                    if exit.oom_killed {
+                        // As runc's shim does: the OOM event comes before the exit, so
+                        // CRI reports the container's reason as OOMKilled.
+                        tracing::info!(task = %id.container_id, exec = %id.exec_id, "OOM-killed in the guest");
+                        service
+                            .publish(
+                                topics::TASK_OOM_EVENT_TOPIC,
+                                Box::new(TaskOOM {
+                                    container_id: id.container_id.clone(),
+                                    ..Default::default()
+                                }),
+                            )
+                            .await;
+                    }
                     service
                         .record_exit_at(&id.container_id, &id.exec_id, exit.status, exit.exited_at)
                         .await

@@ -107,10 +107,7 @@ fn ctr_run_with_a_minimal_spec_runs_in_a_vm_and_leaves_nothing_behind() {
 }
 
 #[test]
-#[ignore = "the guest agent creates mount targets (/dev/pts, /dev/shm, /dev/mqueue) before \
-            mounting the /dev tmpfs that hides them, so ctr's default spec fails to start; \
-            un-ignore once agent/src/process.rs creates targets after each mount"]
-fn ctr_run_with_ctr_default_spec() {
+fn ctr_run_with_ctr_default_spec_from_an_image() {
     run_container(&[], false);
 }
 
