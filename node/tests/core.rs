@@ -542,3 +542,63 @@ fn the_dry_run_table_lists_devices_actions_and_labels() {
     assert!(empty.contains("no NVIDIA GPU found"), "{empty}");
     assert!(empty.contains("actions: none"), "{empty}");
 }
+
+/// The operator's own reading of what the agent publishes (the same check the e2e test
+/// makes against a real API server): unhealthy GPUs are never placed.
+#[test]
+fn the_operator_never_places_what_the_agent_marks_unhealthy() {
+    use gpuvm_api::{GpuNode, GpuNodeSpec, PlacementStrategy};
+    use gpuvm_operator::inventory::node_views;
+    use gpuvm_operator::scheduler::{PlacementRequest, place_machine};
+    use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    let host = Host::new(presets::hgx_h100_8gpu(), true);
+    let first = host.pass(Vec::new());
+    fs::remove_file(host.fake.sysfs().devices_dir().join("0000:9d:00.0")).expect("unplugging");
+    fs::write(host.health.path().join("0000:18:00.0"), "flr failed").expect("a record");
+    let status = host.pass(first.devices);
+
+    let mut gpu_node = GpuNode::new(
+        "hgx-1",
+        GpuNodeSpec {
+            node_name: "hgx-1".to_owned(),
+            unschedulable: false,
+        },
+    );
+    gpu_node.status = Some(GpuNodeStatus {
+        heartbeat: Some(Time(Timestamp::now())),
+        ..status.clone()
+    });
+    let mut node = Node::default();
+    node.metadata.name = Some("hgx-1".to_owned());
+    node.metadata.labels = Some(labels_for(&status));
+    node.status = Some(NodeStatus {
+        conditions: Some(vec![NodeCondition {
+            type_: "Ready".to_owned(),
+            status: "True".to_owned(),
+            ..NodeCondition::default()
+        }]),
+        ..NodeStatus::default()
+    });
+    let views = node_views(
+        [&gpu_node],
+        [&node],
+        Timestamp::now(),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(views[0].ready && views[0].schedulable, "{views:?}");
+    let request = |count| PlacementRequest {
+        model: "h100-80gb".to_owned(),
+        count,
+        node_selector: BTreeMap::from([(LABEL_GPU_NODE.to_owned(), "true".to_owned())]),
+        strategy: PlacementStrategy::default(),
+    };
+    assert!(place_machine(&request(7), &views, &BTreeMap::new()).is_err());
+    let placed = place_machine(&request(6), &views, &BTreeMap::new()).expect("6 fit");
+    let devices = placed.devices();
+    assert_eq!(devices.len(), 6);
+    assert!(!devices.contains(&"0000:9d:00.0".to_owned()), "{devices:?}");
+    assert!(!devices.contains(&"0000:18:00.0".to_owned()), "{devices:?}");
+}
