@@ -163,3 +163,63 @@ fn the_last_of_bind_and_no_bind_wins() {
     ]));
     assert!(unbound.contains("binding is off"), "{unbound}");
 }
+
+#[test]
+fn sighup_rescans_at_once_and_sigterm_exits_cleanly() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::time::{Duration, Instant};
+
+    let fake = presets::workstation_l40s().build().expect("building");
+    let sys = fake.sys_root();
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let mut child = Command::new(BIN)
+        .args([
+            "--dry-run",
+            "--interval",
+            "3600",
+            "--log-format",
+            "json",
+            "--sysfs-root",
+            sys.to_str().expect("utf-8 path"),
+        ])
+        .stdout(out.reopen().expect("reopening"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting gpuvm-node");
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let passes = || {
+        std::fs::read_to_string(out.path())
+            .unwrap_or_default()
+            .matches("gpuvm-node dry run")
+            .count()
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("the first pass", &|| passes() >= 1);
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    wait_for("a pass on SIGHUP", &|| passes() >= 2);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gpuvm-node ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exited with {status}");
+    assert_eq!(
+        passes(),
+        2,
+        "one pass at start, one on SIGHUP, none from the interval"
+    );
+}
