@@ -18,7 +18,19 @@
 set -euo pipefail
 
 PREFIX="${PREFIX:-/opt/gpuvm-containerd}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian archive this machine already uses (so no host is named here): the first
+# `URIs:`/`deb` entry of the system's apt sources that ends in /debian.
+system_mirror() {
+    {
+        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+        grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
+    } | grep -m1 -E '/debian/?$' || true
+}
+MIRROR="${DEBIAN_MIRROR:-$(system_mirror)}"
+if [ -z "$MIRROR" ]; then
+    echo "containerd-deps: no Debian archive found in the apt sources; set DEBIAN_MIRROR" >&2
+    exit 1
+fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# gpuvm's test command (README command 2; `.ci/run` calls exactly this).
+#
+# On a fresh Debian 12 machine, as root, it installs what the tests need from the
+# package registries, builds the guest image, then runs every check CI runs:
+#   - cargo fmt --check, clippy -D warnings, the CRD staleness check,
+#   - the whole workspace's tests: unit, property, scripted-API-server, real sysfs,
+#     real QEMU VMs with the real guest agent, and real containerd 2.x through the shim,
+#   - the Helm chart tests.
+# Tests that need what this machine lacks (a GPU, a KVM that boots real guests, a
+# Kubernetes API server, a cloud-hypervisor binary) print `SKIPPED: <reason>`.
+#
+# Options (environment):
+#   GPUVM_SKIP_DEPS=1    don't install anything (you did already)
+#   GPUVM_SKIP_LINT=1    skip fmt/clippy (quicker local iterations)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+stage() { printf '\n==> %s\n' "$*"; }
+started=$SECONDS
+
+if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
+    stage "installing test dependencies"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "scripts/test.sh installs packages and starts containerd and VMs: run it as root" >&2
+        exit 1
+    fi
+    need=()
+    command -v openssl >/dev/null 2>&1 || need+=(openssl)
+    command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+    command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+    command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
+    if [ "${#need[@]}" -gt 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+    fi
+    # guest/build.sh fetches Debian's kernel with `apt-get download`: it needs lists.
+    if ! apt-cache policy 2>/dev/null | grep -q 'release'; then
+        apt-get update -qq
+    fi
+    scripts/vm-deps.sh
+    scripts/containerd-deps.sh
+    stage "building the guest image (kernel + initramfs with the agent)"
+    guest/build.sh
+fi
+
+if [ "${GPUVM_SKIP_LINT:-0}" != 1 ]; then
+    stage "cargo fmt --check"
+    cargo fmt --all --check
+    stage "cargo clippy -D warnings"
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+stage "CRDs in crds/ match the Rust types"
+cargo run -q --locked -p gpuvm-operator --bin crdgen -- --check crds/
+
+stage "cargo test (workspace)"
+cargo test --workspace --all-targets --locked --no-fail-fast
+
+if [ -x charts/tests/run.sh ]; then
+    stage "Helm chart tests"
+    charts/tests/run.sh
+fi
+
+stage "all checks passed in $((SECONDS - started)) s"
