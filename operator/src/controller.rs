@@ -162,6 +162,9 @@ pub struct Context {
     /// Set when the inventory may have changed (a GpuNode or Node event, GPUs released):
     /// the cached index is then rebuilt, at most once per [`INDEX_REBUILD_MIN`].
     pub inventory_dirty: AtomicBool,
+    /// Told whenever GPUs are released, so machines waiting for GPUs are retried now
+    /// rather than at their next periodic retry.
+    released: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 impl std::fmt::Debug for Context {
@@ -199,7 +202,21 @@ impl Context {
             settings,
             placer: Mutex::new(Placer::default()),
             inventory_dirty: AtomicBool::new(true),
+            released: tokio::sync::mpsc::unbounded_channel().0,
         }
+    }
+
+    /// Routes "GPUs were released" to `tx` (the controller's trigger for waiting machines).
+    pub fn with_release_notifier(mut self, tx: tokio::sync::mpsc::UnboundedSender<()>) -> Self {
+        self.released = tx;
+        self
+    }
+
+    /// Records that GPUs were released: the index is rebuilt and waiting machines retried.
+    pub fn gpus_released(&self) {
+        self.inventory_dirty.store(true, Ordering::Relaxed);
+        // Nobody listening (tests) is fine.
+        let _ = self.released.send(());
     }
 
     async fn publish(&self, machine: &GpuMachine, severity: Severity, reason: &str, note: &str) {
@@ -323,7 +340,7 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
             ..machine.clone()
         }) {
             // The machine ended and its Pod is gone: its GPUs are free again.
-            ctx.inventory_dirty.store(true, Ordering::Relaxed);
+            ctx.gpus_released();
         }
         for note in &decision.notes {
             info!(reason = %note.reason, "{}", note.message);
@@ -493,7 +510,7 @@ async fn verify_exclusive(machine: &GpuMachine, ctx: &Context) -> Result<bool, E
     ));
     write_status(machine, &released, ctx).await?;
     ctx.placer.lock().await.overlay.remove(&me);
-    ctx.inventory_dirty.store(true, Ordering::Relaxed);
+    ctx.gpus_released();
     ctx.publish(
         machine,
         Severity::Warning,
@@ -538,7 +555,7 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
             .await
             .overlay
             .remove(&machine_key(machine));
-        ctx.inventory_dirty.store(true, Ordering::Relaxed);
+        ctx.gpus_released();
         info!("released GPUs");
         return Ok(Action::await_change());
     }
@@ -607,14 +624,18 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let controller = Controller::new(machines_api, watcher::Config::default().any_semantic());
     let machines = controller.store();
     let machines_ready = machines.clone();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        machines.clone(),
-        gpu_nodes.clone(),
-        nodes.clone(),
-        metrics.clone(),
-        settings,
-    ));
+    let (released_tx, released_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            machines.clone(),
+            gpu_nodes.clone(),
+            nodes.clone(),
+            metrics.clone(),
+            settings,
+        )
+        .with_release_notifier(released_tx),
+    );
 
     // Inventory changes (a GpuNode or Node) wake every machine still waiting for GPUs.
     let waiting = |store: Store<GpuMachine>, ctx: Arc<Context>| {
@@ -630,6 +651,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     };
     let on_gpu_node = waiting(machines.clone(), ctx.clone());
     let on_node = waiting(machines.clone(), ctx.clone());
+    let on_release = waiting(machines.clone(), ctx.clone());
+    let released =
+        futures::stream::unfold((released_rx, on_release), |(mut rx, refs)| async move {
+            rx.recv()
+                .await
+                .map(|()| (futures::stream::iter(refs()), (rx, refs)))
+        })
+        .flatten();
 
     let ready_metrics = metrics.clone();
     let readiness = async move {
@@ -652,6 +681,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         )
         .watches_stream(gn_stream, move |_: GpuNode| on_gpu_node())
         .watches_stream(node_stream, move |_: Node| on_node())
+        .reconcile_on(released)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

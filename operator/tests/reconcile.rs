@@ -232,6 +232,14 @@ where
 }
 
 fn context(machines: Vec<GpuMachine>) -> (Arc<Context>, Server) {
+    context_notifying(machines, tokio::sync::mpsc::unbounded_channel().0)
+}
+
+/// A context whose "GPUs released" signal goes to `released`.
+fn context_notifying(
+    machines: Vec<GpuMachine>,
+    released: tokio::sync::mpsc::UnboundedSender<()>,
+) -> (Arc<Context>, Server) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (gn, node) = workstation();
@@ -242,7 +250,8 @@ fn context(machines: Vec<GpuMachine>) -> (Arc<Context>, Server) {
         store_of(vec![node]),
         Arc::new(Metrics::new()),
         Settings::default(),
-    );
+    )
+    .with_release_notifier(released);
     (Arc::new(ctx), Server::spawn(handle))
 }
 
@@ -596,7 +605,8 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     m.status.as_mut().unwrap().pod_name = Some("m-vm".into());
     m.status.as_mut().unwrap().phase = Some(MachinePhase::Running);
     m.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-    let (ctx, mut server) = context(vec![m.clone()]);
+    let (tx, mut released) = tokio::sync::mpsc::unbounded_channel();
+    let (ctx, mut server) = context_notifying(vec![m.clone()], tx);
 
     // First pass: the Pod exists -> Terminating, delete it, and keep the finalizer.
     let task = run(m.clone(), &ctx).await;
@@ -625,6 +635,10 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     call.ok(&running);
     let err = finish(task).await.unwrap_err();
     assert_eq!(err.metric_label(), "pods_terminating", "{err}");
+    assert!(
+        released.try_recv().is_err(),
+        "GPUs are not released while the Pod exists"
+    );
     server.done().await;
 
     // Second pass: the Pod is gone -> the finalizer is removed, releasing the GPUs.
@@ -645,4 +659,6 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     finish(task).await.unwrap();
     server.done().await;
     assert!(gone.meta().finalizers.is_none());
+    // Machines waiting for GPUs are woken now, not at their next periodic retry.
+    assert!(released.try_recv().is_ok(), "release was not signalled");
 }
