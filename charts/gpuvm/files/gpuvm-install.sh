@@ -1,0 +1,247 @@
+#!/bin/bash
+# gpuvm-install.sh install|uninstall — puts the gpuvm runtime on a node, or takes it off.
+#
+# Runs in the node DaemonSet's init container (install) and in the pre-delete cleanup
+# DaemonSet (uninstall), from the node image. The host's folders are mounted under
+# $GPUVM_HOST_ROOT (/host) at their own paths, and host commands (containerd, systemctl)
+# run through $GPUVM_HOST_EXEC (nsenter into PID 1's namespaces; needs hostPID).
+#
+# install:
+#   1. copy the shim, helper binaries, guest kernel and initramfs from $GPUVM_DIST into
+#      $GPUVM_HOST_DIR (bin/, share/), each only when it changed, by an atomic rename
+#      (a running shim or VMM keeps its old inode), and record them in .installed;
+#   2. write $GPUVM_SHIM_CONFIG_DIR/shim.toml (the shim reads it at each sandbox start:
+#      no restart needed);
+#   3. write the containerd drop-in; only when it changed: make sure containerd imports
+#      it (adding an `imports` line to config.toml if allowed), check the merged config
+#      with `containerd config dump` (a broken config is rolled back, never restarted
+#      into), and restart containerd.
+# uninstall: refuse while VMs run (unless GPUVM_CLEANUP_FORCE=true), then remove the
+#   drop-in, the import line, the shim config and every recorded file, and restart
+#   containerd when the drop-in was there.
+# Both are idempotent: running either twice changes nothing the second time.
+set -euo pipefail
+
+mode="${1:-}"
+HOST_ROOT="${GPUVM_HOST_ROOT:-/host}"
+HOST_DIR="${GPUVM_HOST_DIR:-/opt/gpuvm}"
+SHIM_CONFIG_DIR="${GPUVM_SHIM_CONFIG_DIR:-/etc/gpuvm}"
+CTRD_DIR="${GPUVM_CONTAINERD_CONFIG_DIR:-/etc/containerd}"
+CTRD_FILE="${GPUVM_CONTAINERD_CONFIG_FILE:-config.toml}"
+CTRD_DROP_IN="${GPUVM_CONTAINERD_DROP_IN:-conf.d/gpuvm.toml}"
+ADD_IMPORT="${GPUVM_CONTAINERD_ADD_IMPORT:-true}"
+RESTART="${GPUVM_CONTAINERD_RESTART:-true}"
+UNIT="${GPUVM_CONTAINERD_UNIT:-containerd}"
+FORCE="${GPUVM_CLEANUP_FORCE:-false}"
+DIST="${GPUVM_DIST:-/opt/gpuvm-dist}"
+FILES="${GPUVM_INSTALLER_FILES:-/etc/gpuvm-installer}"
+# Word-split on purpose: a command prefix.
+read -r -a HOST_EXEC <<<"${GPUVM_HOST_EXEC:-nsenter --target 1 --mount --uts --ipc --net --pid --}"
+
+# The marker that identifies the line this installer adds to config.toml.
+IMPORT_MARKER="# added by the gpuvm installer"
+drop_in_host="$CTRD_DIR/$CTRD_DROP_IN"
+node="${NODE_NAME:-$(hostname)}"
+
+log() { echo "gpuvm-install[$node]: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+host() { "${HOST_EXEC[@]}" "$@"; }
+
+# Writes $2 to host path $1 (seen under HOST_ROOT) when its content differs; says
+# "changed" on stdout when it wrote.
+put_file() {
+    local dst="$HOST_ROOT$1" src="$2" mode="${3:-0644}"
+    if [[ -f "$dst" ]] && cmp -s "$src" "$dst"; then
+        return 0
+    fi
+    mkdir -p "$(dirname "$dst")"
+    local tmp
+    tmp="$(dirname "$dst")/.$(basename "$dst").gpuvm-tmp"
+    cp "$src" "$tmp"
+    chmod "$mode" "$tmp"
+    mv -f "$tmp" "$dst"
+    echo changed
+}
+
+containerd_major() {
+    local v
+    v="$(host containerd --version 2>/dev/null)" || die "cannot run containerd on the host (is it installed, and is hostPID on?)"
+    # "containerd github.com/containerd/containerd/v2 v2.1.4 <sha>" -> 2
+    v="$(grep -oE ' v?[0-9]+\.[0-9]+\.[0-9]+' <<<"$v" | head -n1 | tr -d ' v')"
+    echo "${v%%.*}"
+}
+
+# True when containerd's merged config has the gpuvm runtime.
+containerd_sees_runtime() {
+    host containerd --config "$CTRD_DIR/$CTRD_FILE" config dump 2>/dev/null | grep -q 'io.containerd.gpuvm.v1'
+}
+
+restart_containerd() {
+    if [[ "$RESTART" != "true" ]]; then
+        log "containerd config changed; restart it yourself (installer.containerd.restart=false)"
+        return 0
+    fi
+    log "restarting $UNIT"
+    host systemctl restart "$UNIT" || die "systemctl restart $UNIT failed"
+    local _
+    for _ in $(seq 1 30); do
+        if host systemctl is-active --quiet "$UNIT"; then
+            log "$UNIT is active again"
+            return 0
+        fi
+        sleep 1
+    done
+    die "$UNIT did not come back within 30 s after the restart"
+}
+
+add_import_line() {
+    local cfg="$HOST_ROOT$CTRD_DIR/$CTRD_FILE"
+    [[ -f "$cfg" ]] || die "containerd does not load $drop_in_host and $CTRD_DIR/$CTRD_FILE does not exist"
+    if grep -qF "$IMPORT_MARKER" "$cfg"; then
+        return 0
+    fi
+    if grep -qE '^[[:space:]]*imports[[:space:]]*=' "$cfg"; then
+        die "$CTRD_DIR/$CTRD_FILE has its own 'imports' that does not cover $drop_in_host: add \"$drop_in_host\" to it"
+    fi
+    if [[ "$ADD_IMPORT" != "true" ]]; then
+        die "containerd does not load $drop_in_host: add imports = [\"$drop_in_host\"] to $CTRD_DIR/$CTRD_FILE, or set installer.containerd.addImport=true"
+    fi
+    # A top-level key must come before the first table: put it right after `version`
+    # when there is one, else first.
+    local line="imports = [\"$drop_in_host\"] $IMPORT_MARKER"
+    local tmp="$cfg.gpuvm-tmp"
+    if grep -qE '^version[[:space:]]*=' "$cfg"; then
+        awk -v l="$line" '{print} !done && /^version[[:space:]]*=/ {print l; done=1}' "$cfg" >"$tmp"
+    else
+        { echo "$line"; cat "$cfg"; } >"$tmp"
+    fi
+    chmod --reference="$cfg" "$tmp"
+    mv -f "$tmp" "$cfg"
+    log "added an imports line for $drop_in_host to $CTRD_DIR/$CTRD_FILE"
+}
+
+remove_import_line() {
+    local cfg="$HOST_ROOT$CTRD_DIR/$CTRD_FILE"
+    [[ -f "$cfg" ]] && grep -qF "$IMPORT_MARKER" "$cfg" || return 0
+    local tmp="$cfg.gpuvm-tmp"
+    grep -vF "$IMPORT_MARKER" "$cfg" >"$tmp" || true
+    chmod --reference="$cfg" "$tmp"
+    mv -f "$tmp" "$cfg"
+    log "removed the gpuvm imports line from $CTRD_DIR/$CTRD_FILE"
+    echo changed
+}
+
+install() {
+    local major
+    major="$(containerd_major)"
+    [[ -n "$major" && "$major" -ge 2 ]] || die "containerd ${major:-?}.x is too old: the gpuvm shim needs containerd >= 2.0 (task API v3)"
+
+    # 1. binaries and the guest image
+    local manifest="$HOST_ROOT$HOST_DIR/.installed" list rel
+    list="$(mktemp)"
+    while IFS= read -r -d '' f; do
+        rel="${f#"$DIST"/}"
+        case "$rel" in
+            bin/*) mode=0755 ;;
+            *) mode=0644 ;;
+        esac
+        if [[ "$(put_file "$HOST_DIR/$rel" "$f" "$mode")" == changed ]]; then
+            log "installed $HOST_DIR/$rel"
+        fi
+        echo "$HOST_DIR/$rel" >>"$list"
+    done < <(find "$DIST" -type f -print0 | sort -z)
+    [[ -s "$list" ]] || die "$DIST is empty: the node image carries no gpuvm runtime"
+    put_file "$HOST_DIR/.installed" "$list" 0644 >/dev/null
+    rm -f "$list"
+    [[ -f "$manifest" ]] || die "could not record $HOST_DIR/.installed"
+
+    # 2. the shim's config
+    if [[ "$(put_file "$SHIM_CONFIG_DIR/shim.toml" "$FILES/shim.toml" 0644)" == changed ]]; then
+        log "wrote $SHIM_CONFIG_DIR/shim.toml"
+    fi
+
+    # 3. the containerd drop-in
+    local dst="$HOST_ROOT$drop_in_host" backup=""
+    if [[ -f "$dst" ]] && cmp -s "$FILES/containerd-gpuvm.toml" "$dst" && containerd_sees_runtime; then
+        log "containerd already has the gpuvm runtime: no restart"
+        log "done"
+        return 0
+    fi
+    if [[ -f "$dst" ]]; then
+        backup="$(mktemp)"
+        cp "$dst" "$backup"
+    fi
+    put_file "$drop_in_host" "$FILES/containerd-gpuvm.toml" 0644 >/dev/null
+    if ! containerd_sees_runtime; then
+        add_import_line
+    fi
+    if ! containerd_sees_runtime; then
+        # Never restart containerd into a config that lacks us (or does not parse).
+        if [[ -n "$backup" ]]; then cp "$backup" "$dst"; else rm -f "$dst"; fi
+        remove_import_line >/dev/null
+        die "containerd's merged config does not show the gpuvm runtime after writing $drop_in_host (see: containerd config dump); rolled back"
+    fi
+    rm -f "$backup"
+    log "wrote $drop_in_host"
+    restart_containerd
+    log "done"
+}
+
+uninstall() {
+    # VMs still running? Each has a work dir /run/gpuvm/<sandbox-id>/ (health/ is the
+    # reset-failure records).
+    local live=()
+    local d
+    for d in "$HOST_ROOT"/run/gpuvm/*/; do
+        [[ -d "$d" ]] || continue
+        [[ "$(basename "$d")" == health ]] && continue
+        live+=("$(basename "$d")")
+    done
+    if ((${#live[@]} > 0)); then
+        if [[ "$FORCE" != "true" ]]; then
+            die "${#live[@]} gpuvm VM(s) still run here (${live[*]}): delete every GpuMachine first, or set cleanup.force=true"
+        fi
+        log "warning: removing the runtime while ${#live[@]} VM(s) run (cleanup.force=true)"
+    fi
+
+    local changed=""
+    if [[ -f "$HOST_ROOT$drop_in_host" ]]; then
+        rm -f "$HOST_ROOT$drop_in_host"
+        log "removed $drop_in_host"
+        changed=1
+    fi
+    if [[ "$(remove_import_line)" == changed ]]; then changed=1; fi
+
+    local shim_cfg="$HOST_ROOT$SHIM_CONFIG_DIR/shim.toml"
+    if [[ -f "$shim_cfg" ]] && grep -q 'Written by the gpuvm installer' "$shim_cfg"; then
+        rm -f "$shim_cfg"
+        log "removed $SHIM_CONFIG_DIR/shim.toml"
+    fi
+    rmdir "$HOST_ROOT$SHIM_CONFIG_DIR" 2>/dev/null || true
+
+    local manifest="$HOST_ROOT$HOST_DIR/.installed" f
+    if [[ -f "$manifest" ]]; then
+        while IFS= read -r f; do
+            [[ -n "$f" && "$f" == "$HOST_DIR"/* ]] || continue
+            rm -f "$HOST_ROOT$f"
+        done <"$manifest"
+        rm -f "$manifest"
+        # Remove the folders we made, deepest first, only when empty.
+        find "$HOST_ROOT$HOST_DIR" -depth -type d -empty -delete 2>/dev/null || true
+        log "removed the files under $HOST_DIR"
+    fi
+
+    if [[ -n "$changed" ]]; then
+        restart_containerd
+    fi
+    log "done"
+}
+
+case "$mode" in
+    install) install ;;
+    uninstall) uninstall ;;
+    *)
+        echo "usage: $0 install|uninstall" >&2
+        exit 2
+        ;;
+esac
