@@ -174,6 +174,20 @@ impl Operator {
         self.process.kill();
     }
 
+    /// Its resident and peak memory in KiB (`VmRSS`, `VmHWM`), read from `/proc`.
+    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()?)).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// Its state and the tail of its log.
     pub fn describe(&mut self) -> String {
         self.process.describe()

@@ -829,13 +829,21 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     let Some(mut env) = TestEnv::start("throughput").await? else {
         return Ok(());
     };
-    const NODES: usize = 25;
-    const MACHINES: usize = 200;
-    env.add_hosts(HostKind::HgxH100, NODES).await?;
+    // The benchmark is 1,000 machines over 125 GpuNodes (GPUVM_E2E_BENCH_MACHINES=1000
+    // GPUVM_E2E_BENCH_NODES=125); the default keeps the suite quick.
+    let size = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let nodes: usize = size("GPUVM_E2E_BENCH_NODES", 25);
+    let machines_count: usize = size("GPUVM_E2E_BENCH_MACHINES", 200);
+    env.add_hosts(HostKind::HgxH100, nodes).await?;
     let mut op = env
         .start_operator(OperatorOptions::single(&env.namespace))
         .await?;
-    let machines: Vec<GpuMachine> = (0..MACHINES)
+    let machines: Vec<GpuMachine> = (0..machines_count)
         .map(|i| env.machine(&format!("t{i:03}"), "h100-80gb", 1))
         .collect();
 
@@ -843,16 +851,21 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     let result = async {
         env.apply_all(&machines).await?;
         let applied = started.elapsed();
-        env.wait_pod_count(MACHINES, Duration::from_secs(300)).await?;
+        env.wait_pod_count(machines_count, Duration::from_secs(300)).await?;
         let done = started.elapsed();
         note(&format!(
-            "THROUGHPUT: {MACHINES} machines over {NODES} GpuNodes: applied in {:.1} s, all Pods in {:.1} s: {:.1} machines/s",
+            "THROUGHPUT: {machines_count} machines over {nodes} GpuNodes: applied in {:.1} s, all Pods in {:.1} s: {:.1} machines/s",
             applied.as_secs_f64(),
             done.as_secs_f64(),
-            f64::from(u32::try_from(MACHINES).unwrap_or(u32::MAX)) / done.as_secs_f64()
+            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / done.as_secs_f64()
         ));
         let placed = env.check_invariants().await?;
-        ensure!(placed == MACHINES, "{placed} of {MACHINES} placed");
+        ensure!(placed == machines_count, "{placed} of {machines_count} placed");
+        if let Some((rss, peak)) = op.memory_kib() {
+            note(&format!(
+                "THROUGHPUT: operator memory with {machines_count} machines: VmRSS {rss} KiB, VmHWM {peak} KiB"
+            ));
+        }
         if let Ok(metrics) = op.metrics().await {
             for line in metrics.lines().filter(|l| l.contains("placement_seconds_sum") || l.contains("placement_seconds_count")) {
                 note(&format!("THROUGHPUT: operator {line}"));
