@@ -200,6 +200,7 @@ fn agent_error(call: &str, err: ttrpc::Error) -> Error {
                 ttrpc::Code::INVALID_ARGUMENT => Error::InvalidArgument(message),
                 ttrpc::Code::UNIMPLEMENTED => Error::Unimplemented(message),
                 ttrpc::Code::UNAVAILABLE => Error::AgentUnavailable(message),
+                ttrpc::Code::FAILED_PRECONDITION => Error::GuestPrecondition(message),
                 _ => Error::Agent(message),
             }
         }

@@ -20,6 +20,15 @@ pub const ANNOTATION_CPUS: &str = "gpuvm.dev/cpus";
 pub const ANNOTATION_MEMORY: &str = "gpuvm.dev/memory";
 /// Pod annotation with the comma-separated PCI addresses passed to the guest with VFIO.
 pub const ANNOTATION_DEVICES: &str = "gpuvm.dev/devices";
+/// Pod annotation with the GPU models the guest must see, comma-separated, one per GPU
+/// (same key as `gpuvm_api::keys::ANNOTATION_GPU_MODELS`).
+pub const ANNOTATION_GPU_MODELS: &str = "gpuvm.dev/gpu-models";
+/// CRI sandbox annotation: the Pod's namespace.
+pub const ANNOTATION_POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+/// CRI sandbox annotation: the Pod's name.
+pub const ANNOTATION_POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
+/// CRI sandbox annotation: the Pod's UID.
+pub const ANNOTATION_POD_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
 /// Which VMM runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -47,6 +56,39 @@ pub struct ShimConfig {
     pub binaries: BinaryPaths,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Guest memory backing (prefault, hugepages).
+    pub memory: MemoryBacking,
+    /// Host paths the device checks, locks, resets and reports use.
+    pub host: HostPaths,
+}
+
+/// How guest memory is backed. With VFIO devices every guest page is pinned anyway;
+/// prefaulting moves that cost to boot instead of the first DMA.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryBacking {
+    /// Touch all guest memory at VM start (CH `memory.prefault`, QEMU `prealloc=on`).
+    pub prefault: bool,
+    /// Back guest memory with hugetlbfs pages (CH `memory.hugepages`, QEMU `hugetlb=on`).
+    pub hugepages: bool,
+    /// Hugepage size as a quantity (`2Mi`, `1Gi`); empty means the host's default size.
+    pub hugepage_size: String,
+}
+
+/// Host paths, parameters so tests can point them at fake trees.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostPaths {
+    /// sysfs root (`/sys`).
+    pub sysfs_root: PathBuf,
+    /// dev root holding `vfio/<group>` (`/dev`).
+    pub dev_root: PathBuf,
+    /// Per-device lock files (`/run/gpuvm/devices`).
+    pub lock_dir: PathBuf,
+    /// Reset-failure records read by the node agent (`/run/gpuvm/health`).
+    pub health_dir: PathBuf,
+    /// In-guest GPU check results read by the node agent (`/run/gpuvm/gpu-check`).
+    pub gpu_check_dir: PathBuf,
 }
 
 /// Guest image, kernel command line and size limits.
@@ -103,8 +145,56 @@ impl Default for ShimConfig {
             guest: GuestConfig::default(),
             binaries: BinaryPaths::default(),
             timeouts: Timeouts::default(),
+            memory: MemoryBacking::default(),
+            host: HostPaths::default(),
         }
     }
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        HostPaths {
+            sysfs_root: PathBuf::from("/sys"),
+            dev_root: PathBuf::from("/dev"),
+            lock_dir: PathBuf::from(gpuvm_pci::DEFAULT_LOCK_DIR),
+            health_dir: PathBuf::from("/run/gpuvm/health"),
+            gpu_check_dir: PathBuf::from("/run/gpuvm/gpu-check"),
+        }
+    }
+}
+
+impl MemoryBacking {
+    /// The hugepage size in bytes, when one is configured.
+    pub fn hugepage_size_bytes(&self) -> Result<Option<u64>> {
+        if self.hugepage_size.trim().is_empty() {
+            return Ok(None);
+        }
+        let mib = parse_memory_mib(&self.hugepage_size)
+            .map_err(|e| Error::Config(format!("memory.hugepage_size: {e}")))?;
+        let bytes = mib << 20;
+        // parse_memory_mib rounds up to MiB, so compare against the exact value too.
+        if !bytes.is_power_of_two() || parse_exact_bytes(&self.hugepage_size) != Some(bytes) {
+            return Err(Error::Config(format!(
+                "memory.hugepage_size ({}) must be a power of two of at least 1Mi, like 2Mi or 1Gi",
+                self.hugepage_size
+            )));
+        }
+        Ok(Some(bytes))
+    }
+}
+
+/// A binary-suffixed quantity in exact bytes (`2Mi`, `1Gi`), for hugepage sizes.
+fn parse_exact_bytes(quantity: &str) -> Option<u64> {
+    let q = quantity.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit())?;
+    let (number, suffix) = q.split_at(split);
+    let shift = match suffix {
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 impl Default for GuestConfig {
@@ -188,6 +278,12 @@ impl ShimConfig {
                 "guest.default_memory ({}) exceeds guest.max_memory ({})",
                 g.default_memory, g.max_memory
             )));
+        }
+        let hugepage_size = self.memory.hugepage_size_bytes()?;
+        if hugepage_size.is_some() && !self.memory.hugepages {
+            return Err(Error::Config(
+                "memory.hugepage_size is set but memory.hugepages is false".into(),
+            ));
         }
         if self.timeouts.agent_connect_secs == 0 {
             return Err(Error::Config(
@@ -463,6 +559,16 @@ mod tests {
             [timeouts]
             agent_connect_secs = 5
             vm_shutdown_secs = 3
+            [memory]
+            prefault = true
+            hugepages = true
+            hugepage_size = "1Gi"
+            [host]
+            sysfs_root = "/tmp/sys"
+            dev_root = "/tmp/dev"
+            lock_dir = "/tmp/locks"
+            health_dir = "/tmp/health"
+            gpu_check_dir = "/tmp/gpu-check"
         "#;
         let c = ShimConfig::parse(text, Path::new("x.toml")).expect("valid");
         assert_eq!(c.backend, Backend::Qemu);
@@ -470,6 +576,26 @@ mod tests {
         assert_eq!(c.guest.agent_port, 2000);
         assert_eq!(c.binaries.vhost_device_vsock, PathBuf::from("/hv"));
         assert_eq!(c.timeouts.vm_shutdown_secs, 3);
+        assert!(c.memory.prefault && c.memory.hugepages);
+        assert_eq!(c.memory.hugepage_size_bytes().expect("size"), Some(1 << 30));
+        assert_eq!(c.host.sysfs_root, PathBuf::from("/tmp/sys"));
+        assert_eq!(c.host.gpu_check_dir, PathBuf::from("/tmp/gpu-check"));
+    }
+
+    #[test]
+    fn host_paths_default_to_the_production_ones() {
+        let host = HostPaths::default();
+        assert_eq!(host.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(host.dev_root, PathBuf::from("/dev"));
+        assert_eq!(host.lock_dir, PathBuf::from("/run/gpuvm/devices"));
+        assert_eq!(host.health_dir, PathBuf::from("/run/gpuvm/health"));
+        assert_eq!(host.gpu_check_dir, PathBuf::from("/run/gpuvm/gpu-check"));
+        assert_eq!(
+            MemoryBacking::default()
+                .hugepage_size_bytes()
+                .expect("none"),
+            None
+        );
     }
 
     #[test]
@@ -485,6 +611,16 @@ mod tests {
             ("[guest]\nmax_memory = \"1Mi\"", "exceeds guest.max_memory"),
             ("[guest]\ndefault_memory = \"big\"", "guest.default_memory"),
             ("[timeouts]\nagent_connect_secs = 0", "agent_connect_secs"),
+            (
+                "[memory]\nhugepages = true\nhugepage_size = \"3Mi\"",
+                "power of two",
+            ),
+            (
+                "[memory]\nhugepages = true\nhugepage_size = \"2M\"",
+                "power of two",
+            ),
+            ("[memory]\nhugepage_size = \"2Mi\"", "hugepages is false"),
+            ("[host]\nsysfs = \"/x\"", "invalid config file"),
         ];
         for (text, needle) in cases {
             let err = ShimConfig::parse(text, Path::new("x.toml")).expect_err(text);

@@ -100,6 +100,25 @@ pub enum Error {
         /// The timeout in seconds.
         secs: u64,
     },
+    /// A device from `gpuvm.dev/devices` cannot be passed to the VM (or locked for it).
+    #[error("cannot pass {device} to the VM")]
+    Device {
+        /// The device (or devices, for a lock).
+        device: String,
+        /// Why, from `gpuvm-pci`.
+        #[source]
+        source: gpuvm_pci::Error,
+    },
+    /// The devices annotation does not list whole IOMMU groups of GPUs.
+    #[error("annotation gpuvm.dev/devices: {0}")]
+    DeviceSet(String),
+    /// A device failed its reset and still fails it.
+    #[error("{0}")]
+    DeviceUnhealthy(String),
+    /// The guest cannot do what was asked in its current state (the agent's
+    /// `FAILED_PRECONDITION`, e.g. no NVIDIA driver in the guest).
+    #[error("guest agent: {0}")]
+    GuestPrecondition(String),
     /// An error from the containerd-shim crate (events, mounts, spec parsing).
     #[error("containerd shim runtime")]
     Shim(#[from] containerd_shim::Error),
@@ -117,12 +136,16 @@ impl Error {
         use ttrpc::Code;
         match self {
             Error::InvalidArgument(_)
+            | Error::DeviceSet(_)
             | Error::Config(_)
             | Error::ConfigParse { .. }
             | Error::VmConfig(_) => Code::INVALID_ARGUMENT,
             Error::NotFound(_) | Error::ProcessFinished(_) => Code::NOT_FOUND,
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            Error::BadTransition { .. } => Code::FAILED_PRECONDITION,
+            Error::BadTransition { .. }
+            | Error::Device { .. }
+            | Error::DeviceUnhealthy(_)
+            | Error::GuestPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::AgentUnavailable(_) => Code::UNAVAILABLE,
             Error::Timeout { .. } => Code::DEADLINE_EXCEEDED,
@@ -205,6 +228,25 @@ mod tests {
             ),
             (Error::Hypervisor("x".into()), Code::INTERNAL),
             (Error::Agent("x".into()), Code::INTERNAL),
+            (Error::DeviceSet("x".into()), Code::INVALID_ARGUMENT),
+            (
+                Error::DeviceUnhealthy("x".into()),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                Error::GuestPrecondition("x".into()),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                Error::Device {
+                    device: "0000:18:00.0".into(),
+                    source: gpuvm_pci::Error::NotBoundToVfio {
+                        address: gpuvm_pci::PciAddress::parse("0000:18:00.0").expect("bdf"),
+                        driver: Some("nvidia".into()),
+                    },
+                },
+                Code::FAILED_PRECONDITION,
+            ),
         ];
         for (err, want) in cases {
             let shown = err.to_string();

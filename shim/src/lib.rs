@@ -9,6 +9,8 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub mod agent;
+pub mod devices;
+pub mod gpu_check;
 pub mod hypervisor;
 pub mod persist;
 pub mod process;

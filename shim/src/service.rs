@@ -24,12 +24,14 @@ use tokio::sync::{Mutex, watch};
 use tracing::instrument;
 
 use crate::agent::{Agent, ContainerSpec, Mount as AgentMount, ProcessId, ProcessSpec, TtrpcAgent};
-use crate::config::{self, ShimConfig};
+use crate::config::{self, HostPaths, ShimConfig};
+use crate::devices::Passthrough;
 use crate::error::{Error, Result};
 use crate::hypervisor::{self, Hypervisor, VmSpec};
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::state::{TaskAction, TaskState};
 use crate::stdio::{StdioCopy, StdioPaths};
+use gpuvm_pci::{GroupLock, Sysfs};
 
 /// Annotation naming the pod sandbox a container belongs to.
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -193,6 +195,25 @@ struct Container {
     rootfs_mount: Option<PathBuf>,
 }
 
+/// Resets `devices` after their VM (off the async threads: sysfs resets block);
+/// true when every reset succeeded.
+async fn reset_devices(host: HostPaths, devices: Vec<gpuvm_pci::PciAddress>) -> bool {
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::devices::reset_after_exit(&Sysfs::new(&host.sysfs_root), &host.health_dir, &devices)
+    })
+    .await;
+    match outcome {
+        Ok(outcome) => {
+            tracing::info!(reset = ?outcome.reset, failed = ?outcome.failed, "devices reset after the VM");
+            outcome.failed.is_empty()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the device reset panicked");
+            false
+        }
+    }
+}
+
 /// The VM and the agent in it.
 #[derive(Debug)]
 struct Sandbox {
@@ -203,6 +224,12 @@ struct Sandbox {
     shared_host: PathBuf,
     shared_guest: String,
     shutdown_timeout: Duration,
+    /// Host paths for the device reset after the VM.
+    host: HostPaths,
+    /// The VFIO devices passed to the VM, if any.
+    passthrough: Option<Passthrough>,
+    /// Their locks, held for the VM's whole life.
+    device_lock: std::sync::Mutex<Option<GroupLock>>,
     /// Where the start time went; `container_ms` is filled by the first app container.
     timings: std::sync::Mutex<StartClock>,
 }
@@ -255,6 +282,9 @@ struct Inner {
     /// sandbox's Kill is stopping the VM waits for it, so the shim cannot exit under
     /// that Kill (containerd would see "ttrpc: closed").
     teardown_lock: Mutex<()>,
+    /// Locks of devices whose reset failed after the VM: kept until the shim exits, so
+    /// no other sandbox takes them meanwhile (the health record keeps them out after).
+    failed_reset_locks: std::sync::Mutex<Vec<GroupLock>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -280,6 +310,7 @@ impl Service {
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 teardown_lock: Mutex::new(()),
+                failed_reset_locks: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -328,6 +359,29 @@ impl Service {
             Some(v) => config::parse_devices(v)?,
             None => Vec::new(),
         };
+        // Devices: checked, locked and (after an earlier failed reset) reset again
+        // before anything starts.
+        let sysfs = Sysfs::new(&config.host.sysfs_root);
+        let passthrough = if devices.is_empty() {
+            None
+        } else {
+            Some(crate::devices::check_devices(
+                &sysfs,
+                &config.host.dev_root,
+                &devices,
+            )?)
+        };
+        let device_lock = match &passthrough {
+            Some(set) => {
+                let lock =
+                    crate::devices::lock_devices(&config.host.lock_dir, &set.devices, sandbox_id)?;
+                crate::devices::retry_failed_resets(&sysfs, &config.host.health_dir, &set.devices)?;
+                tracing::info!(sandbox = sandbox_id, devices = ?set.device_names(), "devices checked and locked");
+                Some(lock)
+            }
+            None => None,
+        };
+        let hugepage_size = config.memory.hugepage_size_bytes()?;
         let work_dir = PathBuf::from(RUN_DIR).join(sandbox_id);
         let shared_host = work_dir.join("shared");
         let spec = VmSpec {
@@ -343,8 +397,19 @@ impl Service {
             )),
             size,
             shared_dir: Some(shared_host.clone()),
-            devices,
+            devices: passthrough
+                .as_ref()
+                .map(Passthrough::device_names)
+                .unwrap_or_default(),
             taps: Vec::new(),
+            mmio64_size: passthrough
+                .as_ref()
+                .and_then(|set| crate::devices::mmio64_window(&set.bar64_sizes)),
+            memory: hypervisor::MemoryOptions {
+                prefault: config.memory.prefault,
+                hugepages: config.memory.hugepages,
+                hugepage_size,
+            },
         };
         let hv = hypervisor::new_hypervisor(&config, spec);
         let mut record = SandboxRecord {
@@ -374,10 +439,21 @@ impl Service {
         let vmm_started = Instant::now();
         record.vm = hv.record();
         record.save(bundle)?;
-        let fail = |hv: Box<dyn Hypervisor>, shared: PathBuf| async move {
-            hv.cleanup().await;
-            crate::rootfs::unmount(&shared);
-            crate::rootfs::remove_dir_if_unmounted(&hv.record().work_dir);
+        let passed: Vec<gpuvm_pci::PciAddress> = passthrough
+            .as_ref()
+            .map(|set| set.devices.clone())
+            .unwrap_or_default();
+        let fail = |hv: Box<dyn Hypervisor>, shared: PathBuf| {
+            let (host, passed) = (config.host.clone(), passed.clone());
+            async move {
+                hv.cleanup().await;
+                crate::rootfs::unmount(&shared);
+                crate::rootfs::remove_dir_if_unmounted(&hv.record().work_dir);
+                // The VMM may have opened the devices: reset them before they go back.
+                if !passed.is_empty() {
+                    reset_devices(host, passed).await;
+                }
+            }
         };
         if let Err(e) = started {
             fail(hv, shared_host).await;
@@ -425,6 +501,10 @@ impl Service {
         };
         let ready = Instant::now();
         tracing::info!(sandbox = sandbox_id, kernel = %info.kernel_release, agent = %info.agent_version, "guest agent ready");
+        if let Some(set) = &passthrough {
+            self.check_guest_gpus(&config.host, set, agent.as_ref(), annotations)
+                .await;
+        }
         let shared_guest = if info.shared_dir.is_empty() {
             DEFAULT_GUEST_SHARED_DIR.to_owned()
         } else {
@@ -438,6 +518,9 @@ impl Service {
             shared_host,
             shared_guest,
             shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
+            host: config.host.clone(),
+            passthrough,
+            device_lock: std::sync::Mutex::new(device_lock),
             timings: std::sync::Mutex::new(StartClock {
                 timings: StartTimings {
                     // The shim's own work: before the VMM starts and after the agent
@@ -454,6 +537,51 @@ impl Service {
         });
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
+    }
+
+    /// Asks the agent which GPUs the guest sees, compares them with what was passed,
+    /// and records the outcome for the node agent (`<gpu_check_dir>/<ns>_<name>`).
+    /// Never fails the sandbox: the operator reports a failure as `GPUReady=False`.
+    async fn check_guest_gpus(
+        &self,
+        host: &HostPaths,
+        set: &Passthrough,
+        agent: &dyn Agent,
+        annotations: &HashMap<String, String>,
+    ) {
+        use crate::gpu_check;
+        let ids: Vec<u16> = set.gpus.iter().map(|g| g.device_id).collect();
+        let expected = gpu_check::expected_models(
+            annotations
+                .get(config::ANNOTATION_GPU_MODELS)
+                .map(String::as_str),
+            &ids,
+        );
+        let check = gpu_check::gpu_check(&expected, agent.gpu_info().await);
+        match &check {
+            gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
+            gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+        }
+        let (Some(namespace), Some(name)) = (
+            annotations.get(config::ANNOTATION_POD_NAMESPACE),
+            annotations.get(config::ANNOTATION_POD_NAME),
+        ) else {
+            return;
+        };
+        let Some(path) = gpu_check::record_path(&host.gpu_check_dir, namespace, name) else {
+            tracing::warn!(
+                namespace,
+                name,
+                "no GPU check record for a pod with this name"
+            );
+            return;
+        };
+        let uid = annotations
+            .get(config::ANNOTATION_POD_UID)
+            .map(String::as_str);
+        if let Err(e) = gpu_check::write_record(&path, &check, uid) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+        }
     }
 
     /// When the VM exits (guest power-off, crash, shutdown), every process still
@@ -558,6 +686,22 @@ impl Service {
         }
         crate::rootfs::unmount(&sandbox.shared_host);
         sandbox.hypervisor.cleanup().await;
+        // The VMM has exited: reset every device, then release its lock. A device
+        // that fails its reset got a health record; its lock stays held until the
+        // shim exits.
+        if let Some(set) = &sandbox.passthrough {
+            let lock = match sandbox.device_lock.lock() {
+                Ok(mut guard) => guard.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            };
+            let all_reset = reset_devices(sandbox.host.clone(), set.devices.clone()).await;
+            if let (false, Some(lock)) = (all_reset, lock) {
+                match self.inner.failed_reset_locks.lock() {
+                    Ok(mut held) => held.push(lock),
+                    Err(poisoned) => poisoned.into_inner().push(lock),
+                }
+            }
+        }
         SandboxRecord::remove(&sandbox.bundle);
         tracing::info!(sandbox = %sandbox.id, "sandbox torn down");
     }

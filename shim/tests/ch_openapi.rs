@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use gpuvm_shim::config::GuestSize;
-use gpuvm_shim::hypervisor::VmSpec;
 use gpuvm_shim::hypervisor::cloud_hypervisor::{API_CALLS, VmConfig};
+use gpuvm_shim::hypervisor::{MemoryOptions, VmSpec};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -114,6 +114,8 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
         shared_dir: Some(PathBuf::from("/run/gpuvm/3f1c/shared")),
         devices,
         taps,
+        mmio64_size: None,
+        memory: Default::default(),
     }
 }
 
@@ -159,10 +161,96 @@ fn vm_create_bodies_validate() {
         spec(vec!["0000:3b:00.0".into(), "0000:3c:00.0".into()], vec![]),
         spec(vec!["0000:3b:00.0".into()], vec!["tap0".into()]),
     ];
-    for spec in cases {
+    for spec in cases.into_iter().chain(gpu_specs()) {
         let body = serde_json::to_value(VmConfig::try_from(&spec).expect("config")).expect("json");
         let errs = errors(&validator, &body);
         assert!(errs.is_empty(), "{body}\n{errs:#?}");
+    }
+}
+
+/// GPU sandboxes: 8 x H100 with their 64-bit MMIO window, prefault, hugepages.
+fn gpu_specs() -> Vec<VmSpec> {
+    let gpus: Vec<String> = [
+        "0000:18:00.0",
+        "0000:19:00.0",
+        "0000:3d:00.0",
+        "0000:3e:00.0",
+        "0000:9d:00.0",
+        "0000:9e:00.0",
+        "0000:c3:00.0",
+        "0000:c4:00.0",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let bars: Vec<u64> = [128u64 << 30, 32 << 20].repeat(8);
+    let mut all = spec(gpus, vec![]);
+    all.mmio64_size = gpuvm_shim::devices::mmio64_window(&bars);
+    all.memory = MemoryOptions {
+        prefault: true,
+        hugepages: true,
+        hugepage_size: Some(1 << 30),
+    };
+    let mut default_hugepages = spec(vec!["0000:18:00.0".into()], vec![]);
+    default_hugepages.mmio64_size = gpuvm_shim::devices::mmio64_window(&bars[..2]);
+    default_hugepages.memory = MemoryOptions {
+        prefault: false,
+        hugepages: true,
+        hugepage_size: None,
+    };
+    let mut prefault_only = spec(vec!["0000:18:00.0".into()], vec![]);
+    prefault_only.memory.prefault = true;
+    vec![all, default_hugepages, prefault_only]
+}
+
+#[test]
+fn gpu_bodies_carry_devices_window_and_memory_options() {
+    let Some(api) = load() else { return };
+    let validator = validator(&api, "VmConfig");
+    let [all, ..] = &gpu_specs()[..] else {
+        panic!("no GPU specs");
+    };
+    let body = serde_json::to_value(VmConfig::try_from(all).expect("config")).expect("json");
+    assert!(errors(&validator, &body).is_empty());
+    assert_eq!(body["devices"].as_array().map(Vec::len), Some(8));
+    assert_eq!(
+        body["devices"][0]["path"],
+        json!("/sys/bus/pci/devices/0000:18:00.0/")
+    );
+    assert_eq!(body["cpus"]["max_phys_bits"], json!(46));
+    assert_eq!(body["memory"]["prefault"], json!(true));
+    assert_eq!(body["memory"]["hugepages"], json!(true));
+    assert_eq!(body["memory"]["hugepage_size"], json!(1u64 << 30));
+    // A misspelled knob fails the spec: the fields used are the spec's own.
+    let breakages: Vec<(&str, Breakage)> = vec![
+        (
+            "hugepage_size as text",
+            Box::new(|v| v["memory"]["hugepage_size"] = json!("1G")),
+        ),
+        (
+            "prefault misspelled",
+            Box::new(|v| {
+                let memory = v["memory"].as_object_mut().expect("object");
+                let prefault = memory.remove("prefault").expect("prefault");
+                memory.insert("pre_fault".into(), prefault);
+            }),
+        ),
+        (
+            "device without a path, with an unknown field",
+            Box::new(|v| v["devices"][0] = json!({"bdf": "0000:18:00.0"})),
+        ),
+        (
+            "max_phys_bits as text",
+            Box::new(|v| v["cpus"]["max_phys_bits"] = json!("46")),
+        ),
+    ];
+    for (name, breakage) in breakages {
+        let mut broken = body.clone();
+        breakage(&mut broken);
+        assert!(
+            !errors(&validator, &broken).is_empty(),
+            "{name}: broken body passed validation: {broken}"
+        );
     }
 }
 

@@ -72,6 +72,8 @@ fn poweroff_spec(work: &Path, kernel: PathBuf) -> VmSpec {
         shared_dir: None,
         devices: vec![],
         taps: vec![],
+        mmio64_size: None,
+        memory: Default::default(),
     }
 }
 

@@ -65,6 +65,11 @@ pub struct CpusConfig {
     pub boot_vcpus: u32,
     /// Maximum vCPUs.
     pub max_vcpus: u32,
+    /// Guest physical address width: sets the 64-bit MMIO window's size (from the top
+    /// of RAM to the top of the address space). Cloud Hypervisor takes the smaller of
+    /// this and the host's width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_phys_bits: Option<u8>,
 }
 
 /// `MemoryConfig`.
@@ -74,6 +79,15 @@ pub struct MemoryConfig {
     pub size: u64,
     /// Shared mappings, required by vhost-user (virtio-fs).
     pub shared: bool,
+    /// Back guest memory with hugetlbfs pages.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hugepages: bool,
+    /// Hugepage size in bytes (the host's default when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
+    /// Touch every page at start (`MAP_POPULATE`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub prefault: bool,
 }
 
 /// `PayloadConfig`.
@@ -173,8 +187,17 @@ impl TryFrom<&VmSpec> for VmConfig {
             cpus: CpusConfig {
                 boot_vcpus: spec.size.cpus,
                 max_vcpus: spec.size.cpus,
+                max_phys_bits: spec
+                    .mmio64_size
+                    .map(|window| crate::devices::guest_phys_bits(size, window)),
             },
-            memory: MemoryConfig { size, shared: true },
+            memory: MemoryConfig {
+                size,
+                shared: true,
+                hugepages: spec.memory.hugepages,
+                hugepage_size: spec.memory.hugepage_size.filter(|_| spec.memory.hugepages),
+                prefault: spec.memory.prefault,
+            },
             payload: PayloadConfig {
                 kernel: path_text("kernel", &spec.kernel)?,
                 initramfs: path_text("initramfs", &spec.initramfs)?,
@@ -519,6 +542,8 @@ pub(crate) mod tests {
             shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
             devices: vec!["0000:3b:00.0".into()],
             taps: vec!["tap0".into()],
+            mmio64_size: None,
+            memory: Default::default(),
         }
     }
 
@@ -544,6 +569,27 @@ pub(crate) mod tests {
                 "serial": {"mode": "File", "file": "/run/gpuvm/sandbox1/console.log"},
                 "console": {"mode": "Off"}
             })
+        );
+    }
+
+    #[test]
+    fn large_bars_prefault_and_hugepages_reach_the_config() {
+        let mut spec = sample_spec();
+        spec.mmio64_size = Some(4 << 40);
+        spec.memory = crate::hypervisor::MemoryOptions {
+            prefault: true,
+            hugepages: true,
+            hugepage_size: Some(1 << 30),
+        };
+        let json = serde_json::to_value(VmConfig::try_from(&spec).expect("valid")).expect("json");
+        assert_eq!(
+            json["cpus"],
+            serde_json::json!({"boot_vcpus": 2, "max_vcpus": 2, "max_phys_bits": 46})
+        );
+        assert_eq!(
+            json["memory"],
+            serde_json::json!({"size": 1073741824u64, "shared": true, "hugepages": true,
+                               "hugepage_size": 1073741824u64, "prefault": true})
         );
     }
 

@@ -46,6 +46,22 @@ pub struct VmSpec {
     pub devices: Vec<String>,
     /// Host tap devices, one virtio-net each.
     pub taps: Vec<String>,
+    /// Size of the guest's 64-bit PCI MMIO window in bytes, from the passed devices'
+    /// BARs ([`crate::devices::mmio64_window`]); `None` keeps the VMM's default.
+    pub mmio64_size: Option<u64>,
+    /// How guest memory is backed.
+    pub memory: MemoryOptions,
+}
+
+/// Guest memory backing, from the config's `[memory]` section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Touch every page at start.
+    pub prefault: bool,
+    /// Back memory with hugetlbfs pages.
+    pub hugepages: bool,
+    /// Hugepage size in bytes; `None` is the host's default size.
+    pub hugepage_size: Option<u64>,
 }
 
 impl VmSpec {

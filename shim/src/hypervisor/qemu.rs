@@ -73,7 +73,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel) -> Result<Vec<String>> {
         format!("{mem}M"),
         // vhost-user needs guest memory the backends can map: shared memfd.
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        memory_backend(spec),
         "-kernel".into(),
         spec.kernel.display().to_string(),
         "-initrd".into(),
@@ -107,11 +107,45 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel) -> Result<Vec<String>> {
         args.push("-device".into());
         args.push(format!("virtio-net-pci,netdev=net{i}"));
     }
+    if let Some(window) = spec.mmio64_size.filter(|_| !spec.devices.is_empty()) {
+        // Room for the GPUs' large 64-bit BARs (q35's default hole is 32 GiB).
+        args.push("-global".into());
+        args.push(format!("q35-pcihost.pci-hole64-size={}", qemu_size(window)));
+    }
     for bdf in &spec.devices {
         args.push("-device".into());
         args.push(format!("vfio-pci,host={bdf}"));
     }
     Ok(args)
+}
+
+/// The guest RAM backend: shared memfd, on hugetlbfs pages and preallocated when the
+/// config asks.
+fn memory_backend(spec: &VmSpec) -> String {
+    let mut backend = format!(
+        "memory-backend-memfd,id=mem,size={}M,share=on",
+        spec.size.memory_mib
+    );
+    if spec.memory.hugepages {
+        backend.push_str(",hugetlb=on");
+        if let Some(size) = spec.memory.hugepage_size {
+            backend.push_str(&format!(",hugetlbsize={}", qemu_size(size)));
+        }
+    }
+    if spec.memory.prefault {
+        backend.push_str(",prealloc=on");
+    }
+    backend
+}
+
+/// A byte count in QEMU's size syntax, in the largest exact unit (`2M`, `1G`, `4T`).
+pub fn qemu_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// The arguments of `vhost-device-vsock` for `spec`.
@@ -318,6 +352,74 @@ mod tests {
             "vfio-pci,host=0000:3b:00.0",
         ];
         assert_eq!(args, want);
+    }
+
+    #[test]
+    fn qemu_argv_with_gpus_large_bars_hugepages_and_prefault() {
+        let mut spec = sample_spec();
+        spec.taps.clear();
+        spec.shared_dir = None;
+        spec.devices = vec!["0000:18:00.0".into(), "0000:19:00.0".into()];
+        spec.mmio64_size =
+            crate::devices::mmio64_window(&[128 << 30, 32 << 20, 128 << 30, 32 << 20]);
+        spec.memory = crate::hypervisor::MemoryOptions {
+            prefault: true,
+            hugepages: true,
+            hugepage_size: Some(2 << 20),
+        };
+        let args = qemu_args(&spec, Accel::Kvm).expect("valid");
+        let want: Vec<&str> = vec![
+            "-name",
+            "gpuvm-sandbox1",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-machine",
+            "q35,accel=kvm,memory-backend=mem",
+            "-cpu",
+            "host",
+            "-smp",
+            "2",
+            "-m",
+            "1024M",
+            "-object",
+            "memory-backend-memfd,id=mem,size=1024M,share=on,hugetlb=on,hugetlbsize=2M,prealloc=on",
+            "-kernel",
+            "/usr/share/gpuvm/vmlinux",
+            "-initrd",
+            "/usr/share/gpuvm/initramfs.img",
+            "-append",
+            "console=ttyS0 reboot=k panic=1",
+            "-serial",
+            "file:/run/gpuvm/sandbox1/console.log",
+            "-chardev",
+            "socket,id=vsock,path=/run/gpuvm/sandbox1/vhost-vsock.sock",
+            "-device",
+            "vhost-user-vsock-pci,chardev=vsock",
+            "-global",
+            "q35-pcihost.pci-hole64-size=1T",
+            "-device",
+            "vfio-pci,host=0000:18:00.0",
+            "-device",
+            "vfio-pci,host=0000:19:00.0",
+        ];
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn qemu_sizes() {
+        let cases = [
+            (2 << 20, "2M"),
+            (1 << 30, "1G"),
+            (4 << 40, "4T"),
+            (3 << 29, "1536M"),
+            (1000, "1000"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(qemu_size(bytes), want);
+        }
     }
 
     #[test]
