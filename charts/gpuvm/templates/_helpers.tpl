@@ -132,3 +132,21 @@ The restart of containerd goes through hostPID + nsenter into PID 1's namespaces
     name: {{ include "gpuvm.fullname" . }}-installer
     defaultMode: 0555
 {{- end }}
+
+{{/* Nodes the node DaemonSet (and the cleanup) run on. */}}
+{{- define "gpuvm.node.selector" -}}
+{{- if .Values.node.selector }}
+{{- toYaml .Values.node.selector }}
+{{- else -}}
+gpuvm.dev/install: "true"
+{{- end }}
+{{- end }}
+
+{{/* Nodes gpuvm Pods run on (RuntimeClass scheduling.nodeSelector). */}}
+{{- define "gpuvm.gpuNode.selector" -}}
+{{- if .Values.gpuNode.nodeSelector }}
+{{- toYaml .Values.gpuNode.nodeSelector }}
+{{- else -}}
+gpuvm.dev/gpu-node: "true"
+{{- end }}
+{{- end }}
