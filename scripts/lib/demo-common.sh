@@ -219,7 +219,9 @@ breakdown_text() {
 print_summary() {
     local host_cpu host_mem i total
     echo
-    echo "What the container printed inside the VM (ctr run --runtime io.containerd.gpuvm.v1):"
+    echo "What the container printed inside the VM:"
+    echo "  \$ ctr run --rm --runtime io.containerd.gpuvm.v1 --annotation gpuvm.dev/cpus=1 \\"
+    echo "      --annotation gpuvm.dev/memory=512Mi $IMAGE $CID /bin/sh -c '<uname -r; /proc/...>'"
     printf '%s\n' "$VM_OUTPUT" | grep -v '=' | sed 's/^/  | /'
     echo
     host_cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
