@@ -94,17 +94,24 @@ restart_containerd() {
     die "$UNIT did not come back within 30 s after the restart"
 }
 
+# Adds an `imports` line naming the drop-in to config.toml; on refusal says why and
+# returns 1 (the caller rolls the drop-in back).
 add_import_line() {
     local cfg="$HOST_ROOT$CTRD_DIR/$CTRD_FILE"
-    [[ -f "$cfg" ]] || die "containerd does not load $drop_in_host and $CTRD_DIR/$CTRD_FILE does not exist"
+    if [[ ! -f "$cfg" ]]; then
+        log "error: containerd does not load $drop_in_host and $CTRD_DIR/$CTRD_FILE does not exist"
+        return 1
+    fi
     if grep -qF "$IMPORT_MARKER" "$cfg"; then
         return 0
     fi
     if grep -qE '^[[:space:]]*imports[[:space:]]*=' "$cfg"; then
-        die "$CTRD_DIR/$CTRD_FILE has its own 'imports' that does not cover $drop_in_host: add \"$drop_in_host\" to it"
+        log "error: $CTRD_DIR/$CTRD_FILE has its own 'imports' that does not cover $drop_in_host: add \"$drop_in_host\" to it"
+        return 1
     fi
     if [[ "$ADD_IMPORT" != "true" ]]; then
-        die "containerd does not load $drop_in_host: add imports = [\"$drop_in_host\"] to $CTRD_DIR/$CTRD_FILE, or set installer.containerd.addImport=true"
+        log "error: containerd does not load $drop_in_host: add imports = [\"$drop_in_host\"] to $CTRD_DIR/$CTRD_FILE, or set installer.containerd.addImport=true"
+        return 1
     fi
     # A top-level key must come before the first table: put it right after `version`
     # when there is one, else first.
@@ -172,14 +179,19 @@ install() {
         cp "$dst" "$backup"
     fi
     put_file "$drop_in_host" "$FILES/containerd-gpuvm.toml" 0644 >/dev/null
+    # Never leave a drop-in containerd does not load, nor restart containerd into a
+    # config that lacks the runtime (or does not parse): roll back and fail.
+    rollback() {
+        if [[ -n "$backup" ]]; then cp "$backup" "$dst"; else rm -f "$dst"; fi
+        rm -f "$backup"
+        remove_import_line >/dev/null
+        die "$1; rolled $drop_in_host back"
+    }
     if ! containerd_sees_runtime; then
-        add_import_line
+        add_import_line || rollback "containerd does not load the drop-in"
     fi
     if ! containerd_sees_runtime; then
-        # Never restart containerd into a config that lacks us (or does not parse).
-        if [[ -n "$backup" ]]; then cp "$backup" "$dst"; else rm -f "$dst"; fi
-        remove_import_line >/dev/null
-        die "containerd's merged config does not show the gpuvm runtime after writing $drop_in_host (see: containerd config dump); rolled back"
+        rollback "containerd's merged config does not show the gpuvm runtime (see: containerd config dump)"
     fi
     rm -f "$backup"
     log "wrote $drop_in_host"

@@ -1,0 +1,145 @@
+"""values.schema.json, the CRDs in the chart, the examples, and the docs' values table."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from render import CHART, render
+
+REPO = CHART.parent.parent
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+
+BAD = [
+    ({"shim": {"hypervisor": "kvm"}}, "/shim/hypervisor"),
+    ({"operator": {"replicas": -1}}, "/operator/replicas"),
+    ({"operator": {"replicas": 3}}, "/operator/replicas"),
+    ({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}}, "leaderElection/enabled"),
+    ({"logLevel": "verbose"}, "/logLevel"),
+    ({"shim": {"guest": {"defaultMemory": "lots"}}}, "/shim/guest/defaultMemory"),
+    ({"shim": {"guest": {"defaultCpus": 0}}}, "/shim/guest/defaultCpus"),
+    ({"operator": {"image": {"tag": "bad tag"}}}, "/operator/image/tag"),
+    ({"gpuNode": {"taint": {"effect": "PreferNoSchedule"}}}, "/gpuNode/taint/effect"),
+    ({"installer": {"hostDir": "relative/path"}}, "/installer/hostDir"),
+    ({"node": {"selector": {"gpuvm.dev/gpu-node": "true"}}}, "gpuvm.dev/gpu-node"),
+    ({"runtimeClass": {"overhead": {"memory": "forty"}}}, "/runtimeClass/overhead/memory"),
+    ({"unknownKey": 1}, "unknownKey"),
+]
+
+
+def test_defaults_pass_the_schema():
+    jsonschema.validate(VALUES, SCHEMA)
+
+
+@pytest.mark.parametrize("values,where", BAD, ids=[w for _, w in BAD])
+def test_schema_rejects_bad_values_locally(values, where):
+    merged = json.loads(json.dumps(VALUES))
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+    merge(merged, values)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(merged, SCHEMA)
+
+
+@pytest.mark.parametrize("values,where", BAD[:4], ids=[w for _, w in BAD[:4]])
+def test_helm_rejects_bad_values(values, where):
+    """The real engine: a few of the same through Helm's own schema check."""
+    from helm_sdkpy.exceptions import InstallError
+
+    with pytest.raises(InstallError) as err:
+        render(values)
+    assert "schema" in str(err.value)
+    assert where.split("/")[-1] in str(err.value)
+
+
+def test_chart_crds_equal_generated_crds():
+    generated = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    in_chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert in_chart == generated, "run charts/sync-crds.sh"
+    for name in generated:
+        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), \
+            f"charts/gpuvm/crds/{name} differs from crds/{name}: run charts/sync-crds.sh"
+    r = subprocess.run([str(REPO / "charts" / "sync-crds.sh"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_rendered_crds_are_the_generated_ones(default):
+    by_name = {c["metadata"]["name"]: c for c in default.crds}
+    for path in (REPO / "crds").glob("*.yaml"):
+        want = yaml.safe_load(path.read_text())
+        got = by_name[want["metadata"]["name"]]
+        assert got["spec"] == want["spec"]
+
+
+def gpumachine_schema():
+    crd = yaml.safe_load((REPO / "crds" / "gpumachines.gpuvm.dev.yaml").read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti)?$")
+
+
+@pytest.mark.parametrize("name", ["inference-1gpu.yaml", "training-8gpu.yaml"])
+def test_example_machines_are_valid(name):
+    obj = yaml.safe_load((REPO / "examples" / name).read_text())
+    assert obj["apiVersion"] == "gpuvm.dev/v1alpha1" and obj["kind"] == "GpuMachine"
+    jsonschema.validate(obj["spec"], gpumachine_schema()["properties"]["spec"])
+    # The CEL rules of the CRD, by hand (no API server here).
+    assert 1 <= obj["spec"]["gpu"]["count"] <= 8
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", obj["spec"]["gpu"]["model"])
+    assert 1 <= obj["spec"]["guest"]["cpus"] <= 256
+    m = QUANTITY.match(obj["spec"]["guest"]["memory"])
+    assert m, obj["spec"]["guest"]["memory"]
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    assert int(m.group(1)) * scale >= 128 * 2**20
+    assert obj["spec"]["image"].strip()
+
+
+def test_example_training_machine_uses_eight_gpus():
+    obj = yaml.safe_load((REPO / "examples" / "training-8gpu.yaml").read_text())
+    assert obj["spec"]["gpu"]["count"] == 8
+
+
+def test_gitops_examples_point_at_the_chart_with_valid_values():
+    app = yaml.safe_load((REPO / "examples" / "argocd-application.yaml").read_text())
+    assert app["kind"] == "Application" and app["spec"]["source"]["path"] == "charts/gpuvm"
+    docs = [d for d in yaml.safe_load_all((REPO / "examples" / "flux-helmrelease.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert {"GitRepository", "HelmRelease"} <= set(kinds)
+    hr = kinds["HelmRelease"]
+    assert hr["spec"]["chart"]["spec"]["chart"] == "charts/gpuvm"
+    assert hr["spec"]["chart"]["spec"]["sourceRef"]["name"] == kinds["GitRepository"]["metadata"]["name"]
+    for values in (app["spec"]["source"]["helm"]["valuesObject"], hr["spec"]["values"]):
+        merged = json.loads(json.dumps(VALUES))
+        for k, v in values.items():
+            if isinstance(v, dict):
+                merged[k] = {**merged[k], **v}
+        jsonschema.validate(merged, SCHEMA)
+
+
+def leaf_keys(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("resources", "selector", "nodeSelector",
+                                                   "labels", "annotations", "podAnnotations"):
+            yield from leaf_keys(v, key + ".")
+        else:
+            yield key
+
+
+def test_every_value_is_in_the_readme_table():
+    readme = (CHART / "README.md").read_text()
+    missing = [k for k in leaf_keys(VALUES) if f"`{k}`" not in readme]
+    assert not missing, f"charts/gpuvm/README.md lacks: {missing}"
