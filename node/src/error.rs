@@ -18,6 +18,28 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The GPU check directory (or a record in it) could not be read or removed.
+    #[error("could not read or clean the GPU check directory {}", path.display())]
+    GpuCheckDir {
+        /// The directory or record (`/run/gpuvm/gpu-check` by default).
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A request about a Pod's GPU check failed.
+    #[error("could not {action} Pod {pod}")]
+    Pod {
+        /// What was being done: "read", "annotate", "emit an Event on".
+        action: &'static str,
+        /// `<namespace>/<name>`.
+        pod: String,
+        /// The API error (boxed: it is large, and rare).
+        #[source]
+        source: Box<kube::Error>,
+    },
+
     /// A request about the node's `GpuNode` failed.
     #[error("could not {action} GpuNode {name}")]
     GpuNode {

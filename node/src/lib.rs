@@ -11,11 +11,15 @@
 //! - [`labels_for`] derives the Node labels from that status;
 //! - [`planned_actions`] and [`render_table`] describe a pass for `--dry-run`.
 //!
+//! - [`plan_gpu_checks`] turns the shim's in-guest GPU check records into Pod
+//!   annotation patches and Events.
+//!
 //! I/O stays in thin layers: [`agent`] (sysfs, `/dev/vfio`, the health directory) and
 //! [`publish`] (the Kubernetes API).
 
 pub mod agent;
 mod error;
+pub mod gpu_check;
 pub mod health;
 pub mod labels;
 pub mod publish;
@@ -24,6 +28,7 @@ pub mod table;
 
 pub use agent::{AgentConfig, Pass, observe};
 pub use error::{Error, Result};
+pub use gpu_check::{DEFAULT_GPU_CHECK_DIR, plan_gpu_checks, report_gpu_checks};
 pub use health::{DEFAULT_HEALTH_DIR, read_reset_failures};
 pub use labels::{label_patch, labels_for};
 pub use publish::Publisher;

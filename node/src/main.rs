@@ -10,9 +10,10 @@ use anyhow::{Context as _, bail};
 use clap::{ArgAction, Parser, ValueEnum};
 use gpuvm_api::GpuDevice;
 use gpuvm_node::{
-    AgentConfig, DEFAULT_HEALTH_DIR, Publisher, inventory_to_status, labels_for, observe,
-    planned_actions, render_table,
+    AgentConfig, DEFAULT_GPU_CHECK_DIR, DEFAULT_HEALTH_DIR, Publisher, inventory_to_status,
+    labels_for, observe, planned_actions, render_table, report_gpu_checks,
 };
+use kube::runtime::events::{Recorder, Reporter};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// gpuvm node agent: discovers NVIDIA GPUs from sysfs, binds them to vfio-pci, and
@@ -38,6 +39,12 @@ struct Args {
     /// (see the node README for the format).
     #[arg(long, default_value = DEFAULT_HEALTH_DIR)]
     health_dir: PathBuf,
+
+    /// Directory where the shim records each GPU pod's in-guest GPU check, one file per
+    /// Pod (`<namespace>_<name>`); the agent mirrors them into the Pods' gpuvm.dev/gpu-check
+    /// annotation (see the node README).
+    #[arg(long, default_value = DEFAULT_GPU_CHECK_DIR)]
+    gpu_check_dir: PathBuf,
 
     /// Bind passthrough-capable GPUs (and their companion functions) to vfio-pci.
     /// On by default.
@@ -100,7 +107,14 @@ async fn main() -> anyhow::Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("could not build a Kubernetes client (in-cluster or KUBECONFIG)")?;
-        Some(Publisher::new(client, node_name))
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "gpuvm-node".to_owned(),
+                instance: Some(node_name.clone()),
+            },
+        );
+        Some((Publisher::new(client.clone(), node_name), client, recorder))
     };
     let mut hangup = signal(SignalKind::hangup()).context("could not watch SIGHUP")?;
     let mut terminate = signal(SignalKind::terminate()).context("could not watch SIGTERM")?;
@@ -149,7 +163,8 @@ async fn main() -> anyhow::Result<()> {
 struct Agent<'a> {
     args: &'a Args,
     config: AgentConfig,
-    publisher: Option<Publisher>,
+    /// The publisher, the client and the Event recorder; `None` in a dry run.
+    publisher: Option<(Publisher, kube::Client, Recorder)>,
     /// The devices of the last pass: what a dry run compares with, and what a pass
     /// falls back on when the API cannot be read.
     last: Vec<GpuDevice>,
@@ -159,7 +174,7 @@ impl Agent<'_> {
     /// Scan → bind → check → publish → label.
     async fn pass(&mut self) -> anyhow::Result<()> {
         let previous = match &self.publisher {
-            Some(publisher) => match publisher.published_devices().await {
+            Some((publisher, _, _)) => match publisher.published_devices().await {
                 Ok(devices) => devices,
                 Err(err) => {
                     tracing::warn!(
@@ -180,7 +195,7 @@ impl Agent<'_> {
         log_health_changes(&self.last, &status.devices);
         self.last = status.devices.clone();
 
-        let Some(publisher) = &self.publisher else {
+        let Some((publisher, client, recorder)) = &self.publisher else {
             let actions = planned_actions(
                 &pass.inventory,
                 self.config.bind,
@@ -198,6 +213,13 @@ impl Agent<'_> {
             print!("{}", render_table(&status, &actions));
             return Ok(());
         };
+        // The shim's GPU check records reach their Pods even when publishing fails.
+        if let Err(err) = report_gpu_checks(client, recorder, &self.args.gpu_check_dir).await {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(err)),
+                "could not report GPU checks; retrying at the next pass"
+            );
+        }
         publisher.publish(&status).await?;
         let labels: BTreeMap<String, String> = labels_for(&status);
         publisher.label_node(&labels).await?;
