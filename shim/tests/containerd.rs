@@ -212,6 +212,16 @@ fn run_expecting_failure(
     what: &str,
     expected: &[&str],
 ) {
+    run_expecting_failure_with(settings, args, &[], what, expected);
+}
+
+fn run_expecting_failure_with(
+    settings: impl FnOnce(&Setup, &Path) -> ShimSettings,
+    args: &[&str],
+    annotations: &[(&str, &str)],
+    what: &str,
+    expected: &[&str],
+) {
     let Some(s) = setup_or_skip() else { return };
     let dir = test_dir();
     busybox_image(dir.path());
@@ -223,7 +233,11 @@ fn run_expecting_failure(
     let out = ctr_run(&containerd, &shim_config)
         .arg("--rm")
         .arg("--config")
-        .arg(spec_with_args(dir.path(), args))
+        .arg(common::spec_with_args_and_annotations(
+            dir.path(),
+            args,
+            annotations,
+        ))
         .arg(&id)
         .stdin(Stdio::null())
         .output()
@@ -265,6 +279,60 @@ fn missing_kernel_is_a_clear_error() {
         &["/bin/true"],
         "nokernel",
         &["guest kernel", "no-such-vmlinux", "does not exist"],
+    );
+}
+
+/// The `[host]` section pointing the shim at a fake sysfs tree.
+fn fake_host_toml(fake: &gpuvm_pci::testing::FakeSysfs) -> String {
+    format!(
+        "[host]\nsysfs_root = \"{}\"\ndev_root = \"{}\"\nlock_dir = \"{}\"\nhealth_dir = \"{}\"\ngpu_check_dir = \"{}\"\n",
+        fake.sys_root().display(),
+        fake.dev_root().display(),
+        fake.lock_dir().display(),
+        fake.path().join("run/gpuvm/health").display(),
+        fake.path().join("run/gpuvm/gpu-check").display(),
+    )
+}
+
+#[test]
+fn a_gpu_not_on_vfio_pci_is_refused_before_the_vm_starts() {
+    let fake = gpuvm_pci::testing::presets::workstation_l40s()
+        .build()
+        .expect("fake sysfs");
+    let extra_toml = fake_host_toml(&fake);
+    run_expecting_failure_with(
+        |s, _| ShimSettings {
+            extra_toml,
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        &[("gpuvm.dev/devices", "0000:01:00.0,0000:01:00.1")],
+        "novfio",
+        &[
+            "cannot pass 0000:01:00.0 to the VM",
+            "0000:01:00.0 is bound to nvidia, not vfio-pci",
+        ],
+    );
+}
+
+#[test]
+fn a_device_held_by_another_sandbox_is_refused_naming_the_holder() {
+    let fake = gpuvm_pci::testing::presets::hgx_h100_8gpu()
+        .build()
+        .expect("fake sysfs");
+    let gpu = gpuvm_pci::testing::bdf("0000:18:00.0");
+    let _held =
+        gpuvm_pci::GroupLock::acquire(&fake.lock_dir(), &[gpu], "sandbox-first").expect("lock");
+    let extra_toml = fake_host_toml(&fake);
+    run_expecting_failure_with(
+        |s, _| ShimSettings {
+            extra_toml,
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        &[("gpuvm.dev/devices", "0000:18:00.0")],
+        "busy",
+        &["0000:18:00.0 is busy", "holder=sandbox-first"],
     );
 }
 

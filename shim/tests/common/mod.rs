@@ -232,6 +232,8 @@ pub struct ShimSettings {
     pub qemu: PathBuf,
     pub kernel_params: String,
     pub agent_connect_secs: u64,
+    /// TOML appended to the config file (e.g. a `[host]` section).
+    pub extra_toml: String,
 }
 
 impl ShimSettings {
@@ -244,6 +246,7 @@ impl ShimSettings {
             kernel_params: String::new(),
             // TCG boots take seconds, and longer on a loaded 2-core box.
             agent_connect_secs: 120,
+            extra_toml: String::new(),
         }
     }
 }
@@ -268,6 +271,7 @@ virtiofsd = "{}"
 [timeouts]
 agent_connect_secs = {}
 vm_shutdown_secs = 10
+{}
 "#,
             settings.kernel.display(),
             settings.initramfs.display(),
@@ -276,6 +280,7 @@ vm_shutdown_secs = 10
             s.vsock.display(),
             s.virtiofsd.display(),
             settings.agent_connect_secs,
+            settings.extra_toml,
         ),
     )
     .expect("write shim config");
@@ -646,7 +651,20 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// A minimal OCI spec running `args` (no mounts nested under another mount). With a
 /// spec file ctr takes no image: the root is the unpacked busybox tree.
 pub fn spec_with_args(dir: &Path, args: &[&str]) -> PathBuf {
+    spec_with_args_and_annotations(dir, args, &[])
+}
+
+/// [`spec_with_args`] with OCI annotations (as CRI passes pod annotations).
+pub fn spec_with_args_and_annotations(
+    dir: &Path,
+    args: &[&str],
+    annotations: &[(&str, &str)],
+) -> PathBuf {
     let path = dir.join("spec.json");
+    let annotations: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
     let rootfs = dir.join("rootfs");
     let spec = json!({
         "ociVersion": "1.1.0",
@@ -663,7 +681,8 @@ pub fn spec_with_args(dir: &Path, args: &[&str]) -> PathBuf {
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "mode=755", "size=65536k"]}
         ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]},
+        "annotations": annotations
     });
     std::fs::write(&path, serde_json::to_vec(&spec).expect("json")).expect("write spec");
     path
