@@ -62,7 +62,9 @@ def host(tmp_path, default):
     root = tmp_path / "host"
     (root / "etc/containerd").mkdir(parents=True)
     (root / "etc/containerd/config.toml").write_text(CONFIG_TOML)
+    # What the kubelet creates for the node DaemonSet's hostPath volumes (DirectoryOrCreate).
     (root / "run/gpuvm/health").mkdir(parents=True)
+    (root / "run/gpuvm/gpu-check").mkdir()
     (root / "opt").mkdir()
     files = tmp_path / "installer"
     files.mkdir()
@@ -156,12 +158,19 @@ def test_install_then_again_then_uninstall_leaves_the_host_as_it_was(host):
     assert (root / "opt/gpuvm/bin/containerd-shim-gpuvm-v1").read_text() == "shim v2"
     assert host.restarts() == []
 
+    # What the shim leaves behind after its VMs ended: released (emptied) lock files.
+    (root / "run/gpuvm/devices").mkdir()
+    (root / "run/gpuvm/devices/0000:17:00.0.lock").write_text("")
+
     r = host.run("uninstall")
     assert r.returncode == 0, r.stderr
     assert host.restarts() == ["systemctl restart containerd"]
     after = host.snapshot()
-    # conf.d/ stays (it may be the admin's); everything else is as before.
+    # conf.d/ stays (it may be the admin's); the shim's empty runtime folders (created
+    # by the kubelet and the shim) are gone; run/gpuvm itself is the cleanup's mount.
     assert after.pop("etc/containerd/conf.d") is None
+    for d in ("run/gpuvm/health", "run/gpuvm/gpu-check"):
+        assert before.pop(d) is None
     assert after == before
 
     r = host.run("uninstall")
@@ -239,3 +248,53 @@ def test_empty_dist_is_an_error(host):
     r = host.run("install")
     assert r.returncode != 0
     assert "carries no gpuvm runtime" in r.stderr
+
+
+def test_uninstall_keeps_health_records_and_gpu_check_records(host):
+    """A reset-failure record marks a broken device: never deleted silently, named in
+    the log. GPU check records are the node agent's to clean. Empty folders go."""
+    assert host.run("install").returncode == 0
+    run = host.root / "run/gpuvm"
+    (run / "health/0000:17:00.0").write_text("flr: Inappropriate ioctl for device\n")
+    (run / "gpu-check/team-a_train-0").write_text("ok: 1 x h100-80gb\n")
+    (run / "devices").mkdir()
+    (run / "devices/0000:17:00.0.lock").write_text("")
+    r = host.run("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert (run / "health/0000:17:00.0").read_text() == "flr: Inappropriate ioctl for device\n"
+    assert "warning: kept /run/gpuvm/health: reset-failure records of 0000:17:00.0" in r.stderr
+    assert (run / "gpu-check/team-a_train-0").exists()
+    assert "kept /run/gpuvm/gpu-check" in r.stderr
+    # No VM ran: the released lock files and their folder are gone.
+    assert not (run / "devices").exists()
+    assert "removed /run/gpuvm/devices" in r.stderr
+    # Not counted as VMs, and a second uninstall changes nothing.
+    snap = host.snapshot()
+    r = host.run("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert host.snapshot() == snap
+
+
+def test_shim_folders_are_not_running_vms(host):
+    assert host.run("install").returncode == 0
+    run = host.root / "run/gpuvm"
+    (run / "devices").mkdir()
+    (run / "gpu-check/.team-a_x.tmp").write_text("")
+    r = host.run("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert "still run" not in r.stderr
+    assert not (run / "health").exists() and not (run / "devices").exists()
+    assert (run / "gpu-check").exists()  # a half-written record: not empty
+
+
+def test_forced_uninstall_keeps_the_locks_of_running_vms(host):
+    assert host.run("install").returncode == 0
+    run = host.root / "run/gpuvm"
+    (run / "0123abcd").mkdir()
+    (run / "devices").mkdir()
+    (run / "devices/0000:17:00.0.lock").write_text("pid=42 holder=0123abcd\n")
+    r = host.run("uninstall", GPUVM_CLEANUP_FORCE="true")
+    assert r.returncode == 0, r.stderr
+    assert (run / "devices/0000:17:00.0.lock").read_text() == "pid=42 holder=0123abcd\n"
+    assert "kept /run/gpuvm/devices" in r.stderr
+    assert not (run / "health").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from render import CHART, NAMESPACE
+from render import CHART, NAMESPACE, render
 
 REPO = CHART.parent.parent
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
@@ -132,7 +132,17 @@ def test_node_cluster_role_is_exact(default):
         ("gpuvm.dev", "gpunodes", ()): ["create", "get"],
         ("gpuvm.dev", "gpunodes/status", ()): ["patch"],
         ("", "nodes", ()): ["get", "patch"],
+        # The GPU check: the Pod's gpuvm.dev/gpu-check annotation, and the Warning Event.
+        ("", "pods", ()): ["get", "patch"],
+        ("events.k8s.io", "events", ()): ["create", "patch"],
     }
+
+
+def test_node_cluster_role_grants_nothing_on_core_events(default):
+    """The agent's Events go through events.k8s.io only; no list/watch/delete anywhere."""
+    rules = rules_of(default.get("ClusterRole", "gpuvm-node"))
+    assert ("", "events", ()) not in rules
+    assert not {"list", "watch", "delete", "update"} & {v for verbs in rules.values() for v in verbs}
 
 
 def test_cleanup_role_is_exact(default):
@@ -231,6 +241,7 @@ DEFAULT_HOST_VOLUMES = {
     "host-sys": ("/sys", "Directory"),
     "host-dev-vfio": ("/dev/vfio", "DirectoryOrCreate"),
     "host-run-gpuvm-health": ("/run/gpuvm/health", "DirectoryOrCreate"),
+    "host-run-gpuvm-gpu-check": ("/run/gpuvm/gpu-check", "DirectoryOrCreate"),
     "host-gpuvm-dir": ("/opt/gpuvm", "DirectoryOrCreate"),
     "host-shim-config": ("/etc/gpuvm", "DirectoryOrCreate"),
     "host-containerd-config": ("/etc/containerd", "Directory"),
@@ -255,6 +266,8 @@ def test_node_daemonset_host_mounts_are_exactly_these(default):
         "host-sys": ("/host/sys", False),
         "host-dev-vfio": ("/host/dev/vfio", True),
         "host-run-gpuvm-health": ("/host/run/gpuvm/health", True),
+        # Read-write: the agent removes the records of Pods that are gone.
+        "host-run-gpuvm-gpu-check": ("/host/run/gpuvm/gpu-check", False),
     }
     assert mounts(container(pod, "installer", init=True)) == {
         "host-gpuvm-dir": ("/host/opt/gpuvm", False),
@@ -279,7 +292,8 @@ def test_node_daemonset_default(default):
     assert node["image"] == f"ghcr.io/gpuvm/gpuvm-node:{APP_VERSION}"
     assert node["command"] == ["/usr/local/bin/gpuvm-node"]
     assert node["args"] == ["--sysfs-root=/host/sys", "--dev-root=/host/dev",
-                            "--health-dir=/host/run/gpuvm/health", "--interval=30",
+                            "--health-dir=/host/run/gpuvm/health",
+                            "--gpu-check-dir=/host/run/gpuvm/gpu-check", "--interval=30",
                             "--log-format=json", "--bind"]
     assert env_of(node)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert node["securityContext"]["privileged"] is True
@@ -393,6 +407,44 @@ def test_installer_files_default(default):
         "vhost_device_vsock": "/opt/gpuvm/bin/vhost-device-vsock",
     }
     assert shim["timeouts"] == {"agent_connect_secs": 60, "vm_shutdown_secs": 10}
+    assert shim["memory"] == {"prefault": False, "hugepages": False, "hugepage_size": ""}
+    assert shim["host"] == {
+        "sysfs_root": "/sys",
+        "dev_root": "/dev",
+        "lock_dir": "/run/gpuvm/devices",
+        "health_dir": "/run/gpuvm/health",
+        "gpu_check_dir": "/run/gpuvm/gpu-check",
+    }
+
+
+def test_shim_host_paths_match_the_node_agent_mounts(default):
+    """What the shim writes is what the agent reads: same host folders, and the agent's
+    flags point at them through its /host mounts."""
+    shim = tomllib.loads(default.get("ConfigMap", "gpuvm-installer")["data"]["shim.toml"])
+    pod = default.get("DaemonSet", "gpuvm-node")["spec"]["template"]["spec"]
+    volumes = host_volumes(pod)
+    node = container(pod, "node")
+    by_volume = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
+    for key, flag in (("health_dir", "--health-dir"), ("gpu_check_dir", "--gpu-check-dir")):
+        path = shim["host"][key]
+        name = [n for n, (p, _) in volumes.items() if p == path]
+        assert len(name) == 1, (key, path)
+        assert by_volume[name[0]] == "/host" + path
+        assert f"{flag}=/host{path}" in node["args"]
+    # Every shim folder lies under the /run/gpuvm the cleanup mounts.
+    for key in ("lock_dir", "health_dir", "gpu_check_dir"):
+        assert shim["host"][key].startswith(volumes["host-run-gpuvm"][0] + "/")
+    env = env_of(container(pod, "installer", init=True))
+    assert env["GPUVM_LOCK_DIR"] == shim["host"]["lock_dir"]
+    assert env["GPUVM_HEALTH_DIR"] == shim["host"]["health_dir"]
+    assert env["GPUVM_GPU_CHECK_DIR"] == shim["host"]["gpu_check_dir"]
+
+
+def test_shim_memory_options():
+    r = render({"shim": {"memory": {"prefault": True, "hugepages": True, "hugepageSize": "1Gi"}}})
+    shim = check_shim_toml(r.get("ConfigMap", "gpuvm-installer")["data"]["shim.toml"],
+                           shim_readme_keys())
+    assert shim["memory"] == {"prefault": True, "hugepages": True, "hugepage_size": "1Gi"}
 
 
 def test_installer_files_qemu(qemu):
@@ -428,6 +480,15 @@ def test_cleanup_hooks(default, qemu):
         k: DEFAULT_HOST_VOLUMES[k] for k in ("host-gpuvm-dir", "host-shim-config",
                                              "host-containerd-config", "host-run-gpuvm")}
     cleanup = container(pod, "cleanup", init=True)
+    # Like the installer, except /run/gpuvm is writable: it removes the shim's empty
+    # runtime folders and released lock files.
+    assert mounts(cleanup) == {
+        "host-gpuvm-dir": ("/host/opt/gpuvm", False),
+        "host-shim-config": ("/host/etc/gpuvm", False),
+        "host-containerd-config": ("/host/etc/containerd", False),
+        "host-run-gpuvm": ("/host/run/gpuvm", False),
+        "installer-files": ("/etc/gpuvm-installer", True),
+    }
     assert cleanup["command"] == ["/etc/gpuvm-installer/gpuvm-install.sh", "uninstall"]
     assert env_of(cleanup)["GPUVM_CLEANUP_FORCE"] == "false"
     assert container(pod, "done")["securityContext"]["runAsNonRoot"] is True

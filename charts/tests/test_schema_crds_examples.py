@@ -31,6 +31,10 @@ BAD = [
     ({"node": {"selector": {"gpuvm.dev/gpu-node": "true"}}}, "gpuvm.dev/gpu-node"),
     ({"runtimeClass": {"overhead": {"memory": "forty"}}}, "/runtimeClass/overhead/memory"),
     ({"unknownKey": 1}, "unknownKey"),
+    ({"shim": {"memory": {"hugepageSize": "3Mi", "hugepages": True}}}, "/shim/memory/hugepageSize"),
+    ({"shim": {"memory": {"hugepageSize": "2M", "hugepages": True}}}, "/shim/memory/hugepageSize"),
+    ({"shim": {"memory": {"hugepageSize": "2Mi"}}}, "/shim/memory/hugepages"),
+    ({"shim": {"memory": {"prefault": "yes"}}}, "/shim/memory/prefault"),
 ]
 
 
@@ -62,6 +66,22 @@ def test_helm_rejects_bad_values(values, where):
         render(values)
     assert "schema" in str(err.value)
     assert where.split("/")[-1] in str(err.value)
+
+
+def test_helm_rejects_a_hugepage_size_without_hugepages():
+    """The allOf rule (hugepage_size needs hugepages, as the shim checks) in Helm itself."""
+    from helm_sdkpy.exceptions import InstallError
+
+    with pytest.raises(InstallError) as err:
+        render({"shim": {"memory": {"hugepageSize": "2Mi"}}})
+    assert "schema" in str(err.value) and "hugepages" in str(err.value)
+
+
+def test_schema_accepts_hugepage_sizes():
+    for size in ("", "2Mi", "1Gi", "1Mi", "16Gi"):
+        merged = json.loads(json.dumps(VALUES))
+        merged["shim"]["memory"] = {"prefault": True, "hugepages": True, "hugepageSize": size}
+        jsonschema.validate(merged, SCHEMA)
 
 
 def test_chart_crds_equal_generated_crds():

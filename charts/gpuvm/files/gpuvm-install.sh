@@ -18,7 +18,9 @@
 #      into), and restart containerd.
 # uninstall: refuse while VMs run (unless GPUVM_CLEANUP_FORCE=true), then remove the
 #   drop-in, the import line, the shim config and every recorded file, and restart
-#   containerd when the drop-in was there.
+#   containerd when the drop-in was there. The shim's runtime folders under /run/gpuvm
+#   (device locks, reset-failure and GPU check records) go only when nothing is lost:
+#   released lock files when no VM runs, the record folders only when empty.
 # Both are idempotent: running either twice changes nothing the second time.
 set -euo pipefail
 
@@ -33,6 +35,11 @@ ADD_IMPORT="${GPUVM_CONTAINERD_ADD_IMPORT:-true}"
 RESTART="${GPUVM_CONTAINERD_RESTART:-true}"
 UNIT="${GPUVM_CONTAINERD_UNIT:-containerd}"
 FORCE="${GPUVM_CLEANUP_FORCE:-false}"
+# The shim's folders (shim.toml [host]; the chart passes the same strings).
+RUN_DIR="${GPUVM_RUN_DIR:-/run/gpuvm}"
+LOCK_DIR="${GPUVM_LOCK_DIR:-$RUN_DIR/devices}"
+HEALTH_DIR="${GPUVM_HEALTH_DIR:-$RUN_DIR/health}"
+GPU_CHECK_DIR="${GPUVM_GPU_CHECK_DIR:-$RUN_DIR/gpu-check}"
 DIST="${GPUVM_DIST:-/opt/gpuvm-dist}"
 FILES="${GPUVM_INSTALLER_FILES:-/etc/gpuvm-installer}"
 # Word-split on purpose: a command prefix.
@@ -199,15 +206,65 @@ install() {
     log "done"
 }
 
+# Removes the shim's runtime folders under RUN_DIR, never losing a record:
+# - the device lock folder: its <bdf>.lock files are flock(2) locks, free (and empty)
+#   once their shim is gone; removed only when no VM runs (with VMs left by
+#   cleanup.force, deleting a held lock file would let a second sandbox take the device),
+#   then the folder when empty;
+# - the reset-failure records and the GPU check records: the folders only when empty.
+#   A health record marks a device whose reset failed: deleting it would silently put a
+#   broken GPU back into service, so it stays (and is named in the log) until an
+#   administrator repairs the device and removes it, or the node reboots (/run is a
+#   tmpfs). GPU check records are left to the node agent, which removes stale ones.
+remove_runtime_dirs() {
+    local vms_left="$1" d f
+    d="$HOST_ROOT$LOCK_DIR"
+    if [[ -d "$d" ]]; then
+        if [[ "$vms_left" == 0 ]]; then
+            for f in "$d"/*.lock; do
+                [[ -f "$f" ]] && rm -f "$f"
+            done
+        fi
+        if rmdir "$d" 2>/dev/null; then
+            log "removed $LOCK_DIR"
+        else
+            log "kept $LOCK_DIR: not empty ($vms_left VM(s) still run, their device locks stay)"
+        fi
+    fi
+    d="$HOST_ROOT$GPU_CHECK_DIR"
+    if [[ -d "$d" ]]; then
+        if rmdir "$d" 2>/dev/null; then
+            log "removed $GPU_CHECK_DIR"
+        else
+            log "kept $GPU_CHECK_DIR: it still holds GPU check records"
+        fi
+    fi
+    d="$HOST_ROOT$HEALTH_DIR"
+    if [[ -d "$d" ]]; then
+        if rmdir "$d" 2>/dev/null; then
+            log "removed $HEALTH_DIR"
+        else
+            local records=()
+            for f in "$d"/*; do
+                [[ -e "$f" ]] && records+=("$(basename "$f")")
+            done
+            log "warning: kept $HEALTH_DIR: reset-failure records of ${records[*]:-?} (a device failed its reset; repair it, then remove the record, or reboot)"
+        fi
+    fi
+}
+
 uninstall() {
-    # VMs still running? Each has a work dir /run/gpuvm/<sandbox-id>/ (health/ is the
-    # reset-failure records).
+    # VMs still running? Each has a work dir $RUN_DIR/<sandbox-id>/; the shim's own
+    # folders there (locks, health and GPU check records) are not VMs.
     local live=()
-    local d
-    for d in "$HOST_ROOT"/run/gpuvm/*/; do
+    local d name
+    for d in "$HOST_ROOT$RUN_DIR"/*/; do
         [[ -d "$d" ]] || continue
-        [[ "$(basename "$d")" == health ]] && continue
-        live+=("$(basename "$d")")
+        name="$(basename "$d")"
+        case "$RUN_DIR/$name" in
+            "$LOCK_DIR" | "$HEALTH_DIR" | "$GPU_CHECK_DIR") continue ;;
+        esac
+        live+=("$name")
     done
     if ((${#live[@]} > 0)); then
         if [[ "$FORCE" != "true" ]]; then
@@ -242,6 +299,8 @@ uninstall() {
         find "$HOST_ROOT$HOST_DIR" -depth -type d -empty -delete 2>/dev/null || true
         log "removed the files under $HOST_DIR"
     fi
+
+    remove_runtime_dirs "${#live[@]}"
 
     if [[ -n "$changed" ]]; then
         restart_containerd

@@ -57,6 +57,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
+The shim's runtime folders on the host (shim/README.md `[host]`, node/README.md). Fixed:
+the shim keeps its VMs' work dirs in /run/gpuvm/<sandbox-id>/ (not configurable), and
+the cleanup sees all of these through its one /run/gpuvm mount. The same strings go into
+shim.toml `[host]`, the node DaemonSet's hostPath volumes, the agent's --health-dir /
+--gpu-check-dir (under /host) and the installer's env, so they cannot drift apart.
+*/}}
+{{- define "gpuvm.host.runDir" -}}/run/gpuvm{{- end }}
+{{- define "gpuvm.host.lockDir" -}}{{ include "gpuvm.host.runDir" . }}/devices{{- end }}
+{{- define "gpuvm.host.healthDir" -}}{{ include "gpuvm.host.runDir" . }}/health{{- end }}
+{{- define "gpuvm.host.gpuCheckDir" -}}{{ include "gpuvm.host.runDir" . }}/gpu-check{{- end }}
+
+{{/*
 Host paths seen from the installer container. The host's folders are mounted under
 /host with the same layout, so one path string works on both sides.
 */}}
@@ -79,6 +91,14 @@ Host paths seen from the installer container. The host's folders are mounted und
   value: {{ .Values.installer.containerd.restart | quote }}
 - name: GPUVM_CONTAINERD_UNIT
   value: {{ .Values.installer.containerd.systemdUnit | quote }}
+- name: GPUVM_RUN_DIR
+  value: {{ include "gpuvm.host.runDir" . | quote }}
+- name: GPUVM_LOCK_DIR
+  value: {{ include "gpuvm.host.lockDir" . | quote }}
+- name: GPUVM_HEALTH_DIR
+  value: {{ include "gpuvm.host.healthDir" . | quote }}
+- name: GPUVM_GPU_CHECK_DIR
+  value: {{ include "gpuvm.host.gpuCheckDir" . | quote }}
 - name: NODE_NAME
   valueFrom:
     fieldRef:
@@ -91,20 +111,24 @@ Host mounts of the installer (install and cleanup), each justified:
   the shim from there, the shim reads the guest image from there).
 - shimConfigDir: the shim's config file, named by the drop-in's ConfigPath.
 - containerd configDir: the drop-in, and the `imports` line when addImport is needed.
-- /run/gpuvm: read-only, to see whether VMs still run before cleaning up.
+- /run/gpuvm: to see whether VMs still run before cleaning up. Read-only for the
+  installer; read-write only for the cleanup, which removes the shim's empty runtime
+  folders (devices/, gpu-check/, health/) and the released device lock files.
 The restart of containerd goes through hostPID + nsenter into PID 1's namespaces
 (systemctl talks to the host's systemd), so no systemd socket is mounted.
+Include with (dict "ctx" $ "cleanup" true|false).
 */}}
 {{- define "gpuvm.installer.volumeMounts" -}}
+{{- $v := .ctx.Values -}}
 - name: host-gpuvm-dir
-  mountPath: {{ printf "/host%s" .Values.installer.hostDir }}
+  mountPath: {{ printf "/host%s" $v.installer.hostDir }}
 - name: host-shim-config
-  mountPath: {{ printf "/host%s" .Values.installer.shimConfigDir }}
+  mountPath: {{ printf "/host%s" $v.installer.shimConfigDir }}
 - name: host-containerd-config
-  mountPath: {{ printf "/host%s" .Values.installer.containerd.configDir }}
+  mountPath: {{ printf "/host%s" $v.installer.containerd.configDir }}
 - name: host-run-gpuvm
-  mountPath: /host/run/gpuvm
-  readOnly: true
+  mountPath: {{ printf "/host%s" (include "gpuvm.host.runDir" .ctx) }}
+  readOnly: {{ not .cleanup }}
 - name: installer-files
   mountPath: /etc/gpuvm-installer
   readOnly: true
@@ -125,7 +149,7 @@ The restart of containerd goes through hostPID + nsenter into PID 1's namespaces
     type: Directory
 - name: host-run-gpuvm
   hostPath:
-    path: /run/gpuvm
+    path: {{ include "gpuvm.host.runDir" . }}
     type: DirectoryOrCreate
 - name: installer-files
   configMap:
