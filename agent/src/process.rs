@@ -23,7 +23,7 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::resource::setrlimit;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{
     Gid, Pid, Uid, chdir, chroot, fchdir, pivot_root, setgroups, setresgid, setresuid, setsid,
 };
@@ -983,13 +983,25 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match waitpid(Pid::from_raw(-1), None) {
-                Ok(status) => {
+            // Peek first and reap under the lock that `track` holds across `spawn`:
+            // when exec fails, std waits for that child itself, and a concurrent
+            // `waitpid(-1)` would take the status from it (std then panics).
+            match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Ok(peeked) => {
+                    let Some(pid) = peeked.pid() else {
+                        continue;
+                    };
+                    let mut tracked = lock(&self.tracked);
+                    let Ok(status) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) else {
+                        // std already collected a child whose exec failed.
+                        continue;
+                    };
                     let exited_at = SystemTime::now();
                     let Some(exit) = ExitInfo::from_wait_status(status, exited_at) else {
                         continue;
                     };
-                    let process = lock(&self.tracked).remove(&exit.pid);
+                    let process = tracked.remove(&exit.pid);
+                    drop(tracked);
                     if let Some(process) = process {
                         process.set_exited(exit);
                     }

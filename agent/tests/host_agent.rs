@@ -37,12 +37,18 @@ fn start_agent() -> Agent {
         .args(["--listen", &address])
         .spawn()
         .unwrap();
+    // The socket file appears at bind(), a moment before listen(): retry.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "agent did not create its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let client = AgentServiceClient::new(ttrpc::Client::connect(&address).unwrap());
+    let client = loop {
+        match ttrpc::Client::connect(&address) {
+            Ok(client) => break client,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "agent did not listen: {e:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    let client = AgentServiceClient::new(client);
     Agent {
         child,
         client,
@@ -125,6 +131,27 @@ fn a_missing_command_is_a_clear_not_found() {
     delete(&agent.client, "c3", "");
     let (_, _, exit) = run(&agent.client, "c3", "", process(&["true"]));
     assert_eq!(exit.exit_status, 0);
+}
+
+#[test]
+fn a_failed_setup_step_is_named() {
+    let agent = start_agent();
+    for round in 0..20 {
+        let mut spec = process(&["true"]);
+        spec.cwd = "/no/such/working/dir".into();
+        let id = format!("bad-cwd-{round}");
+        let (code, message) =
+            status_of(create_and_start(&agent.client, &id, "", spec).unwrap_err());
+        assert_eq!(code, ttrpc::Code::INTERNAL, "{message}");
+        assert!(
+            message.starts_with("Changing to the working directory /no/such/working/dir failed: "),
+            "{message}"
+        );
+        delete(&agent.client, &id, "");
+    }
+    // The agent is still serving (a failed exec never races the reaper).
+    let (stdout, _, _) = run(&agent.client, "after", "", process(&["echo", "ok"]));
+    assert_eq!(stdout, "ok\n");
 }
 
 #[test]
