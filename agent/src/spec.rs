@@ -166,7 +166,8 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
     if id.is_empty() {
         return Err(Error::invalid(format!("the {what} is empty")));
     }
-    if id.len() > 256 || id.chars().any(|c| c == '/' || c.is_control()) {
+    // Ids name cgroup directories in the guest: `.` and `..` would name others.
+    if id.len() > 256 || id == "." || id == ".." || id.chars().any(|c| c == '/' || c.is_control()) {
         return Err(Error::invalid(format!("the {what} {id:?} is not valid")));
     }
     Ok(())
@@ -582,11 +583,13 @@ mod tests {
         };
         assert!(container_spec(&no_rootfs).unwrap().0.mounts.is_empty());
 
-        let bad_id = agent::CreateProcessRequest {
-            container_id: "a/b".into(),
-            ..req.clone()
-        };
-        assert!(container_spec(&bad_id).is_err());
+        for id in ["a/b", ".", "..", ""] {
+            let bad_id = agent::CreateProcessRequest {
+                container_id: id.into(),
+                ..req.clone()
+            };
+            assert!(container_spec(&bad_id).is_err(), "{id:?}");
+        }
         let relative = agent::CreateProcessRequest {
             rootfs: "rootfs".into(),
             ..req
