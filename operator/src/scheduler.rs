@@ -563,6 +563,35 @@ fn build_units(
             taken: is_taken,
         });
     }
+    // An address claimed by two units (a duplicate device, or a companion listed in two
+    // groups) means the inventory is inconsistent: handing out either unit could give
+    // one physical function to two VMs, so neither is used.
+    let mut claims: HashMap<&str, usize> = HashMap::new();
+    for unit in &units {
+        for &d in &unit.gpus {
+            *claims
+                .entry(view.devices[d].pci_address.as_str())
+                .or_default() += 1;
+        }
+        for c in &unit.companions {
+            *claims.entry(c.as_str()).or_default() += 1;
+        }
+    }
+    let ambiguous: Vec<bool> = units
+        .iter()
+        .map(|unit| {
+            unit.gpus
+                .iter()
+                .map(|&d| view.devices[d].pci_address.as_str())
+                .chain(unit.companions.iter().map(String::as_str))
+                .any(|a| claims.get(a).copied().unwrap_or(0) > 1)
+        })
+        .collect();
+    for (unit, ambiguous) in units.iter_mut().zip(ambiguous) {
+        if ambiguous && unit.blocked.is_none() {
+            unit.blocked = Some(Blocked::Unhealthy);
+        }
+    }
     units
 }
 

@@ -382,3 +382,33 @@ fn no_nodes_at_all() {
         "{err}"
     );
 }
+
+#[test]
+fn a_device_claimed_twice_is_never_handed_out() {
+    // Two inventory entries for one address (or a companion listed in two groups) can't
+    // be told apart: using either could give one function to two VMs.
+    let dup_a = gpu("0000:01:00.0", "l40s", 1, 0, "0000:00:01.0");
+    let dup_b = gpu("0000:01:00.0", "l40s", 2, 0, "0000:00:01.0");
+    let mut shares_companion = gpu("0000:02:00.0", "l40s", 3, 0, "0000:00:02.0");
+    shares_companion
+        .iommu_group_members
+        .push(member("0000:09:00.1", MemberRole::Companion));
+    let mut also_companion = gpu("0000:03:00.0", "l40s", 4, 0, "0000:00:03.0");
+    also_companion
+        .iommu_group_members
+        .push(member("0000:09:00.1", MemberRole::Companion));
+    let clean = gpu("0000:04:00.0", "l40s", 5, 0, "0000:00:04.0");
+    let n = node(
+        "odd",
+        vec![dup_a, dup_b, shares_companion, also_companion, clean],
+    );
+    let p = place_machine(
+        &request("l40s", 1),
+        std::slice::from_ref(&n),
+        &no_allocations(),
+    )
+    .unwrap();
+    assert_eq!(addrs(&p), vec!["0000:04:00.0"]);
+    let err = place_machine(&request("l40s", 2), &[n], &no_allocations()).unwrap_err();
+    assert!(err.to_string().contains("unhealthy"), "{err}");
+}
