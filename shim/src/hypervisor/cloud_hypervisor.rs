@@ -13,9 +13,7 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use super::{
-    GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec,
-};
+use super::{GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -508,18 +506,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     fn record(&self) -> VmRecord {
-        VmRecord {
-            processes: self
-                .processes_snapshot()
-                .iter()
-                .map(|p| RecordedProcess {
-                    name: p.name().to_owned(),
-                    pid: p.pid(),
-                    binary: p.binary().to_owned(),
-                })
-                .collect(),
-            work_dir: self.spec.work_dir.clone(),
-        }
+        VmRecord::of(&self.processes_snapshot(), &self.spec.work_dir)
     }
 }
 

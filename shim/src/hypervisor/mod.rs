@@ -110,6 +110,26 @@ pub struct VmRecord {
     pub work_dir: PathBuf,
 }
 
+impl VmRecord {
+    /// The record of `processes` (in start order) and the VM's private directory.
+    pub(crate) fn of(
+        processes: &[crate::process::WatchedProcess],
+        work_dir: &std::path::Path,
+    ) -> Self {
+        VmRecord {
+            processes: processes
+                .iter()
+                .map(|p| RecordedProcess {
+                    name: p.name().to_owned(),
+                    pid: p.pid(),
+                    binary: p.binary().to_owned(),
+                })
+                .collect(),
+            work_dir: work_dir.to_path_buf(),
+        }
+    }
+}
+
 /// How the VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmExit {

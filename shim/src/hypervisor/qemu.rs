@@ -11,9 +11,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd, stop_all};
-use super::{
-    GUEST_CID, Hypervisor, RecordedProcess, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec,
-};
+use super::{GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -287,18 +285,7 @@ impl Hypervisor for Qemu {
     }
 
     fn record(&self) -> VmRecord {
-        VmRecord {
-            processes: self
-                .snapshot()
-                .iter()
-                .map(|p| RecordedProcess {
-                    name: p.name().to_owned(),
-                    pid: p.pid(),
-                    binary: p.binary().to_owned(),
-                })
-                .collect(),
-            work_dir: self.spec.work_dir.clone(),
-        }
+        VmRecord::of(&self.snapshot(), &self.spec.work_dir)
     }
 }
 
