@@ -2,7 +2,6 @@
 //! REST API (HTTP/1.1 on a unix socket).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +12,9 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use super::{GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec};
+use super::{
+    GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmProcesses, VmRecord, VmSpec,
+};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -323,7 +324,7 @@ pub struct CloudHypervisor {
     virtiofsd_binary: PathBuf,
     shutdown_timeout: Duration,
     api: ApiClient,
-    processes: StdMutex<Vec<WatchedProcess>>,
+    processes: VmProcesses,
 }
 
 impl CloudHypervisor {
@@ -336,7 +337,7 @@ impl CloudHypervisor {
             shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
             api,
             spec,
-            processes: StdMutex::new(Vec::new()),
+            processes: VmProcesses::default(),
         }
     }
 
@@ -357,23 +358,7 @@ impl CloudHypervisor {
     }
 
     fn vmm(&self) -> Option<WatchedProcess> {
-        self.processes_snapshot()
-            .into_iter()
-            .find(|p| p.name() == "cloud-hypervisor")
-    }
-
-    fn processes_snapshot(&self) -> Vec<WatchedProcess> {
-        match self.processes.lock() {
-            Ok(list) => list.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    fn remember(&self, process: WatchedProcess) {
-        match self.processes.lock() {
-            Ok(mut list) => list.push(process),
-            Err(poisoned) => poisoned.into_inner().push(process),
-        }
+        self.processes.named("cloud-hypervisor")
     }
 }
 
@@ -419,14 +404,6 @@ pub(crate) fn create_work_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io(format!("cannot create {}", dir.display())))
 }
 
-/// Stops every process (last started first) and removes the work dir.
-pub(crate) async fn stop_all(processes: Vec<WatchedProcess>, work_dir: &Path) {
-    for process in processes.iter().rev() {
-        process.stop(Duration::from_secs(2)).await;
-    }
-    crate::rootfs::remove_dir_if_unmounted(work_dir);
-}
-
 #[async_trait]
 impl Hypervisor for CloudHypervisor {
     async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
@@ -434,7 +411,8 @@ impl Hypervisor for CloudHypervisor {
             .map_err(|e| Error::VmConfig(e.to_string()))?;
         create_work_dir(&self.spec.work_dir)?;
         if let Some(shared_dir) = &self.spec.shared_dir {
-            self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+            self.processes
+                .remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
             spawned(&self.record());
         }
 
@@ -446,7 +424,7 @@ impl Hypervisor for CloudHypervisor {
             .stdout(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?)
             .stderr(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?);
         let vmm = WatchedProcess::spawn("cloud-hypervisor", &self.binary, cmd)?;
-        self.remember(vmm.clone());
+        self.processes.remember(vmm.clone());
         spawned(&self.record());
         wait_for_socket(&api_socket, &vmm, Duration::from_secs(10)).await?;
 
@@ -465,12 +443,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn wait_exit(&self) -> VmExit {
-        match self.vmm() {
-            Some(vmm) => VmExit {
-                vmm_exit_code: vmm.wait().await.code,
-            },
-            None => VmExit { vmm_exit_code: -1 },
-        }
+        self.processes.wait_exit("cloud-hypervisor").await
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -502,11 +475,11 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn cleanup(&self) {
-        stop_all(self.processes_snapshot(), &self.spec.work_dir).await;
+        self.processes.stop_all(&self.spec.work_dir).await;
     }
 
     fn record(&self) -> VmRecord {
-        VmRecord::of(&self.processes_snapshot(), &self.spec.work_dir)
+        self.processes.record(&self.spec.work_dir)
     }
 }
 

@@ -110,14 +110,47 @@ pub struct VmRecord {
     pub work_dir: PathBuf,
 }
 
-impl VmRecord {
-    /// The record of `processes` (in start order) and the VM's private directory.
-    pub(crate) fn of(
-        processes: &[crate::process::WatchedProcess],
-        work_dir: &std::path::Path,
-    ) -> Self {
+/// The host processes started for one VM (VMM and helpers), in start order, shared by
+/// both backends: what they record in the state file, wait on and stop.
+#[derive(Debug, Default)]
+pub(crate) struct VmProcesses(std::sync::Mutex<Vec<crate::process::WatchedProcess>>);
+
+impl VmProcesses {
+    fn snapshot(&self) -> Vec<crate::process::WatchedProcess> {
+        match self.0.lock() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Adds a process just started.
+    pub(crate) fn remember(&self, process: crate::process::WatchedProcess) {
+        match self.0.lock() {
+            Ok(mut list) => list.push(process),
+            Err(poisoned) => poisoned.into_inner().push(process),
+        }
+    }
+
+    /// The process started under `name` (e.g. the VMM), if any.
+    pub(crate) fn named(&self, name: &str) -> Option<crate::process::WatchedProcess> {
+        self.snapshot().into_iter().find(|p| p.name() == name)
+    }
+
+    /// Waits for the process `name` to exit (`-1` when it was never started).
+    pub(crate) async fn wait_exit(&self, name: &str) -> VmExit {
+        match self.named(name) {
+            Some(vmm) => VmExit {
+                vmm_exit_code: vmm.wait().await.code,
+            },
+            None => VmExit { vmm_exit_code: -1 },
+        }
+    }
+
+    /// The record of the processes and the VM's private directory.
+    pub(crate) fn record(&self, work_dir: &Path) -> VmRecord {
         VmRecord {
-            processes: processes
+            processes: self
+                .snapshot()
                 .iter()
                 .map(|p| RecordedProcess {
                     name: p.name().to_owned(),
@@ -127,6 +160,14 @@ impl VmRecord {
                 .collect(),
             work_dir: work_dir.to_path_buf(),
         }
+    }
+
+    /// Stops every process (last started first) and removes the work dir.
+    pub(crate) async fn stop_all(&self, work_dir: &Path) {
+        for process in self.snapshot().iter().rev() {
+            process.stop(std::time::Duration::from_secs(2)).await;
+        }
+        crate::rootfs::remove_dir_if_unmounted(work_dir);
     }
 }
 

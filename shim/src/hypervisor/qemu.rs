@@ -4,14 +4,15 @@
 //! Hypervisor.
 
 use std::path::PathBuf;
-use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd, stop_all};
-use super::{GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmRecord, VmSpec};
+use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd};
+use super::{
+    GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmProcesses, VmRecord, VmSpec,
+};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -167,7 +168,7 @@ pub struct Qemu {
     virtiofsd_binary: PathBuf,
     vsock_binary: PathBuf,
     shutdown_timeout: Duration,
-    processes: StdMutex<Vec<WatchedProcess>>,
+    processes: VmProcesses,
 }
 
 impl Qemu {
@@ -180,26 +181,12 @@ impl Qemu {
             virtiofsd_binary: config.binaries.virtiofsd.clone(),
             vsock_binary: config.binaries.vhost_device_vsock.clone(),
             shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
-            processes: StdMutex::new(Vec::new()),
-        }
-    }
-
-    fn snapshot(&self) -> Vec<WatchedProcess> {
-        match self.processes.lock() {
-            Ok(list) => list.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    fn remember(&self, process: WatchedProcess) {
-        match self.processes.lock() {
-            Ok(mut list) => list.push(process),
-            Err(poisoned) => poisoned.into_inner().push(process),
+            processes: VmProcesses::default(),
         }
     }
 
     fn vmm(&self) -> Option<WatchedProcess> {
-        self.snapshot().into_iter().find(|p| p.name() == "qemu")
+        self.processes.named("qemu")
     }
 }
 
@@ -217,7 +204,7 @@ impl Hypervisor for Qemu {
                 &self.spec.work_dir.join("vhost-device-vsock.log"),
             )?);
         let vsock = WatchedProcess::spawn("vhost-device-vsock", &self.vsock_binary, cmd)?;
-        self.remember(vsock.clone());
+        self.processes.remember(vsock.clone());
         spawned(&self.record());
         wait_for_socket(
             &vhost_vsock_socket(&self.spec),
@@ -227,7 +214,8 @@ impl Hypervisor for Qemu {
         .await?;
 
         if let Some(shared_dir) = &self.spec.shared_dir {
-            self.remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
+            self.processes
+                .remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
             spawned(&self.record());
         }
 
@@ -237,7 +225,7 @@ impl Hypervisor for Qemu {
             .stdout(log_file(&self.spec.work_dir.join("qemu.log"))?)
             .stderr(log_file(&self.spec.work_dir.join("qemu.log"))?);
         let qemu = WatchedProcess::spawn("qemu", &self.qemu_binary, cmd)?;
-        self.remember(qemu.clone());
+        self.processes.remember(qemu.clone());
         spawned(&self.record());
         // QEMU fails fast on bad arguments or vhost-user errors: give it a moment so the
         // error names QEMU rather than a later agent timeout.
@@ -264,12 +252,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn wait_exit(&self) -> VmExit {
-        match self.vmm() {
-            Some(vmm) => VmExit {
-                vmm_exit_code: vmm.wait().await.code,
-            },
-            None => VmExit { vmm_exit_code: -1 },
-        }
+        self.processes.wait_exit("qemu").await
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -281,11 +264,11 @@ impl Hypervisor for Qemu {
     }
 
     async fn cleanup(&self) {
-        stop_all(self.snapshot(), &self.spec.work_dir).await;
+        self.processes.stop_all(&self.spec.work_dir).await;
     }
 
     fn record(&self) -> VmRecord {
-        VmRecord::of(&self.snapshot(), &self.spec.work_dir)
+        self.processes.record(&self.spec.work_dir)
     }
 }
 
