@@ -323,11 +323,7 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         }
         PodAction::DeleteForRestart | PodAction::DeleteFinished => {
             if let Some(p) = &pod {
-                match pods.delete(&p.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                delete_pod(&pods, &p.name_any()).await?;
             }
         }
         PodAction::Nothing => {}
@@ -574,14 +570,19 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     }
     for pod in &remaining.items {
         if pod.metadata.deletion_timestamp.is_none() {
-            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_pod(&pods, &pod.name_any()).await?;
         }
     }
     Err(Error::PodsTerminating(machine_key(machine)))
+}
+
+/// Deletes a Pod; one that is already gone is not an error.
+async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
+    match pods.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn jitter(base: Duration) -> Duration {
