@@ -233,6 +233,15 @@ pub struct AllocatedGpu {
     pub companions: Vec<String>,
 }
 
+impl AllocatedGpu {
+    /// Every PCI address `gpus` take: each GPU followed by its companion functions.
+    pub fn devices(gpus: &[AllocatedGpu]) -> Vec<String> {
+        gpus.iter()
+            .flat_map(|g| std::iter::once(g.pci_address.clone()).chain(g.companions.clone()))
+            .collect()
+    }
+}
+
 /// What the operator observed and decided about a machine. The allocation recorded here
 /// (`nodeName` + `gpus`) is the source of truth for which GPUs are taken.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -271,10 +280,7 @@ pub struct GpuMachineStatus {
 impl GpuMachineStatus {
     /// Every PCI address the machine holds: each GPU and its companion functions.
     pub fn devices(&self) -> Vec<String> {
-        self.gpus
-            .iter()
-            .flat_map(|g| std::iter::once(g.pci_address.clone()).chain(g.companions.clone()))
-            .collect()
+        AllocatedGpu::devices(&self.gpus)
     }
 
     /// Whether GPUs are allocated (the machine is placed).

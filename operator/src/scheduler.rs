@@ -70,10 +70,7 @@ pub struct Placement {
 impl Placement {
     /// Every PCI address the VM gets: GPUs and companions.
     pub fn devices(&self) -> Vec<String> {
-        self.gpus
-            .iter()
-            .flat_map(|g| std::iter::once(g.pci_address.clone()).chain(g.companions.clone()))
-            .collect()
+        AllocatedGpu::devices(&self.gpus)
     }
 }
 
