@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Installs what the API-server tier of the tests needs, idempotently, into one folder in
+# the envtest layout (KUBEBUILDER_ASSETS): kube-apiserver, kube-controller-manager, etcd.
+#   - kube-apiserver and kube-controller-manager: decompressed from ../shared/kube/
+#     (Kubernetes v1.36.2 built from source; see its README), checked against SHA256SUMS.
+#   - etcd 3.5: Debian trixie's `etcd-server`, fetched with `apt-get download` through a
+#     PRIVATE apt config (the system's sources are untouched) and unpacked with `dpkg -x`.
+#   - cloud-hypervisor (v54, ../shared/vmm/) next to them, for the shim's live CH tests.
+#
+#   scripts/kube-deps.sh                 # prints `export KUBEBUILDER_ASSETS=...` lines
+#   eval "$(scripts/kube-deps.sh --env)" # sets the variables in this shell
+#
+# ASSETS (default $HOME/.cache/gpuvm-kube) is where the binaries go; SHARED (default
+# ../shared next to the checkout) is where the prebuilt binaries are read from.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ASSETS="${ASSETS:-$HOME/.cache/gpuvm-kube}"
+SHARED="${SHARED:-$(cd .. && pwd)/shared}"
+env_only=0
+[ "${1:-}" = "--env" ] && env_only=1
+log() { [ "$env_only" = 1 ] && echo "kube-deps: $*" >&2 || echo "kube-deps: $*"; }
+
+mkdir -p "$ASSETS"
+
+# kube-apiserver / kube-controller-manager from ../shared/kube (xz + SHA256SUMS).
+for bin in kube-apiserver kube-controller-manager; do
+    src="$SHARED/kube/$bin.xz"
+    if [ ! -f "$src" ]; then
+        log "$src is missing: the API-server tests will print SKIPPED"
+        continue
+    fi
+    if [ -f "$SHARED/kube/SHA256SUMS" ]; then
+        want="$(awk -v f="$bin.xz" '$2 == f || $2 == "*"f {print $1}' "$SHARED/kube/SHA256SUMS")"
+        got="$(sha256sum "$src" | awk '{print $1}')"
+        if [ -n "$want" ] && [ "$got" != "$want" ]; then
+            echo "kube-deps: $src: sha256 $got, SHA256SUMS says $want" >&2
+            exit 1
+        fi
+    fi
+    if [ ! -x "$ASSETS/$bin" ] || [ "$src" -nt "$ASSETS/$bin" ]; then
+        xz -dc "$src" > "$ASSETS/$bin.tmp"
+        chmod +x "$ASSETS/$bin.tmp"
+        mv "$ASSETS/$bin.tmp" "$ASSETS/$bin"
+    fi
+done
+
+# cloud-hypervisor from ../shared/vmm.
+if [ -f "$SHARED/vmm/cloud-hypervisor.xz" ]; then
+    if [ ! -x "$ASSETS/cloud-hypervisor" ] || [ "$SHARED/vmm/cloud-hypervisor.xz" -nt "$ASSETS/cloud-hypervisor" ]; then
+        xz -dc "$SHARED/vmm/cloud-hypervisor.xz" > "$ASSETS/cloud-hypervisor.tmp"
+        chmod +x "$ASSETS/cloud-hypervisor.tmp"
+        mv "$ASSETS/cloud-hypervisor.tmp" "$ASSETS/cloud-hypervisor"
+    fi
+fi
+
+# etcd from trixie (private apt config, dpkg -x).
+if ! "$ASSETS/etcd" --version >/dev/null 2>&1; then
+    system_mirror() {
+        {
+            grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+            grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
+        } | grep -m1 -E '/debian/?$' || true
+    }
+    MIRROR="${DEBIAN_MIRROR:-$(system_mirror)}"
+    if [ -z "$MIRROR" ]; then
+        echo "kube-deps: no Debian archive found in the apt sources; set DEBIAN_MIRROR" >&2
+        exit 1
+    fi
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/root"
+    echo "deb $MIRROR trixie main" > "$work/sources.list"
+    apt_private=(
+        -o Dir::Etc::sourcelist="$work/sources.list"
+        -o Dir::Etc::sourceparts=/nonexistent
+        -o Dir::State::Lists="$work/lists"
+        -o Dir::Cache::Archives="$work/archives"
+        -o APT::Get::List-Cleanup=0
+        -o APT::Sandbox::User=root
+    )
+    log "fetching etcd-server from trixie (private apt config)"
+    apt-get "${apt_private[@]}" update -qq >&2
+    (cd "$work" && apt-get "${apt_private[@]}" download etcd-server >&2)
+    dpkg -x "$work"/etcd-server_*.deb "$work/root"
+    install -m 0755 "$work/root/usr/bin/etcd" "$ASSETS/etcd"
+fi
+
+log "etcd $("$ASSETS/etcd" --version | awk '/etcd Version/ {print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version 2>/dev/null | awk '{print $2}') in $ASSETS"
+echo "export KUBEBUILDER_ASSETS=$ASSETS"
+if [ -x "$ASSETS/cloud-hypervisor" ]; then
+    echo "export CLOUD_HYPERVISOR_BIN=$ASSETS/cloud-hypervisor"
+fi
