@@ -1,6 +1,8 @@
 //! Label, annotation, taint and finalizer keys: the contract between the operator, the
 //! node agent and the shim. Changing one of these is an API change.
 
+use gpuvm_pci::PciAddress;
+
 /// Pod annotation: comma-separated PCI addresses (`0000:17:00.0,0000:17:00.1`) of every
 /// device the VM gets, companion functions included, in the order they are passed.
 pub const ANNOTATION_DEVICES: &str = "gpuvm.dev/devices";
@@ -38,15 +40,21 @@ pub const FIELD_MANAGER: &str = "gpuvm-operator";
 /// The GPU model wildcard: any model will do.
 pub const MODEL_ANY: &str = "any";
 
-/// Splits a `gpuvm.dev/devices` annotation value into PCI addresses, skipping empty
-/// items and surrounding blanks.
+/// Splits a `gpuvm.dev/devices` annotation value into its items as written, skipping
+/// empty items and surrounding blanks. [`parse_device_addresses`] reads the same items
+/// as PCI addresses.
 pub fn parse_devices(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    device_items(value).map(str::to_owned).collect()
+}
+
+/// Reads a `gpuvm.dev/devices` annotation value as PCI addresses (the items of
+/// [`parse_devices`]), refusing the first item that is not one.
+pub fn parse_device_addresses(value: &str) -> Result<Vec<PciAddress>, gpuvm_pci::Error> {
+    device_items(value).map(PciAddress::parse).collect()
+}
+
+fn device_items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -60,5 +68,20 @@ mod tests {
             vec!["0000:17:00.0", "0000:17:00.1"]
         );
         assert!(parse_devices("").is_empty());
+    }
+
+    #[test]
+    fn device_addresses_are_typed_and_checked() {
+        let addresses = parse_device_addresses(" 0000:3B:00.0, 0000:3c:00.1,,").expect("valid");
+        let text: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(text, vec!["0000:3b:00.0", "0000:3c:00.1"]);
+        assert_eq!(parse_device_addresses("").expect("empty"), Vec::new());
+        for bad in ["3b:00.8", "0000:3b:00.8", "../../etc", "0000:3b:00"] {
+            let err = parse_device_addresses(bad).expect_err(bad);
+            assert!(
+                err.to_string().contains("is not a PCI address"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! gpuvm's Kubernetes API: the `GpuMachine` and `GpuNode` custom resources and the
 //! label, annotation and finalizer keys shared by the operator, the node agent and the
-//! containerd shim.
+//! containerd shim, the one Kubernetes quantity parser, and the in-guest GPU check
+//! record the shim writes for the node agent.
 //!
 //! This crate does no I/O. The CRD YAML in `crds/` is generated from these types by the
 //! operator's `crdgen` binary, so every field's doc comment becomes the description that
 //! `kubectl explain` prints.
 
+pub mod gpu_check;
 pub mod keys;
 pub mod machine;
 pub mod node;
