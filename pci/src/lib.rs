@@ -10,11 +10,14 @@
 //!   [`check_vfio_ready`] checks a group is ready to hand to a VM.
 //! - [`reset_device`] resets a function through sysfs.
 //! - [`DeviceLock`] and [`GroupLock`] keep two sandboxes on one node off one device.
+//! - [`HealthRecord`] is the reset-failure record the shim writes under
+//!   [`DEFAULT_HEALTH_DIR`] and the node agent reads.
 //! - [`model_name`] maps NVIDIA device ids to the model names the API uses.
 
 mod address;
 pub mod class;
 mod error;
+pub mod health;
 mod lock;
 mod models;
 mod scan;
@@ -26,6 +29,7 @@ mod vfio;
 pub use address::PciAddress;
 pub use class::{DeviceRole, NVIDIA_VENDOR_ID};
 pub use error::{Error, Result};
+pub use health::{DEFAULT_HEALTH_DIR, HealthRecord};
 pub use lock::{DEFAULT_LOCK_DIR, DeviceLock, GroupLock};
 pub use models::{NVIDIA_MODELS, NvidiaModel, model_name, nvidia_model};
 pub use scan::{Gpu, GroupMember, Inventory, IommuGroup, Passthrough, VFIO_PCI_DRIVER, scan};
