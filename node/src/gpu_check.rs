@@ -1,15 +1,12 @@
-//! The in-guest GPU check contract between the shim and the node agent.
+//! The in-guest GPU check records the shim writes, carried to the API.
 //!
-//! After a GPU sandbox boots, the shim asks the guest agent which GPUs the guest
-//! driver sees and writes the outcome to `<gpu-check dir>/<namespace>_<pod name>`
-//! (default `/run/gpuvm/gpu-check/team-a_train-0`), atomically (a temp file whose name
-//! starts with `.`, then a rename): the first line is `ok: 2 x h100-80gb` or
-//! `failed: <reason>`, an optional `pod-uid: <uid>` line names the Pod it is about.
-//! The shim has no API credentials, so the node agent carries it to the API: it
-//! merge-patches the Pod's `gpuvm.dev/gpu-check` annotation when the value changed
-//! (the operator mirrors it into the `GPUReady` condition), emits a Warning Event on
-//! the Pod for a failure, and removes records whose Pod no longer exists (or is
-//! another Pod of the same name).
+//! The record (`/run/gpuvm/gpu-check/<namespace>_<pod name>`: `ok: …` or `failed: …`,
+//! then `pod-uid: <uid>`), its default directory and its parser are owned by
+//! `gpuvm_api::gpu_check`, shared with the shim that writes them. The shim has no API
+//! credentials, so the node agent carries each record to the API: it merge-patches the
+//! Pod's `gpuvm.dev/gpu-check` annotation when the value changed (the operator mirrors
+//! it into the `GPUReady` condition), emits a Warning Event on the Pod for a failure,
+//! and removes records whose Pod no longer exists (or is another Pod of the same name).
 //!
 //! [`plan_gpu_checks`] decides, as a pure function; [`report_gpu_checks`] does the I/O.
 
@@ -18,6 +15,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use gpuvm_api::gpu_check::{GpuCheck, GpuCheckRecord};
 use gpuvm_api::keys::ANNOTATION_GPU_CHECK;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
@@ -26,56 +24,12 @@ use kube::{Resource as _, ResourceExt as _};
 
 use crate::{Error, Result};
 
-/// Where the shim writes the GPU check records on a real node.
-pub const DEFAULT_GPU_CHECK_DIR: &str = "/run/gpuvm/gpu-check";
+pub use gpuvm_api::gpu_check::DEFAULT_GPU_CHECK_DIR;
 
 /// The Event reason for a failed check.
 pub const EVENT_REASON_FAILED: &str = "GuestGpuCheckFailed";
 
-/// One record the shim wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuCheckRecord {
-    /// The file's name (`<namespace>_<name>`).
-    pub file: String,
-    /// The Pod's namespace.
-    pub namespace: String,
-    /// The Pod's name.
-    pub name: String,
-    /// `ok: …` or `failed: …`.
-    pub result: String,
-    /// The Pod's UID, when the shim knew it.
-    pub pod_uid: Option<String>,
-}
-
-/// Parses one record; `None` for names that are not `<namespace>_<name>` (temp files,
-/// strays) and for texts whose first line is neither `ok…` nor `failed…`.
-pub fn parse_record(file: &str, text: &str) -> Option<GpuCheckRecord> {
-    if file.starts_with('.') {
-        return None;
-    }
-    let (namespace, name) = file.split_once('_')?;
-    if namespace.is_empty() || name.is_empty() {
-        return None;
-    }
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let result = lines.next()?;
-    if !(result.starts_with("ok") || result.starts_with("failed")) {
-        return None;
-    }
-    let pod_uid = lines
-        .filter_map(|l| l.strip_prefix("pod-uid:"))
-        .map(|uid| uid.trim().to_owned())
-        .find(|uid| !uid.is_empty());
-    Some(GpuCheckRecord {
-        file: file.to_owned(),
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        result: result.to_owned(),
-        pod_uid,
-    })
-}
-
-/// Reads every record in `dir`; a missing directory has none.
+/// Reads every record in `dir`, sorted by file name; a missing directory has none.
 pub fn read_gpu_checks(dir: &Path) -> Result<Vec<GpuCheckRecord>> {
     let dir_error = |source: io::Error| Error::GpuCheckDir {
         path: dir.to_owned(),
@@ -96,11 +50,11 @@ pub fn read_gpu_checks(dir: &Path) -> Result<Vec<GpuCheckRecord>> {
         let Ok(text) = fs::read_to_string(entry.path()) else {
             continue;
         };
-        if let Some(record) = parse_record(&file, &text) {
+        if let Some(record) = GpuCheckRecord::parse(&file, &text) {
             records.push(record);
         }
     }
-    records.sort_by(|a, b| a.file.cmp(&b.file));
+    records.sort_by_key(GpuCheckRecord::file_name);
     Ok(records)
 }
 
@@ -145,25 +99,25 @@ pub fn plan_gpu_checks(
 ) -> Vec<GpuCheckAction> {
     let mut actions = Vec::new();
     for record in records {
-        let pod = pods.get(&record.file).and_then(Option::as_ref);
+        let file = record.file_name();
+        let pod = pods.get(&file).and_then(Option::as_ref);
         let Some(pod) = pod.filter(|p| record.pod_uid.as_ref().is_none_or(|uid| *uid == p.uid))
         else {
-            actions.push(GpuCheckAction::Forget {
-                file: record.file.clone(),
-            });
+            actions.push(GpuCheckAction::Forget { file });
             continue;
         };
-        if pod.gpu_check.as_deref() == Some(record.result.as_str()) {
+        let value = record.check.to_string();
+        if pod.gpu_check.as_deref() == Some(value.as_str()) {
             continue;
         }
-        let event = record
-            .result
-            .strip_prefix("failed")
-            .map(|reason| reason.trim_start_matches(':').trim().to_owned());
+        let event = match &record.check {
+            GpuCheck::Failed(reason) => Some(reason.clone()),
+            GpuCheck::Ok(_) => None,
+        };
         actions.push(GpuCheckAction::Annotate {
             namespace: record.namespace.clone(),
             name: record.name.clone(),
-            value: record.result.clone(),
+            value,
             event,
         });
     }
@@ -190,15 +144,15 @@ pub async fn report_gpu_checks(
         let pod = api
             .get_opt(&record.name)
             .await
-            .map_err(|source| pod_error("read", record, source))?;
+            .map_err(|source| pod_error("read", &record.namespace, &record.name, source))?;
         let facts = pod.as_ref().map(|p| PodFacts {
             uid: p.uid().unwrap_or_default(),
             gpu_check: p.annotations().get(ANNOTATION_GPU_CHECK).cloned(),
         });
         if let Some(pod) = pod {
-            found.insert(record.file.clone(), pod);
+            found.insert(record.file_name(), pod);
         }
-        pods.insert(record.file.clone(), facts);
+        pods.insert(record.file_name(), facts);
     }
     let actions = plan_gpu_checks(&records, &pods);
     for action in &actions {
@@ -219,22 +173,16 @@ pub async fn report_gpu_checks(
                 event,
             } => {
                 let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-                let record = GpuCheckRecord {
-                    file: format!("{namespace}_{name}"),
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    result: value.clone(),
-                    pod_uid: None,
-                };
                 api.patch(
                     name,
                     &PatchParams::default(),
                     &Patch::Merge(annotation_patch(value)),
                 )
                 .await
-                .map_err(|source| pod_error("annotate", &record, source))?;
+                .map_err(|source| pod_error("annotate", namespace, name, source))?;
                 tracing::info!(namespace, pod = %name, value, "GPU check reported");
-                if let (Some(note), Some(pod)) = (event, found.get(&record.file)) {
+                if let (Some(note), Some(pod)) = (event, found.get(&format!("{namespace}_{name}")))
+                {
                     recorder
                         .publish(
                             &Event {
@@ -247,7 +195,7 @@ pub async fn report_gpu_checks(
                             &pod.object_ref(&()),
                         )
                         .await
-                        .map_err(|source| pod_error("emit an Event on", &record, source))?;
+                        .map_err(|source| pod_error("emit an Event on", namespace, name, source))?;
                 }
             }
         }
@@ -255,10 +203,10 @@ pub async fn report_gpu_checks(
     Ok(actions.len())
 }
 
-fn pod_error(action: &'static str, record: &GpuCheckRecord, source: kube::Error) -> Error {
+fn pod_error(action: &'static str, namespace: &str, name: &str, source: kube::Error) -> Error {
     Error::Pod {
         action,
-        pod: format!("{}/{}", record.namespace, record.name),
+        pod: format!("{namespace}/{name}"),
         source: Box::new(source),
     }
 }
@@ -272,10 +220,9 @@ mod tests {
     fn record(file: &str, result: &str, uid: Option<&str>) -> GpuCheckRecord {
         let (namespace, name) = file.split_once('_').unwrap();
         GpuCheckRecord {
-            file: file.into(),
             namespace: namespace.into(),
             name: name.into(),
-            result: result.into(),
+            check: GpuCheck::parse(result).unwrap(),
             pod_uid: uid.map(Into::into),
         }
     }
@@ -288,31 +235,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_records_and_ignores_other_files() {
-        assert_eq!(
-            parse_record("team-a_train-0", "ok: 2 x h100-80gb\npod-uid: u1\n"),
-            Some(record("team-a_train-0", "ok: 2 x h100-80gb", Some("u1")))
-        );
-        assert_eq!(
-            parse_record("ns_p", "\nfailed: no NVIDIA driver in the guest\n"),
-            Some(record(
-                "ns_p",
-                "failed: no NVIDIA driver in the guest",
-                None
-            ))
-        );
-        for (file, text) in [
-            (".ns_p.tmp", "ok: 1 x l4"),
-            ("README", "ok: 1 x l4"),
-            ("ns_", "ok: 1 x l4"),
-            ("ns_p", "maybe"),
-            ("ns_p", ""),
-        ] {
-            assert_eq!(parse_record(file, text), None, "{file}: {text}");
-        }
-    }
-
-    #[test]
     fn reads_a_directory_of_records() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("b_p"), "failed: x\n").unwrap();
@@ -321,7 +243,7 @@ mod tests {
         let files: Vec<String> = read_gpu_checks(dir.path())
             .unwrap()
             .into_iter()
-            .map(|r| r.file)
+            .map(|r| r.file_name())
             .collect();
         assert_eq!(files, vec!["a_p", "b_p"]);
         assert!(
@@ -387,7 +309,7 @@ mod tests {
             ),
         ];
         for (what, record, facts, want) in cases {
-            let pods = BTreeMap::from([(record.file.clone(), facts)]);
+            let pods = BTreeMap::from([(record.file_name(), facts)]);
             assert_eq!(plan_gpu_checks(&[record], &pods), want, "{what}");
         }
     }

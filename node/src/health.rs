@@ -1,89 +1,41 @@
-//! The reset-failure contract between the shim and the node agent.
-//!
-//! When the shim fails to reset a device after a VM (FLR, bus reset, …), it writes
-//! `<health dir>/<bdf>` (default `/run/gpuvm/health/0000:17:00.0`): UTF-8 text whose
-//! first non-blank line is the reason, as a sentence. It writes the file atomically
-//! (a temp file whose name starts with `.`, then a rename) and removes it after a later
-//! reset of that device succeeds; an administrator may remove it to put a repaired
-//! device back into service. `/run` is a tmpfs, so a reboot (which resets every device)
-//! clears the records. The node agent only reads this directory, never writes it.
+//! The reset-failure records the shim writes (`/run/gpuvm/health/<bdf>`), read for the
+//! node's health. The record's format, default directory and reader are owned by
+//! `gpuvm_pci::health`, shared with the shim that writes them; this module only turns
+//! a read failure into the agent's error.
 //!
 //! A device with a record is unhealthy; a record on a companion function (HDMI audio…)
 //! makes its GPU unhealthy, since they are passed and reset together.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io;
 use std::path::Path;
 
-use gpuvm_pci::PciAddress;
+use gpuvm_pci::{HealthRecord, PciAddress};
 
 use crate::{Error, Result};
 
-/// Where the shim records reset failures on a real node.
-pub const DEFAULT_HEALTH_DIR: &str = "/run/gpuvm/health";
-
-/// The reason used when a record is empty.
-pub const NO_REASON_RECORDED: &str = "no reason recorded";
-
-/// Longest reason kept from a record, in characters; the rest is cut.
-const MAX_REASON_CHARS: usize = 300;
+pub use gpuvm_pci::DEFAULT_HEALTH_DIR;
+pub use gpuvm_pci::health::NO_REASON_RECORDED;
 
 /// Reads every reset-failure record in `dir`: device address → reason.
 ///
-/// A missing directory means no failures. Entries whose names are not PCI addresses
-/// (temp files, stray files) are ignored. A record that cannot be read still counts
-/// as a failure, with the read error as its reason: a device is never treated as
-/// healthy because its record was unreadable.
+/// A missing directory means no failures; see [`HealthRecord::read_all`] for the
+/// rest (strays ignored, an unreadable record still a failure).
 pub fn read_reset_failures(dir: &Path) -> Result<BTreeMap<PciAddress, String>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(source) => {
-            return Err(Error::HealthDir {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-    };
-    let mut failures = BTreeMap::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| Error::HealthDir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let Some(address) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| PciAddress::parse(name).ok())
-        else {
-            continue;
-        };
-        let reason = match fs::read_to_string(entry.path()) {
-            Ok(text) => reason_from_record(&text),
-            Err(err) => format!(
-                "its record {} is unreadable ({err})",
-                entry.path().display()
-            ),
-        };
-        failures.insert(address, reason);
-    }
-    Ok(failures)
-}
-
-/// The reason a record gives: its first non-blank line, trimmed and cut to a sane length.
-pub fn reason_from_record(text: &str) -> String {
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|line| !line.is_empty())
-        .unwrap_or(NO_REASON_RECORDED);
-    line.chars().take(MAX_REASON_CHARS).collect()
+    let records = HealthRecord::read_all(dir).map_err(|source| Error::HealthDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(records
+        .into_iter()
+        .map(|(address, record)| (address, record.reason().to_owned()))
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::fs;
 
     use super::*;
 
@@ -126,8 +78,26 @@ mod tests {
     }
 
     #[test]
+    fn an_unlistable_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, "").unwrap();
+        let err = read_reset_failures(&file).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("could not list the health directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn long_reasons_are_cut() {
-        let reason = reason_from_record(&"x".repeat(1000));
-        assert_eq!(reason.chars().count(), MAX_REASON_CHARS);
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("0000:17:00.0"), "x".repeat(1000)).unwrap();
+        let failures = read_reset_failures(dir.path()).unwrap();
+        assert_eq!(
+            failures.values().next().unwrap().chars().count(),
+            gpuvm_pci::health::MAX_REASON_CHARS
+        );
     }
 }
