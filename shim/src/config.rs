@@ -5,24 +5,23 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use gpuvm_api::quantity;
+use gpuvm_pci::PciAddress;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// The Pod annotations the operator writes for the shim, from their owner
+/// (`gpuvm_api::keys`): the guest's vCPUs and memory, the devices, and the GPU models.
+pub use gpuvm_api::keys::{
+    ANNOTATION_CPUS, ANNOTATION_DEVICES, ANNOTATION_GPU_MODELS, ANNOTATION_MEMORY,
+};
 
 /// Where the config file is when nothing else says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpuvm/shim.toml";
 /// Environment variable that overrides [`DEFAULT_CONFIG_PATH`].
 pub const CONFIG_ENV: &str = "GPUVM_SHIM_CONFIG";
 
-/// Pod annotation with the guest's vCPU count (same key as `gpuvm_api::keys`).
-pub const ANNOTATION_CPUS: &str = "gpuvm.dev/cpus";
-/// Pod annotation with the guest's memory as a Kubernetes quantity (e.g. `8Gi`).
-pub const ANNOTATION_MEMORY: &str = "gpuvm.dev/memory";
-/// Pod annotation with the comma-separated PCI addresses passed to the guest with VFIO.
-pub const ANNOTATION_DEVICES: &str = "gpuvm.dev/devices";
-/// Pod annotation with the GPU models the guest must see, comma-separated, one per GPU
-/// (same key as `gpuvm_api::keys::ANNOTATION_GPU_MODELS`).
-pub const ANNOTATION_GPU_MODELS: &str = "gpuvm.dev/gpu-models";
 /// CRI sandbox annotation: the Pod's namespace.
 pub const ANNOTATION_POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 /// CRI sandbox annotation: the Pod's name.
@@ -157,8 +156,8 @@ impl Default for HostPaths {
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
             lock_dir: PathBuf::from(gpuvm_pci::DEFAULT_LOCK_DIR),
-            health_dir: PathBuf::from("/run/gpuvm/health"),
-            gpu_check_dir: PathBuf::from("/run/gpuvm/gpu-check"),
+            health_dir: PathBuf::from(gpuvm_pci::DEFAULT_HEALTH_DIR),
+            gpu_check_dir: PathBuf::from(gpuvm_api::gpu_check::DEFAULT_GPU_CHECK_DIR),
         }
     }
 }
@@ -169,11 +168,9 @@ impl MemoryBacking {
         if self.hugepage_size.trim().is_empty() {
             return Ok(None);
         }
-        let mib = parse_memory_mib(&self.hugepage_size)
+        let bytes = quantity::parse_bytes(&self.hugepage_size)
             .map_err(|e| Error::Config(format!("memory.hugepage_size: {e}")))?;
-        let bytes = mib << 20;
-        // parse_memory_mib rounds up to MiB, so compare against the exact value too.
-        if !bytes.is_power_of_two() || parse_exact_bytes(&self.hugepage_size) != Some(bytes) {
+        if !bytes.is_power_of_two() || bytes < 1 << 20 {
             return Err(Error::Config(format!(
                 "memory.hugepage_size ({}) must be a power of two of at least 1Mi, like 2Mi or 1Gi",
                 self.hugepage_size
@@ -181,20 +178,6 @@ impl MemoryBacking {
         }
         Ok(Some(bytes))
     }
-}
-
-/// A binary-suffixed quantity in exact bytes (`2Mi`, `1Gi`), for hugepage sizes.
-fn parse_exact_bytes(quantity: &str) -> Option<u64> {
-    let q = quantity.trim();
-    let split = q.find(|c: char| !c.is_ascii_digit())?;
-    let (number, suffix) = q.split_at(split);
-    let shift = match suffix {
-        "Ki" => 10,
-        "Mi" => 20,
-        "Gi" => 30,
-        _ => return None,
-    };
-    number.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 impl Default for GuestConfig {
@@ -314,57 +297,14 @@ pub struct GuestSize {
     pub memory_mib: u64,
 }
 
-/// Parses a Kubernetes memory quantity (`8Gi`, `512Mi`, `1G`, `1500M`, `1073741824`)
-/// into MiB, rounding up to whole MiB.
-pub fn parse_memory_mib(quantity: &str) -> std::result::Result<u64, String> {
-    let q = quantity.trim();
-    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    if number.is_empty() {
-        return Err(format!("{quantity:?} is not a quantity like 8Gi or 512Mi"));
-    }
-    let value: u128 = number
-        .parse()
-        .map_err(|_| format!("{quantity:?} is too large"))?;
-    let multiplier: u128 = match suffix {
-        "" => 1,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "P" => 1_000_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "Pi" => 1 << 50,
-        _ => {
-            return Err(format!(
-                "{quantity:?} has an unknown suffix {suffix:?} (use Ki, Mi, Gi, Ti, k, M, G, T)"
-            ));
-        }
-    };
-    let bytes = value
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{quantity:?} is too large"))?;
-    let mib = bytes.div_ceil(1 << 20);
-    if mib == 0 {
-        return Err(format!("{quantity:?} is less than 1 MiB"));
-    }
-    u64::try_from(mib).map_err(|_| format!("{quantity:?} is too large"))
-}
-
-/// Parses a CPU count: a whole number (`4`) or millicores (`2500m`, rounded up).
-pub fn parse_cpus(quantity: &str) -> std::result::Result<u32, String> {
-    let q = quantity.trim();
-    let parsed = match q.strip_suffix('m') {
-        Some(milli) => milli.parse::<u64>().ok().map(|m| m.div_ceil(1000)),
-        None => q.parse::<u64>().ok(),
-    };
-    match parsed {
-        Some(0) => Err(format!("{quantity:?} is less than one CPU")),
-        Some(n) => u32::try_from(n).map_err(|_| format!("{quantity:?} is too large")),
-        None => Err(format!("{quantity:?} is not a CPU count like 4 or 2500m")),
+/// Parses a memory quantity with Kubernetes' grammar (`8Gi`, `1.5Gi`, `1G`, `1e9`,
+/// `1073741824`; `gpuvm_api::quantity`, the parser the operator uses too) into MiB,
+/// rounding up to whole MiB. Zero is refused: a guest needs memory.
+pub fn parse_memory_mib(value: &str) -> std::result::Result<u64, String> {
+    let bytes = quantity::parse_bytes(value).map_err(|e| e.to_string())?;
+    match bytes.div_ceil(1 << 20) {
+        0 => Err(format!("{value:?} is less than 1 MiB")),
+        mib => Ok(mib),
     }
 }
 
@@ -372,7 +312,7 @@ pub fn parse_cpus(quantity: &str) -> std::result::Result<u32, String> {
 /// otherwise, and a clear error when an annotation asks for more than the limits.
 pub fn guest_size(guest: &GuestConfig, annotations: &HashMap<String, String>) -> Result<GuestSize> {
     let cpus = match annotations.get(ANNOTATION_CPUS) {
-        Some(v) => parse_cpus(v)
+        Some(v) => quantity::parse_cpus(v)
             .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_CPUS}: {e}")))?,
         None => guest.default_cpus,
     };
@@ -397,31 +337,12 @@ pub fn guest_size(guest: &GuestConfig, annotations: &HashMap<String, String>) ->
     Ok(GuestSize { cpus, memory_mib })
 }
 
-/// Parses the `gpuvm.dev/devices` annotation into PCI addresses (`0000:3b:00.0`),
+/// Parses the `gpuvm.dev/devices` annotation into PCI addresses (`0000:3b:00.0`), with
+/// the one parser of that annotation (`gpuvm_api::keys::parse_device_addresses`),
 /// rejecting anything that isn't one.
-pub fn parse_devices(value: &str) -> Result<Vec<String>> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|bdf| {
-            if is_pci_address(bdf) {
-                Ok(bdf.to_ascii_lowercase())
-            } else {
-                Err(Error::InvalidArgument(format!(
-                    "annotation {ANNOTATION_DEVICES}: {bdf:?} is not a PCI address like 0000:3b:00.0"
-                )))
-            }
-        })
-        .collect()
-}
-
-fn is_pci_address(s: &str) -> bool {
-    let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
-    let parts: Vec<&str> = s.split([':', '.']).collect();
-    matches!(parts.as_slice(), [domain, bus, dev, func]
-        if hex(domain, 4) && hex(bus, 2) && hex(dev, 2) && func.len() == 1
-            && func.chars().all(|c| ('0'..='7').contains(&c)))
+pub fn parse_devices(value: &str) -> Result<Vec<PciAddress>> {
+    gpuvm_api::keys::parse_device_addresses(value)
+        .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_DEVICES}: {e}")))
 }
 
 #[cfg(test)]
@@ -443,30 +364,18 @@ mod tests {
             ("Gi", Err(())),
             ("8GB", Err(())),
             ("-1Gi", Err(())),
-            ("1.5Gi", Err(())),
+            // Kubernetes' full grammar, as the CRD and the operator accept it.
+            ("1.5Gi", Ok(1536)),
+            ("0.5Gi", Ok(512)),
+            ("1e9", Ok(954)),
+            ("1E3Mi", Err(())),
+            ("134217728000m", Ok(128)),
+            ("+128Mi", Ok(128)),
             ("0", Err(())),
             ("99999999999999999999999999999999999999999Pi", Err(())),
         ];
         for (input, want) in cases {
             assert_eq!(parse_memory_mib(input).map_err(|_| ()), *want, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn cpu_quantities() {
-        let cases: &[(&str, std::result::Result<u32, ()>)] = &[
-            ("4", Ok(4)),
-            ("2500m", Ok(3)),
-            ("1000m", Ok(1)),
-            ("1m", Ok(1)),
-            ("0", Err(())),
-            ("0m", Err(())),
-            ("two", Err(())),
-            ("-1", Err(())),
-            ("99999999999", Err(())),
-        ];
-        for (input, want) in cases {
-            assert_eq!(parse_cpus(input).map_err(|_| ()), *want, "{input:?}");
         }
     }
 
@@ -660,13 +569,27 @@ mod tests {
 
     #[test]
     fn devices_annotation() {
+        let text = |list: Vec<PciAddress>| list.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
-            parse_devices("0000:3B:00.0, 0000:3c:00.1").expect("valid"),
+            text(parse_devices("0000:3B:00.0, 0000:3c:00.1").expect("valid")),
             vec!["0000:3b:00.0".to_string(), "0000:3c:00.1".to_string()]
         );
-        assert_eq!(parse_devices("").expect("empty"), Vec::<String>::new());
-        for bad in ["3b:00.0", "0000:3b:00.8", "../../etc", "0000:3b:00"] {
-            assert!(parse_devices(bad).is_err(), "{bad}");
+        assert_eq!(parse_devices("").expect("empty"), Vec::<PciAddress>::new());
+        // The short form lspci prints is one the PCI parser reads (domain 0).
+        assert_eq!(
+            text(parse_devices("3b:00.0").expect("short form")),
+            vec!["0000:3b:00.0".to_string()]
+        );
+        for bad in ["0000:3b:00.8", "../../etc", "0000:3b:00", "not-a-bdf"] {
+            let err = parse_devices(bad).expect_err(bad);
+            assert!(
+                err.to_string().contains("annotation gpuvm.dev/devices"),
+                "{bad}: {err}"
+            );
+            assert_eq!(
+                err.code(),
+                containerd_shim::protos::ttrpc::Code::INVALID_ARGUMENT
+            );
         }
     }
 }

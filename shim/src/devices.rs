@@ -1,19 +1,19 @@
 //! The sandbox's VFIO devices on the host: checked before anything starts, locked for
 //! the VM's whole life, reset after it, with reset failures recorded for the node
-//! agent (`/run/gpuvm/health/<bdf>`, the contract in `node/README.md`).
+//! agent (`/run/gpuvm/health/<bdf>`: `gpuvm_pci::HealthRecord`, the one owner of
+//! that record's format).
 //!
 //! Everything goes through `gpuvm-pci` on a sysfs root, dev root, lock dir and health
 //! dir that are parameters, so the tests run on fake trees.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use gpuvm_pci::class::is_nvidia_gpu;
-use gpuvm_pci::{GroupLock, PciAddress, Sysfs, VfioGroup, check_vfio_ready, reset_device};
+use gpuvm_pci::{
+    GroupLock, HealthRecord, PciAddress, Sysfs, VfioGroup, check_vfio_ready, reset_device,
+};
 
-use crate::config::ANNOTATION_DEVICES;
 use crate::error::{Error, Result};
 
 /// One GPU passed to the guest.
@@ -60,13 +60,15 @@ fn cannot_pass(device: &PciAddress) -> impl FnOnce(gpuvm_pci::Error) -> Error + 
 ///   (`gpuvm_pci::check_vfio_ready`);
 /// - every listed function that is not a GPU belongs to a listed GPU's group;
 /// - groups are passed whole: every non-bridge member of each group is listed.
-pub fn check_devices(sysfs: &Sysfs, dev_root: &Path, requested: &[String]) -> Result<Passthrough> {
+pub fn check_devices(
+    sysfs: &Sysfs,
+    dev_root: &Path,
+    requested: &[PciAddress],
+) -> Result<Passthrough> {
     let mut wanted: Vec<PciAddress> = Vec::with_capacity(requested.len());
-    for text in requested {
-        let address = PciAddress::parse(text)
-            .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_DEVICES}: {e}")))?;
-        if !wanted.contains(&address) {
-            wanted.push(address);
+    for address in requested {
+        if !wanted.contains(address) {
+            wanted.push(*address);
         }
     }
     let mut groups: BTreeMap<u32, VfioGroup> = BTreeMap::new();
@@ -217,7 +219,7 @@ pub fn reset_after_exit(sysfs: &Sysfs, health_dir: &Path, devices: &[PciAddress]
     for address in devices {
         match reset_device(sysfs, address) {
             Ok(_) => {
-                if let Err(e) = remove_health_record(health_dir, address) {
+                if let Err(e) = HealthRecord::remove(health_dir, address) {
                     tracing::warn!(device = %address, error = %e, "cannot remove the reset-failure record");
                 }
                 outcome.reset.push(*address);
@@ -225,7 +227,7 @@ pub fn reset_after_exit(sysfs: &Sysfs, health_dir: &Path, devices: &[PciAddress]
             Err(e) => {
                 let reason = error_chain(&e);
                 tracing::warn!(device = %address, reason, "device reset failed");
-                if let Err(e) = write_health_record(health_dir, address, &reason) {
+                if let Err(e) = HealthRecord::new(&reason).write(health_dir, address) {
                     tracing::error!(device = %address, error = %e, "cannot write the reset-failure record");
                 }
                 outcome.failed.push((*address, reason));
@@ -246,14 +248,14 @@ pub fn retry_failed_resets(sysfs: &Sysfs, health_dir: &Path, devices: &[PciAddre
         if let Err(source) = reset_device(sysfs, address) {
             let reason = error_chain(&source);
             // Keep the record current, so the node agent shows the latest reason.
-            let _ = write_health_record(health_dir, address, &reason);
+            let _ = HealthRecord::new(&reason).write(health_dir, address);
             return Err(Error::DeviceUnhealthy(format!(
                 "{address} failed its last reset and fails again ({reason}); \
                  repair it, then remove {}",
                 record.display()
             )));
         }
-        remove_health_record(health_dir, address)
+        HealthRecord::remove(health_dir, address)
             .map_err(Error::io(format!("cannot remove {}", record.display())))?;
     }
     Ok(())
@@ -261,28 +263,7 @@ pub fn retry_failed_resets(sysfs: &Sysfs, health_dir: &Path, devices: &[PciAddre
 
 /// `<health_dir>/<bdf>`.
 pub fn health_record_path(health_dir: &Path, address: &PciAddress) -> PathBuf {
-    health_dir.join(address.to_string())
-}
-
-/// Writes a reset-failure record atomically (`.<bdf>.tmp`, then rename), as the node
-/// README's contract says: the first line is the reason.
-pub fn write_health_record(
-    health_dir: &Path,
-    address: &PciAddress,
-    reason: &str,
-) -> io::Result<()> {
-    fs::create_dir_all(health_dir)?;
-    let tmp = health_dir.join(format!(".{address}.tmp"));
-    let line: String = reason.replace('\n', " ");
-    fs::write(&tmp, format!("{line}\n"))?;
-    fs::rename(&tmp, health_record_path(health_dir, address))
-}
-
-fn remove_health_record(health_dir: &Path, address: &PciAddress) -> io::Result<()> {
-    match fs::remove_file(health_record_path(health_dir, address)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    HealthRecord::path(health_dir, address)
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -306,7 +287,12 @@ mod tests {
     }
 
     fn check(fake: &FakeSysfs, list: &[&str]) -> Result<Passthrough> {
-        check_devices(&fake.sysfs(), &fake.dev_root(), &names(list))
+        let addresses: Vec<PciAddress> = list.iter().map(|a| bdf(a)).collect();
+        check_devices(&fake.sysfs(), &fake.dev_root(), &addresses)
+    }
+
+    fn write_health_record(dir: &Path, address: &PciAddress, reason: &str) -> std::io::Result<()> {
+        HealthRecord::new(reason).write(dir, address)
     }
 
     /// The L40S workstation with its GPU and HDMI audio both on vfio-pci.
@@ -390,7 +376,6 @@ mod tests {
                 "PCI device 0000:77:00.0 does not exist",
             ),
             (&off, &["0000:01:00.0"], "the IOMMU is off"),
-            (&hgx, &["not-a-bdf"], "annotation gpuvm.dev/devices"),
         ];
         for (fake, list, needle) in cases {
             let err = check(fake, list).expect_err(needle);

@@ -1,39 +1,26 @@
 //! The in-guest GPU check: after boot the shim asks the agent which GPUs the guest
 //! driver sees and compares them with what was passed. The result goes to a file the
 //! node agent turns into the Pod annotation `gpuvm.dev/gpu-check` (the shim has no
-//! API credentials): `<gpu_check_dir>/<namespace>_<name>`, first line `ok: 2 x
-//! h100-80gb` or `failed: <reason>`, then `pod-uid: <uid>` when the sandbox has one.
+//! API credentials): `<gpu_check_dir>/<namespace>_<name>`, the record whose format
+//! `gpuvm_api::gpu_check` owns for both sides.
 //!
-//! The comparison is a pure function ([`compare_gpus`], [`gpu_check`]).
+//! The comparison is a pure function ([`compare_gpus`], [`gpu_check`]); this module
+//! only adds the atomic write.
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use gpuvm_api::gpu_check::{self as record, GpuCheckRecord};
+
 use crate::agent::GpuInfo;
 use crate::error::Error;
 
+/// The outcome of the check, as the record and the annotation carry it.
+pub use gpuvm_api::gpu_check::GpuCheck;
+
 /// The reason recorded when the guest has no NVIDIA driver.
 pub const NO_DRIVER: &str = "no NVIDIA driver in the guest";
-
-/// The outcome of the check, as the annotation carries it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GpuCheck {
-    /// The guest sees what was passed: a summary like `2 x h100-80gb`.
-    Ok(String),
-    /// It does not, or cannot tell: the reason.
-    Failed(String),
-}
-
-impl fmt::Display for GpuCheck {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            GpuCheck::Ok(summary) => write!(f, "ok: {summary}"),
-            GpuCheck::Failed(reason) => write!(f, "failed: {reason}"),
-        }
-    }
-}
 
 /// The models the guest must see: the `gpuvm.dev/gpu-models` annotation when present
 /// (one per GPU), else the model names of the passed GPUs' device ids.
@@ -166,32 +153,31 @@ pub fn gpu_check(expected: &[String], answer: Result<Vec<GpuInfo>, Error>) -> Gp
     }
 }
 
-/// `<dir>/<namespace>_<name>` (namespaces and names cannot contain `_` or `/`).
+/// `<dir>/<namespace>_<name>`; `None` when they are not Kubernetes names (so nothing
+/// can reach outside `dir`).
 pub fn record_path(dir: &Path, namespace: &str, name: &str) -> Option<PathBuf> {
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-            && s != "."
-            && s != ".."
-    };
-    (valid(namespace) && valid(name)).then(|| dir.join(format!("{namespace}_{name}")))
+    record::file_name(namespace, name).map(|file| dir.join(file))
 }
 
-/// Writes the record atomically (`.<file>.tmp`, then rename).
+/// Writes the record at `path` (from [`record_path`]) atomically: a temp file, then a
+/// rename.
 pub fn write_record(path: &Path, check: &GpuCheck, pod_uid: Option<&str>) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("a GPU check record needs a directory"))?;
-    fs::create_dir_all(dir)?;
+    let not_a_record = || io::Error::other(format!("{} is not a GPU check record", path.display()));
+    let dir = path.parent().ok_or_else(not_a_record)?;
     let file = path
         .file_name()
-        .ok_or_else(|| io::Error::other("a GPU check record needs a file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", file.to_string_lossy()));
-    let mut text = format!("{}\n", check.to_string().replace('\n', " "));
-    if let Some(uid) = pod_uid.filter(|u| !u.is_empty()) {
-        text.push_str(&format!("pod-uid: {uid}\n"));
+        .and_then(|f| f.to_str())
+        .ok_or_else(not_a_record)?;
+    let (namespace, name) = record::split_file_name(file).ok_or_else(not_a_record)?;
+    let text = GpuCheckRecord {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        check: check.clone(),
+        pod_uid: pod_uid.map(str::to_owned),
     }
+    .format();
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(record::temp_file_name(file));
     fs::write(&tmp, text)?;
     fs::rename(&tmp, path)
 }
@@ -310,5 +296,11 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 1);
         assert!(record_path(dir.path(), "../etc", "x").is_none());
         assert!(record_path(dir.path(), "ns", "").is_none());
+        // What the node agent reads back is what was written.
+        let text = fs::read_to_string(&path).expect("read");
+        let read = GpuCheckRecord::parse("team-a_train-0", &text).expect("a record");
+        assert_eq!(read.check, GpuCheck::Ok("2 x h100-80gb".into()));
+        assert_eq!(read.pod_uid.as_deref(), Some("uid-1"));
+        assert!(write_record(&dir.path().join("README"), &read.check, None).is_err());
     }
 }

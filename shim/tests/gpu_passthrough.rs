@@ -24,6 +24,8 @@ async fn a_vfio_gpu_passes_into_a_cloud_hypervisor_vm_and_is_reset_after() {
         println!("SKIPPED: no guest kernel (set GPUVM_TEST_KERNEL)");
         return;
     };
+    let gpu = gpuvm_pci::PciAddress::parse(&gpu)
+        .unwrap_or_else(|e| panic!("GPUVM_TEST_GPU is not a PCI address: {e}"));
     let sysfs = Sysfs::new("/sys");
     let set = devices::check_devices(
         &sysfs,
