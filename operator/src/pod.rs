@@ -20,7 +20,8 @@ pub enum PodError {
     /// The machine object lacks what an owner reference needs (uid, name).
     #[error("machine {0} has no uid, so it cannot own a Pod")]
     NoOwner(String),
-    /// The guest memory is not a quantity (the CRD rule should have caught it).
+    /// The guest memory is not a usable quantity: the CRD rule catches non-quantities,
+    /// but not values past Kubernetes' largest (2^63-1), which the API server caps.
     #[error("machine {name}: {source}")]
     BadMemory {
         /// Machine name.
@@ -63,6 +64,8 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
         .controller_owner_ref(&())
         .ok_or_else(|| PodError::NoOwner(name.clone()))?;
     let spec = &machine.spec;
+    // The same parser the shim reads the annotation with: a machine the operator
+    // builds a Pod for is one the shim can size (shim/tests/guest_size_contract.rs).
     gpuvm_api::quantity::parse_bytes(&spec.guest.memory).map_err(|source| PodError::BadMemory {
         name: name.clone(),
         source,
