@@ -7,19 +7,48 @@
 #     PRIVATE apt config (the system's sources are untouched) and unpacked with `dpkg -x`.
 #   - cloud-hypervisor (v54, ../shared/vmm/) next to them, for the shim's live CH tests.
 #
-#   scripts/kube-deps.sh                 # prints `export KUBEBUILDER_ASSETS=...` lines
-#   eval "$(scripts/kube-deps.sh --env)" # sets the variables in this shell
+#   scripts/kube-deps.sh                          # installs; prints `export ...` lines
+#   eval "$(scripts/kube-deps.sh --env)"          # installs; sets the variables here
+#   eval "$(scripts/kube-deps.sh --env --cached)" # installs nothing: exports what the
+#                                                 # cache already holds (GPUVM_SKIP_DEPS=1)
 #
+# Exports KUBEBUILDER_ASSETS when the cache has kube-apiserver and etcd, and
+# CLOUD_HYPERVISOR_BIN when it has cloud-hypervisor. Messages go to stderr with --env.
 # ASSETS (default $HOME/.cache/gpuvm-kube) is where the binaries go; SHARED (default
-# ../shared next to the checkout) is where the prebuilt binaries are read from.
+# ../shared next to the checkout) is where the prebuilt binaries are read from;
+# DEBIAN_MIRROR overrides the Debian archive etcd is fetched from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ASSETS="${ASSETS:-$HOME/.cache/gpuvm-kube}"
 SHARED="${SHARED:-$(cd .. && pwd)/shared}"
 env_only=0
-[ "${1:-}" = "--env" ] && env_only=1
-log() { [ "$env_only" = 1 ] && echo "kube-deps: $*" >&2 || echo "kube-deps: $*"; }
+cached=0
+for arg in "$@"; do
+    case "$arg" in
+        --env) env_only=1 ;;
+        --cached) cached=1 ;;
+        *) echo "kube-deps: unknown option $arg (use --env, --cached)" >&2; exit 2 ;;
+    esac
+done
+log() { if [ "$env_only" = 1 ]; then echo "kube-deps: $*" >&2; else echo "kube-deps: $*"; fi; }
+
+# What the cache holds, as `export` lines (paths shell-quoted).
+exports() {
+    if [ -x "$ASSETS/kube-apiserver" ] && [ -x "$ASSETS/etcd" ]; then
+        printf 'export KUBEBUILDER_ASSETS=%q\n' "$ASSETS"
+    else
+        log "no kube-apiserver + etcd in $ASSETS: the API-server tests will print SKIPPED"
+    fi
+    if [ -x "$ASSETS/cloud-hypervisor" ]; then
+        printf 'export CLOUD_HYPERVISOR_BIN=%q\n' "$ASSETS/cloud-hypervisor"
+    fi
+}
+
+if [ "$cached" = 1 ]; then
+    exports
+    exit 0
+fi
 
 mkdir -p "$ASSETS"
 
@@ -87,7 +116,4 @@ if ! "$ASSETS/etcd" --version >/dev/null 2>&1; then
 fi
 
 log "etcd $("$ASSETS/etcd" --version | awk '/etcd Version/ {print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version 2>/dev/null | awk '{print $2}') in $ASSETS"
-echo "export KUBEBUILDER_ASSETS=$ASSETS"
-if [ -x "$ASSETS/cloud-hypervisor" ]; then
-    echo "export CLOUD_HYPERVISOR_BIN=$ASSETS/cloud-hypervisor"
-fi
+exports
