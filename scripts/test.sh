@@ -95,11 +95,19 @@ fi
 stage "CRDs in crds/ match the Rust types"
 cargo run -q --locked -p gpuvm-operator --bin crdgen -- --check crds/
 
+# The workspace test build below also builds the operator and with-control-plane
+# binaries (their crates have integration tests), with the workspace's unified
+# features. Handing exactly those to the e2e tests and the chart tests saves a second
+# `cargo build -p ...` of their dependencies with other features (minutes on 2 cores).
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+export GPUVM_OPERATOR_BIN="${GPUVM_OPERATOR_BIN:-$target_dir/debug/gpuvm-operator}"
+export GPUVM_WITH_CONTROL_PLANE="${GPUVM_WITH_CONTROL_PLANE:-$target_dir/debug/with-control-plane}"
+
 stage "cargo test (workspace)"
 cargo test --workspace --all-targets --locked --no-fail-fast
 
 if [ -x charts/tests/run.sh ]; then
-    stage "Helm chart tests"
+    stage "Helm chart tests (server-side dry-run under with-control-plane)"
     charts/tests/run.sh
 fi
 

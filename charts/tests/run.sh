@@ -6,7 +6,8 @@
 #      KUBECONFIG (the API server for the server-side dry-run test), or else
 #      KUBEBUILDER_ASSETS / KUBE_APISERVER + ETCD: then the tests run under the e2e
 #      harness's `with-control-plane`, which starts etcd + kube-apiserver on loopback and
-#      tears them down afterwards,
+#      tears them down afterwards (GPUVM_WITH_CONTROL_PLANE: a built binary to use
+#      instead of `cargo run -p gpuvm-e2e --bin with-control-plane`),
 #      GPUVM_REQUIRE (gpuvm_require.py: `apiserver` makes a missing API server a failure).
 # Exits non-zero on any failure; prints pytest's summary line.
 set -euo pipefail
@@ -43,6 +44,9 @@ export PYTHONDONTWRITEBYTECODE=1
 pytest=("$venv/bin/python" -m pytest -p no:cacheprovider -q -rs "$@")
 if [[ -z "${KUBECONFIG:-}" && -n "${KUBEBUILDER_ASSETS:-}${KUBE_APISERVER:-}" ]]; then
     echo "charts/tests: a loopback control plane for the server-side dry-run (with-control-plane)"
+    if [[ -n "${GPUVM_WITH_CONTROL_PLANE:-}" ]]; then
+        exec "$GPUVM_WITH_CONTROL_PLANE" -- "${pytest[@]}"
+    fi
     exec cargo run -q --locked --manifest-path "$root/Cargo.toml" -p gpuvm-e2e \
         --bin with-control-plane -- "${pytest[@]}"
 fi
