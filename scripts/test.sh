@@ -65,6 +65,7 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     command -v unshare >/dev/null 2>&1 || need+=(util-linux)
     command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
     command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
+    command -v xz >/dev/null 2>&1 || need+=(xz-utils)  # scripts/kube-deps.sh
     if [ "${#need[@]}" -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
@@ -76,11 +77,13 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     scripts/vm-deps.sh
     scripts/containerd-deps.sh
     stage "control-plane binaries (etcd, kube-apiserver, kube-controller-manager)"
-    use_env "$(scripts/kube-deps.sh --env)"
+    kube_env="$(scripts/kube-deps.sh --env)"  # an assignment, so a failure stops here
+    use_env "$kube_env"
     stage "building the guest image (kernel + initramfs with the agent)"
     guest/build.sh
 else
-    use_env "$(scripts/kube-deps.sh --env --cached)"
+    kube_env="$(scripts/kube-deps.sh --env --cached)"
+    use_env "$kube_env"
 fi
 echo "KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS:-} KUBECONFIG=${KUBECONFIG:-}" \
     "CLOUD_HYPERVISOR_BIN=${CLOUD_HYPERVISOR_BIN:-} GPUVM_REQUIRE=${GPUVM_REQUIRE:-}"
