@@ -54,7 +54,8 @@ def test_an_unknown_name_stops_the_whole_run(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
     here = Path(__file__).resolve().parent
     (tmp_path / "conftest.py").write_text((here / "conftest.py").read_text())
-    env = {"GPUVM_REQUIRE": "apiservr", "PYTHONPATH": str(here), "PATH": "/usr/bin:/bin"}
+    env = {"GPUVM_REQUIRE": "apiservr", "PYTHONPATH": str(here), "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(tmp_path)], capture_output=True, text=True, env=env)
     assert out.returncode == 4, out.stdout + out.stderr
