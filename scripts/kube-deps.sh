@@ -52,6 +52,21 @@ fi
 
 mkdir -p "$ASSETS"
 
+# Decompresses $1 (xz) into $ASSETS/$2 unless the copy there came from the same file:
+# a stamp keeps the source's sha256 (a fresh copy of shared/ has new mtimes).
+unpack() {
+    local src="$1" bin="$2" sum
+    sum="$(sha256sum "$src" | awk '{print $1}')"
+    if [ -x "$ASSETS/$bin" ] && [ "$(cat "$ASSETS/.$bin.sha256" 2>/dev/null)" = "$sum" ]; then
+        return
+    fi
+    log "unpacking $src"
+    xz -dc "$src" > "$ASSETS/$bin.tmp"
+    chmod +x "$ASSETS/$bin.tmp"
+    mv "$ASSETS/$bin.tmp" "$ASSETS/$bin"
+    echo "$sum" > "$ASSETS/.$bin.sha256"
+}
+
 # kube-apiserver / kube-controller-manager from ../shared/kube (xz + SHA256SUMS).
 for bin in kube-apiserver kube-controller-manager; do
     src="$SHARED/kube/$bin.xz"
@@ -67,20 +82,12 @@ for bin in kube-apiserver kube-controller-manager; do
             exit 1
         fi
     fi
-    if [ ! -x "$ASSETS/$bin" ] || [ "$src" -nt "$ASSETS/$bin" ]; then
-        xz -dc "$src" > "$ASSETS/$bin.tmp"
-        chmod +x "$ASSETS/$bin.tmp"
-        mv "$ASSETS/$bin.tmp" "$ASSETS/$bin"
-    fi
+    unpack "$src" "$bin"
 done
 
 # cloud-hypervisor from ../shared/vmm.
 if [ -f "$SHARED/vmm/cloud-hypervisor.xz" ]; then
-    if [ ! -x "$ASSETS/cloud-hypervisor" ] || [ "$SHARED/vmm/cloud-hypervisor.xz" -nt "$ASSETS/cloud-hypervisor" ]; then
-        xz -dc "$SHARED/vmm/cloud-hypervisor.xz" > "$ASSETS/cloud-hypervisor.tmp"
-        chmod +x "$ASSETS/cloud-hypervisor.tmp"
-        mv "$ASSETS/cloud-hypervisor.tmp" "$ASSETS/cloud-hypervisor"
-    fi
+    unpack "$SHARED/vmm/cloud-hypervisor.xz" cloud-hypervisor
 fi
 
 # etcd from trixie (private apt config, dpkg -x).
