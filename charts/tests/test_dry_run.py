@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 import gpuvm_require
