@@ -7,21 +7,65 @@
 #     PRIVATE apt config (the system's sources are untouched) and unpacked with `dpkg -x`.
 #   - cloud-hypervisor (v54, ../shared/vmm/) next to them, for the shim's live CH tests.
 #
-#   scripts/kube-deps.sh                 # prints `export KUBEBUILDER_ASSETS=...` lines
-#   eval "$(scripts/kube-deps.sh --env)" # sets the variables in this shell
+#   scripts/kube-deps.sh                          # installs; prints `export ...` lines
+#   eval "$(scripts/kube-deps.sh --env)"          # installs; sets the variables here
+#   eval "$(scripts/kube-deps.sh --env --cached)" # installs nothing: exports what the
+#                                                 # cache already holds (GPUVM_SKIP_DEPS=1)
 #
+# Exports KUBEBUILDER_ASSETS when the cache has kube-apiserver and etcd, and
+# CLOUD_HYPERVISOR_BIN when it has cloud-hypervisor. Messages go to stderr with --env.
 # ASSETS (default $HOME/.cache/gpuvm-kube) is where the binaries go; SHARED (default
-# ../shared next to the checkout) is where the prebuilt binaries are read from.
+# ../shared next to the checkout) is where the prebuilt binaries are read from;
+# DEBIAN_MIRROR overrides the Debian archive etcd is fetched from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ASSETS="${ASSETS:-$HOME/.cache/gpuvm-kube}"
 SHARED="${SHARED:-$(cd .. && pwd)/shared}"
 env_only=0
-[ "${1:-}" = "--env" ] && env_only=1
-log() { [ "$env_only" = 1 ] && echo "kube-deps: $*" >&2 || echo "kube-deps: $*"; }
+cached=0
+for arg in "$@"; do
+    case "$arg" in
+        --env) env_only=1 ;;
+        --cached) cached=1 ;;
+        *) echo "kube-deps: unknown option $arg (use --env, --cached)" >&2; exit 2 ;;
+    esac
+done
+log() { if [ "$env_only" = 1 ]; then echo "kube-deps: $*" >&2; else echo "kube-deps: $*"; fi; }
+
+# What the cache holds, as `export` lines (paths shell-quoted).
+exports() {
+    if [ -x "$ASSETS/kube-apiserver" ] && [ -x "$ASSETS/etcd" ]; then
+        printf 'export KUBEBUILDER_ASSETS=%q\n' "$ASSETS"
+    else
+        log "no kube-apiserver + etcd in $ASSETS: the API-server tests will print SKIPPED"
+    fi
+    if [ -x "$ASSETS/cloud-hypervisor" ]; then
+        printf 'export CLOUD_HYPERVISOR_BIN=%q\n' "$ASSETS/cloud-hypervisor"
+    fi
+}
+
+if [ "$cached" = 1 ]; then
+    exports
+    exit 0
+fi
 
 mkdir -p "$ASSETS"
+
+# Decompresses $1 (xz) into $ASSETS/$2 unless the copy there came from the same file:
+# a stamp keeps the source's sha256 (a fresh copy of shared/ has new mtimes).
+unpack() {
+    local src="$1" bin="$2" sum
+    sum="$(sha256sum "$src" | awk '{print $1}')"
+    if [ -x "$ASSETS/$bin" ] && [ "$(cat "$ASSETS/.$bin.sha256" 2>/dev/null)" = "$sum" ]; then
+        return
+    fi
+    log "unpacking $src"
+    xz -dc "$src" > "$ASSETS/$bin.tmp"
+    chmod +x "$ASSETS/$bin.tmp"
+    mv "$ASSETS/$bin.tmp" "$ASSETS/$bin"
+    echo "$sum" > "$ASSETS/.$bin.sha256"
+}
 
 # kube-apiserver / kube-controller-manager from ../shared/kube (xz + SHA256SUMS).
 for bin in kube-apiserver kube-controller-manager; do
@@ -38,20 +82,12 @@ for bin in kube-apiserver kube-controller-manager; do
             exit 1
         fi
     fi
-    if [ ! -x "$ASSETS/$bin" ] || [ "$src" -nt "$ASSETS/$bin" ]; then
-        xz -dc "$src" > "$ASSETS/$bin.tmp"
-        chmod +x "$ASSETS/$bin.tmp"
-        mv "$ASSETS/$bin.tmp" "$ASSETS/$bin"
-    fi
+    unpack "$src" "$bin"
 done
 
 # cloud-hypervisor from ../shared/vmm.
 if [ -f "$SHARED/vmm/cloud-hypervisor.xz" ]; then
-    if [ ! -x "$ASSETS/cloud-hypervisor" ] || [ "$SHARED/vmm/cloud-hypervisor.xz" -nt "$ASSETS/cloud-hypervisor" ]; then
-        xz -dc "$SHARED/vmm/cloud-hypervisor.xz" > "$ASSETS/cloud-hypervisor.tmp"
-        chmod +x "$ASSETS/cloud-hypervisor.tmp"
-        mv "$ASSETS/cloud-hypervisor.tmp" "$ASSETS/cloud-hypervisor"
-    fi
+    unpack "$SHARED/vmm/cloud-hypervisor.xz" cloud-hypervisor
 fi
 
 # etcd from trixie (private apt config, dpkg -x).
@@ -87,7 +123,4 @@ if ! "$ASSETS/etcd" --version >/dev/null 2>&1; then
 fi
 
 log "etcd $("$ASSETS/etcd" --version | awk '/etcd Version/ {print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version 2>/dev/null | awk '{print $2}') in $ASSETS"
-echo "export KUBEBUILDER_ASSETS=$ASSETS"
-if [ -x "$ASSETS/cloud-hypervisor" ]; then
-    echo "export CLOUD_HYPERVISOR_BIN=$ASSETS/cloud-hypervisor"
-fi
+exports

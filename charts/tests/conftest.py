@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpuvm_require  # noqa: E402
 from render import Rendered, render  # noqa: E402
+
+
+def pytest_configure(config):
+    """A GPUVM_REQUIRE that names no requirement stops the run before any test: a typo
+    must not turn strict mode into skips."""
+    try:
+        gpuvm_require.parse(os.environ.get(gpuvm_require.REQUIRE_VAR, ""))
+    except gpuvm_require.RequireError as e:
+        raise pytest.UsageError(str(e)) from None
+
 
 # The two non-default sets the tests render besides the defaults.
 HA_VALUES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -125,6 +126,60 @@ def test_example_machines_are_valid(name):
     scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
     assert int(m.group(1)) * scale >= 128 * 2**20
     assert obj["spec"]["image"].strip()
+
+
+# The shim's quantity suffixes (shim/src/config.rs, parse_memory_mib).
+SHIM_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def shim_bytes(quantity: str) -> int:
+    m = re.fullmatch(r"([0-9]+)([A-Za-z]*)", quantity.strip())
+    assert m and m.group(2) in SHIM_SUFFIX, f"{quantity!r} is not a quantity the shim reads"
+    return int(m.group(1)) * SHIM_SUFFIX[m.group(2)]
+
+
+def test_shim_bytes_reads_the_shims_suffixes():
+    assert shim_bytes("256Gi") == 256 * 2**30
+    assert shim_bytes("1536Gi") > shim_bytes("1Ti")
+    assert shim_bytes("2G") == 2 * 10**9
+    with pytest.raises(AssertionError):
+        shim_bytes("lots")
+
+
+def installed_shim_toml(rendered) -> dict:
+    """The shim.toml the chart's installer writes onto every node."""
+    found = [cm["data"]["shim.toml"] for cm in rendered.all("ConfigMap")
+             if "shim.toml" in cm.get("data", {})]
+    assert len(found) == 1, f"expected one ConfigMap with shim.toml, found {len(found)}"
+    return tomllib.loads(found[0])
+
+
+def example_machines() -> list[tuple[str, dict]]:
+    machines = []
+    for path in sorted((REPO / "examples").glob("*.y*ml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "GpuMachine":
+                machines.append((path.name, doc))
+    return machines
+
+
+def test_every_example_machine_boots_within_the_shim_limits_the_chart_installs(default):
+    """The operator passes spec.guest.cpus/memory to the shim as gpuvm.dev/cpus/memory;
+    the shim refuses a Pod above guest.max_cpus / guest.max_memory. Every GpuMachine in
+    examples/ must boot with the chart's defaults."""
+    guest = installed_shim_toml(default)["guest"]
+    machines = example_machines()
+    assert len(machines) >= 2, f"no GpuMachine examples found: {machines}"
+    too_big = []
+    for name, m in machines:
+        spec = m["spec"]["guest"]
+        if spec["cpus"] > guest["max_cpus"]:
+            too_big.append(f"{name}: cpus {spec['cpus']} > shim.guest.maxCpus {guest['max_cpus']}")
+        if shim_bytes(spec["memory"]) > shim_bytes(guest["max_memory"]):
+            too_big.append(f"{name}: memory {spec['memory']} > shim.guest.maxMemory "
+                           f"{guest['max_memory']}")
+    assert not too_big, "examples the chart's shim would refuse:\n  " + "\n  ".join(too_big)
 
 
 def test_example_training_machine_uses_eight_gpus():

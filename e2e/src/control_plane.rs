@@ -16,6 +16,7 @@ use crate::assets::{self, Assets, ServerSource};
 use crate::net::{free_ports, http_get};
 use crate::process::ChildProcess;
 use crate::{kubeconfig, note, pki};
+use gpuvm_testkit::{Requirement, skip};
 
 /// Tests take turns: the operator watches the whole cluster, so two tests' operators
 /// would fight over each other's machines. A tokio mutex is not tied to a runtime, so
@@ -70,9 +71,10 @@ impl ControlPlane {
     pub async fn try_start_for(test: Option<&str>) -> anyhow::Result<Option<ControlPlane>> {
         match assets::discover_from_env()? {
             ServerSource::Unavailable(reason) => {
+                // Fails instead when GPUVM_REQUIRE names `apiserver`.
                 match test {
-                    Some(test) => note(&format!("SKIPPED: {test}: {reason}")),
-                    None => note(&format!("SKIPPED: {reason}")),
+                    Some(test) => skip(Requirement::ApiServer, &format!("{test}: {reason}")),
+                    None => skip(Requirement::ApiServer, &reason),
                 }
                 Ok(None)
             }
@@ -215,6 +217,33 @@ impl ControlPlane {
         self.external || self.controller_manager.is_some()
     }
 
+    /// For a test that needs garbage collection or namespace deletion: `true` when
+    /// [`ControlPlane::has_garbage_collector`]; otherwise prints `SKIPPED: <test>: ...`
+    /// and returns `false`, or fails when `GPUVM_REQUIRE` names `controller-manager`.
+    /// A kube-controller-manager that was started but has already exited is an error
+    /// (with its log), not a skip.
+    pub fn garbage_collector_or_skip(&mut self, test: &str) -> anyhow::Result<bool> {
+        if let Some(kcm) = &mut self.controller_manager
+            && kcm.exited().is_some()
+        {
+            bail!(
+                "{test}: kube-controller-manager stopped: {}",
+                kcm.describe()
+            );
+        }
+        if self.has_garbage_collector() {
+            return Ok(true);
+        }
+        skip(
+            Requirement::ControllerManager,
+            &format!(
+                "{test}: garbage collection needs kube-controller-manager \
+                 (set KUBE_CONTROLLER_MANAGER or put it in KUBEBUILDER_ASSETS)"
+            ),
+        );
+        Ok(false)
+    }
+
     /// A temp dir that lives as long as the control plane (for operator logs), or `None`
     /// for an existing cluster.
     pub fn work_dir(&self) -> Option<&Path> {
@@ -324,6 +353,9 @@ pub fn apiserver_args(
         "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
         "--authorization-mode=RBAC".to_owned(),
         "--endpoint-reconciler-type=none".to_owned(),
+        // As kubeadm and every real cluster that runs node agents: the default (false)
+        // rejects the chart's privileged node DaemonSets ("disallowed by cluster policy").
+        "--allow-privileged=true".to_owned(),
     ]
 }
 
@@ -426,6 +458,7 @@ mod tests {
             "--client-ca-file=",
             "--token-auth-file=",
             "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
         ] {
             assert!(args.contains(want), "{want} missing from {args}");
         }
@@ -433,11 +466,19 @@ mod tests {
 
     #[tokio::test]
     async fn etcd_starts_on_loopback_and_dies_with_its_guard() {
-        let Some(bin) = std::env::var_os("ETCD")
-            .map(PathBuf::from)
+        // The same places the harness looks (KUBEBUILDER_ASSETS included), then PATH.
+        let from_assets = match assets::discover_from_env() {
+            Ok(ServerSource::Binaries(a)) => Some(a.etcd),
+            _ => None,
+        };
+        let Some(bin) = from_assets
+            .or_else(|| std::env::var_os("ETCD").map(PathBuf::from))
             .or_else(|| assets::find_on_path("etcd"))
         else {
-            note("SKIPPED: no etcd binary (set ETCD or install etcd-server)");
+            skip(
+                Requirement::ApiServer,
+                "no etcd binary (set ETCD or KUBEBUILDER_ASSETS, or install etcd-server)",
+            );
             return;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -471,7 +512,8 @@ mod tls_tests {
     #[tokio::test]
     async fn kube_client_trusts_the_serving_cert_and_presents_the_client_cert() {
         if assets::find_on_path("openssl").is_none() {
-            note("SKIPPED: openssl is not installed");
+            // The loopback control plane's certificates are made with openssl.
+            skip(Requirement::ApiServer, "openssl is not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

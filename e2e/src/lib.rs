@@ -3,8 +3,10 @@
 //! convention), the committed CRDs, fake GPU nodes modelled on real machines, and the
 //! real `gpuvm-operator` binary run as a child process.
 //!
-//! Without an API server every test prints `SKIPPED: <reason>` and passes. Everything
-//! the harness starts (processes, temp dirs) is torn down on drop, panics included.
+//! Without an API server every test prints `SKIPPED: <reason>` and passes, unless
+//! `GPUVM_REQUIRE` names `apiserver` (or `controller-manager`, for the tests that need
+//! garbage collection): then it fails (the `gpuvm-testkit` rule). Everything the harness
+//! starts (processes, temp dirs) is torn down on drop, panics included.
 
 pub mod assets;
 pub mod cluster;
@@ -21,13 +23,5 @@ pub use assets::{Assets, ServerSource};
 pub use cluster::{Check, TestEnv, eventually};
 pub use control_plane::ControlPlane;
 pub use fixtures::HostKind;
+pub use gpuvm_testkit::{Requirement, note, skip};
 pub use operator::{Operator, OperatorOptions};
-
-/// Writes a line to the real stderr, past libtest's output capture, so `SKIPPED:` notes
-/// and figures show up in a plain `cargo test` run.
-pub fn note(line: &str) {
-    use std::io::Write as _;
-    let mut err = std::io::stderr().lock();
-    // Best effort: a closed stderr must not fail a test.
-    let _ = writeln!(err, "{line}");
-}

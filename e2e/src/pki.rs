@@ -198,7 +198,11 @@ mod tests {
     #[test]
     fn generates_a_consistent_pki() {
         if crate::assets::find_on_path("openssl").is_none() {
-            crate::note("SKIPPED: openssl is not installed");
+            // Without openssl no loopback control plane can start.
+            gpuvm_testkit::skip(
+                gpuvm_testkit::Requirement::ApiServer,
+                "openssl is not installed",
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -793,11 +793,7 @@ async fn garbage_collector_removes_the_pod_of_a_machine_deleted_behind_the_opera
     let Some(mut env) = TestEnv::start("garbage-collection").await? else {
         return Ok(());
     };
-    if !env.cp.has_garbage_collector() {
-        note(
-            "SKIPPED: garbage collection needs kube-controller-manager \
-             (set KUBE_CONTROLLER_MANAGER or put it in KUBEBUILDER_ASSETS)",
-        );
+    if !env.cp.garbage_collector_or_skip("garbage-collection")? {
         return Ok(());
     }
     env.add_hosts(HostKind::L40sWorkstation, 1).await?;

@@ -1,6 +1,7 @@
 //! The real `gpuvm-node` binary against a real kube-apiserver (the `gpuvm-e2e` harness:
 //! `KUBECONFIG`, or `KUBEBUILDER_ASSETS` / `KUBE_APISERVER` + `ETCD`), on a fake sysfs
-//! tree. Without an API server each test prints `SKIPPED: no API server` and passes.
+//! tree. Without an API server each test prints `SKIPPED: <reason>` and passes, or fails
+//! when `GPUVM_REQUIRE` names `apiserver` (`gpuvm-testkit`).
 //!
 //! Checked: the GpuNode is created and its status published (heartbeat, devices) under
 //! field manager `gpuvm-node`; the Node gets its labels and keeps the others; a GPU
@@ -19,7 +20,7 @@ use anyhow::{Context as _, bail, ensure};
 use gpuvm_api::keys::{LABEL_GPU_COUNT, LABEL_GPU_MODEL, LABEL_GPU_NODE};
 use gpuvm_api::{GpuNode, PlacementStrategy};
 use gpuvm_e2e::fixtures::{LABEL_RUN, node_ready_patch};
-use gpuvm_e2e::{Check, TestEnv, eventually, note};
+use gpuvm_e2e::{Check, TestEnv, eventually};
 use gpuvm_operator::inventory::node_views;
 use gpuvm_operator::scheduler::{PlacementRequest, place_machine};
 use gpuvm_pci::testing::{FakeSysfs, presets};
@@ -190,8 +191,8 @@ fn request(run: &str, count: u32) -> PlacementRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_publishes_inventory_labels_and_health_changes() -> anyhow::Result<()> {
     let test = "node_agent_publishes";
+    // Prints `SKIPPED: <test>: ...`, or fails when GPUVM_REQUIRE names `apiserver`.
     let Some(env) = TestEnv::start(test).await? else {
-        note(&format!("SKIPPED: no API server ({test})"));
         return Ok(());
     };
     let name = format!("{}-hgx", env.run);
@@ -415,8 +416,8 @@ async fn scenario(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_publishes_and_keeps_the_administrators_fields() -> anyhow::Result<()> {
     let test = "node_agent_once";
+    // Prints `SKIPPED: <test>: ...`, or fails when GPUVM_REQUIRE names `apiserver`.
     let Some(env) = TestEnv::start(test).await? else {
-        note(&format!("SKIPPED: no API server ({test})"));
         return Ok(());
     };
     let name = format!("{}-ws", env.run);

@@ -1,6 +1,7 @@
 //! The GPU check records → Pod annotation + Event, against a real kube-apiserver (the
 //! `gpuvm-e2e` harness: `KUBECONFIG`, or `KUBEBUILDER_ASSETS` / `KUBE_APISERVER` +
-//! `ETCD`). Without an API server it prints `SKIPPED: no API server` and passes.
+//! `ETCD`). Without an API server it prints `SKIPPED: <reason>` and passes, or fails when
+//! `GPUVM_REQUIRE` names `apiserver` (`gpuvm-testkit`).
 //!
 //! Checked: an `ok` record sets the Pod's `gpuvm.dev/gpu-check`; a `failed` one sets it
 //! and emits a Warning Event on the Pod; an unchanged record does nothing; a record
@@ -10,7 +11,7 @@ use std::fs;
 
 use anyhow::{Context as _, ensure};
 use gpuvm_api::keys::ANNOTATION_GPU_CHECK;
-use gpuvm_e2e::{TestEnv, note};
+use gpuvm_e2e::TestEnv;
 use gpuvm_node::gpu_check::{EVENT_REASON_FAILED, report_gpu_checks};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
@@ -32,8 +33,8 @@ async fn create_pod(pods: &Api<Pod>, name: &str) -> anyhow::Result<Pod> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_check_records_reach_their_pods() -> anyhow::Result<()> {
     let test = "node_gpu_check";
+    // Prints `SKIPPED: <test>: ...`, or fails when GPUVM_REQUIRE names `apiserver`.
     let Some(env) = TestEnv::start(test).await? else {
-        note(&format!("SKIPPED: no API server ({test})"));
         return Ok(());
     };
     let result = scenario(&env).await;
