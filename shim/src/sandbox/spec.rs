@@ -66,6 +66,15 @@ mod tests {
             .collect()
     }
 
+    /// One table row: name, config, annotations, devices, the spec wanted.
+    type Case<'a> = (
+        &'a str,
+        ShimConfig,
+        HashMap<String, String>,
+        Option<&'a Passthrough>,
+        VmSpec,
+    );
+
     /// Two H100s: a 128 GiB BAR1 and a 32 MiB BAR3 each.
     fn two_h100s() -> Passthrough {
         Passthrough {
@@ -107,13 +116,7 @@ mod tests {
         tuned.memory.hugepages = true;
         tuned.memory.hugepage_size = "2Mi".into();
         let gpus = two_h100s();
-        let cases: Vec<(
-            &str,
-            ShimConfig,
-            HashMap<String, String>,
-            Option<&Passthrough>,
-            VmSpec,
-        )> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (
                 "defaults",
                 ShimConfig::default(),
