@@ -98,6 +98,16 @@ fn process_id(id: &str, exec_id: &str) -> ProcessId {
     }
 }
 
+/// The FIFOs containerd gave for one process.
+fn stdio_paths(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> StdioPaths {
+    StdioPaths {
+        stdin: stdin.to_owned(),
+        stdout: stdout.to_owned(),
+        stderr: stderr.to_owned(),
+        terminal,
+    }
+}
+
 /// The guest's CPU, memory and process counts as containerd's cgroup metrics.
 fn metrics(stats: &ProcessStats) -> Metrics {
     let mut metrics = Metrics::new();
@@ -323,17 +333,11 @@ impl Service {
             };
             Some(sandbox.create_container(&container).await?)
         };
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
         let pid = sandbox.vmm_pid();
         let container = NewContainer {
             bundle,
             is_pod_sandbox: pod_sandbox,
-            stdio,
+            stdio: stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal),
             pid,
             rootfs_mount,
         };
@@ -526,12 +530,7 @@ impl Service {
             .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
         let mut spec = process_spec(&process);
         spec.terminal = req.terminal || spec.terminal;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let tasks = &self.inner.tasks;
         tasks.add_exec(&req.id, &req.exec_id, stdio).await?;
         let pid = process_id(&req.id, &req.exec_id);
@@ -798,10 +797,11 @@ impl Task for Service {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    /// Annotations from `(key, value)` pairs.
+    pub(crate) fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -58,13 +58,7 @@ mod tests {
     use super::*;
     use crate::config::GuestSize;
     use crate::error::Error;
-
-    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::service::tests::annotations;
 
     /// One table row: name, config, annotations, devices, the spec wanted.
     type Case<'a> = (
