@@ -217,9 +217,10 @@ impl Service {
         sandbox_id: &str,
         annotations: &HashMap<String, String>,
     ) -> Result<Arc<Sandbox>> {
-        let mut current = self.inner.sandbox.lock().await;
-        match current.as_ref() {
-            Some(s) if s.id() == sandbox_id => return Ok(s.clone()),
+        // Not held across the boot: Connect and the other handlers stay answerable.
+        let current = self.inner.sandbox.lock().await.clone();
+        match current {
+            Some(s) if s.id() == sandbox_id => return Ok(s),
             Some(s) => {
                 return Err(Error::InvalidArgument(format!(
                     "task {} belongs to sandbox {sandbox_id}, but this shim runs sandbox {}",
@@ -242,7 +243,7 @@ impl Service {
         let bundle = Path::new(&req.bundle);
         let held = &self.inner.failed_reset_locks;
         let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, annotations, option, held).await?);
-        *current = Some(sandbox.clone());
+        *self.inner.sandbox.lock().await = Some(sandbox.clone());
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
     }
