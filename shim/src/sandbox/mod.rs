@@ -143,6 +143,19 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The VM `hypervisor` of sandbox `id`, holding `devices`; nothing starts yet.
+    /// Its share is `shared/` in the VM's work dir (as [`vm_spec`] makes it).
+    fn new(id: &str, bundle: &Path, hypervisor: Box<dyn Hypervisor>, devices: Devices) -> Vm {
+        Vm {
+            id: id.to_owned(),
+            bundle: bundle.to_owned(),
+            shared_host: hypervisor.record().work_dir.join("shared"),
+            hypervisor,
+            devices,
+            vmm_started: AtomicBool::new(false),
+        }
+    }
+
     /// The record for the state file: the VM's processes, then `mounts` (container
     /// rootfs mounts) and the share's own mount, unmounted in that order.
     fn state(
@@ -414,21 +427,6 @@ impl Sandbox {
         let _ = tokio::time::timeout(self.shutdown_timeout, self.agent.shutdown()).await;
         self.vm.stop(mounts, held).await;
         tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
-    }
-}
-
-impl Vm {
-    /// The VM `hypervisor` of sandbox `id`, holding `devices`; nothing starts yet.
-    /// Its share is `shared/` in the VM's work dir (as [`vm_spec`] makes it).
-    fn new(id: &str, bundle: &Path, hypervisor: Box<dyn Hypervisor>, devices: Devices) -> Vm {
-        Vm {
-            id: id.to_owned(),
-            bundle: bundle.to_owned(),
-            shared_host: hypervisor.record().work_dir.join("shared"),
-            hypervisor,
-            devices,
-            vmm_started: AtomicBool::new(false),
-        }
     }
 }
 
