@@ -356,7 +356,8 @@ impl Service {
         })
     }
 
-    /// Applies `action` to a process and returns (next state, pid, is pod sandbox).
+    /// Applies `action` to a process: the state it leads to, its pid, whether it is
+    /// the pod sandbox task.
     async fn check(&self, id: &str, exec_id: &str, action: TaskAction) -> Result<Checked> {
         self.inner.tasks.check(id, exec_id, action).await
     }
