@@ -12,12 +12,9 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use super::{
-    GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmProcesses, VmRecord, VmSpec,
-};
+use super::{GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
-use crate::process::{WatchedProcess, wait_for_socket};
 
 /// Every REST call the backend makes: (endpoint, HTTP method, has a JSON body). The
 /// contract test checks each against Cloud Hypervisor's OpenAPI spec.
@@ -319,25 +316,19 @@ impl ApiClient {
 /// The production backend.
 #[derive(Debug)]
 pub struct CloudHypervisor {
-    spec: VmSpec,
+    host: VmHost,
     binary: PathBuf,
-    virtiofsd_binary: PathBuf,
-    shutdown_timeout: Duration,
     api: ApiClient,
-    processes: VmProcesses,
 }
 
 impl CloudHypervisor {
-    /// A backend for `spec`; nothing starts until [`Hypervisor::start`].
+    /// A backend for `spec`; nothing starts until [`super::Hypervisor::start`].
     pub fn new(config: &ShimConfig, spec: VmSpec) -> CloudHypervisor {
         let api = ApiClient::new(spec.work_dir.join("ch-api.sock"));
         CloudHypervisor {
             binary: config.binaries.cloud_hypervisor.clone(),
-            virtiofsd_binary: config.binaries.virtiofsd.clone(),
-            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
             api,
-            spec,
-            processes: VmProcesses::default(),
+            host: VmHost::new(config, spec, "cloud-hypervisor"),
         }
     }
 
@@ -356,98 +347,38 @@ impl CloudHypervisor {
             .map(str::to_owned)
             .ok_or_else(|| Error::Hypervisor("vm.info has no state".into()))
     }
-
-    fn vmm(&self) -> Option<WatchedProcess> {
-        self.processes.named("cloud-hypervisor")
-    }
-}
-
-/// Starts `virtiofsd` for the VM's shared directory (shared by both backends).
-pub(crate) async fn start_virtiofsd(
-    binary: &Path,
-    spec: &VmSpec,
-    shared_dir: &Path,
-) -> Result<WatchedProcess> {
-    let socket = spec.virtiofs_socket();
-    let mut cmd = Command::new(binary);
-    cmd.arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", shared_dir.display()))
-        .arg("--cache=auto")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file(&spec.work_dir.join("virtiofsd.log"))?);
-    let process = WatchedProcess::spawn("virtiofsd", binary, cmd)?;
-    wait_for_socket(&socket, &process, Duration::from_secs(10)).await?;
-    Ok(process)
-}
-
-/// Opens (creates) a log file for a helper's stderr.
-pub(crate) fn log_file(path: &Path) -> Result<std::process::Stdio> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(Error::io(format!(
-            "cannot open log file {}",
-            path.display()
-        )))?;
-    Ok(std::process::Stdio::from(file))
-}
-
-/// Creates the VM's private work directory (mode 0700).
-pub(crate) fn create_work_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(Error::io(format!("cannot create {}", dir.display())))
 }
 
 #[async_trait]
-impl Hypervisor for CloudHypervisor {
-    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
-        let config = serde_json::to_value(VmConfig::try_from(&self.spec)?)
-            .map_err(|e| Error::VmConfig(e.to_string()))?;
-        create_work_dir(&self.spec.work_dir)?;
-        if let Some(shared_dir) = &self.spec.shared_dir {
-            self.processes
-                .remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
-            spawned(&self.record());
-        }
+impl Vmm for CloudHypervisor {
+    fn host(&self) -> &VmHost {
+        &self.host
+    }
 
-        let api_socket = self.spec.work_dir.join("ch-api.sock");
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
+        let config = serde_json::to_value(VmConfig::try_from(self.host.spec())?)
+            .map_err(|e| Error::VmConfig(e.to_string()))?;
+        self.host.create_work_dir()?;
+        self.host.start_virtiofsd(spawned).await?;
+
+        let api_socket = self.host.spec().work_dir.join("ch-api.sock");
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--api-socket")
             .arg(format!("path={}", api_socket.display()))
             .stdin(std::process::Stdio::null())
-            .stdout(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?)
-            .stderr(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?);
-        let vmm = WatchedProcess::spawn("cloud-hypervisor", &self.binary, cmd)?;
-        self.processes.remember(vmm.clone());
-        spawned(&self.record());
-        wait_for_socket(&api_socket, &vmm, Duration::from_secs(10)).await?;
+            .stdout(self.host.log_file("cloud-hypervisor.log")?)
+            .stderr(self.host.log_file("cloud-hypervisor.log")?);
+        let vmm = self.host.spawn_vmm(&self.binary, cmd, spawned)?;
+        self.host.wait_for_socket(&api_socket, &vmm).await?;
 
         self.api.put("vm.create", Some(&config)).await?;
         self.api.put("vm.boot", None).await?;
-        tracing::info!(id = %self.spec.id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
+        tracing::info!(id = %self.host.spec().id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
         Ok(())
     }
 
-    fn pid(&self) -> Option<u32> {
-        self.vmm().map(|p| p.pid())
-    }
-
-    fn vsock_socket(&self) -> PathBuf {
-        self.spec.vsock_socket()
-    }
-
-    async fn wait_exit(&self) -> VmExit {
-        self.processes.wait_exit("cloud-hypervisor").await
-    }
-
     async fn shutdown(&self) -> Result<()> {
-        let Some(vmm) = self.vmm() else {
+        let Some(vmm) = self.host.vmm() else {
             return Ok(());
         };
         if vmm.exited().is_none() {
@@ -461,7 +392,7 @@ impl Hypervisor for CloudHypervisor {
                 tracing::debug!(error = %e, "vmm.shutdown failed");
             }
         }
-        if tokio::time::timeout(self.shutdown_timeout, vmm.wait())
+        if tokio::time::timeout(self.host.shutdown_timeout(), vmm.wait())
             .await
             .is_err()
         {
@@ -473,39 +404,12 @@ impl Hypervisor for CloudHypervisor {
         }
         Ok(())
     }
-
-    async fn cleanup(&self) {
-        self.processes.stop_all(&self.spec.work_dir).await;
-    }
-
-    fn record(&self) -> VmRecord {
-        self.processes.record(&self.spec.work_dir)
-    }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::config::GuestSize;
-
-    pub(crate) fn sample_spec() -> VmSpec {
-        VmSpec {
-            id: "sandbox1".into(),
-            work_dir: PathBuf::from("/run/gpuvm/sandbox1"),
-            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
-            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
-            cmdline: "console=ttyS0 reboot=k panic=1".into(),
-            size: GuestSize {
-                cpus: 2,
-                memory_mib: 1024,
-            },
-            shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
-            devices: vec!["0000:3b:00.0".into()],
-            taps: vec!["tap0".into()],
-            mmio64_size: None,
-            memory: Default::default(),
-        }
-    }
+    use crate::hypervisor::tests::sample_spec;
 
     #[test]
     fn vm_config_from_spec() {
