@@ -91,13 +91,18 @@ impl SandboxRecord {
     }
 
     /// Cleans up after a crashed shim: kills the recorded processes (only if their pid
-    /// still runs the recorded binary), unmounts the rootfs mounts and removes the
+    /// still runs the recorded binary) and any process naming the VM's work dir, unmounts the rootfs mounts and removes the
     /// VM's work dir. Best effort and idempotent.
     pub fn clean_up(&self) {
         for process in self.vm.processes.iter().rev() {
             if crate::process::kill_recorded(process.pid, &process.binary) {
                 tracing::info!(name = %process.name, pid = process.pid, "killed leftover process");
             }
+        }
+        // A helper spawned just before a crash may be missing from the record: every
+        // helper names the VM's work dir in its arguments (sockets, logs, share).
+        for pid in crate::process::kill_naming_dir(&self.vm.work_dir) {
+            tracing::info!(pid, "killed leftover process naming the VM's work dir");
         }
         for mount in &self.mounts {
             crate::rootfs::unmount(mount);

@@ -180,9 +180,128 @@ pub fn kill_recorded(pid: u32, binary: &Path) -> bool {
     kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
 }
 
+/// Kills (SIGKILL) every process, other than this one, one of whose arguments names a
+/// path inside `dir` (its sockets, logs or shared dir). The VM's work dir is unique to
+/// its sandbox, so this finds helpers started for that VM even when the shim was killed
+/// between spawning one and recording its pid in the state file. Returns the pids killed.
+pub fn kill_naming_dir(dir: &Path) -> Vec<u32> {
+    let mut killed = Vec::new();
+    if dir.as_os_str().is_empty() {
+        return killed;
+    }
+    let own = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let names_dir = cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg_names_dir(arg, dir));
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if names_dir && kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
+/// Whether one command-line argument names `dir` or a path inside it, on its own or as
+/// the value of an option (`--socket-path=<dir>/fs.sock`, `socket=<dir>/v.sock,cid=3`).
+fn arg_names_dir(arg: &[u8], dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = dir.as_os_str().as_bytes();
+    let dir = dir.strip_suffix(b"/").unwrap_or(dir);
+    let mut from = 0;
+    while let Some(at) = arg[from..].windows(dir.len()).position(|w| w == dir) {
+        let start = from + at;
+        let end = start + dir.len();
+        // The match must start a path (argument start, or after `=`/`,`/`:`) and end
+        // at a path boundary, so /run/gpuvm/ab never matches /run/gpuvm/abc.
+        let starts_path = start == 0 || matches!(arg[start - 1], b'=' | b',' | b':');
+        let ends_path = end == arg.len() || matches!(arg[end], b'/' | b',' | b':');
+        if starts_path && ends_path {
+            return true;
+        }
+        from = start + 1;
+        if from >= arg.len() {
+            break;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_argument_names_a_dir_only_at_path_boundaries() {
+        let dir = Path::new("/run/gpuvm/ab");
+        for yes in [
+            "/run/gpuvm/ab",
+            "/run/gpuvm/ab/fs.sock",
+            "--socket-path=/run/gpuvm/ab/fs.sock",
+            "guest-cid=3,socket=/run/gpuvm/ab/v.sock,uds-path=/x",
+            "path=/run/gpuvm/ab",
+        ] {
+            assert!(arg_names_dir(yes.as_bytes(), dir), "{yes}");
+        }
+        for no in [
+            "/run/gpuvm/abc/fs.sock",
+            "/tmp/run/gpuvm/ab/fs.sock",
+            "--socket-path=/run/gpuvm/abc",
+            "",
+        ] {
+            assert!(!arg_names_dir(no.as_bytes(), dir), "{no}");
+        }
+    }
+
+    #[tokio::test]
+    async fn processes_naming_a_dir_are_killed_and_others_spared() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let dir = work.path().join("vm");
+        // A shell that keeps its own argv (no exec of the last command), whose
+        // children live for at most 0.2 s after it is killed.
+        const LOOP: &str = "while :; do sleep 0.2; done";
+        let sh = Path::new("/bin/sh");
+        let mut naming = Command::new(sh);
+        naming.args(["-c", LOOP, "sh"]).arg(dir.join("vmm.sock"));
+        let naming = WatchedProcess::spawn("naming", sh, naming).expect("spawn");
+        let mut other = Command::new(sh);
+        other
+            .args(["-c", LOOP, "sh"])
+            .arg(format!("{}x/vmm.sock", dir.display()));
+        let other = WatchedProcess::spawn("other", sh, other).expect("spawn");
+
+        let killed = kill_naming_dir(&dir);
+        assert_eq!(killed, vec![naming.pid()]);
+        let exit = tokio::time::timeout(Duration::from_secs(5), naming.wait())
+            .await
+            .expect("killed");
+        assert_eq!(exit.code, 128 + libc::SIGKILL);
+        assert!(kill_naming_dir(Path::new("")).is_empty());
+        assert_eq!(
+            other.exited(),
+            None,
+            "a process naming another dir was killed"
+        );
+        other.stop(Duration::from_millis(100)).await;
+    }
 
     #[tokio::test]
     async fn exit_code_and_signal_are_observed() {
