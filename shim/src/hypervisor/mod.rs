@@ -3,6 +3,7 @@
 //! real guests). Both expose the guest's vsock as a hybrid-vsock unix socket, so the
 //! shim → agent path is the same code on both.
 
+pub mod ch_api;
 pub mod cloud_hypervisor;
 pub mod qemu;
 
