@@ -187,6 +187,76 @@ fn build_guest(dir: &Path, guest: Guest) -> Result<PathBuf, String> {
     Ok(elf)
 }
 
+/// The guests themselves, under QEMU TCG (no KVM needed): each does what the Cloud
+/// Hypervisor tests expect of it, so when one of those fails, the VMM is to blame, not
+/// the guest. QEMU's counterparts: isa-debug-exit at 0xf4 for the power-off (exit code
+/// 1), `-no-reboot` for the reset (exit code 0), pvpanic-pci with
+/// `-action panic=exit-failure` for the panic (exit code 1).
+#[test]
+fn the_tiny_guests_do_their_one_thing_under_qemu() {
+    let Some(qemu) = common::find_binary("QEMU_BIN", "qemu-system-x86_64") else {
+        skip(
+            Requirement::Qemu,
+            "qemu-system-x86_64 not found (scripts/vm-deps.sh)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (Guest::PowerOff, Some(1)),
+        (Guest::Reset, Some(0)),
+        (Guest::Panic, Some(1)),
+        (Guest::StayUp, None),
+    ];
+    for (guest, want) in cases {
+        let elf = match build_guest(dir.path(), guest) {
+            Ok(elf) => elf,
+            Err(reason) => {
+                skip(Requirement::Qemu, &reason);
+                return;
+            }
+        };
+        let log = dir.path().join(format!("{}.log", guest.name()));
+        let mut child = Command::new(&qemu)
+            .args(["-M", "q35", "-accel", "tcg", "-m", "64", "-display", "none"])
+            .args(["-nodefaults", "-no-reboot", "-action", "panic=exit-failure"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1"])
+            .args(["-device", "pvpanic-pci"])
+            .arg("-serial")
+            .arg(format!("file:{}", log.display()))
+            .arg("-kernel")
+            .arg(&elf)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu");
+        // A guest that stays up is given long enough to have shown any other behaviour.
+        let deadline = Instant::now()
+            + if want.is_some() {
+                GUEST_TIMEOUT
+            } else {
+                Duration::from_secs(3)
+            };
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(console.contains(MARKER), "{guest:?}: console {console:?}");
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            want,
+            "{guest:?}: QEMU ended with {status:?}"
+        );
+    }
+}
+
 /// One test's setting: the binary, a private short dir, the config.
 struct Live {
     dir: tempfile::TempDir,
