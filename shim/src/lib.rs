@@ -15,6 +15,7 @@ pub mod hypervisor;
 pub mod persist;
 pub mod process;
 pub mod rootfs;
+pub mod sandbox;
 pub mod service;
 pub mod stdio;
 pub mod vsock;

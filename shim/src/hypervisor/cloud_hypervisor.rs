@@ -12,12 +12,10 @@ use tokio::process::Command;
 
 pub use super::ch_api::{ApiClient, GuestEnd};
 use super::ch_api::{EventReader, create_timeout, open_event_fifo};
-use super::{
-    GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmProcesses, VmRecord, VmSpec,
-};
+use super::{GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
-use crate::process::{WatchedProcess, wait_for_socket};
+use crate::process::WatchedProcess;
 
 /// Every REST call the backend makes: (endpoint, HTTP method, has a JSON body). The
 /// contract test checks each against Cloud Hypervisor's OpenAPI spec.
@@ -246,29 +244,24 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The production backend.
 #[derive(Debug)]
 pub struct CloudHypervisor {
-    spec: VmSpec,
+    host: VmHost,
     binary: PathBuf,
-    virtiofsd_binary: PathBuf,
-    shutdown_timeout: Duration,
     api: Arc<ApiClient>,
-    processes: VmProcesses,
     /// Set when the guest reset or panicked and the shim ended the VM for it.
     guest_end: Arc<Mutex<Option<GuestEnd>>>,
-    /// Reads the event monitor while the VMM runs; aborted on cleanup and drop.
+    /// Reads the event monitor while the VMM runs (it ends with the VMM); aborted on
+    /// drop.
     event_watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl CloudHypervisor {
-    /// A backend for `spec`; nothing starts until [`Hypervisor::start`].
+    /// A backend for `spec`; nothing starts until [`super::Hypervisor::start`].
     pub fn new(config: &ShimConfig, spec: VmSpec) -> CloudHypervisor {
         let api = ApiClient::new(spec.work_dir.join("ch-api.sock"));
         CloudHypervisor {
             binary: config.binaries.cloud_hypervisor.clone(),
-            virtiofsd_binary: config.binaries.virtiofsd.clone(),
-            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
             api: Arc::new(api),
-            spec,
-            processes: VmProcesses::default(),
+            host: VmHost::new(config, spec, "cloud-hypervisor"),
             guest_end: Arc::new(Mutex::new(None)),
             event_watcher: Mutex::new(None),
         }
@@ -296,17 +289,7 @@ impl CloudHypervisor {
 
     /// The Cloud Hypervisor event FIFO in the VM's work dir.
     pub fn event_fifo(&self) -> PathBuf {
-        self.spec.work_dir.join("ch-events.fifo")
-    }
-
-    fn vmm(&self) -> Option<WatchedProcess> {
-        self.processes.named("cloud-hypervisor")
-    }
-
-    fn stop_event_watcher(&self) {
-        if let Some(task) = lock(&self.event_watcher).take() {
-            task.abort();
-        }
+        self.host.spec().work_dir.join("ch-events.fifo")
     }
 
     /// Waits until the API answers `vmm.ping`: the socket file appears at `bind`, a
@@ -314,7 +297,7 @@ impl CloudHypervisor {
     /// at its log (no KVM, a bad option, …).
     async fn wait_for_api(&self, vmm: &WatchedProcess) -> Result<()> {
         let deadline = tokio::time::Instant::now() + API_READY_TIMEOUT;
-        let mut waited = wait_for_socket(self.api.socket(), vmm, API_READY_TIMEOUT).await;
+        let mut waited = self.host.wait_for_socket(self.api.socket(), vmm).await;
         while waited.is_ok() {
             let ping = self.api.get_json("vmm.ping").await.and_then(|reply| {
                 reply.get("version").map(|_| ()).ok_or_else(|| {
@@ -329,7 +312,7 @@ impl CloudHypervisor {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        let log = self.spec.work_dir.join("cloud-hypervisor.log");
+        let log = self.host.spec().work_dir.join("cloud-hypervisor.log");
         // Give an exit that is under way the moment it needs to be seen as one.
         let exited = match vmm.exited() {
             Some(exit) => Some(exit),
@@ -351,7 +334,9 @@ impl CloudHypervisor {
 
 impl Drop for CloudHypervisor {
     fn drop(&mut self) {
-        self.stop_event_watcher();
+        if let Some(task) = lock(&self.event_watcher).take() {
+            task.abort();
+        }
     }
 }
 
@@ -404,59 +389,18 @@ async fn watch_events<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Starts `virtiofsd` for the VM's shared directory (shared by both backends).
-pub(crate) async fn start_virtiofsd(
-    binary: &Path,
-    spec: &VmSpec,
-    shared_dir: &Path,
-) -> Result<WatchedProcess> {
-    let socket = spec.virtiofs_socket();
-    let mut cmd = Command::new(binary);
-    cmd.arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", shared_dir.display()))
-        .arg("--cache=auto")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file(&spec.work_dir.join("virtiofsd.log"))?);
-    let process = WatchedProcess::spawn("virtiofsd", binary, cmd)?;
-    wait_for_socket(&socket, &process, Duration::from_secs(10)).await?;
-    Ok(process)
-}
-
-/// Opens (creates) a log file for a helper's stderr.
-pub(crate) fn log_file(path: &Path) -> Result<std::process::Stdio> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(Error::io(format!(
-            "cannot open log file {}",
-            path.display()
-        )))?;
-    Ok(std::process::Stdio::from(file))
-}
-
-/// Creates the VM's private work directory (mode 0700).
-pub(crate) fn create_work_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(Error::io(format!("cannot create {}", dir.display())))
-}
-
 #[async_trait]
-impl Hypervisor for CloudHypervisor {
+impl Vmm for CloudHypervisor {
+    fn host(&self) -> &VmHost {
+        &self.host
+    }
+
     async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
-        let config = serde_json::to_value(VmConfig::try_from(&self.spec)?)
+        let spec = self.host.spec();
+        let config = serde_json::to_value(VmConfig::try_from(spec)?)
             .map_err(|e| Error::VmConfig(e.to_string()))?;
-        create_work_dir(&self.spec.work_dir)?;
-        if let Some(shared_dir) = &self.spec.shared_dir {
-            self.processes
-                .remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
-            spawned(&self.record());
-        }
+        self.host.create_work_dir()?;
+        self.host.start_virtiofsd(spawned).await?;
 
         // The reader opens the FIFO first, so that the VMM's open never blocks.
         let events = open_event_fifo(&self.event_fifo())?;
@@ -466,63 +410,43 @@ impl Hypervisor for CloudHypervisor {
             .arg("--event-monitor")
             .arg(format!("path={}", self.event_fifo().display()))
             .stdin(std::process::Stdio::null())
-            .stdout(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?)
-            .stderr(log_file(&self.spec.work_dir.join("cloud-hypervisor.log"))?);
-        let vmm = WatchedProcess::spawn("cloud-hypervisor", &self.binary, cmd)?;
-        self.processes.remember(vmm.clone());
-        spawned(&self.record());
+            .stdout(self.host.log_file("cloud-hypervisor.log")?)
+            .stderr(self.host.log_file("cloud-hypervisor.log")?);
+        let vmm = self.host.spawn_vmm(&self.binary, cmd, spawned)?;
         *lock(&self.event_watcher) = Some(tokio::spawn(watch_events(
             events,
             Arc::clone(&self.api),
             vmm.clone(),
             Arc::clone(&self.guest_end),
-            self.shutdown_timeout,
+            self.host.shutdown_timeout(),
         )));
         self.wait_for_api(&vmm).await?;
 
-        let touches_all_memory = self.spec.memory.prefault || !self.spec.devices.is_empty();
-        let create_within = create_timeout(self.spec.size.memory_mib, touches_all_memory);
+        let touches_all_memory = spec.memory.prefault || !spec.devices.is_empty();
+        let create_within = create_timeout(spec.size.memory_mib, touches_all_memory);
         self.api
             .put_within("vm.create", Some(&config), create_within)
             .await?;
         self.api.put_within("vm.boot", None, BOOT_TIMEOUT).await?;
-        tracing::info!(id = %self.spec.id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
+        tracing::info!(id = %spec.id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
         Ok(())
     }
 
-    fn pid(&self) -> Option<u32> {
-        self.vmm().map(|p| p.pid())
-    }
-
-    fn vsock_socket(&self) -> PathBuf {
-        self.spec.vsock_socket()
-    }
-
-    async fn wait_exit(&self) -> VmExit {
-        self.processes.wait_exit("cloud-hypervisor").await
-    }
-
     async fn shutdown(&self) -> Result<()> {
-        let Some(vmm) = self.vmm() else {
+        let Some(vmm) = self.host.vmm() else {
             return Ok(());
         };
+        let grace = self.host.shutdown_timeout();
         if vmm.exited().is_none() {
             // The VM may already be off (guest powered off): carry on to vmm.shutdown.
             // Each call gets the shutdown timeout, so a wedged VMM is killed below.
             for endpoint in ["vm.shutdown", "vm.delete", "vmm.shutdown"] {
-                if let Err(e) = self
-                    .api
-                    .put_within(endpoint, None, self.shutdown_timeout)
-                    .await
-                {
+                if let Err(e) = self.api.put_within(endpoint, None, grace).await {
                     tracing::debug!(endpoint, error = %e, "API call failed");
                 }
             }
         }
-        if tokio::time::timeout(self.shutdown_timeout, vmm.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
             tracing::warn!(
                 pid = vmm.pid(),
                 "cloud-hypervisor did not exit after vmm.shutdown"
@@ -531,40 +455,12 @@ impl Hypervisor for CloudHypervisor {
         }
         Ok(())
     }
-
-    async fn cleanup(&self) {
-        self.stop_event_watcher();
-        self.processes.stop_all(&self.spec.work_dir).await;
-    }
-
-    fn record(&self) -> VmRecord {
-        self.processes.record(&self.spec.work_dir)
-    }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::config::GuestSize;
-
-    pub(crate) fn sample_spec() -> VmSpec {
-        VmSpec {
-            id: "sandbox1".into(),
-            work_dir: PathBuf::from("/run/gpuvm/sandbox1"),
-            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
-            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
-            cmdline: "console=ttyS0 reboot=k panic=1".into(),
-            size: GuestSize {
-                cpus: 2,
-                memory_mib: 1024,
-            },
-            shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
-            devices: vec!["0000:3b:00.0".into()],
-            taps: vec!["tap0".into()],
-            mmio64_size: None,
-            memory: Default::default(),
-        }
-    }
+    use crate::hypervisor::tests::sample_spec;
 
     #[test]
     fn vm_config_from_spec() {

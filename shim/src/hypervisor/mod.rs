@@ -2,9 +2,13 @@
 //! [`CloudHypervisor`] (production) and [`Qemu`] (machines without a KVM that boots
 //! real guests). Both expose the guest's vsock as a hybrid-vsock unix socket, so the
 //! shim → agent path is the same code on both.
+//!
+//! A backend implements [`Vmm`] (start and shutdown, the parts that differ); what every
+//! VM has on the host (work dir, logs, virtiofsd, its processes) is [`VmHost`], once.
 
 pub mod ch_api;
 pub mod cloud_hypervisor;
+mod host;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use cloud_hypervisor::CloudHypervisor;
+pub use host::VmHost;
 pub use qemu::Qemu;
 
 use crate::config::{Backend, GuestSize, ShimConfig};
@@ -111,67 +116,6 @@ pub struct VmRecord {
     pub work_dir: PathBuf,
 }
 
-/// The host processes started for one VM (VMM and helpers), in start order, shared by
-/// both backends: what they record in the state file, wait on and stop.
-#[derive(Debug, Default)]
-pub(crate) struct VmProcesses(std::sync::Mutex<Vec<crate::process::WatchedProcess>>);
-
-impl VmProcesses {
-    fn snapshot(&self) -> Vec<crate::process::WatchedProcess> {
-        match self.0.lock() {
-            Ok(list) => list.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Adds a process just started.
-    pub(crate) fn remember(&self, process: crate::process::WatchedProcess) {
-        match self.0.lock() {
-            Ok(mut list) => list.push(process),
-            Err(poisoned) => poisoned.into_inner().push(process),
-        }
-    }
-
-    /// The process started under `name` (e.g. the VMM), if any.
-    pub(crate) fn named(&self, name: &str) -> Option<crate::process::WatchedProcess> {
-        self.snapshot().into_iter().find(|p| p.name() == name)
-    }
-
-    /// Waits for the process `name` to exit (`-1` when it was never started).
-    pub(crate) async fn wait_exit(&self, name: &str) -> VmExit {
-        match self.named(name) {
-            Some(vmm) => VmExit {
-                vmm_exit_code: vmm.wait().await.code,
-            },
-            None => VmExit { vmm_exit_code: -1 },
-        }
-    }
-
-    /// The record of the processes and the VM's private directory.
-    pub(crate) fn record(&self, work_dir: &Path) -> VmRecord {
-        VmRecord {
-            processes: self
-                .snapshot()
-                .iter()
-                .map(|p| RecordedProcess {
-                    name: p.name().to_owned(),
-                    pid: p.pid(),
-                    binary: p.binary().to_owned(),
-                })
-                .collect(),
-            work_dir: work_dir.to_path_buf(),
-        }
-    }
-
-    /// Stops every process (last started first) and removes the work dir.
-    pub(crate) async fn stop_all(&self, work_dir: &Path) {
-        for process in self.snapshot().iter().rev() {
-            process.stop(std::time::Duration::from_secs(2)).await;
-        }
-        crate::rootfs::remove_dir_if_unmounted(work_dir);
-    }
-}
-
 /// How the VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmExit {
@@ -203,6 +147,50 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn cleanup(&self);
     /// What to write in the state file.
     fn record(&self) -> VmRecord;
+}
+
+/// What one VMM does its own way. The rest of [`Hypervisor`] (pid, vsock socket,
+/// waiting, cleanup, record) is the same for every VMM and comes from its [`VmHost`],
+/// so every `Vmm` is a `Hypervisor`.
+#[async_trait]
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// The VM's host side: spec, work dir, process list.
+    fn host(&self) -> &VmHost;
+    /// [`Hypervisor::start`]: the helpers this VMM needs, the VMM, the VM's boot.
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()>;
+    /// [`Hypervisor::shutdown`]: asks the VM to stop and waits for the VMM to exit.
+    async fn shutdown(&self) -> Result<()>;
+}
+
+#[async_trait]
+impl<T: Vmm> Hypervisor for T {
+    async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
+        Vmm::start(self, spawned).await
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.host().vmm().map(|p| p.pid())
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.host().spec().vsock_socket()
+    }
+
+    async fn wait_exit(&self) -> VmExit {
+        self.host().wait_exit().await
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        Vmm::shutdown(self).await
+    }
+
+    async fn cleanup(&self) {
+        self.host().stop_all().await;
+    }
+
+    fn record(&self) -> VmRecord {
+        self.host().record()
+    }
 }
 
 /// Whether KVM here can boot a stock Linux guest: `/dev/kvm` must exist and the CPU
@@ -253,8 +241,28 @@ pub fn new_hypervisor(config: &ShimConfig, spec: VmSpec) -> Box<dyn Hypervisor> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The VM spec the backends' tests translate.
+    pub(crate) fn sample_spec() -> VmSpec {
+        VmSpec {
+            id: "sandbox1".into(),
+            work_dir: PathBuf::from("/run/gpuvm/sandbox1"),
+            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
+            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
+            cmdline: "console=ttyS0 reboot=k panic=1".into(),
+            size: GuestSize {
+                cpus: 2,
+                memory_mib: 1024,
+            },
+            shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
+            devices: vec!["0000:3b:00.0".into()],
+            taps: vec!["tap0".into()],
+            mmio64_size: None,
+            memory: Default::default(),
+        }
+    }
 
     #[test]
     fn kvm_probe_needs_hardware_virtualization_flags() {

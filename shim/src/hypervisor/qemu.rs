@@ -9,13 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::cloud_hypervisor::{create_work_dir, log_file, start_virtiofsd};
-use super::{
-    GUEST_CID, Hypervisor, SHARED_FS_TAG, SpawnHook, VmExit, VmProcesses, VmRecord, VmSpec,
-};
+use super::{GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
-use crate::process::{WatchedProcess, wait_for_socket};
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,120 +158,83 @@ pub fn vhost_device_vsock_args(spec: &VmSpec) -> Vec<String> {
 /// The QEMU backend.
 #[derive(Debug)]
 pub struct Qemu {
-    spec: VmSpec,
+    host: VmHost,
     accel: Accel,
     qemu_binary: PathBuf,
-    virtiofsd_binary: PathBuf,
     vsock_binary: PathBuf,
-    shutdown_timeout: Duration,
-    processes: VmProcesses,
 }
 
 impl Qemu {
     /// A backend for `spec`, with KVM when `kvm_usable`.
     pub fn new(config: &ShimConfig, spec: VmSpec, kvm_usable: bool) -> Qemu {
         Qemu {
-            spec,
+            host: VmHost::new(config, spec, "qemu"),
             accel: if kvm_usable { Accel::Kvm } else { Accel::Tcg },
             qemu_binary: config.binaries.qemu.clone(),
-            virtiofsd_binary: config.binaries.virtiofsd.clone(),
             vsock_binary: config.binaries.vhost_device_vsock.clone(),
-            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
-            processes: VmProcesses::default(),
         }
-    }
-
-    fn vmm(&self) -> Option<WatchedProcess> {
-        self.processes.named("qemu")
     }
 }
 
 #[async_trait]
-impl Hypervisor for Qemu {
+impl Vmm for Qemu {
+    fn host(&self) -> &VmHost {
+        &self.host
+    }
+
     async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
-        let args = qemu_args(&self.spec, self.accel)?;
-        create_work_dir(&self.spec.work_dir)?;
+        let spec = self.host.spec();
+        let args = qemu_args(spec, self.accel)?;
+        self.host.create_work_dir()?;
 
         let mut cmd = Command::new(&self.vsock_binary);
-        cmd.args(vhost_device_vsock_args(&self.spec))
+        cmd.args(vhost_device_vsock_args(spec))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(log_file(
-                &self.spec.work_dir.join("vhost-device-vsock.log"),
-            )?);
-        let vsock = WatchedProcess::spawn("vhost-device-vsock", &self.vsock_binary, cmd)?;
-        self.processes.remember(vsock.clone());
-        spawned(&self.record());
-        wait_for_socket(
-            &vhost_vsock_socket(&self.spec),
-            &vsock,
-            Duration::from_secs(10),
-        )
-        .await?;
+            .stderr(self.host.log_file("vhost-device-vsock.log")?);
+        let vsock = self
+            .host
+            .spawn("vhost-device-vsock", &self.vsock_binary, cmd, spawned)?;
+        self.host
+            .wait_for_socket(&vhost_vsock_socket(spec), &vsock)
+            .await?;
 
-        if let Some(shared_dir) = &self.spec.shared_dir {
-            self.processes
-                .remember(start_virtiofsd(&self.virtiofsd_binary, &self.spec, shared_dir).await?);
-            spawned(&self.record());
-        }
+        self.host.start_virtiofsd(spawned).await?;
 
         let mut cmd = Command::new(&self.qemu_binary);
         cmd.args(&args)
             .stdin(std::process::Stdio::null())
-            .stdout(log_file(&self.spec.work_dir.join("qemu.log"))?)
-            .stderr(log_file(&self.spec.work_dir.join("qemu.log"))?);
-        let qemu = WatchedProcess::spawn("qemu", &self.qemu_binary, cmd)?;
-        self.processes.remember(qemu.clone());
-        spawned(&self.record());
+            .stdout(self.host.log_file("qemu.log")?)
+            .stderr(self.host.log_file("qemu.log")?);
+        let qemu = self.host.spawn_vmm(&self.qemu_binary, cmd, spawned)?;
         // QEMU fails fast on bad arguments or vhost-user errors: give it a moment so the
         // error names QEMU rather than a later agent timeout.
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Some(exit) = qemu.exited() {
-            let log =
-                std::fs::read_to_string(self.spec.work_dir.join("qemu.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(spec.work_dir.join("qemu.log")).unwrap_or_default();
             return Err(Error::Hypervisor(format!(
                 "qemu exited with code {} at start: {}",
                 exit.code,
                 log.trim()
             )));
         }
-        tracing::info!(id = %self.spec.id, pid = qemu.pid(), accel = ?self.accel, "VM started (qemu)");
+        tracing::info!(id = %spec.id, pid = qemu.pid(), accel = ?self.accel, "VM started (qemu)");
         Ok(())
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.vmm().map(|p| p.pid())
-    }
-
-    fn vsock_socket(&self) -> PathBuf {
-        self.spec.vsock_socket()
-    }
-
-    async fn wait_exit(&self) -> VmExit {
-        self.processes.wait_exit("qemu").await
     }
 
     async fn shutdown(&self) -> Result<()> {
         // QEMU exits cleanly on SIGTERM, like `vm.shutdown` + `vmm.shutdown`.
-        if let Some(vmm) = self.vmm() {
-            vmm.stop(self.shutdown_timeout).await;
+        if let Some(vmm) = self.host.vmm() {
+            vmm.stop(self.host.shutdown_timeout()).await;
         }
         Ok(())
-    }
-
-    async fn cleanup(&self) {
-        self.processes.stop_all(&self.spec.work_dir).await;
-    }
-
-    fn record(&self) -> VmRecord {
-        self.processes.record(&self.spec.work_dir)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::cloud_hypervisor::tests::sample_spec;
+    use crate::hypervisor::tests::sample_spec;
 
     #[test]
     fn qemu_argv_for_tcg() {

@@ -1,0 +1,624 @@
+//! One pod sandbox: its VM, the agent in it and the devices passed to it. Boot and
+//! teardown live here; the Task service only translates ttrpc calls onto them.
+//!
+//! Everything a start sets up on the host is owned by one [`Vm`] from the moment the
+//! devices are locked, and [`Vm::stop`] is the one way it is undone: after a failed
+//! start (whatever step failed, before or after the VMM started) and at teardown.
+
+mod container;
+mod spec;
+mod tasks;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use gpuvm_pci::{GroupLock, PciAddress, Sysfs};
+
+pub use container::{ContainerRequest, guest_mounts, process_spec, remove_rootfs};
+pub use spec::{RUN_DIR, vm_spec, work_dir};
+pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
+
+use crate::agent::{Agent, GuestInfo, TtrpcAgent};
+use crate::config::{self, HostPaths, ShimConfig};
+use crate::devices::Passthrough;
+use crate::error::{Error, Result};
+use crate::hypervisor::{self, Hypervisor, VmRecord};
+use crate::persist::{SandboxRecord, StartTimings};
+
+/// Guest mount point of the virtio-fs share when the agent doesn't say.
+pub const DEFAULT_GUEST_SHARED_DIR: &str = "/run/gpuvm/shared";
+
+/// Locks of devices whose reset failed after their VM: held until the shim exits, so
+/// no other sandbox takes them meanwhile (the health record keeps them out after).
+#[derive(Debug, Default)]
+pub struct FailedResetLocks(std::sync::Mutex<Vec<GroupLock>>);
+
+impl FailedResetLocks {
+    fn keep(&self, lock: GroupLock) {
+        match self.0.lock() {
+            Ok(mut held) => held.push(lock),
+            Err(poisoned) => poisoned.into_inner().push(lock),
+        }
+    }
+}
+
+/// The VFIO devices passed to a VM, with their lock.
+#[derive(Debug)]
+struct Devices {
+    /// Host paths for the reset after the VM.
+    host: HostPaths,
+    passthrough: Option<Passthrough>,
+    /// Held for the VM's whole life.
+    lock: std::sync::Mutex<Option<GroupLock>>,
+}
+
+impl Devices {
+    /// Checks the devices the pod asks for, locks them and (after an earlier failed
+    /// reset) resets them again, before anything starts.
+    fn claim(
+        config: &ShimConfig,
+        annotations: &HashMap<String, String>,
+        id: &str,
+    ) -> Result<Devices> {
+        let host = config.host.clone();
+        let requested = match annotations.get(config::ANNOTATION_DEVICES) {
+            Some(v) => config::parse_devices(v)?,
+            None => Vec::new(),
+        };
+        if requested.is_empty() {
+            return Ok(Devices::none(host));
+        }
+        let sysfs = Sysfs::new(&host.sysfs_root);
+        let set = crate::devices::check_devices(&sysfs, &host.dev_root, &requested)?;
+        let lock = crate::devices::lock_devices(&host.lock_dir, &set.devices, id)?;
+        crate::devices::retry_failed_resets(&sysfs, &host.health_dir, &set.devices)?;
+        tracing::info!(sandbox = id, devices = ?set.device_names(), "devices checked and locked");
+        Ok(Devices {
+            host,
+            passthrough: Some(set),
+            lock: std::sync::Mutex::new(Some(lock)),
+        })
+    }
+
+    /// No devices.
+    fn none(host: HostPaths) -> Devices {
+        Devices {
+            host,
+            passthrough: None,
+            lock: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Resets every device after its VM, then releases the lock; the lock of a set
+    /// whose reset failed goes to `held` instead.
+    async fn reset_and_release(&self, held: &FailedResetLocks) {
+        let Some(set) = &self.passthrough else {
+            return;
+        };
+        let lock = match self.lock.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let all_reset = reset_devices(self.host.clone(), set.devices.clone()).await;
+        if let (false, Some(lock)) = (all_reset, lock) {
+            held.keep(lock);
+        }
+    }
+}
+
+/// Resets `devices` after their VM (off the async threads: sysfs resets block);
+/// true when every reset succeeded.
+async fn reset_devices(host: HostPaths, devices: Vec<PciAddress>) -> bool {
+    let outcome = tokio::task::spawn_blocking(move || {
+        crate::devices::reset_after_exit(&Sysfs::new(&host.sysfs_root), &host.health_dir, &devices)
+    })
+    .await;
+    match outcome {
+        Ok(outcome) => {
+            tracing::info!(reset = ?outcome.reset, failed = ?outcome.failed, "devices reset after the VM");
+            outcome.failed.is_empty()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the device reset panicked");
+            false
+        }
+    }
+}
+
+/// Everything a sandbox's VM holds on the host: the VMM and its helpers, the shared
+/// directory's mount, the state file, the devices and their lock.
+#[derive(Debug)]
+pub struct Vm {
+    id: String,
+    bundle: PathBuf,
+    hypervisor: Box<dyn Hypervisor>,
+    shared_host: PathBuf,
+    devices: Devices,
+    /// Set once the VMM was asked to start: from then on it may have opened the
+    /// devices, so they are reset before they go back.
+    vmm_started: AtomicBool,
+}
+
+impl Vm {
+    /// The VM `hypervisor` of sandbox `id`, holding `devices`; nothing starts yet.
+    /// Its share is `shared/` in the VM's work dir (as [`vm_spec`] makes it).
+    fn new(id: &str, bundle: &Path, hypervisor: Box<dyn Hypervisor>, devices: Devices) -> Vm {
+        Vm {
+            id: id.to_owned(),
+            bundle: bundle.to_owned(),
+            shared_host: hypervisor.record().work_dir.join("shared"),
+            hypervisor,
+            devices,
+            vmm_started: AtomicBool::new(false),
+        }
+    }
+
+    /// The record for the state file: the VM's processes, then `mounts` (container
+    /// rootfs mounts) and the share's own mount, unmounted in that order.
+    fn state(
+        &self,
+        vm: VmRecord,
+        mut mounts: Vec<PathBuf>,
+        timings: StartTimings,
+    ) -> SandboxRecord {
+        mounts.push(self.shared_host.clone());
+        SandboxRecord {
+            sandbox_id: self.id.clone(),
+            vm,
+            mounts,
+            timings,
+        }
+    }
+
+    /// Saves the state file with the VM's processes as they are now.
+    fn save_state(&self) -> Result<()> {
+        self.state(
+            self.hypervisor.record(),
+            Vec::new(),
+            StartTimings::default(),
+        )
+        .save(&self.bundle)
+    }
+
+    /// Starts the VM and waits for its agent: every step that can fail after the
+    /// devices are locked. The caller undoes it with [`Vm::stop`] on failure.
+    async fn bring_up(&self, config: &ShimConfig) -> Result<(Arc<dyn Agent>, GuestInfo, Phases)> {
+        self.save_state()?;
+        // Rootfs mounts made under the share later must reach virtiofsd's namespace.
+        crate::rootfs::make_shared_mount(&self.shared_host)?;
+        let vmm_starting = Instant::now();
+        let persist = |vm: &VmRecord| {
+            let record = self.state(vm.clone(), Vec::new(), StartTimings::default());
+            if let Err(e) = record.save(&self.bundle) {
+                tracing::warn!(error = %e, "cannot update the state file");
+            }
+        };
+        self.vmm_started.store(true, Ordering::SeqCst);
+        self.hypervisor.start(&persist).await?;
+        let vmm_started = Instant::now();
+        self.save_state()?;
+        let agent = self.connect_agent(config).await?;
+        let connected = Instant::now();
+        let info = agent.guest_info().await?;
+        let phases = Phases {
+            vmm_starting,
+            vmm_started,
+            connected,
+            ready: Instant::now(),
+        };
+        Ok((agent, info, phases))
+    }
+
+    /// Connects to the agent on vsock, unless the VM exits first.
+    async fn connect_agent(&self, config: &ShimConfig) -> Result<Arc<dyn Agent>> {
+        let timeout = Duration::from_secs(config.timeouts.agent_connect_secs);
+        let socket = self.hypervisor.vsock_socket();
+        let connected = tokio::select! {
+            stream = crate::vsock::connect(&socket, config.guest.agent_port, timeout) => stream,
+            exit = self.hypervisor.wait_exit() => Err(Error::Hypervisor(format!(
+                "the VM exited with code {} before its agent answered", exit.vmm_exit_code
+            ))),
+        };
+        match connected {
+            Ok(stream) => Ok(Arc::new(TtrpcAgent::new(stream, timeout))),
+            // Say which setting to look at: the agent must be the initramfs's /init
+            // and listen on guest.agent_port; timeouts.agent_connect_secs bounds it.
+            Err(Error::Timeout { what, secs }) => Err(Error::Timeout {
+                what: format!(
+                    "the guest agent to answer on {what} \
+                     (is the agent /init of the initramfs? see timeouts.agent_connect_secs)"
+                ),
+                secs,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Undoes everything the VM holds, whatever state it is in: VM shutdown, helpers
+    /// stopped, `mounts` (container rootfs mounts) and the share unmounted before the
+    /// work dir is removed (removing through a rootfs mount would delete the
+    /// container's image data), devices reset and released, state file removed.
+    /// Idempotent.
+    pub async fn stop(&self, mounts: Vec<PathBuf>, held: &FailedResetLocks) {
+        if let Err(e) = self.hypervisor.shutdown().await {
+            tracing::warn!(error = %e, "VM shutdown failed");
+        }
+        for mount in mounts {
+            crate::rootfs::unmount(&mount);
+        }
+        crate::rootfs::unmount(&self.shared_host);
+        self.hypervisor.cleanup().await;
+        // The VMM has exited: reset every device, then release its lock. A device
+        // that fails its reset got a health record; its lock stays held until the
+        // shim exits.
+        if self.vmm_started.load(Ordering::SeqCst) {
+            self.devices.reset_and_release(held).await;
+        }
+        SandboxRecord::remove(&self.bundle);
+    }
+}
+
+/// When each start phase ended.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    vmm_starting: Instant,
+    vmm_started: Instant,
+    connected: Instant,
+    ready: Instant,
+}
+
+/// The start timings and whether the first app container has started.
+#[derive(Debug, Default)]
+struct StartClock {
+    timings: StartTimings,
+    first_container_started: bool,
+}
+
+/// A running sandbox: the VM and the agent in it.
+#[derive(Debug)]
+pub struct Sandbox {
+    vm: Vm,
+    agent: Arc<dyn Agent>,
+    shared_guest: String,
+    /// How long the agent gets to shut down at teardown.
+    shutdown_timeout: Duration,
+    /// Where the start time went; `container_ms` is filled by the first app container.
+    timings: std::sync::Mutex<StartClock>,
+}
+
+impl Sandbox {
+    /// Boots the VM for sandbox `id` (bundle `bundle`) and connects to its agent. The
+    /// config comes from containerd's runtime option `config_option`, else the
+    /// environment, else the default path. Nothing is left behind on failure.
+    pub async fn boot(
+        id: &str,
+        bundle: &Path,
+        annotations: &HashMap<String, String>,
+        config_option: Option<String>,
+        held: &FailedResetLocks,
+    ) -> Result<Sandbox> {
+        let entered = Instant::now();
+        let env = std::env::var(config::CONFIG_ENV).ok();
+        let (path, explicit) = config::config_path(config_option.as_deref(), env.as_deref());
+        let config = ShimConfig::load(&path, explicit)?;
+        require_file("guest kernel", "guest.kernel", &config.guest.kernel)?;
+        require_file(
+            "guest initramfs",
+            "guest.initramfs",
+            &config.guest.initramfs,
+        )?;
+        let devices = Devices::claim(&config, annotations, id)?;
+        let spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
+        let hypervisor = hypervisor::new_hypervisor(&config, spec);
+        let vm = Vm::new(id, bundle, hypervisor, devices);
+        Sandbox::launch(vm, &config, annotations, held, entered).await
+    }
+
+    /// Brings `vm` up; on any failure stops it (one cleanup path) and returns the error.
+    async fn launch(
+        vm: Vm,
+        config: &ShimConfig,
+        annotations: &HashMap<String, String>,
+        held: &FailedResetLocks,
+        entered: Instant,
+    ) -> Result<Sandbox> {
+        let (agent, info, phases) = match vm.bring_up(config).await {
+            Ok(up) => up,
+            Err(e) => {
+                vm.stop(Vec::new(), held).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(sandbox = %vm.id, kernel = %info.kernel_release, agent = %info.agent_version, "guest agent ready");
+        if let Some(set) = &vm.devices.passthrough {
+            check_guest_gpus(&vm.devices.host, set, agent.as_ref(), annotations).await;
+        }
+        let shared_guest = if info.shared_dir.is_empty() {
+            DEFAULT_GUEST_SHARED_DIR.to_owned()
+        } else {
+            info.shared_dir
+        };
+        let timings = StartTimings {
+            // The shim's own work: before the VMM starts and after the agent is ready.
+            shim_ms: StartTimings::millis(entered, phases.vmm_starting)
+                + StartTimings::millis(phases.ready, Instant::now()),
+            vmm_ms: StartTimings::millis(phases.vmm_starting, phases.vmm_started),
+            boot_ms: StartTimings::millis(phases.vmm_started, phases.connected),
+            agent_ms: StartTimings::millis(phases.connected, phases.ready),
+            container_ms: 0,
+        };
+        Ok(Sandbox {
+            vm,
+            agent,
+            shared_guest,
+            shutdown_timeout: Duration::from_secs(config.timeouts.vm_shutdown_secs),
+            timings: std::sync::Mutex::new(StartClock {
+                timings,
+                first_container_started: false,
+            }),
+        })
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.vm.id
+    }
+
+    /// The agent in the guest.
+    pub fn agent(&self) -> &Arc<dyn Agent> {
+        &self.agent
+    }
+
+    /// The VMM's pid: every task reports it (guest pids mean nothing on the host, and
+    /// containerd reads `/proc/<pid>` of the tasks it tracks).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.hypervisor.pid().unwrap_or(0)
+    }
+
+    /// Resolves when the VM has exited (guest power-off, crash, shutdown).
+    pub async fn wait_exit(&self) -> hypervisor::VmExit {
+        self.vm.hypervisor.wait_exit().await
+    }
+
+    /// Where container `id`'s rootfs goes on the host (under the virtio-fs share).
+    pub fn rootfs_host(&self, container_id: &str) -> PathBuf {
+        self.vm.shared_host.join(container_id).join("rootfs")
+    }
+
+    /// Where container `id`'s rootfs is in the guest.
+    pub fn rootfs_guest(&self, container_id: &str) -> String {
+        format!("{}/{container_id}/rootfs", self.shared_guest)
+    }
+
+    fn clock(&self) -> std::sync::MutexGuard<'_, StartClock> {
+        match self.timings.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Counts `from..now` towards the first app container's start; `started` ends
+    /// the count. Returns the complete timings when this call ended it.
+    pub fn count_container_time(&self, from: Instant, started: bool) -> Option<StartTimings> {
+        let mut clock = self.clock();
+        if clock.first_container_started {
+            return None;
+        }
+        clock.timings.container_ms += StartTimings::millis(from, Instant::now());
+        clock.first_container_started = started;
+        started.then_some(clock.timings)
+    }
+
+    /// Updates the state file: the VM's processes, the container rootfs `mounts`, the
+    /// start timings. A failure is logged: the sandbox runs on.
+    pub fn save_state(&self, mounts: Vec<PathBuf>) {
+        let timings = self.clock().timings;
+        let record = self.vm.state(self.vm.hypervisor.record(), mounts, timings);
+        if let Err(e) = record.save(&self.vm.bundle) {
+            tracing::warn!(error = %e, "cannot update the state file");
+        }
+    }
+
+    /// Tears the sandbox down: agent shutdown, then [`Vm::stop`]. Idempotent.
+    pub async fn stop(&self, mounts: Vec<PathBuf>, held: &FailedResetLocks) {
+        let _ = tokio::time::timeout(self.shutdown_timeout, self.agent.shutdown()).await;
+        self.vm.stop(mounts, held).await;
+        tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
+    }
+}
+
+/// Checks that a configured file exists, so a typo names the setting rather than
+/// surfacing later as a VMM error or an agent timeout.
+fn require_file(what: &str, setting: &str, path: &Path) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::VmConfig(format!(
+            "the {what} {} does not exist (set {setting} in the shim config)",
+            path.display()
+        )))
+    }
+}
+
+/// Asks the agent which GPUs the guest sees, compares them with what was passed,
+/// and records the outcome for the node agent (`<gpu_check_dir>/<ns>_<name>`).
+/// Never fails the sandbox: the operator reports a failure as `GPUReady=False`.
+async fn check_guest_gpus(
+    host: &HostPaths,
+    set: &Passthrough,
+    agent: &dyn Agent,
+    annotations: &HashMap<String, String>,
+) {
+    use crate::gpu_check;
+    let ids: Vec<u16> = set.gpus.iter().map(|g| g.device_id).collect();
+    let expected = gpu_check::expected_models(
+        annotations
+            .get(config::ANNOTATION_GPU_MODELS)
+            .map(String::as_str),
+        &ids,
+    );
+    let check = gpu_check::gpu_check(&expected, agent.gpu_info().await);
+    match &check {
+        gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
+        gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+    }
+    let (Some(namespace), Some(name)) = (
+        annotations.get(config::ANNOTATION_POD_NAMESPACE),
+        annotations.get(config::ANNOTATION_POD_NAME),
+    ) else {
+        return;
+    };
+    let Some(path) = gpu_check::record_path(&host.gpu_check_dir, namespace, name) else {
+        tracing::warn!(
+            namespace,
+            name,
+            "no GPU check record for a pod with this name"
+        );
+        return;
+    };
+    let uid = annotations
+        .get(config::ANNOTATION_POD_UID)
+        .map(String::as_str);
+    if let Err(e) = gpu_check::write_record(&path, &check, uid) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::tests::sample_spec;
+    use crate::hypervisor::{SpawnHook, VmHost, Vmm};
+    use crate::process::WatchedProcess;
+    use gpuvm_testkit::Requirement;
+
+    /// A VMM whose VM is a real `sleep` process, started and stopped through the same
+    /// [`VmHost`] as the real backends. With `break_bundle`, it removes the sandbox's
+    /// bundle once it runs, so the state-file save right after the VMM started fails.
+    #[derive(Debug)]
+    struct SleepVmm {
+        host: VmHost,
+        break_bundle: Option<PathBuf>,
+        started: Arc<std::sync::Mutex<Option<WatchedProcess>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Vmm for SleepVmm {
+        fn host(&self) -> &VmHost {
+            &self.host
+        }
+
+        async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
+            self.host.create_work_dir()?;
+            let sleep = Path::new("/bin/sleep");
+            let mut cmd = tokio::process::Command::new(sleep);
+            cmd.arg("600");
+            let vmm = self.host.spawn_vmm(sleep, cmd, spawned)?;
+            *self.started.lock().expect("lock") = Some(vmm);
+            if let Some(bundle) = &self.break_bundle {
+                std::fs::remove_dir_all(bundle).expect("remove the bundle");
+            }
+            Ok(())
+        }
+
+        async fn shutdown(&self) -> Result<()> {
+            if let Some(vmm) = self.host.vmm() {
+                vmm.stop(self.host.shutdown_timeout()).await;
+            }
+            Ok(())
+        }
+    }
+
+    /// Launches a sleep VM for sandbox `pod1` under `dir`; returns the launch's error,
+    /// the VMM it started and the VM's work dir.
+    async fn failed_launch(
+        dir: &Path,
+        break_bundle: bool,
+        config: &ShimConfig,
+    ) -> (Error, WatchedProcess, PathBuf) {
+        let bundle = dir.join("bundle");
+        std::fs::create_dir(&bundle).expect("bundle");
+        let mut spec = sample_spec();
+        spec.work_dir = dir.join("vm");
+        spec.shared_dir = Some(spec.work_dir.join("shared"));
+        let work_dir = spec.work_dir.clone();
+        let started = Arc::new(std::sync::Mutex::new(None));
+        let vmm = SleepVmm {
+            host: VmHost::new(config, spec, "vmm"),
+            break_bundle: break_bundle.then(|| bundle.clone()),
+            started: started.clone(),
+        };
+        let vm = Vm::new(
+            "pod1",
+            &bundle,
+            Box::new(vmm),
+            Devices::none(config.host.clone()),
+        );
+        let held = FailedResetLocks::default();
+        let err = Sandbox::launch(vm, config, &HashMap::new(), &held, Instant::now())
+            .await
+            .expect_err("the launch fails");
+        let vmm = started
+            .lock()
+            .expect("lock")
+            .take()
+            .expect("the VMM started");
+        (err, vmm, work_dir)
+    }
+
+    /// The bind mount of the share needs root.
+    fn can_mount() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        gpuvm_testkit::skip(Requirement::Root, "mounting the VM's share needs root");
+        false
+    }
+
+    #[tokio::test]
+    async fn a_state_file_failure_after_the_vmm_started_tears_the_vm_down() {
+        if !can_mount() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (err, vmm, work_dir) = failed_launch(dir.path(), true, &ShimConfig::default()).await;
+        assert!(
+            matches!(&err, Error::Io { context, .. } if context.contains("gpuvm-state.json")),
+            "{err:?}"
+        );
+        assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
+        assert!(
+            !crate::rootfs::has_mounts_under(&work_dir),
+            "share still mounted"
+        );
+        assert!(!work_dir.exists(), "work dir left behind");
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_tears_the_vm_down() {
+        if !can_mount() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = ShimConfig::default();
+        config.timeouts.agent_connect_secs = 1;
+        let (err, vmm, work_dir) = failed_launch(dir.path(), false, &config).await;
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
+        assert!(
+            !crate::rootfs::has_mounts_under(&work_dir),
+            "share still mounted"
+        );
+        assert!(!work_dir.exists(), "work dir left behind");
+        assert!(
+            SandboxRecord::load(&dir.path().join("bundle"))
+                .expect("load")
+                .is_none(),
+            "state file left behind"
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! The VM a sandbox asks for, from the config, the pod's annotations and the devices
+//! passed to it: a pure function, table-tested.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::config::{self, ShimConfig};
+use crate::devices::Passthrough;
+use crate::error::Result;
+use crate::hypervisor::{self, MemoryOptions, VmSpec};
+
+/// Where the VMs' private directories live on the host.
+pub const RUN_DIR: &str = "/run/gpuvm";
+
+/// The private directory of sandbox `id`'s VM (sockets, logs, the virtio-fs share).
+pub fn work_dir(id: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(id)
+}
+
+/// The VM of sandbox `id`: guest size from the annotations (within the config's
+/// limits), the config's guest kernel and memory backing, the virtio-fs share under
+/// the work dir, and `devices` with a 64-bit MMIO window that holds their BARs.
+pub fn vm_spec(
+    config: &ShimConfig,
+    annotations: &HashMap<String, String>,
+    devices: Option<&Passthrough>,
+    id: &str,
+) -> Result<VmSpec> {
+    let size = config::guest_size(&config.guest, annotations)?;
+    let hugepage_size = config.memory.hugepage_size_bytes()?;
+    let work_dir = work_dir(id);
+    Ok(VmSpec {
+        id: id.to_owned(),
+        kernel: config.guest.kernel.clone(),
+        initramfs: config.guest.initramfs.clone(),
+        // The agent mounts the virtio-fs share with this tag.
+        cmdline: hypervisor::kernel_cmdline(&format!(
+            "gpuvm.share={} {}",
+            hypervisor::SHARED_FS_TAG,
+            config.guest.kernel_params
+        )),
+        size,
+        shared_dir: Some(work_dir.join("shared")),
+        work_dir,
+        devices: devices.map(Passthrough::device_names).unwrap_or_default(),
+        taps: Vec::new(),
+        mmio64_size: devices.and_then(|set| crate::devices::mmio64_window(&set.bar64_sizes)),
+        memory: MemoryOptions {
+            prefault: config.memory.prefault,
+            hugepages: config.memory.hugepages,
+            hugepage_size,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GuestSize;
+    use crate::error::Error;
+    use crate::service::tests::annotations;
+
+    /// One table row: name, config, annotations, devices, the spec wanted.
+    type Case<'a> = (
+        &'a str,
+        ShimConfig,
+        HashMap<String, String>,
+        Option<&'a Passthrough>,
+        VmSpec,
+    );
+
+    /// Two H100s: a 128 GiB BAR1 and a 32 MiB BAR3 each.
+    fn two_h100s() -> Passthrough {
+        Passthrough {
+            devices: vec![
+                "0000:18:00.0".parse().expect("bdf"),
+                "0000:19:00.0".parse().expect("bdf"),
+            ],
+            groups: Vec::new(),
+            gpus: Vec::new(),
+            bar64_sizes: vec![128 << 30, 32 << 20, 128 << 30, 32 << 20],
+        }
+    }
+
+    /// The spec of sandbox `pod1` with the default config and no annotations.
+    fn default_spec() -> VmSpec {
+        VmSpec {
+            id: "pod1".into(),
+            work_dir: PathBuf::from("/run/gpuvm/pod1"),
+            kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
+            initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
+            cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm".into(),
+            size: GuestSize {
+                cpus: 1,
+                memory_mib: 1024,
+            },
+            shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/shared")),
+            devices: Vec::new(),
+            taps: Vec::new(),
+            mmio64_size: None,
+            memory: MemoryOptions::default(),
+        }
+    }
+
+    #[test]
+    fn vm_spec_table() {
+        let mut tuned = ShimConfig::default();
+        tuned.guest.kernel_params = "quiet".into();
+        tuned.memory.prefault = true;
+        tuned.memory.hugepages = true;
+        tuned.memory.hugepage_size = "2Mi".into();
+        let gpus = two_h100s();
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "defaults",
+                ShimConfig::default(),
+                annotations(&[]),
+                None,
+                default_spec(),
+            ),
+            (
+                "size from the annotations",
+                ShimConfig::default(),
+                annotations(&[
+                    (config::ANNOTATION_CPUS, "4"),
+                    (config::ANNOTATION_MEMORY, "8Gi"),
+                ]),
+                None,
+                VmSpec {
+                    size: GuestSize {
+                        cpus: 4,
+                        memory_mib: 8192,
+                    },
+                    ..default_spec()
+                },
+            ),
+            (
+                "kernel params and memory backing from the config",
+                tuned,
+                annotations(&[]),
+                None,
+                VmSpec {
+                    cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm quiet".into(),
+                    memory: MemoryOptions {
+                        prefault: true,
+                        hugepages: true,
+                        hugepage_size: Some(2 << 20),
+                    },
+                    ..default_spec()
+                },
+            ),
+            (
+                "devices and a window for their BARs",
+                ShimConfig::default(),
+                annotations(&[]),
+                Some(&gpus),
+                VmSpec {
+                    devices: vec!["0000:18:00.0".into(), "0000:19:00.0".into()],
+                    mmio64_size: Some(1 << 40),
+                    ..default_spec()
+                },
+            ),
+        ];
+        for (name, config, annotations, devices, want) in cases {
+            let got = vm_spec(&config, &annotations, devices, "pod1").expect(name);
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let mut bad_hugepages = ShimConfig::default();
+        bad_hugepages.memory.hugepages = true;
+        bad_hugepages.memory.hugepage_size = "lots".into();
+        let cases = [
+            (
+                ShimConfig::default(),
+                annotations(&[(config::ANNOTATION_CPUS, "1000")]),
+            ),
+            (
+                ShimConfig::default(),
+                annotations(&[(config::ANNOTATION_MEMORY, "a lot")]),
+            ),
+            (bad_hugepages, annotations(&[])),
+        ];
+        for (config, annotations) in cases {
+            let err = vm_spec(&config, &annotations, None, "pod1").expect_err("refused");
+            assert!(
+                matches!(err, Error::InvalidArgument(_) | Error::Config(_)),
+                "{err:?}"
+            );
+        }
+    }
+}
