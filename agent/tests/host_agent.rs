@@ -306,7 +306,10 @@ fn a_terminal_process_gets_a_pty() {
 #[test]
 fn a_container_sees_its_own_root() {
     if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED: needs root for mount namespaces");
+        gpuvm_testkit::skip(
+            gpuvm_testkit::Requirement::Root,
+            "needs root for mount namespaces",
+        );
         return;
     }
     let agent = start_agent();

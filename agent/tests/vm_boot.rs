@@ -2,8 +2,9 @@
 //! (vhost-device-vsock) and a virtio-fs share (virtiofsd), and drives the agent over
 //! the hybrid-vsock socket, exactly as the shim will.
 //!
-//! Prints `SKIPPED: <reason>` and passes when QEMU, vhost-device-vsock, virtiofsd or
-//! the image is missing. `scripts/vm-deps.sh` installs the tools and `guest/build.sh`
+//! Prints `SKIPPED: <reason>` (through `gpuvm-testkit`) and passes when QEMU,
+//! vhost-device-vsock, virtiofsd or the image is missing; fails instead under
+//! `GPUVM_REQUIRE=qemu`. `scripts/vm-deps.sh` installs the tools and `guest/build.sh`
 //! builds the image; `GPUVM_GUEST_DIR` points elsewhere than `.work/guest`.
 
 // Test helpers outside `#[test]` fns may panic on failure too.
@@ -20,6 +21,7 @@ use common::*;
 use gpuvm_protocol::agent as pb;
 use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
 use gpuvm_protocol::{AGENT_VSOCK_PORT, hybrid_vsock};
+use gpuvm_testkit::{Requirement, skip};
 use protobuf::MessageField;
 
 const SHARE_TAG: &str = "gpuvmshare";
@@ -179,15 +181,24 @@ fn boots_the_guest_and_runs_a_container() {
     let test_start = Instant::now();
     let guest = guest_dir();
     let Some(qemu) = find_tool("qemu-system-x86_64") else {
-        println!("SKIPPED: qemu-system-x86_64 is not installed (scripts/vm-deps.sh)");
+        skip(
+            Requirement::Qemu,
+            "qemu-system-x86_64 is not installed (scripts/vm-deps.sh)",
+        );
         return;
     };
     let Some(vsock_backend) = find_tool("vhost-device-vsock") else {
-        println!("SKIPPED: vhost-device-vsock is not installed (scripts/vm-deps.sh)");
+        skip(
+            Requirement::Qemu,
+            "vhost-device-vsock is not installed (scripts/vm-deps.sh)",
+        );
         return;
     };
     let Some(virtiofsd) = find_tool("virtiofsd") else {
-        println!("SKIPPED: virtiofsd is not installed (scripts/vm-deps.sh)");
+        skip(
+            Requirement::Qemu,
+            "virtiofsd is not installed (scripts/vm-deps.sh)",
+        );
         return;
     };
     let (vmlinux, initramfs, rootfs) = (
@@ -196,9 +207,9 @@ fn boots_the_guest_and_runs_a_container() {
         guest.join("busybox-rootfs"),
     );
     if !vmlinux.is_file() || !initramfs.is_file() || !rootfs.is_dir() {
-        println!(
-            "SKIPPED: no guest image in {} (run guest/build.sh)",
-            guest.display()
+        skip(
+            Requirement::Qemu,
+            &format!("no guest image in {} (run guest/build.sh)", guest.display()),
         );
         return;
     }

@@ -1,6 +1,7 @@
 //! Contract test: every request body the Cloud Hypervisor backend builds validates
 //! against Cloud Hypervisor's own OpenAPI spec (`../shared/reference/`, or
-//! `GPUVM_CH_OPENAPI`). Prints SKIPPED and passes when the spec is absent.
+//! `GPUVM_CH_OPENAPI`). Prints `SKIPPED` through `gpuvm-testkit` when the spec is
+//! absent, and fails instead under `GPUVM_REQUIRE=ch-openapi`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 use gpuvm_shim::config::GuestSize;
 use gpuvm_shim::hypervisor::cloud_hypervisor::{API_CALLS, VmConfig};
 use gpuvm_shim::hypervisor::{MemoryOptions, VmSpec};
+use gpuvm_testkit::{Requirement, skip};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -41,8 +43,9 @@ fn spec_path() -> Option<PathBuf> {
 
 fn load() -> Option<OpenApi> {
     let Some(path) = spec_path() else {
-        println!(
-            "SKIPPED: cloud-hypervisor-openapi.yaml not found at ../shared/reference/ or $GPUVM_CH_OPENAPI"
+        skip(
+            Requirement::ChOpenapi,
+            "cloud-hypervisor-openapi.yaml not found at ../shared/reference/ or $GPUVM_CH_OPENAPI",
         );
         return None;
     };
@@ -267,6 +270,8 @@ fn broken_bodies_fail_validation() {
     )
     .expect("json");
     assert!(errors(&validator, &good).is_empty());
+    // The pvpanic device is always asked for: a guest's panic must reach the shim.
+    assert_eq!(good["pvpanic"], json!(true));
 
     let breakages: Vec<(&str, Breakage)> = vec![
         (
@@ -305,6 +310,7 @@ fn broken_bodies_fail_validation() {
             "bad console mode",
             Box::new(|v| v["console"]["mode"] = json!("Nowhere")),
         ),
+        ("pvpanic as text", Box::new(|v| v["pvpanic"] = json!("on"))),
         (
             "fs without tag",
             Box::new(|v| {

@@ -16,23 +16,13 @@ use std::time::{Duration, Instant};
 
 use common::{
     Containerd, IMAGE, Plugins, Setup, ShimSettings, busybox_image, processes_mentioning, run,
-    setup, spec_with_args, start_containerd, test_dir,
+    setup_or_skip, spec_with_args, start_containerd, test_dir,
 };
+use gpuvm_testkit::Requirement;
 use serde_json::json;
 
 /// What a container run should show.
 const SCRIPT: &str = "echo hello from the vm; uname -r; echo oops >&2; exit 3";
-
-/// The setup, or `None` after printing why the test is skipped.
-fn setup_or_skip() -> Option<Setup> {
-    match setup() {
-        Ok(s) => Some(s),
-        Err(reason) => {
-            println!("SKIPPED: {reason}");
-            None
-        }
-    }
-}
 
 /// A unique container id for this test process.
 fn unique_id(what: &str) -> String {
@@ -152,7 +142,10 @@ fn stdin_reaches_the_container() {
 fn terminal_output_arrives() {
     let Some(s) = setup_or_skip() else { return };
     let Some(script) = common::find_binary("SCRIPT_BIN", "script") else {
-        println!("SKIPPED: script (util-linux) not found");
+        gpuvm_testkit::skip(
+            Requirement::Containerd,
+            "script (util-linux) not found: it gives ctr a terminal",
+        );
         return;
     };
     let dir = test_dir();

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Plugins, ShimSettings, busybox_image, run, setup, start_containerd, test_dir};
+use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
@@ -111,12 +111,8 @@ async fn exec_sync(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
-    let s = match setup() {
-        Ok(s) => s,
-        Err(reason) => {
-            println!("SKIPPED: {reason}");
-            return;
-        }
+    let Some(s) = common::setup_or_skip() else {
+        return;
     };
     let dir = test_dir();
     let image = busybox_image(dir.path());

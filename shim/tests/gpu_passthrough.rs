@@ -1,7 +1,8 @@
 //! End-to-end VFIO passthrough on a real host: runs when `GPUVM_TEST_GPU=<bdf>` names
 //! a GPU whose IOMMU group is bound to `vfio-pci`, with KVM, `cloud-hypervisor`
 //! (`CLOUD_HYPERVISOR_BIN`, default `/usr/bin/cloud-hypervisor`) and a guest kernel
-//! (`GPUVM_TEST_KERNEL`). Otherwise it prints `SKIPPED: no GPU (set GPUVM_TEST_GPU=<bdf>)`.
+//! (`GPUVM_TEST_KERNEL`). Otherwise it prints `SKIPPED: no GPU (set GPUVM_TEST_GPU=<bdf>)`
+//! (a failure under `GPUVM_REQUIRE=gpu`).
 //!
 //! Checked: the device passes the shim's checks on the real `/sys` and `/dev`, is
 //! locked, the 64-bit MMIO window covers its BARs, a Cloud Hypervisor VM boots with
@@ -13,15 +14,19 @@ use gpuvm_pci::Sysfs;
 use gpuvm_shim::config::{GuestSize, ShimConfig};
 use gpuvm_shim::devices;
 use gpuvm_shim::hypervisor::{self, CloudHypervisor, Hypervisor, MemoryOptions, VmSpec};
+use gpuvm_testkit::{Requirement, skip};
 
 #[tokio::test]
 async fn a_vfio_gpu_passes_into_a_cloud_hypervisor_vm_and_is_reset_after() {
     let Ok(gpu) = std::env::var("GPUVM_TEST_GPU") else {
-        println!("SKIPPED: no GPU (set GPUVM_TEST_GPU=<bdf>)");
+        skip(Requirement::Gpu, "no GPU (set GPUVM_TEST_GPU=<bdf>)");
         return;
     };
     let Some(kernel) = std::env::var_os("GPUVM_TEST_KERNEL").map(PathBuf::from) else {
-        println!("SKIPPED: no guest kernel (set GPUVM_TEST_KERNEL)");
+        skip(
+            Requirement::Gpu,
+            "no guest kernel for the GPU test (set GPUVM_TEST_KERNEL)",
+        );
         return;
     };
     let gpu = gpuvm_pci::PciAddress::parse(&gpu)

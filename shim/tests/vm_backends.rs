@@ -1,20 +1,29 @@
-//! Both hypervisor backends against real binaries and a real kernel. The guest is a
-//! tiny initramfs made here (busybox as init, running `poweroff -f`), so a VM that
+//! Both hypervisor backends against real binaries and a real Linux kernel. The guest
+//! is a tiny initramfs made here (busybox as init, running `poweroff -f`), so a VM that
 //! powers itself off must be noticed as the VM's exit.
 //!
-//! - Cloud Hypervisor: needs `CLOUD_HYPERVISOR_BIN` and `GPUVM_TEST_KERNEL` (a `vmlinux`)
-//!   and a KVM that boots real guests; create → boot → info → shutdown → delete.
+//! - Cloud Hypervisor with a real kernel: needs a KVM that boots real guests
+//!   (requirement `kvm`; nested PVM does not), the binary (requirement
+//!   `cloud-hypervisor`, found as `common::find_cloud_hypervisor` says) and a kernel;
+//!   create → boot → info → shutdown → delete. Where KVM only boots tiny guests,
+//!   `cloud_hypervisor.rs` runs the same lifecycle with the real binary.
 //! - QEMU: needs a kernel (`GPUVM_TEST_KERNEL`, else `.work/guest/vmlinux` from
 //!   `guest/build.sh`), `qemu-system-x86_64` and `vhost-device-vsock`
-//!   (`scripts/vm-deps.sh`); runs under TCG where KVM can't boot real guests.
+//!   (`scripts/vm-deps.sh`; requirement `qemu`); runs under TCG where KVM can't boot
+//!   real guests.
 //!
-//! Each prints `SKIPPED: <reason>` and passes when something is missing.
+//! Each prints `SKIPPED: <reason>` through `gpuvm-testkit` when something is missing,
+//! and fails instead when `GPUVM_REQUIRE` names what is missing.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::find_binary;
 use gpuvm_shim::config::{Backend, GuestSize, ShimConfig};
 use gpuvm_shim::hypervisor::{self, CloudHypervisor, Hypervisor, Qemu, VmSpec};
+use gpuvm_testkit::{Requirement, skip};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -83,22 +92,6 @@ fn env_path(name: &str) -> Option<PathBuf> {
         .filter(|p| p.exists())
 }
 
-fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
-    if let Some(p) = env_path(env) {
-        return Some(p);
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists())
-}
-
 fn short_tempdir() -> tempfile::TempDir {
     // Unix socket paths are limited to 108 bytes: keep the work dir short.
     tempfile::Builder::new()
@@ -109,20 +102,32 @@ fn short_tempdir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn cloud_hypervisor_lifecycle_and_guest_poweroff() {
-    let (Some(binary), Some(kernel)) = (
-        env_path("CLOUD_HYPERVISOR_BIN"),
-        env_path("GPUVM_TEST_KERNEL"),
-    ) else {
-        println!("SKIPPED: set CLOUD_HYPERVISOR_BIN and GPUVM_TEST_KERNEL to run Cloud Hypervisor");
+    if !hypervisor::probe_kvm() {
+        skip(
+            Requirement::Kvm,
+            "KVM here cannot boot real guests (no vmx/svm); cloud_hypervisor.rs runs the \
+             Cloud Hypervisor lifecycle with tiny guests instead",
+        );
+        return;
+    }
+    let binary = match common::find_cloud_hypervisor() {
+        Ok(b) => b,
+        Err(reason) => {
+            skip(Requirement::CloudHypervisor, &reason);
+            return;
+        }
+    };
+    let Some(kernel) = test_kernel() else {
+        skip(
+            Requirement::Qemu,
+            "no guest kernel (set GPUVM_TEST_KERNEL or run guest/build.sh)",
+        );
         return;
     };
     if !Path::new(BUSYBOX).exists() {
-        println!("SKIPPED: {BUSYBOX} (busybox-static) is missing");
-        return;
-    }
-    if !hypervisor::probe_kvm() {
-        println!(
-            "SKIPPED: KVM here cannot boot real guests (no vmx/svm), Cloud Hypervisor needs it"
+        skip(
+            Requirement::Qemu,
+            &format!("{BUSYBOX} (busybox-static) is missing"),
         );
         return;
     }
@@ -170,19 +175,31 @@ fn test_kernel() -> Option<PathBuf> {
 #[tokio::test]
 async fn qemu_guest_poweroff_is_noticed() {
     let Some(kernel) = test_kernel() else {
-        println!("SKIPPED: no guest kernel (set GPUVM_TEST_KERNEL or run guest/build.sh)");
+        skip(
+            Requirement::Qemu,
+            "no guest kernel (set GPUVM_TEST_KERNEL or run guest/build.sh)",
+        );
         return;
     };
     let Some(qemu) = find_binary("QEMU_BIN", "qemu-system-x86_64") else {
-        println!("SKIPPED: qemu-system-x86_64 not found (scripts/vm-deps.sh)");
+        skip(
+            Requirement::Qemu,
+            "qemu-system-x86_64 not found (scripts/vm-deps.sh)",
+        );
         return;
     };
     let Some(vsock) = find_binary("VHOST_DEVICE_VSOCK_BIN", "vhost-device-vsock") else {
-        println!("SKIPPED: vhost-device-vsock not found (scripts/vm-deps.sh)");
+        skip(
+            Requirement::Qemu,
+            "vhost-device-vsock not found (scripts/vm-deps.sh)",
+        );
         return;
     };
     if !Path::new(BUSYBOX).exists() {
-        println!("SKIPPED: {BUSYBOX} (busybox-static) is missing");
+        skip(
+            Requirement::Qemu,
+            &format!("{BUSYBOX} (busybox-static) is missing"),
+        );
         return;
     }
     let work = short_tempdir();

@@ -1,24 +1,26 @@
 //! Cloud Hypervisor backend: `cloud-hypervisor --api-socket <path>` driven over its
-//! REST API (HTTP/1.1 on a unix socket).
+//! REST API (HTTP/1.1 on a unix socket, [`super::ch_api`]), with its event monitor read
+//! so that a guest that resets or panics ends the VM.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::UnixStream;
 use tokio::process::Command;
 
+pub use super::ch_api::{ApiClient, GuestEnd};
+use super::ch_api::{EventReader, create_timeout, open_event_fifo};
 use super::{GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
+use crate::process::WatchedProcess;
 
 /// Every REST call the backend makes: (endpoint, HTTP method, has a JSON body). The
 /// contract test checks each against Cloud Hypervisor's OpenAPI spec.
 pub const API_CALLS: &[(&str, &str, bool)] = &[
+    ("vmm.ping", "get", false),
     ("vm.create", "put", true),
     ("vm.boot", "put", false),
     ("vm.info", "get", false),
@@ -52,6 +54,8 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     /// virtio-console (off).
     pub console: ConsoleConfig,
+    /// A pvpanic device, so that a guest's panic report reaches the event monitor.
+    pub pvpanic: bool,
 }
 
 /// `CpusConfig`.
@@ -226,99 +230,28 @@ impl TryFrom<&VmSpec> for VmConfig {
                 mode: "Off".into(),
                 file: None,
             },
+            pvpanic: true,
         })
     }
 }
 
-/// Client for the REST API on one unix socket. Cloud Hypervisor handles one request at
-/// a time, so every call holds the one mutex.
-#[derive(Debug)]
-pub struct ApiClient {
-    socket: PathBuf,
-    lock: tokio::sync::Mutex<()>,
-}
-
-impl ApiClient {
-    /// A client for the API socket at `socket` (nothing is opened yet).
-    pub fn new(socket: PathBuf) -> ApiClient {
-        ApiClient {
-            socket,
-            lock: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    /// `PUT /api/v1/<endpoint>` with an optional JSON body; returns the response body.
-    pub async fn put(&self, endpoint: &str, body: Option<&serde_json::Value>) -> Result<Bytes> {
-        let body =
-            match body {
-                Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| {
-                    Error::Hypervisor(format!("cannot encode {endpoint} body: {e}"))
-                })?),
-                None => Bytes::new(),
-            };
-        self.request(hyper::Method::PUT, endpoint, body).await
-    }
-
-    /// `GET /api/v1/<endpoint>`.
-    pub async fn get(&self, endpoint: &str) -> Result<Bytes> {
-        self.request(hyper::Method::GET, endpoint, Bytes::new())
-            .await
-    }
-
-    async fn request(&self, method: hyper::Method, endpoint: &str, body: Bytes) -> Result<Bytes> {
-        let _guard = self.lock.lock().await;
-        let hyper_error = |e: hyper::Error| Error::Hypervisor(format!("API {endpoint}: {e}"));
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(Error::io(format!(
-                "cannot connect to {}",
-                self.socket.display()
-            )))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(hyper_error)?;
-        let driver = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let has_body = !body.is_empty();
-        let mut builder = hyper::Request::builder()
-            .method(method)
-            // Origin-form: the request goes over a unix socket, Host names the server.
-            .uri(format!("/api/v1/{endpoint}"))
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::ACCEPT, "application/json");
-        if has_body {
-            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let request = builder
-            .body(Full::new(body))
-            .map_err(|e| Error::Hypervisor(format!("API {endpoint}: {e}")))?;
-        let response = sender.send_request(request).await.map_err(hyper_error)?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(hyper_error)?
-            .to_bytes();
-        driver.abort();
-        if !status.is_success() {
-            return Err(Error::VmmApi {
-                endpoint: endpoint.to_owned(),
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).trim().to_owned(),
-            });
-        }
-        Ok(bytes)
-    }
-}
+/// How long the VMM may take to answer `vmm.ping` after it starts.
+const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `vm.boot` may take (kernel loading, vCPU start; the memory is set up by
+/// `vm.create`).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The production backend.
 #[derive(Debug)]
 pub struct CloudHypervisor {
     host: VmHost,
     binary: PathBuf,
-    api: ApiClient,
+    api: Arc<ApiClient>,
+    /// Set when the guest reset or panicked and the shim ended the VM for it.
+    guest_end: Arc<Mutex<Option<GuestEnd>>>,
+    /// Reads the event monitor while the VMM runs (it ends with the VMM); aborted on
+    /// drop.
+    event_watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl CloudHypervisor {
@@ -327,8 +260,10 @@ impl CloudHypervisor {
         let api = ApiClient::new(spec.work_dir.join("ch-api.sock"));
         CloudHypervisor {
             binary: config.binaries.cloud_hypervisor.clone(),
-            api,
+            api: Arc::new(api),
             host: VmHost::new(config, spec, "cloud-hypervisor"),
+            guest_end: Arc::new(Mutex::new(None)),
+            event_watcher: Mutex::new(None),
         }
     }
 
@@ -339,13 +274,118 @@ impl CloudHypervisor {
 
     /// The VM's state as `vm.info` reports it (`Created`, `Running`, `Shutdown`, …).
     pub async fn vm_state(&self) -> Result<String> {
-        let body = self.api.get("vm.info").await?;
-        let info: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| Error::Hypervisor(format!("vm.info answered invalid JSON: {e}")))?;
+        let info = self.api.get_json("vm.info").await?;
         info.get("state")
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| Error::Hypervisor("vm.info has no state".into()))
+    }
+
+    /// Whether the VM ended because its guest reset or panicked (rather than powered
+    /// off or was shut down).
+    pub fn guest_end(&self) -> Option<GuestEnd> {
+        *lock(&self.guest_end)
+    }
+
+    /// The Cloud Hypervisor event FIFO in the VM's work dir.
+    pub fn event_fifo(&self) -> PathBuf {
+        self.host.spec().work_dir.join("ch-events.fifo")
+    }
+
+    /// Waits until the API answers `vmm.ping`: the socket file appears at `bind`, a
+    /// moment before the server accepts. A VMM that exits first is an error that points
+    /// at its log (no KVM, a bad option, …).
+    async fn wait_for_api(&self, vmm: &WatchedProcess) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + API_READY_TIMEOUT;
+        let mut waited = self.host.wait_for_socket(self.api.socket(), vmm).await;
+        while waited.is_ok() {
+            let ping = self.api.get_json("vmm.ping").await.and_then(|reply| {
+                reply.get("version").map(|_| ()).ok_or_else(|| {
+                    Error::Hypervisor(format!("vmm.ping answered without a version: {reply}"))
+                })
+            });
+            match ping {
+                Ok(()) => return Ok(()),
+                Err(e) if vmm.exited().is_some() || tokio::time::Instant::now() >= deadline => {
+                    waited = Err(e);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let log = self.host.spec().work_dir.join("cloud-hypervisor.log");
+        // Give an exit that is under way the moment it needs to be seen as one.
+        let exited = match vmm.exited() {
+            Some(exit) => Some(exit),
+            None => tokio::time::timeout(Duration::from_millis(200), vmm.wait())
+                .await
+                .ok(),
+        };
+        match (exited, waited) {
+            (Some(exit), _) => Err(Error::Hypervisor(format!(
+                "cloud-hypervisor exited with code {} before its API answered (see {})",
+                exit.code,
+                log.display()
+            ))),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(()),
+        }
+    }
+}
+
+impl Drop for CloudHypervisor {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.event_watcher).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Locks `mutex`, recovering from a poisoned lock (the data is a plain value).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads the event monitor until the VMM exits. When the guest resets (Cloud
+/// Hypervisor would reboot it) or reports a panic, records why and ends the VMM, so
+/// that a crashed guest is the VM's exit, as QEMU's `-no-reboot` makes it.
+async fn watch_events<R: tokio::io::AsyncRead + Unpin>(
+    mut events: EventReader<R>,
+    api: Arc<ApiClient>,
+    vmm: WatchedProcess,
+    guest_end: Arc<Mutex<Option<GuestEnd>>>,
+    grace: Duration,
+) {
+    let end = loop {
+        tokio::select! {
+            _ = vmm.wait() => return,
+            event = events.next() => match event {
+                Ok(Some(event)) => {
+                    tracing::debug!(source = %event.source, event = %event.event, "VMM event");
+                    if let Some(end) = event.guest_end() {
+                        break end;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopped reading the VMM's events: a guest reset will reboot the VM");
+                    return;
+                }
+            },
+        }
+    };
+    *lock(&guest_end) = Some(end);
+    tracing::warn!(
+        ?end,
+        pid = vmm.pid(),
+        "the guest reset or panicked: ending its VM"
+    );
+    if let Err(e) = api.put_within("vmm.shutdown", None, grace).await {
+        tracing::debug!(error = %e, "vmm.shutdown failed");
+    }
+    if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
+        vmm.stop(Duration::from_secs(1)).await;
     }
 }
 
@@ -356,24 +396,39 @@ impl Vmm for CloudHypervisor {
     }
 
     async fn start(&self, spawned: &SpawnHook<'_>) -> Result<()> {
-        let config = serde_json::to_value(VmConfig::try_from(self.host.spec())?)
+        let spec = self.host.spec();
+        let config = serde_json::to_value(VmConfig::try_from(spec)?)
             .map_err(|e| Error::VmConfig(e.to_string()))?;
         self.host.create_work_dir()?;
         self.host.start_virtiofsd(spawned).await?;
 
-        let api_socket = self.host.spec().work_dir.join("ch-api.sock");
+        // The reader opens the FIFO first, so that the VMM's open never blocks.
+        let events = open_event_fifo(&self.event_fifo())?;
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--api-socket")
-            .arg(format!("path={}", api_socket.display()))
+            .arg(format!("path={}", self.api.socket().display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", self.event_fifo().display()))
             .stdin(std::process::Stdio::null())
             .stdout(self.host.log_file("cloud-hypervisor.log")?)
             .stderr(self.host.log_file("cloud-hypervisor.log")?);
         let vmm = self.host.spawn_vmm(&self.binary, cmd, spawned)?;
-        self.host.wait_for_socket(&api_socket, &vmm).await?;
+        *lock(&self.event_watcher) = Some(tokio::spawn(watch_events(
+            events,
+            Arc::clone(&self.api),
+            vmm.clone(),
+            Arc::clone(&self.guest_end),
+            self.host.shutdown_timeout(),
+        )));
+        self.wait_for_api(&vmm).await?;
 
-        self.api.put("vm.create", Some(&config)).await?;
-        self.api.put("vm.boot", None).await?;
-        tracing::info!(id = %self.host.spec().id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
+        let touches_all_memory = spec.memory.prefault || !spec.devices.is_empty();
+        let create_within = create_timeout(spec.size.memory_mib, touches_all_memory);
+        self.api
+            .put_within("vm.create", Some(&config), create_within)
+            .await?;
+        self.api.put_within("vm.boot", None, BOOT_TIMEOUT).await?;
+        tracing::info!(id = %spec.id, pid = vmm.pid(), "VM booted (cloud-hypervisor)");
         Ok(())
     }
 
@@ -381,21 +436,17 @@ impl Vmm for CloudHypervisor {
         let Some(vmm) = self.host.vmm() else {
             return Ok(());
         };
+        let grace = self.host.shutdown_timeout();
         if vmm.exited().is_none() {
             // The VM may already be off (guest powered off): carry on to vmm.shutdown.
-            for endpoint in ["vm.shutdown", "vm.delete"] {
-                if let Err(e) = self.api.put(endpoint, None).await {
+            // Each call gets the shutdown timeout, so a wedged VMM is killed below.
+            for endpoint in ["vm.shutdown", "vm.delete", "vmm.shutdown"] {
+                if let Err(e) = self.api.put_within(endpoint, None, grace).await {
                     tracing::debug!(endpoint, error = %e, "API call failed");
                 }
             }
-            if let Err(e) = self.api.put("vmm.shutdown", None).await {
-                tracing::debug!(error = %e, "vmm.shutdown failed");
-            }
         }
-        if tokio::time::timeout(self.host.shutdown_timeout(), vmm.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
             tracing::warn!(
                 pid = vmm.pid(),
                 "cloud-hypervisor did not exit after vmm.shutdown"
@@ -431,7 +482,8 @@ mod tests {
                 "devices": [{"path": "/sys/bus/pci/devices/0000:3b:00.0/", "id": "gpu0"}],
                 "vsock": {"cid": 3, "socket": "/run/gpuvm/sandbox1/vsock.sock"},
                 "serial": {"mode": "File", "file": "/run/gpuvm/sandbox1/console.log"},
-                "console": {"mode": "Off"}
+                "console": {"mode": "Off"},
+                "pvpanic": true
             })
         );
     }
@@ -469,98 +521,6 @@ mod tests {
             let err = VmConfig::try_from(&spec).expect_err("must fail");
             assert!(matches!(err, Error::VmConfig(_)), "{err}");
         }
-    }
-
-    /// A fake API socket answering like Cloud Hypervisor: records each request line
-    /// and body, answers from `replies` in order.
-    async fn fake_api(
-        listener: tokio::net::UnixListener,
-        replies: Vec<&'static str>,
-    ) -> Vec<(String, String)> {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-        let mut seen = Vec::new();
-        for reply in replies {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let mut reader = BufReader::new(stream);
-            let mut request_line = String::new();
-            reader
-                .read_line(&mut request_line)
-                .await
-                .expect("request line");
-            let mut length = 0usize;
-            loop {
-                let mut header = String::new();
-                reader.read_line(&mut header).await.expect("header");
-                if header == "\r\n" {
-                    break;
-                }
-                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().expect("length");
-                }
-            }
-            let mut body = vec![0u8; length];
-            reader.read_exact(&mut body).await.expect("body");
-            seen.push((
-                request_line.trim().to_owned(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-            reader
-                .get_mut()
-                .write_all(reply.as_bytes())
-                .await
-                .expect("reply");
-        }
-        seen
-    }
-
-    #[tokio::test]
-    async fn api_client_speaks_http_over_the_unix_socket() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("api.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-        let info = r#"{"config":{"payload":{}},"state":"Running"}"#;
-        let ok_info: &'static str = Box::leak(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{info}",
-                info.len()
-            )
-            .into_boxed_str(),
-        );
-        let server = tokio::spawn(fake_api(
-            listener,
-            vec![
-                "HTTP/1.1 204 No Content\r\n\r\n",
-                ok_info,
-                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 12\r\n\r\nVM not boots",
-            ],
-        ));
-        let api = ApiClient::new(socket);
-        let body = serde_json::json!({"payload": {"kernel": "/k"}});
-        api.put("vm.create", Some(&body)).await.expect("create");
-        let reply = api.get("vm.info").await.expect("info");
-        assert_eq!(&reply[..], info.as_bytes());
-        let err = api.put("vm.boot", None).await.expect_err("500");
-        match err {
-            Error::VmmApi {
-                endpoint,
-                status,
-                body,
-            } => {
-                assert_eq!(
-                    (endpoint.as_str(), status, body.as_str()),
-                    ("vm.boot", 500, "VM not boots")
-                );
-            }
-            other => panic!("expected VmmApi, got {other}"),
-        }
-        let seen = server.await.expect("server");
-        assert_eq!(seen[0].0, "PUT /api/v1/vm.create HTTP/1.1");
-        assert_eq!(seen[0].1, r#"{"payload":{"kernel":"/k"}}"#);
-        assert_eq!(seen[1].0, "GET /api/v1/vm.info HTTP/1.1");
-        assert_eq!(
-            seen[2],
-            ("PUT /api/v1/vm.boot HTTP/1.1".to_owned(), String::new())
-        );
     }
 
     #[test]

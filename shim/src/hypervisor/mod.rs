@@ -6,6 +6,7 @@
 //! A backend implements [`Vmm`] (start and shutdown, the parts that differ); what every
 //! VM has on the host (work dir, logs, virtiofsd, its processes) is [`VmHost`], once.
 
+pub mod ch_api;
 pub mod cloud_hypervisor;
 mod host;
 pub mod qemu;

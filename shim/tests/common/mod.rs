@@ -1,7 +1,8 @@
 //! What the real-containerd tests (`containerd.rs`, `cri.rs`) and the start benchmark
 //! share: finding the binaries, a hand-made busybox OCI image, containerd 2.x on
 //! private dirs inside `unshare --net`, the shim's config file, and the check that a
-//! test left nothing behind.
+//! test left nothing behind. The VM tests (`cloud_hypervisor.rs`, `vm_backends.rs`)
+//! take the Cloud Hypervisor binary and the KVM check from here.
 //!
 //! Needs: root; `GPUVM_CONTAINERD_DIR` (default `/opt/gpuvm-containerd/usr/bin`);
 //! `GPUVM_GUEST_DIR` (default `<repo>/.work/guest`) with `vmlinux` and
@@ -11,10 +12,12 @@
 // Each test crate uses a different part of this module.
 #![allow(dead_code)]
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gpuvm_testkit::Requirement;
 use serde_json::json;
 
 /// The shim binary under test.
@@ -46,6 +49,77 @@ pub fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists())
 }
 
+/// `../shared` next to the checkout.
+pub fn shared_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}
+
+/// The Cloud Hypervisor binary, or why there is none: `CLOUD_HYPERVISOR_BIN`; else
+/// `$HOME/.cache/gpuvm-kube/cloud-hypervisor` (where `scripts/kube-deps.sh` puts it);
+/// else `../shared/vmm/cloud-hypervisor.xz`, decompressed with `xz` into that cache.
+pub fn find_cloud_hypervisor() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("CLOUD_HYPERVISOR_BIN").map(PathBuf::from) {
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "CLOUD_HYPERVISOR_BIN={} does not exist",
+                bin.display()
+            ))
+        };
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cached = home.join(".cache/gpuvm-kube/cloud-hypervisor");
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    let xz = shared_dir().join("vmm/cloud-hypervisor.xz");
+    if !xz.is_file() {
+        return Err(format!(
+            "no cloud-hypervisor: set CLOUD_HYPERVISOR_BIN, run scripts/kube-deps.sh, or put \
+             cloud-hypervisor.xz in {}",
+            xz.parent().unwrap_or(Path::new("")).display()
+        ));
+    }
+    decompress(&xz, &cached)?;
+    Ok(cached)
+}
+
+/// `xz -dc <xz> > <out>`, made executable, renamed into place at the end so that
+/// concurrent tests never run a half-written binary.
+fn decompress(xz: &Path, out: &Path) -> Result<(), String> {
+    let dir = out.parent().ok_or("the cache path has no parent")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!("cloud-hypervisor.{}.tmp", std::process::id()));
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let status = Command::new("xz")
+        .arg("-dc")
+        .arg(xz)
+        .stdout(file)
+        .status()
+        .map_err(|e| format!("cannot run xz to decompress {}: {e}", xz.display()))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("xz -dc {} failed: {status}", xz.display()));
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| format!("cannot install {}: {e}", out.display()))
+}
+
+/// Whether `/dev/kvm` can be opened for use, or why not.
+pub fn kvm_usable() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm is not usable ({e}), so Cloud Hypervisor cannot run"))
+}
+
 /// The binaries and guest image a test runs.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -59,11 +133,12 @@ pub struct Setup {
     pub guest_dir: PathBuf,
 }
 
-/// Finds everything a real-containerd test needs, or says what is missing.
-pub fn setup() -> Result<Setup, String> {
+/// Finds everything a real-containerd test needs, or says what is missing and which
+/// [`Requirement`] that is.
+pub fn setup() -> Result<Setup, (Requirement, String)> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root".into());
+        return Err((Requirement::Root, "needs root".into()));
     }
     let cdir = std::env::var_os("GPUVM_CONTAINERD_DIR")
         .map(PathBuf::from)
@@ -71,9 +146,12 @@ pub fn setup() -> Result<Setup, String> {
     let containerd = cdir.join("containerd");
     let ctr = cdir.join("ctr");
     if !containerd.exists() || !ctr.exists() {
-        return Err(format!(
-            "no containerd 2.x in {} (run scripts/containerd-deps.sh or set GPUVM_CONTAINERD_DIR)",
-            cdir.display()
+        return Err((
+            Requirement::Containerd,
+            format!(
+                "no containerd 2.x in {} (run scripts/containerd-deps.sh or set GPUVM_CONTAINERD_DIR)",
+                cdir.display()
+            ),
         ));
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -82,23 +160,28 @@ pub fn setup() -> Result<Setup, String> {
         .unwrap_or_else(|| repo.join(".work/guest"));
     let kernel = guest_dir.join("vmlinux");
     let initramfs = guest_dir.join("initramfs.cpio.gz");
+    // The guest image and the VM tools are what `Requirement::Qemu` names.
+    let vm = |reason: &str| (Requirement::Qemu, reason.to_owned());
     if !kernel.exists() || !initramfs.exists() {
-        return Err(format!(
+        return Err(vm(&format!(
             "no guest image in {} (run guest/build.sh or set GPUVM_GUEST_DIR)",
             guest_dir.display()
-        ));
+        )));
     }
     let qemu = find_binary("QEMU_BIN", "qemu-system-x86_64")
-        .ok_or("qemu-system-x86_64 not found (scripts/vm-deps.sh)")?;
+        .ok_or_else(|| vm("qemu-system-x86_64 not found (scripts/vm-deps.sh)"))?;
     let vsock = find_binary("VHOST_DEVICE_VSOCK_BIN", "vhost-device-vsock")
-        .ok_or("vhost-device-vsock not found (scripts/vm-deps.sh)")?;
+        .ok_or_else(|| vm("vhost-device-vsock not found (scripts/vm-deps.sh)"))?;
     let virtiofsd = find_binary("VIRTIOFSD_BIN", "virtiofsd")
-        .ok_or("virtiofsd not found (scripts/vm-deps.sh)")?;
+        .ok_or_else(|| vm("virtiofsd not found (scripts/vm-deps.sh)"))?;
     if !Path::new("/bin/busybox").exists() {
-        return Err("/bin/busybox (busybox-static) is missing".into());
+        return Err((
+            Requirement::Containerd,
+            "/bin/busybox (busybox-static) is missing: the test image is made from it".into(),
+        ));
     }
     if find_binary("UNSHARE_BIN", "unshare").is_none() {
-        return Err("unshare not found".into());
+        return Err((Requirement::Containerd, "unshare not found".into()));
     }
     Ok(Setup {
         containerd,
@@ -110,6 +193,18 @@ pub fn setup() -> Result<Setup, String> {
         virtiofsd,
         guest_dir: guest_dir.canonicalize().unwrap_or(guest_dir),
     })
+}
+
+/// The setup, or `None` after `gpuvm_testkit::skip` said what is missing (a failure
+/// instead when `GPUVM_REQUIRE` names it).
+pub fn setup_or_skip() -> Option<Setup> {
+    match setup() {
+        Ok(s) => Some(s),
+        Err((requirement, reason)) => {
+            gpuvm_testkit::skip(requirement, &reason);
+            None
+        }
+    }
 }
 
 /// A private temp dir for one test.
