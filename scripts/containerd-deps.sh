@@ -18,19 +18,8 @@
 set -euo pipefail
 
 PREFIX="${PREFIX:-/opt/gpuvm-containerd}"
-# The Debian archive this machine already uses (so no host is named here): the first
-# `URIs:`/`deb` entry of the system's apt sources that ends in /debian.
-system_mirror() {
-    {
-        grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
-        grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
-    } | grep -m1 -E '/debian/?$' || true
-}
-MIRROR="${DEBIAN_MIRROR:-$(system_mirror)}"
-if [ -z "$MIRROR" ]; then
-    echo "containerd-deps: no Debian archive found in the apt sources; set DEBIAN_MIRROR" >&2
-    exit 1
-fi
+# shellcheck source=scripts/lib/apt-private.sh
+. "$(dirname "$0")/lib/apt-private.sh"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
@@ -60,19 +49,8 @@ if [[ "$version" =~ ^v?2\. ]]; then
 else
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/lists/partial" "$work/archives/partial"
-    echo "deb $MIRROR sid main" > "$work/sources.list"
-    apt_private=(
-        -o Dir::Etc::sourcelist="$work/sources.list"
-        -o Dir::Etc::sourceparts=/nonexistent
-        -o Dir::State::Lists="$work/lists"
-        -o Dir::Cache::Archives="$work/archives"
-        -o APT::Get::List-Cleanup=0
-        -o APT::Sandbox::User=root
-    )
     echo "containerd-deps: fetching containerd from sid (private apt config)"
-    apt-get "${apt_private[@]}" update -qq
-    (cd "$work" && apt-get "${apt_private[@]}" download containerd)
+    apt_private_download sid containerd "$work"
     deb="$(ls "$work"/containerd_*.deb)"
     $SUDO mkdir -p "$PREFIX"
     $SUDO dpkg -x "$deb" "$PREFIX"

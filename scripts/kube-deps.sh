@@ -92,32 +92,13 @@ fi
 
 # etcd from trixie (private apt config, dpkg -x).
 if ! "$ASSETS/etcd" --version >/dev/null 2>&1; then
-    system_mirror() {
-        {
-            grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
-            grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}'
-        } | grep -m1 -E '/debian/?$' || true
-    }
-    MIRROR="${DEBIAN_MIRROR:-$(system_mirror)}"
-    if [ -z "$MIRROR" ]; then
-        echo "kube-deps: no Debian archive found in the apt sources; set DEBIAN_MIRROR" >&2
-        exit 1
-    fi
+    # shellcheck source=scripts/lib/apt-private.sh
+    . scripts/lib/apt-private.sh
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/root"
-    echo "deb $MIRROR trixie main" > "$work/sources.list"
-    apt_private=(
-        -o Dir::Etc::sourcelist="$work/sources.list"
-        -o Dir::Etc::sourceparts=/nonexistent
-        -o Dir::State::Lists="$work/lists"
-        -o Dir::Cache::Archives="$work/archives"
-        -o APT::Get::List-Cleanup=0
-        -o APT::Sandbox::User=root
-    )
+    mkdir -p "$work/root"
     log "fetching etcd-server from trixie (private apt config)"
-    apt-get "${apt_private[@]}" update -qq >&2
-    (cd "$work" && apt-get "${apt_private[@]}" download etcd-server >&2)
+    apt_private_download trixie etcd-server "$work"
     dpkg -x "$work"/etcd-server_*.deb "$work/root"
     install -m 0755 "$work/root/usr/bin/etcd" "$ASSETS/etcd"
 fi

@@ -31,7 +31,7 @@ use common::{find_cloud_hypervisor, kvm_usable, shared_dir};
 use gpuvm_shim::config::{Backend, GuestSize, ShimConfig};
 use gpuvm_shim::error::Error;
 use gpuvm_shim::hypervisor::cloud_hypervisor::GuestEnd;
-use gpuvm_shim::hypervisor::{self, CloudHypervisor, Hypervisor, VmSpec};
+use gpuvm_shim::hypervisor::{self, CloudHypervisor, Hypervisor, VmRecord, VmSpec};
 use gpuvm_testkit::{Requirement, skip};
 
 /// What every guest prints first.
@@ -558,6 +558,11 @@ async fn vsock_and_virtio_fs_on_shared_memory_are_accepted() {
         .expect("shutdown in time")
         .expect("shutdown");
     vm.cleanup().await;
+    assert_nothing_left(&record, &spec);
+}
+
+/// No process of `record` runs any more and the VM's work dir is gone.
+fn assert_nothing_left(record: &VmRecord, spec: &VmSpec) {
     for process in &record.processes {
         assert!(
             !Path::new(&format!("/proc/{}", process.pid)).exists(),
@@ -594,14 +599,7 @@ async fn a_bad_payload_is_a_rest_error_and_leaves_nothing() {
             other.full_message()
         ),
     }
-    for process in &record.processes {
-        assert!(
-            !Path::new(&format!("/proc/{}", process.pid)).exists(),
-            "{} left running",
-            process.name
-        );
-    }
-    assert!(!spec.work_dir.exists(), "work dir left behind");
+    assert_nothing_left(&record, &spec);
 }
 
 /// A VMM that dies at start (here: its API socket path is taken by a directory, and
