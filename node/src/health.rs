@@ -39,17 +39,13 @@ mod tests {
 
     use super::*;
 
+    // How records are read (strays, missing dir, long reasons) is tested where the
+    // reader lives, in `gpuvm_pci::health`; here, only this module's mapping.
     #[test]
-    fn reads_records_and_ignores_other_files() {
+    fn records_become_address_to_reason() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join("0000:17:00.0"),
-            "\n  flr: Inappropriate ioctl for device  \nmore detail\n",
-        )
-        .unwrap();
+        fs::write(dir.path().join("0000:17:00.0"), "flr: timed out\n").unwrap();
         fs::write(dir.path().join("0000:18:00.1"), "").unwrap();
-        fs::write(dir.path().join(".0000:19:00.0.tmp"), "half written").unwrap();
-        fs::write(dir.path().join("README"), "not a device").unwrap();
         let failures = read_reset_failures(dir.path()).unwrap();
         let got: Vec<(String, &str)> = failures
             .iter()
@@ -58,18 +54,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (
-                    "0000:17:00.0".to_owned(),
-                    "flr: Inappropriate ioctl for device"
-                ),
+                ("0000:17:00.0".to_owned(), "flr: timed out"),
                 ("0000:18:00.1".to_owned(), NO_REASON_RECORDED),
             ]
         );
-    }
-
-    #[test]
-    fn missing_directory_means_no_failures() {
-        let dir = tempfile::tempdir().unwrap();
         assert!(
             read_reset_failures(&dir.path().join("absent"))
                 .unwrap()
@@ -87,17 +75,6 @@ mod tests {
             err.to_string()
                 .contains("could not list the health directory"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn long_reasons_are_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("0000:17:00.0"), "x".repeat(1000)).unwrap();
-        let failures = read_reset_failures(dir.path()).unwrap();
-        assert_eq!(
-            failures.values().next().unwrap().chars().count(),
-            gpuvm_pci::health::MAX_REASON_CHARS
         );
     }
 }
