@@ -6,11 +6,13 @@
 //! operator's `crdgen` binary, so every field's doc comment becomes the description that
 //! `kubectl explain` prints.
 
+pub mod allocation;
 pub mod keys;
 pub mod machine;
 pub mod node;
 pub mod quantity;
 
+pub use allocation::{Clash, DeviceOwner, GpuAllocation, GpuAllocationSpec, MachineRef};
 pub use machine::{
     AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuRequest,
     GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
