@@ -92,6 +92,8 @@ struct Slot {
     queue: StdMutex<Vec<(Op, Answer)>>,
     /// Held while writing; holds the newest version of the record this process knows.
     latest: Mutex<Option<GpuAllocation>>,
+    /// A copy of `latest` after each write, readable while the next write is in flight.
+    snapshot: StdMutex<Option<GpuAllocation>>,
 }
 
 /// Commits claims and releases to the GpuAllocation records, batched per node.
@@ -122,8 +124,8 @@ impl Committer {
         slots.entry(node.to_owned()).or_default().clone()
     }
 
-    /// The newest record of each node this process wrote or read, where it is newer
-    /// than the cache's. Skips a node whose write is in flight (the cache will do).
+    /// The newest record of each node this process wrote or read (a write in flight
+    /// does not hide the last one).
     pub fn newest(&self) -> Vec<GpuAllocation> {
         let slots: Vec<Arc<Slot>> = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,7 +133,7 @@ impl Committer {
         };
         slots
             .iter()
-            .filter_map(|s| s.latest.try_lock().ok().and_then(|l| l.clone()))
+            .filter_map(|s| s.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .collect()
     }
 
@@ -151,6 +153,7 @@ impl Committer {
         }
         let batch = std::mem::take(&mut *slot.queue.lock().unwrap_or_else(|e| e.into_inner()));
         self.write(node, &mut latest, batch).await;
+        *slot.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = latest.clone();
         drop(latest);
         rx.await
             .unwrap_or_else(|_| Err(CommitError::Abandoned(node.to_owned())))

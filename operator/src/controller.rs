@@ -244,6 +244,9 @@ pub struct Context {
     pub inventory_dirty: AtomicBool,
     /// Which caches have synced; placement waits for all of them.
     pub synced: Arc<Synced>,
+    /// The resourceVersion of this process's last status write per machine uid: a cached
+    /// machine older than that is a stale copy, not worth a reconcile.
+    written: std::sync::Mutex<HashMap<String, u64>>,
     /// Told whenever GPUs are released, so machines waiting for GPUs are retried now
     /// rather than at their next periodic retry.
     released: tokio::sync::mpsc::UnboundedSender<()>,
@@ -288,6 +291,7 @@ impl Context {
             placer: Mutex::new(Placer::default()),
             inventory_dirty: AtomicBool::new(true),
             synced: Arc::new(Synced::default()),
+            written: std::sync::Mutex::new(HashMap::new()),
             released: tokio::sync::mpsc::unbounded_channel().0,
         }
     }
@@ -296,6 +300,27 @@ impl Context {
     pub fn with_release_notifier(mut self, tx: tokio::sync::mpsc::UnboundedSender<()>) -> Self {
         self.released = tx;
         self
+    }
+
+    /// Whether `machine` is older than what this process last wrote to it.
+    fn is_stale(&self, machine: &GpuMachine) -> bool {
+        let (Some(uid), Some(rv)) = (machine.uid(), rv_number(machine)) else {
+            return false;
+        };
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(&uid).is_some_and(|w| rv < *w)
+    }
+
+    fn remember_write(&self, machine: &GpuMachine) {
+        if let (Some(uid), Some(rv)) = (machine.uid(), rv_number(machine)) {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.insert(uid, rv);
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.remove(uid);
     }
 
     /// Uses `synced` for cache readiness (the default starts with nothing synced).
@@ -408,7 +433,17 @@ fn owner(machine: &GpuMachine) -> Result<MachineRef, Error> {
     })
 }
 
+/// A machine's resourceVersion as a number (etcd revisions), to compare copies.
+fn rv_number(machine: &GpuMachine) -> Option<u64> {
+    machine.resource_version()?.parse().ok()
+}
+
 async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
+    if ctx.is_stale(machine) {
+        // Our own newer write is on its way through the watch, which triggers the
+        // reconcile that matters; acting on this copy would only meet a conflict.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let placed = machine
         .status
         .as_ref()
@@ -475,13 +510,9 @@ async fn run_placed(
                 Err(kube::Error::Api(s)) if s.is_already_exists() => {}
                 Err(e) => return Err(e.into()),
             }
+            // No Event: `Scheduled` and the phase Events that follow say it, and each
+            // Event is one more write on the API server's busiest path.
             info!(pod = %pod.name_any(), "created Pod");
-            ctx.publish(
-                machine,
-                Severity::Normal,
-                "PodCreated",
-                &format!("created Pod {}", pod.name_any()),
-            );
         }
         PodAction::DeleteForRestart | PodAction::DeleteFinished => {
             if let Some(p) = &pod {
@@ -699,6 +730,17 @@ async fn mirror(
         generation,
         &now(),
     );
+    // The Pod's name goes into the same write (one status write per placement): until
+    // the Pod exists, a later reconcile finds it missing and creates it.
+    let decided = status::decide(
+        &GpuMachine {
+            status: Some(status.clone()),
+            ..machine.clone()
+        },
+        None,
+        &now(),
+    );
+    let status = decided.status;
     match write_status(machine, &status, ctx).await {
         Ok(written) => {
             info!(%node, ?devices, "allocated GPUs");
@@ -754,9 +796,11 @@ async fn write_status(
         "status": status,
     });
     let pp = PatchParams::apply(keys::FIELD_MANAGER).force();
-    Ok(api
+    let written = api
         .patch_status(&machine.name_any(), &pp, &Patch::Apply(patch))
-        .await?)
+        .await?;
+    ctx.remember_write(&written);
+    Ok(written)
 }
 
 /// Finalizer cleanup: delete the machine's Pods, wait until they are gone, then give its
@@ -784,6 +828,9 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
             }
         }
         info!("released GPUs");
+        if let Some(uid) = machine.uid() {
+            ctx.forget(&uid);
+        }
         return Ok(Action::await_change());
     }
     if machine.phase() != MachinePhase::Terminating {
