@@ -26,14 +26,13 @@ use gpuvm_api::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{Instrument, debug, info, instrument, warn};
 
@@ -780,8 +779,10 @@ async fn mirror(
     }
 }
 
-/// Writes the whole status by server-side apply, with the machine's resourceVersion as
-/// a precondition so a stale writer gets a 409 instead of overwriting.
+/// Writes the whole status with an update of the status subresource carrying the
+/// machine's resourceVersion, so a stale writer gets a 409 instead of overwriting. An
+/// update, not a server-side apply: the operator owns the whole status, and an apply
+/// costs the API server a managed-fields merge on the busiest path of placement.
 async fn write_status(
     machine: &GpuMachine,
     status: &GpuMachineStatus,
@@ -789,15 +790,14 @@ async fn write_status(
 ) -> Result<GpuMachine, Error> {
     let ns = machine.namespace().unwrap_or_default();
     let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": "gpuvm.dev/v1alpha1",
-        "kind": "GpuMachine",
-        "metadata": { "resourceVersion": machine.resource_version() },
-        "status": status,
-    });
-    let pp = PatchParams::apply(keys::FIELD_MANAGER).force();
+    let mut object = GpuMachine {
+        status: Some(status.clone()),
+        ..machine.clone()
+    };
+    // Only the status and the version travel; the rest of the object is ignored there.
+    object.metadata.managed_fields = None;
     let written = api
-        .patch_status(&machine.name_any(), &pp, &Patch::Apply(patch))
+        .replace_status(&machine.name_any(), &PostParams::default(), &object)
         .await?;
     ctx.remember_write(&written);
     Ok(written)

@@ -358,13 +358,12 @@ async fn the_record_commits_before_the_status_and_the_pod() {
     created["metadata"]["resourceVersion"] = json!("5");
     call.respond(StatusCode::CREATED, &created);
 
-    // 2. The status mirrors the record, by server-side apply with the machine's version.
+    // 2. The status mirrors the record: an update of the status carrying the machine's
+    // version.
     let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/m/status"));
-    assert!(
-        call.query.contains("fieldManager=gpuvm-operator"),
-        "{}",
-        call.query
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{MACHINES}/m/status"))
     );
     assert_eq!(call.body["metadata"]["resourceVersion"], "1");
     let status = &call.body["status"];
