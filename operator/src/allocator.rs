@@ -183,7 +183,9 @@ impl Committer {
                 .iter()
                 .map(|(op, _)| decide(&mut record.spec, op))
                 .collect();
-            let unchanged = record.spec == base.spec && base.metadata.resource_version.is_some();
+            // Nothing to write: the record did not change, or would be created empty.
+            let unchanged = record.spec == base.spec
+                && (base.metadata.resource_version.is_some() || record.spec.devices.is_empty());
             let clashed = outcomes.iter().any(|o| matches!(o, Outcome::Clash(_)));
             if (unchanged || clashed) && !fresh_read {
                 // A refusal or a no-op decided on a copy that may be old could be wrong
