@@ -1,4 +1,4 @@
-//! gpuvm's Kubernetes API: the `GpuMachine` and `GpuNode` custom resources and the
+//! gpuvm's Kubernetes API: the `GpuMachine`, `GpuNode` and `GpuAllocation` custom resources and the
 //! label, annotation and finalizer keys shared by the operator, the node agent and the
 //! containerd shim, the one Kubernetes quantity parser, and the in-guest GPU check
 //! record the shim writes for the node agent.
@@ -7,12 +7,14 @@
 //! operator's `crdgen` binary, so every field's doc comment becomes the description that
 //! `kubectl explain` prints.
 
+pub mod allocation;
 pub mod gpu_check;
 pub mod keys;
 pub mod machine;
 pub mod node;
 pub mod quantity;
 
+pub use allocation::{Clash, DeviceOwner, GpuAllocation, GpuAllocationSpec, MachineRef};
 pub use machine::{
     AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuRequest,
     GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,

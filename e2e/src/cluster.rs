@@ -23,7 +23,8 @@ use crate::note;
 use crate::operator::{Operator, OperatorOptions};
 
 /// The committed CRDs, as deployed.
-pub const CRDS: [&str; 2] = [
+pub const CRDS: [&str; 3] = [
+    include_str!("../../crds/gpuallocations.gpuvm.dev.yaml"),
     include_str!("../../crds/gpumachines.gpuvm.dev.yaml"),
     include_str!("../../crds/gpunodes.gpuvm.dev.yaml"),
 ];

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gpuvm_api::keys::{self, MODEL_ANY};
-use gpuvm_api::{GpuMachine, GpuNode, MemberRole};
+use gpuvm_api::{GpuAllocation, GpuMachine, GpuNode, MemberRole};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
@@ -177,6 +177,35 @@ pub fn check_pods(machines: &[GpuMachine], pods: &[Pod]) -> Vec<String> {
     errors
 }
 
+/// Checks machines against the per-node allocation records, the source of truth: every
+/// placed machine's status lists exactly what the record of its node gives its uid (the
+/// status mirrors the record). Returns every violation.
+pub fn check_records(machines: &[GpuMachine], records: &[GpuAllocation]) -> Vec<String> {
+    let by_node: HashMap<String, &GpuAllocation> =
+        records.iter().map(|r| (r.name_any(), r)).collect();
+    let mut errors = Vec::new();
+    for m in machines {
+        let Some(status) = m.status.as_ref().filter(|s| s.is_placed()) else {
+            continue;
+        };
+        let node = status.node_name.clone().unwrap_or_default();
+        let uid = m.uid().unwrap_or_default();
+        let held = by_node
+            .get(&node)
+            .map(|r| gpuvm_api::AllocatedGpu::devices(&r.spec.holdings(&uid)))
+            .unwrap_or_default();
+        if held != status.devices() {
+            errors.push(format!(
+                "{}/{} lists {:?} on {node}, the record gives it {held:?}",
+                m.namespace().unwrap_or_default(),
+                m.name_any(),
+                status.devices()
+            ));
+        }
+    }
+    errors
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +340,30 @@ mod tests {
             errors.contains("names machine ghost, which does not exist"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn statuses_that_differ_from_the_record_are_caught() {
+        let mut a = placed("a", "h100-80gb", "hgx-0", &HGX_H100_GPUS[..1], &[]);
+        a.metadata.uid = Some("uid-a".into());
+        let mut b = placed("b", "h100-80gb", "hgx-0", &HGX_H100_GPUS[1..2], &[]);
+        b.metadata.uid = Some("uid-b".into());
+        let mut record = GpuAllocation::new("hgx-0", Default::default());
+        let who = |m: &GpuMachine| gpuvm_api::MachineRef {
+            namespace: "ns".into(),
+            name: m.name_any(),
+            uid: m.uid().unwrap(),
+        };
+        record
+            .spec
+            .claim(&who(&a), &a.status.as_ref().unwrap().gpus)
+            .unwrap();
+        assert_eq!(
+            check_records(&[a.clone()], &[record.clone()]),
+            Vec::<String>::new()
+        );
+        let errors = check_records(&[a, b], &[record]).join("\n");
+        assert!(errors.contains("ns/b lists"), "{errors}");
+        assert!(!errors.contains("ns/a lists"), "{errors}");
     }
 }

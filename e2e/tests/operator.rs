@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use gpuvm_api::{
-    ConditionType, EnvVar, GpuMachine, GuestResources, MachinePhase, RestartPolicy, keys,
+    ConditionType, EnvVar, GpuAllocation, GpuMachine, GuestResources, MachinePhase, RestartPolicy,
+    keys,
 };
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU};
 use gpuvm_e2e::invariants::pinned_node;
@@ -475,10 +476,18 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
             "finalizers {:?}",
             train.finalizers()
         );
+        // The node's allocation record, where ownership is decided, gives train its GPUs.
+        let record = Api::<GpuAllocation>::all(env.client.clone())
+            .get(&node)
+            .await
+            .context("reading the GpuAllocation of train's node")?;
+        let held = gpuvm_api::AllocatedGpu::devices(
+            &record.spec.holdings(&train.uid().unwrap_or_default()),
+        );
         ensure!(
-            train.labels().get("gpuvm.dev/node") == Some(&node),
-            "labels {:?}",
-            train.labels()
+            held == status.devices(),
+            "the record gives train {held:?}, its status says {:?}",
+            status.devices()
         );
 
         // The L40S goes with its audio function, in that order.
@@ -554,7 +563,7 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
             "render-2 devices {:?}",
             pod.annotations().get(keys::ANNOTATION_DEVICES)
         );
-        let placed = env.check_invariants().await?;
+        let placed = check_all(&env).await?;
         ensure!(
             placed == 2,
             "{placed} machines placed, want train and render-2"
@@ -566,6 +575,59 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
         bail!("{e:#}\n--- operator ---\n{}", op.describe());
     }
     env.cleanup().await;
+    Ok(())
+}
+
+/// The harness's invariants plus the records: every placed machine's status mirrors
+/// what its node's GpuAllocation gives it. Returns how many machines are placed.
+async fn check_all(env: &TestEnv) -> anyhow::Result<usize> {
+    let placed = env.check_invariants().await?;
+    let machines = env.machines().list(&ListParams::default()).await?.items;
+    let records = Api::<GpuAllocation>::all(env.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let errors = gpuvm_e2e::invariants::check_records(&machines, &records);
+    ensure!(
+        errors.is_empty(),
+        "statuses disagree with the allocation records:\n  {}",
+        errors.join("\n  ")
+    );
+    Ok(placed)
+}
+
+/// How many rounds the race and kill/restart tests run, each on a fresh control plane:
+/// `GPUVM_E2E_REPEAT` (default 1). `scripts/e2e-repeat.sh` runs them 20 times.
+fn repeat() -> usize {
+    std::env::var("GPUVM_E2E_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
+/// Runs `round` `repeat()` times, stopping at the first failure, and says how many passed.
+async fn rounds<F, Fut>(test: &str, mut round: F) -> anyhow::Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let total = repeat();
+    for i in 0..total {
+        match round(i).await {
+            Ok(true) => {}
+            // No API server: the round printed SKIPPED.
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                note(&format!(
+                    "REPEAT: {test}: {i} of {total} passed, round {} failed",
+                    i + 1
+                ));
+                return Err(e.context(format!("round {} of {total}", i + 1)));
+            }
+        }
+    }
+    note(&format!("REPEAT: {test}: {total} of {total} passed"));
     Ok(())
 }
 
@@ -619,8 +681,12 @@ async fn all_booting(env: &TestEnv, n: usize) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_killed_mid_placement_converges_without_double_allocation() -> anyhow::Result<()> {
+    rounds("kill-restart", |_| kill_restart_round()).await
+}
+
+async fn kill_restart_round() -> anyhow::Result<bool> {
     let Some(mut env) = TestEnv::start("kill-restart").await? else {
-        return Ok(());
+        return Ok(false);
     };
     env.add_hosts(HostKind::HgxH100, 5).await?;
     let mut first = env
@@ -652,9 +718,7 @@ async fn operator_killed_mid_placement_converges_without_double_allocation() -> 
         );
     }
     // What the dead operator left must already be consistent.
-    env.check_invariants()
-        .await
-        .context("right after the SIGKILL")?;
+    check_all(&env).await.context("right after the SIGKILL")?;
 
     let mut second = env
         .start_operator(OperatorOptions::single(&env.namespace))
@@ -662,7 +726,7 @@ async fn operator_killed_mid_placement_converges_without_double_allocation() -> 
     let result = async {
         env.wait_pod_count(20, T).await?;
         all_booting(&env, 20).await?;
-        let placed = env.check_invariants().await?;
+        let placed = check_all(&env).await?;
         ensure!(placed == 20, "{placed} of 20 placed");
         let pods = env
             .pods()
@@ -681,7 +745,7 @@ async fn operator_killed_mid_placement_converges_without_double_allocation() -> 
         );
     }
     env.cleanup().await;
-    Ok(())
+    Ok(true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -711,7 +775,7 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
         env.apply_all(&twenty(&env, "a")).await?;
         env.wait_pod_count(20, T).await?;
         all_booting(&env, 20).await?;
-        ensure!(env.check_invariants().await? == 20, "not all 20 placed");
+        ensure!(check_all(&env).await? == 20, "not all 20 placed");
         let leader = holder(leases.clone()).await?;
         ensure!(
             leader == "op-a" || leader == "op-b",
@@ -731,7 +795,7 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
         env.apply_all(&more).await?;
         env.wait_pod_count(28, T_RETRY).await?;
         all_booting(&env, 28).await?;
-        ensure!(env.check_invariants().await? == 28, "not all 28 placed");
+        ensure!(check_all(&env).await? == 28, "not all 28 placed");
         let survivor = if leader == "op-a" { "op-b" } else { "op-a" };
         let now = holder(leases.clone()).await?;
         ensure!(
@@ -754,8 +818,12 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_unelected_operators_racing_never_double_allocate() -> anyhow::Result<()> {
+    rounds("two-racing", |_| racing_round()).await
+}
+
+async fn racing_round() -> anyhow::Result<bool> {
     let Some(mut env) = TestEnv::start("two-racing").await? else {
-        return Ok(());
+        return Ok(false);
     };
     // 24 GPUs for 24 single-GPU machines: every GPU is contested by both replicas.
     env.add_hosts(HostKind::HgxH100, 3).await?;
@@ -772,7 +840,7 @@ async fn two_unelected_operators_racing_never_double_allocate() -> anyhow::Resul
         env.apply_all(&machines).await?;
         env.wait_pod_count(24, T_RETRY).await?;
         all_booting(&env, 24).await?;
-        ensure!(env.check_invariants().await? == 24, "not all 24 placed");
+        ensure!(check_all(&env).await? == 24, "not all 24 placed");
         Ok(())
     }
     .await;
@@ -784,7 +852,7 @@ async fn two_unelected_operators_racing_never_double_allocate() -> anyhow::Resul
         );
     }
     env.cleanup().await;
-    Ok(())
+    Ok(true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -855,13 +923,22 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
             done.as_secs_f64(),
             f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / done.as_secs_f64()
         ));
-        let placed = env.check_invariants().await?;
+        let placed = check_all(&env).await?;
         ensure!(placed == machines_count, "{placed} of {machines_count} placed");
         if let Some((rss, peak)) = op.memory_kib() {
             note(&format!(
                 "THROUGHPUT: operator memory with {machines_count} machines: VmRSS {rss} KiB, VmHWM {peak} KiB"
             ));
         }
+        // The API server's own limit on this machine, for comparison: as many plain Pods
+        // created by a client, 64 requests at a time.
+        let plain = Instant::now();
+        plain_pods(&env, machines_count).await?;
+        let secs = plain.elapsed().as_secs_f64();
+        note(&format!(
+            "THROUGHPUT: API server alone: {machines_count} plain Pods created in {secs:.1} s: {:.1} Pods/s",
+            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / secs
+        ));
         if let Ok(metrics) = op.metrics().await {
             for line in metrics.lines().filter(|l| l.contains("placement_seconds_sum") || l.contains("placement_seconds_count")) {
                 note(&format!("THROUGHPUT: operator {line}"));
@@ -874,5 +951,29 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         bail!("{e:#}\n--- operator ---\n{}", op.describe());
     }
     env.cleanup().await;
+    Ok(())
+}
+
+/// Creates `n` plain Pods (no machine, no runtime class) in the test's namespace, 64 at
+/// a time, as fast as the API server takes them.
+async fn plain_pods(env: &TestEnv, n: usize) -> anyhow::Result<()> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let pods = env.pods();
+    futures::stream::iter((0..n).map(|i| {
+        let pods = pods.clone();
+        async move {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("plain-{i:05}"), "labels": {"gpuvm.dev/e2e-plain": "true"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
+            }))?;
+            pods.create(&kube::api::PostParams::default(), &pod)
+                .await
+                .with_context(|| format!("creating plain Pod {i}"))?;
+            anyhow::Ok(())
+        }
+    }))
+    .buffer_unordered(64)
+    .try_collect::<Vec<_>>()
+    .await?;
     Ok(())
 }

@@ -1,16 +1,17 @@
 //! The reconciler: the thin I/O layer around the pure decisions in [`crate::scheduler`],
 //! [`crate::pod`] and [`crate::status`].
 //!
-//! Allocation safety rests on three layers:
-//! 1. Placements in this process run one at a time under a mutex, over the cache plus an
-//!    overlay of allocations written but not yet seen in the cache.
-//! 2. The allocation is written into the machine's `status` with a `resourceVersion`
-//!    precondition, so a reconcile working from a stale copy of the machine fails with
-//!    a conflict and retries instead of writing over a newer decision.
-//! 3. Before the Pod is created, a fresh (quorum) list of the machines on that node is
-//!    checked: if another machine holds one of the same devices, this machine gives its
-//!    allocation back and retries. Since each side reads after its own write, at most one
-//!    of two racing machines can pass the check, whatever replicas or caches are involved.
+//! Who owns a GPU is decided in one place: the node's [`GpuAllocation`] record, changed
+//! only by an update carrying the resourceVersion that was read ([`crate::allocator`]).
+//! Of two writers for one device exactly one commits; the other is refused, reads again
+//! and places again, having taken nothing. A machine's `status` mirrors its committed
+//! entries, written with the machine's own resourceVersion as a precondition, so when two
+//! replicas place one machine on two nodes exactly one mirror wins and the loser gives
+//! its record entries back. A Pod is created only right after the commit, or after a
+//! quorum read shows the allocation still current; a Pod that disagrees with its
+//! machine's committed allocation is deleted. Entries whose machine is gone, ended or
+//! placed elsewhere are collected by [`collect_garbage`]. None of this depends on leader
+//! election or on caches being fresh: a stale cache only costs a retry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,30 +19,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gpuvm_api::{GpuMachine, GpuMachineStatus, GpuNode, MachinePhase, keys};
+use gpuvm_api::{
+    AllocatedGpu, GpuAllocation, GpuMachine, GpuMachineStatus, GpuNode, MachinePhase, MachineRef,
+    keys,
+};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{Instrument, debug, info, instrument, warn};
 
+use crate::allocator::{self, CommitError, Committer, Op, Outcome};
 use crate::inventory::{self, machine_key};
 use crate::metrics::{KindLabel, Metrics};
-use crate::pod::{PodError, build_pod};
+use crate::pod::{PodError, build_pod, matches_allocation};
 use crate::scheduler::{Inventory, PlacementRequest};
 use crate::status::{self, PodAction, Severity};
-
-/// Label on a placed machine naming its node, so the pre-Pod check can list just the
-/// machines of one node.
-pub const LABEL_NODE: &str = "gpuvm.dev/node";
 
 /// Everything that can fail in a reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -49,15 +49,21 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[source] kube::Error),
-    /// Another writer got there first (a 409, or another machine holds a device).
+    /// Another writer got there first (a 409 on the machine).
     #[error("allocation conflict: {0}")]
     Conflict(String),
+    /// The node's allocation record could not be written.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     /// The machine's Pods are still terminating; the GPUs are released after.
     #[error("waiting for the Pods of {0} to terminate before releasing its GPUs")]
     PodsTerminating(String),
     /// The Pod could not be built.
     #[error(transparent)]
     Pod(#[from] PodError),
+    /// The machine has no uid yet (it cannot own devices).
+    #[error("machine {0} has no uid")]
+    NoUid(String),
     /// The finalizer machinery failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -75,31 +81,55 @@ impl From<kube::Error> for Error {
 }
 
 impl Error {
-    /// The `kind` label of the error metric.
-    pub fn metric_label(&self) -> &'static str {
+    /// The error a reconcile failed with, seen through the finalizer's wrapper.
+    fn inner(&self) -> &Error {
         match self {
-            Error::Kube(_) => "kube",
-            Error::Conflict(_) => "conflict",
-            Error::PodsTerminating(_) => "pods_terminating",
-            Error::Pod(_) => "pod",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "finalizer",
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.inner(),
+                _ => self,
             },
+            _ => self,
+        }
+    }
+
+    /// The `kind` label of the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self.inner() {
+            Error::Kube(_) => "kube",
+            Error::Conflict(_) => "conflict",
+            Error::Commit(CommitError::Contended(_)) => "conflict",
+            Error::Commit(_) => "allocation_write",
+            Error::PodsTerminating(_) => "pods_terminating",
+            Error::Pod(_) => "pod",
+            Error::NoUid(_) => "no_uid",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 
     /// How long to wait before retrying after this error.
     pub fn backoff(&self) -> Duration {
-        match self.metric_label() {
+        match self.inner() {
             // Someone else wrote first: re-read and retry almost at once.
-            "conflict" => Duration::from_millis(200),
-            "pods_terminating" => Duration::from_secs(2),
+            Error::Conflict(_) | Error::Commit(CommitError::Contended(_)) => {
+                jitter(Duration::from_millis(50))
+            }
+            Error::PodsTerminating(_) => Duration::from_secs(2),
             // A Pod that can't be built won't be buildable until the spec changes.
-            "pod" => Duration::from_secs(300),
+            Error::Pod(_) => Duration::from_secs(300),
+            Error::NoUid(_) => Duration::from_secs(1),
             _ => Duration::from_secs(10),
         }
+    }
+
+    /// Whether this is the routine outcome of racing another writer.
+    fn is_routine(&self) -> bool {
+        matches!(
+            self.inner(),
+            Error::Conflict(_)
+                | Error::Commit(CommitError::Contended(_))
+                | Error::PodsTerminating(_)
+        )
     }
 }
 
@@ -131,12 +161,57 @@ pub const INDEX_REBUILD_MIN: Duration = Duration::from_secs(1);
 /// Even when nothing signalled a change, the index is rebuilt this often.
 pub const INDEX_MAX_AGE: Duration = Duration::from_secs(30);
 
+/// The watched caches, for readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// GpuMachines.
+    GpuMachine = 0,
+    /// GpuNodes.
+    GpuNode = 1,
+    /// Nodes.
+    Node = 2,
+    /// GpuAllocation records.
+    GpuAllocation = 3,
+}
+
+/// Which caches have completed their first list.
+#[derive(Debug, Default)]
+pub struct Synced([AtomicBool; 4]);
+
+impl Synced {
+    /// Marks a cache synced.
+    pub fn set(&self, cache: Cache) {
+        self.0[cache as usize].store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every cache has completed its first list.
+    pub fn all(&self) -> bool {
+        self.0.iter().all(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// A stream inspector that marks `cache` synced at its watcher's first `InitDone`.
+    pub fn marker<K>(
+        self: &Arc<Self>,
+        cache: Cache,
+    ) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let this = self.clone();
+        move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                this.set(cache);
+            }
+        }
+    }
+}
+
+/// How often record entries are checked against their machines.
+pub const GC_PERIOD: Duration = Duration::from_secs(5);
+
 /// What placement keeps between reconciles.
 #[derive(Debug, Default)]
 pub struct Placer {
-    /// Allocations written by this process, keyed `namespace/name`, until the cache
-    /// shows them.
-    pub overlay: HashMap<String, (String, Vec<String>)>,
+    /// Claims chosen but not yet answered by the record, keyed by machine uid: node and
+    /// devices. They count as taken when the index is rebuilt.
+    pub pending: HashMap<String, (String, Vec<String>)>,
     /// The scheduler's index of the fleet, with every allocation committed so far.
     index: Option<(Inventory, Instant)>,
 }
@@ -151,6 +226,10 @@ pub struct Context {
     pub gpu_nodes: Store<GpuNode>,
     /// Cache of every Node.
     pub nodes: Store<Node>,
+    /// Cache of every GpuAllocation record (may lag; the records themselves decide).
+    pub allocations: Store<GpuAllocation>,
+    /// Writes the records.
+    pub committer: Committer,
     /// Event recorder.
     pub recorder: Recorder,
     /// Metrics.
@@ -162,6 +241,11 @@ pub struct Context {
     /// Set when the inventory may have changed (a GpuNode or Node event, GPUs released):
     /// the cached index is then rebuilt, at most once per [`INDEX_REBUILD_MIN`].
     pub inventory_dirty: AtomicBool,
+    /// Which caches have synced; placement waits for all of them.
+    pub synced: Arc<Synced>,
+    /// The resourceVersion of this process's last status write per machine uid: a cached
+    /// machine older than that is a stale copy, not worth a reconcile.
+    written: std::sync::Mutex<HashMap<String, u64>>,
     /// Told whenever GPUs are released, so machines waiting for GPUs are retried now
     /// rather than at their next periodic retry.
     released: tokio::sync::mpsc::UnboundedSender<()>,
@@ -182,6 +266,7 @@ impl Context {
         machines: Store<GpuMachine>,
         gpu_nodes: Store<GpuNode>,
         nodes: Store<Node>,
+        allocations: Store<GpuAllocation>,
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Self {
@@ -193,15 +278,19 @@ impl Context {
             },
         );
         Context {
+            committer: Committer::new(client.clone(), allocations.clone()),
             client,
             machines,
             gpu_nodes,
             nodes,
+            allocations,
             recorder,
             metrics,
             settings,
             placer: Mutex::new(Placer::default()),
             inventory_dirty: AtomicBool::new(true),
+            synced: Arc::new(Synced::default()),
+            written: std::sync::Mutex::new(HashMap::new()),
             released: tokio::sync::mpsc::unbounded_channel().0,
         }
     }
@@ -212,6 +301,33 @@ impl Context {
         self
     }
 
+    /// Whether `machine` is older than what this process last wrote to it.
+    fn is_stale(&self, machine: &GpuMachine) -> bool {
+        let (Some(uid), Some(rv)) = (machine.uid(), rv_number(machine)) else {
+            return false;
+        };
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(&uid).is_some_and(|w| rv < *w)
+    }
+
+    fn remember_write(&self, machine: &GpuMachine) {
+        if let (Some(uid), Some(rv)) = (machine.uid(), rv_number(machine)) {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.insert(uid, rv);
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.remove(uid);
+    }
+
+    /// Uses `synced` for cache readiness (the default starts with nothing synced).
+    pub fn with_synced(mut self, synced: Arc<Synced>) -> Self {
+        self.synced = synced;
+        self
+    }
+
     /// Records that GPUs were released: the index is rebuilt and waiting machines retried.
     pub fn gpus_released(&self) {
         self.inventory_dirty.store(true, Ordering::Relaxed);
@@ -219,7 +335,9 @@ impl Context {
         let _ = self.released.send(());
     }
 
-    async fn publish(&self, machine: &GpuMachine, severity: Severity, reason: &str, note: &str) {
+    /// Publishes an Event in the background: Events are best effort and must neither
+    /// fail a reconcile nor add an API round trip to its latency.
+    fn publish(&self, machine: &GpuMachine, severity: Severity, reason: &str, note: &str) {
         let event = Event {
             type_: match severity {
                 Severity::Normal => EventType::Normal,
@@ -230,14 +348,35 @@ impl Context {
             action: "Reconcile".to_owned(),
             secondary: None,
         };
-        // Events are best effort: a failure to record one must not fail the reconcile.
-        if let Err(e) = self
-            .recorder
-            .publish(&event, &machine.object_ref(&()))
-            .await
-        {
-            warn!(error = %e, "could not publish event");
-        }
+        let recorder = self.recorder.clone();
+        let reference = machine.object_ref(&());
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(error = %e, "could not publish event");
+            }
+        });
+    }
+
+    /// The newest known copy of every node's allocation record.
+    fn known_records(&self) -> HashMap<String, GpuAllocation> {
+        allocator::newest_records(
+            self.allocations.state().iter().map(|r| (**r).clone()),
+            self.committer.newest(),
+        )
+    }
+
+    /// Submits a release of everything `uid` holds on `node`, and wakes waiting machines.
+    async fn release(&self, node: &str, uid: &str) -> Result<(), Error> {
+        self.committer
+            .submit(
+                node,
+                Op::Release {
+                    uid: uid.to_owned(),
+                },
+            )
+            .await?;
+        self.gpus_released();
+        Ok(())
     }
 }
 
@@ -266,7 +405,7 @@ pub async fn reconcile(machine: Arc<GpuMachine>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
-/// Requeue policy: by error kind.
+/// Requeue policy: by error variant.
 pub fn error_policy(machine: Arc<GpuMachine>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
@@ -274,16 +413,36 @@ pub fn error_policy(machine: Arc<GpuMachine>, error: &Error, ctx: Arc<Context>) 
             kind: error.metric_label().into(),
         })
         .inc();
-    match error.metric_label() {
-        "conflict" | "pods_terminating" => {
-            debug!(machine = %machine_key(&machine), %error, "retrying")
-        }
-        _ => warn!(machine = %machine_key(&machine), %error, "reconcile failed"),
+    if error.is_routine() {
+        debug!(machine = %machine_key(&machine), %error, "retrying");
+    } else {
+        warn!(machine = %machine_key(&machine), %error, "reconcile failed");
     }
     Action::requeue(error.backoff())
 }
 
+/// The machine as an owner of devices.
+fn owner(machine: &GpuMachine) -> Result<MachineRef, Error> {
+    Ok(MachineRef {
+        namespace: machine.namespace().unwrap_or_default(),
+        name: machine.name_any(),
+        uid: machine
+            .uid()
+            .ok_or_else(|| Error::NoUid(machine_key(machine)))?,
+    })
+}
+
+/// A machine's resourceVersion as a number (etcd revisions), to compare copies.
+fn rv_number(machine: &GpuMachine) -> Option<u64> {
+    machine.resource_version()?.parse().ok()
+}
+
 async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
+    if ctx.is_stale(machine) {
+        // Our own newer write is on its way through the watch, which triggers the
+        // reconcile that matters; acting on this copy would only meet a conflict.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let placed = machine
         .status
         .as_ref()
@@ -291,17 +450,55 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     if !placed {
         return place(machine, ctx).await;
     }
+    run_placed(machine, ctx, false).await
+}
+
+/// A placed machine: its Pod, mirrored into status. `just_committed` says the allocation
+/// in `machine.status` was committed to the record by this very reconcile, so it is
+/// current without another read.
+async fn run_placed(
+    machine: &GpuMachine,
+    ctx: &Context,
+    just_committed: bool,
+) -> Result<Action, Error> {
+    let me = owner(machine)?;
     let ns = machine.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let status = machine.status.clone().unwrap_or_default();
+    let node = status.node_name.clone().unwrap_or_default();
     let pod_name = crate::pod::pod_name(&machine.name_any(), status.restarts);
-    let pod = pods.get_opt(&pod_name).await?;
+    let pod = if just_committed {
+        None
+    } else {
+        pods.get_opt(&pod_name).await?
+    };
+    if let Some(p) = &pod
+        && p.metadata.deletion_timestamp.is_none()
+        && !matches_allocation(p, &status)
+    {
+        warn!(pod = %p.name_any(), "the Pod disagrees with the machine's allocation; deleting it");
+        delete_pod(&pods, &p.name_any()).await?;
+        ctx.publish(
+            machine,
+            Severity::Warning,
+            "PodMismatch",
+            &format!(
+                "deleted Pod {}: its node or devices differ from the allocation",
+                p.name_any()
+            ),
+        );
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let decision = status::decide(machine, pod.as_ref(), &now());
 
     match decision.action {
         PodAction::Create => {
-            if !verify_exclusive(machine, ctx).await? {
-                return Ok(Action::requeue(jitter(Duration::from_millis(500))));
+            if !just_committed {
+                // Only an allocation the record still holds gets a Pod (a quorum read).
+                let held = ctx.committer.fresh_holdings(&node, &me.uid).await?;
+                if AllocatedGpu::devices(&held) != status.devices() {
+                    return mirror(machine, &node, held, ctx).await;
+                }
             }
             let pod = build_pod(&GpuMachine {
                 status: Some(decision.status.clone()),
@@ -312,14 +509,9 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
                 Err(kube::Error::Api(s)) if s.is_already_exists() => {}
                 Err(e) => return Err(e.into()),
             }
+            // No Event: `Scheduled` and the phase Events that follow say it, and each
+            // Event is one more write on the API server's busiest path.
             info!(pod = %pod.name_any(), "created Pod");
-            ctx.publish(
-                machine,
-                Severity::Normal,
-                "PodCreated",
-                &format!("created Pod {}", pod.name_any()),
-            )
-            .await;
         }
         PodAction::DeleteForRestart | PodAction::DeleteFinished => {
             if let Some(p) = &pod {
@@ -329,19 +521,22 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         PodAction::Nothing => {}
     }
 
+    let ended = GpuMachine {
+        status: Some(decision.status.clone()),
+        ..machine.clone()
+    };
     if decision.status != status {
         write_status(machine, &decision.status, ctx).await?;
-        if !inventory::holds_gpus(&GpuMachine {
-            status: Some(decision.status.clone()),
-            ..machine.clone()
-        }) {
-            // The machine ended and its Pod is gone: its GPUs are free again.
-            ctx.gpus_released();
-        }
         for note in &decision.notes {
             info!(reason = %note.reason, "{}", note.message);
-            ctx.publish(machine, note.severity, &note.reason, &note.message)
-                .await;
+            ctx.publish(machine, note.severity, &note.reason, &note.message);
+        }
+    }
+    if !inventory::holds_gpus(&ended) {
+        // The machine ended and its Pod is gone: its GPUs go back to the record.
+        if record_holds(ctx, &node, &me.uid) {
+            ctx.release(&node, &me.uid).await?;
+            info!(%node, "released GPUs of the ended machine");
         }
     }
     Ok(match decision.status.phase {
@@ -352,15 +547,116 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
-/// Chooses GPUs for an unplaced machine and records the allocation in its status.
+/// Whether the newest known copy of `node`'s record lists anything of `uid` (when in
+/// doubt, yes: a release of nothing costs one read).
+fn record_holds(ctx: &Context, node: &str, uid: &str) -> bool {
+    ctx.known_records()
+        .get(node)
+        .is_none_or(|r| r.spec.devices.values().any(|o| o.uid == uid))
+}
+
+/// Chooses GPUs for an unplaced machine, commits them to the node's record, mirrors the
+/// record into the machine's status and creates the Pod.
 async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
-    let key = machine_key(machine);
-    let ns = machine.namespace().unwrap_or_default();
-    let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut guard = ctx.placer.lock().await;
-    let placer = &mut *guard;
+    let me = owner(machine)?;
+    if !ctx.synced.all() {
+        // Placing from half-filled caches would only meet refusals: wait for them.
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
 
+    // Already an owner (a crash between commit and mirror, or another replica's
+    // commit)? Mirror that; never allocate twice.
+    let mut held: Vec<(String, Vec<AllocatedGpu>)> = ctx
+        .known_records()
+        .into_iter()
+        .map(|(node, r)| (node, r.spec.holdings(&me.uid)))
+        .filter(|(_, h)| !h.is_empty())
+        .collect();
+    held.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some((node, gpus)) = held.into_iter().next() {
+        info!(%node, "the record already gives this machine GPUs; mirroring them");
+        return mirror(machine, &node, gpus, ctx).await;
+    }
+
+    let picked = {
+        let mut guard = ctx.placer.lock().await;
+        let placer = &mut *guard;
+        let inv = refresh_index(placer, ctx);
+        let result = inv.place(&PlacementRequest::from(&machine.spec));
+        if let Ok(p) = &result {
+            inv.commit(p);
+        }
+        ctx.metrics.set_usage(&inv.usage_by_model());
+        if let Ok(p) = &result {
+            placer
+                .pending
+                .insert(me.uid.clone(), (p.node.clone(), p.devices()));
+        }
+        result
+    };
+    let placement = match picked {
+        Ok(p) => p,
+        Err(why) => {
+            let message = why.to_string();
+            let status = status::unschedulable(machine, why.reason(), &message, &now());
+            let changed = machine.status.as_ref().and_then(|s| s.message.as_deref())
+                != Some(message.as_str());
+            if changed {
+                write_status(machine, &status, ctx).await?;
+                info!(%message, "machine is unschedulable");
+                ctx.publish(machine, Severity::Warning, "FailedScheduling", &message);
+            }
+            return Ok(Action::requeue(ctx.settings.unschedulable_retry));
+        }
+    };
+
+    // The compare-and-swap on the node's record decides.
+    let outcome = ctx
+        .committer
+        .submit(
+            &placement.node,
+            Op::Claim {
+                owner: me.clone(),
+                gpus: placement.gpus.clone(),
+            },
+        )
+        .await;
+    {
+        let mut placer = ctx.placer.lock().await;
+        placer.pending.remove(&me.uid);
+        match &outcome {
+            Ok(Outcome::Held(h)) if AllocatedGpu::devices(h) == placement.devices() => {}
+            // Someone else holds it: it stays taken in the index, which is rebuilt from
+            // the records soon.
+            Ok(Outcome::Clash(_)) => ctx.inventory_dirty.store(true, Ordering::Relaxed),
+            // The record gave us what we already held, or nothing was written.
+            Ok(_) | Err(_) => {
+                if let Some((inv, _)) = placer.index.as_mut() {
+                    inv.release(&placement);
+                }
+                ctx.inventory_dirty.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let gpus = match outcome? {
+        Outcome::Held(gpus) => gpus,
+        Outcome::Clash(clash) => {
+            debug!(node = %placement.node, %clash, "lost the device to another writer; placing again");
+            return Ok(Action::requeue(jitter(Duration::from_millis(20))));
+        }
+        Outcome::Released => return Ok(Action::requeue(Duration::from_millis(20))),
+    };
+    let action = mirror(machine, &placement.node, gpus, ctx).await?;
+    ctx.metrics
+        .placement_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(action)
+}
+
+/// Rebuilds the scheduler's index when it is stale, from the newest known records plus
+/// this process's claims still in flight, and returns it.
+fn refresh_index<'a>(placer: &'a mut Placer, ctx: &Context) -> &'a mut Inventory {
     let stale = match &placer.index {
         None => true,
         Some((_, built)) => {
@@ -370,155 +666,123 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         }
     };
     if stale {
+        placer.index = None;
+    }
+    let pending = &placer.pending;
+    let (inv, _) = placer.index.get_or_insert_with(|| {
         ctx.inventory_dirty.store(false, Ordering::Relaxed);
-        let machines = ctx.machines.state();
-        // The cache may now show what the overlay remembered: drop entries it confirms.
-        placer.overlay.retain(|k, (node, _)| {
-            !machines.iter().any(|m| {
-                machine_key(m) == *k
-                    && m.status.as_ref().and_then(|s| s.node_name.as_ref()) == Some(node)
-            })
-        });
         let views = inventory::node_views(
             ctx.gpu_nodes.state().iter().map(|g| g.as_ref()),
             ctx.nodes.state().iter().map(|n| n.as_ref()),
             Timestamp::now(),
             ctx.settings.heartbeat_timeout,
         );
-        let allocations =
-            inventory::allocations(machines.iter().map(|m| m.as_ref()), &placer.overlay, &key);
-        placer.index = Some((Inventory::build(&views, &allocations), Instant::now()));
-    }
-    let Some((inv, _)) = placer.index.as_mut() else {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    };
-    let request = PlacementRequest::from(&machine.spec);
-    let result = inv.place(&request);
-
-    match result {
-        Err(why) => {
-            ctx.metrics.set_usage(&inv.usage_by_model());
-            drop(guard);
-            let message = why.to_string();
-            let status = status::unschedulable(machine, why.reason(), &message, &now());
-            let changed = machine.status.as_ref().and_then(|s| s.message.as_deref())
-                != Some(message.as_str());
-            if changed {
-                write_status(machine, &status, ctx).await?;
-                info!(%message, "machine is unschedulable");
-                ctx.publish(machine, Severity::Warning, "FailedScheduling", &message)
-                    .await;
-            }
-            Ok(Action::requeue(ctx.settings.unschedulable_retry))
-        }
-        Ok(placement) => {
-            // The node label lets the pre-Pod check list one node's machines.
-            let labelled = api
-                .patch(
-                    &machine.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({
-                        "metadata": {
-                            "labels": { LABEL_NODE: placement.node },
-                            "resourceVersion": machine.resource_version(),
-                        }
-                    })),
-                )
-                .await?;
-            let mut status = machine.status.clone().unwrap_or_default();
-            status.node_name = Some(placement.node.clone());
-            status.gpus = placement.gpus.clone();
-            status.phase = Some(MachinePhase::Scheduled);
-            let gpus = placement.gpus.len();
-            let model = placement
-                .gpus
-                .first()
-                .map(|g| g.model.clone())
-                .unwrap_or_default();
-            let message = format!(
-                "{gpus} x {model} on node {} ({})",
-                placement.node,
-                placement.devices().join(", ")
-            );
-            status.message = Some(message.clone());
-            let generation = machine.metadata.generation.unwrap_or_default();
-            status.observed_generation = Some(generation);
-            status::set_condition(
-                &mut status.conditions,
-                gpuvm_api::ConditionType::Scheduled,
-                "True",
-                "Scheduled",
-                &message,
-                generation,
-                &now(),
-            );
-            // Optimistic write: fails with 409 if the machine changed since we read it.
-            write_status(&labelled, &status, ctx).await?;
-            placer
-                .overlay
-                .insert(key, (placement.node.clone(), placement.devices()));
-            inv.commit(&placement);
-            ctx.metrics.set_usage(&inv.usage_by_model());
-            drop(guard);
-            ctx.metrics
-                .placement_seconds
-                .observe(started.elapsed().as_secs_f64());
-            info!(node = %placement.node, devices = ?placement.devices(), "allocated GPUs");
-            ctx.publish(machine, Severity::Normal, "Scheduled", &message)
-                .await;
-            Ok(Action::requeue(Duration::from_millis(1)))
-        }
-    }
-}
-
-/// Checks, with a fresh read, that no other machine on this machine's node holds any of
-/// its devices. On a clash this machine gives its allocation back and returns `false`.
-async fn verify_exclusive(machine: &GpuMachine, ctx: &Context) -> Result<bool, Error> {
-    let status = machine.status.clone().unwrap_or_default();
-    let Some(node) = status.node_name.clone() else {
-        return Ok(false);
-    };
-    let mine: std::collections::HashSet<String> = status.devices().into_iter().collect();
-    let all: Api<GpuMachine> = Api::all(ctx.client.clone());
-    let on_node = all
-        .list(&ListParams::default().labels(&format!("{LABEL_NODE}={node}")))
-        .await?;
-    let me = machine_key(machine);
-    let clash = on_node.items.iter().find(|other| {
-        machine_key(other) != me
-            && inventory::holds_gpus(other)
-            && other.status.as_ref().is_some_and(|s| {
-                s.node_name.as_deref() == Some(node.as_str())
-                    && s.devices().iter().any(|d| mine.contains(d))
-            })
+        let records = ctx.known_records();
+        let allocations = inventory::taken(records.values(), pending.values());
+        (Inventory::build(&views, &allocations), Instant::now())
     });
-    let Some(other) = clash else {
-        return Ok(true);
-    };
-    warn!(other = %machine_key(other), "another machine holds the same GPUs; giving the allocation back");
-    let mut released = status.clone();
-    released.node_name = None;
-    released.gpus.clear();
-    released.phase = Some(MachinePhase::Pending);
-    released.message = Some(format!(
-        "allocation clashed with {}; placing again",
-        machine_key(other)
-    ));
-    write_status(machine, &released, ctx).await?;
-    ctx.placer.lock().await.overlay.remove(&me);
-    ctx.gpus_released();
-    ctx.publish(
-        machine,
-        Severity::Warning,
-        "AllocationConflict",
-        released.message.as_deref().unwrap_or_default(),
-    )
-    .await;
-    Ok(false)
+    inv
 }
 
-/// Writes the whole status by server-side apply, with the machine's resourceVersion as
-/// a precondition so a stale writer gets a 409 instead of overwriting.
+/// Writes the record's view of this machine (`gpus` on `node`, or nothing) into its
+/// status, with the machine's resourceVersion as a precondition, and goes on with the
+/// Pod. If another writer mirrored a different allocation first, ours on `node` is given
+/// back.
+async fn mirror(
+    machine: &GpuMachine,
+    node: &str,
+    gpus: Vec<AllocatedGpu>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let me = owner(machine)?;
+    let mut status = machine.status.clone().unwrap_or_default();
+    if gpus.is_empty() {
+        // The record holds nothing for this machine: it is not placed.
+        warn!(%node, "the record no longer holds this machine's GPUs; placing it again");
+        status.node_name = None;
+        status.gpus.clear();
+        status.pod_name = None;
+        status.phase = Some(MachinePhase::Pending);
+        status.message = Some("the allocation was not current; placing again".to_owned());
+        write_status(machine, &status, ctx).await?;
+        return Ok(Action::requeue(Duration::from_millis(20)));
+    }
+    let devices = AllocatedGpu::devices(&gpus);
+    let model = gpus.first().map(|g| g.model.clone()).unwrap_or_default();
+    let message = format!(
+        "{} x {model} on node {node} ({})",
+        gpus.len(),
+        devices.join(", ")
+    );
+    status.node_name = Some(node.to_owned());
+    status.gpus = gpus;
+    status.phase = Some(MachinePhase::Scheduled);
+    status.message = Some(message.clone());
+    let generation = machine.metadata.generation.unwrap_or_default();
+    status.observed_generation = Some(generation);
+    status::set_condition(
+        &mut status.conditions,
+        gpuvm_api::ConditionType::Scheduled,
+        "True",
+        "Scheduled",
+        &message,
+        generation,
+        &now(),
+    );
+    // The Pod's name goes into the same write (one status write per placement): until
+    // the Pod exists, a later reconcile finds it missing and creates it.
+    let decided = status::decide(
+        &GpuMachine {
+            status: Some(status.clone()),
+            ..machine.clone()
+        },
+        None,
+        &now(),
+    );
+    let status = decided.status;
+    match write_status(machine, &status, ctx).await {
+        Ok(written) => {
+            info!(%node, ?devices, "allocated GPUs");
+            ctx.publish(machine, Severity::Normal, "Scheduled", &message);
+            Box::pin(run_placed(&written, ctx, true)).await
+        }
+        Err(Error::Conflict(_)) => {
+            // The machine changed since we read it: look at it afresh.
+            let ns = machine.namespace().unwrap_or_default();
+            let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
+            let now_there = api.get_opt(&machine.name_any()).await?;
+            let same_machine = now_there
+                .as_ref()
+                .filter(|m| m.uid() == Some(me.uid.clone()));
+            let mirrored_here = same_machine
+                .and_then(|m| m.status.as_ref())
+                .filter(|s| s.is_placed())
+                .map(|s| s.node_name.as_deref() == Some(node) && s.devices() == devices);
+            match mirrored_here {
+                // Another replica mirrored the same allocation: nothing to undo.
+                Some(true) => Ok(Action::requeue(Duration::from_millis(1))),
+                // Unplaced still: retry the mirror on the new version.
+                None if same_machine
+                    .is_some_and(|m| !m.status.as_ref().is_some_and(|s| s.is_placed())) =>
+                {
+                    Ok(Action::requeue(Duration::from_millis(1)))
+                }
+                // Placed elsewhere by another writer, or gone: give ours back.
+                _ => {
+                    info!(%node, "another writer placed this machine first; releasing our claim");
+                    ctx.release(node, &me.uid).await?;
+                    Ok(Action::requeue(Duration::from_millis(1)))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the whole status with an update of the status subresource carrying the
+/// machine's resourceVersion, so a stale writer gets a 409 instead of overwriting. An
+/// update, not a server-side apply: the operator owns the whole status, and an apply
+/// costs the API server a managed-fields merge on the busiest path of placement.
 async fn write_status(
     machine: &GpuMachine,
     status: &GpuMachineStatus,
@@ -526,33 +790,47 @@ async fn write_status(
 ) -> Result<GpuMachine, Error> {
     let ns = machine.namespace().unwrap_or_default();
     let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": "gpuvm.dev/v1alpha1",
-        "kind": "GpuMachine",
-        "metadata": { "resourceVersion": machine.resource_version() },
-        "status": status,
-    });
-    let pp = PatchParams::apply(keys::FIELD_MANAGER).force();
-    Ok(api
-        .patch_status(&machine.name_any(), &pp, &Patch::Apply(patch))
-        .await?)
+    let mut object = GpuMachine {
+        status: Some(status.clone()),
+        ..machine.clone()
+    };
+    // Only the status and the version travel; the rest of the object is ignored there.
+    object.metadata.managed_fields = None;
+    let written = api
+        .replace_status(&machine.name_any(), &PostParams::default(), &object)
+        .await?;
+    ctx.remember_write(&written);
+    Ok(written)
 }
 
-/// Finalizer cleanup: delete the machine's Pods, wait until they are gone, then let the
-/// finalizer go, which releases the GPUs.
+/// Finalizer cleanup: delete the machine's Pods, wait until they are gone, then give its
+/// devices back in every record that lists them, and let the finalizer go.
 async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let ns = machine.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{}={}", keys::LABEL_MACHINE, machine.name_any());
     let remaining = pods.list(&ListParams::default().labels(&selector)).await?;
     if remaining.items.is_empty() {
-        ctx.placer
-            .lock()
-            .await
-            .overlay
-            .remove(&machine_key(machine));
-        ctx.gpus_released();
+        if let Some(uid) = machine.uid() {
+            let mut nodes: Vec<String> = ctx
+                .known_records()
+                .into_iter()
+                .filter(|(_, r)| r.spec.devices.values().any(|o| o.uid == uid))
+                .map(|(n, _)| n)
+                .collect();
+            if let Some(n) = machine.status.as_ref().and_then(|s| s.node_name.clone())
+                && !nodes.contains(&n)
+            {
+                nodes.push(n);
+            }
+            for node in nodes {
+                ctx.release(&node, &uid).await?;
+            }
+        }
         info!("released GPUs");
+        if let Some(uid) = machine.uid() {
+            ctx.forget(&uid);
+        }
         return Ok(Action::await_change());
     }
     if machine.phase() != MachinePhase::Terminating {
@@ -565,8 +843,7 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
             Severity::Normal,
             "Terminating",
             "deleting the machine's Pod",
-        )
-        .await;
+        );
     }
     for pod in &remaining.items {
         if pod.metadata.deletion_timestamp.is_none() {
@@ -585,13 +862,87 @@ async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
     }
 }
 
+/// What a record entry's owner says about it, read fresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryVerdict {
+    /// The machine exists, is unplaced or placed on this node, and not ended: keep.
+    Keep,
+    /// The machine is gone (and its Pods too), ended without a Pod, or placed on
+    /// another node: the entry is garbage.
+    Release,
+}
+
+/// Decides about one record entry from a fresh read of its machine (`None`: no machine
+/// of that name) and whether any of its Pods remain. Pure.
+pub fn judge_entry(
+    node: &str,
+    uid: &str,
+    machine: Option<&GpuMachine>,
+    pods_remain: bool,
+) -> EntryVerdict {
+    let Some(m) = machine.filter(|m| m.uid().as_deref() == Some(uid)) else {
+        // A Pod of a gone machine may still run a VM on the devices: wait for it.
+        return if pods_remain {
+            EntryVerdict::Keep
+        } else {
+            EntryVerdict::Release
+        };
+    };
+    match m.status.as_ref().filter(|s| s.is_placed()) {
+        // Unplaced: a commit whose mirror is in flight or was cut short; `place` adopts it.
+        None => EntryVerdict::Keep,
+        Some(s) if s.node_name.as_deref() != Some(node) => EntryVerdict::Release,
+        Some(_) if !inventory::holds_gpus(m) && !pods_remain => EntryVerdict::Release,
+        Some(_) => EntryVerdict::Keep,
+    }
+}
+
+/// One pass over the records: entries whose machine no longer needs them go back.
+/// Suspects are found in the caches and confirmed with fresh reads before anything is
+/// released.
+pub async fn collect_garbage(ctx: &Context) -> Result<usize, Error> {
+    let machines: HashMap<String, Arc<GpuMachine>> = ctx
+        .machines
+        .state()
+        .into_iter()
+        .filter_map(|m| m.uid().map(|u| (u, m)))
+        .collect();
+    let mut released = 0;
+    for (node, record) in ctx.known_records() {
+        for owner in record.spec.owners() {
+            let cached = machines.get(&owner.uid);
+            if cached.is_some_and(|m| {
+                judge_entry(&node, &owner.uid, Some(m), true) == EntryVerdict::Keep
+            }) {
+                continue;
+            }
+            let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+            let fresh = api.get_opt(&owner.name).await?;
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+            let selector = format!("{}={}", keys::LABEL_MACHINE, owner.name);
+            let pods_remain = !pods
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .is_empty();
+            if judge_entry(&node, &owner.uid, fresh.as_ref(), pods_remain) == EntryVerdict::Release
+            {
+                info!(%node, machine = %owner, "releasing GPUs the machine no longer holds");
+                ctx.release(&node, &owner.uid).await?;
+                released += 1;
+            }
+        }
+    }
+    Ok(released)
+}
+
 fn jitter(base: Duration) -> Duration {
     // Enough randomness to break lock-step retries between replicas, without a crate.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    base + Duration::from_millis(u64::from(nanos % 500))
+    base + Duration::from_millis(u64::from(nanos % 50))
 }
 
 /// Starts the caches and runs the controller until shutdown.
@@ -600,13 +951,24 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let gpu_nodes_api: Api<GpuNode> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
+    let allocations_api: Api<GpuAllocation> = Api::all(client.clone());
 
     let (gpu_nodes, gn_writer) = reflector::store::<GpuNode>();
+    let (allocations, alloc_writer) = reflector::store::<GpuAllocation>();
+    let synced = Arc::new(Synced::default());
+    let alloc_stream = reflector(
+        alloc_writer,
+        watcher(allocations_api, watcher::Config::default()),
+    )
+    .inspect(synced.marker(Cache::GpuAllocation))
+    .default_backoff()
+    .touched_objects();
     let (nodes, node_writer) = reflector::store::<Node>();
     let gn_stream = reflector(
         gn_writer,
         watcher(gpu_nodes_api, watcher::Config::default()),
     )
+    .inspect(synced.marker(Cache::GpuNode))
     .default_backoff()
     .touched_objects();
     let node_stream = reflector(
@@ -619,12 +981,19 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
             }
         }),
     )
+    .inspect(synced.marker(Cache::Node))
     .default_backoff()
     .touched_objects();
 
-    let controller = Controller::new(machines_api, watcher::Config::default().any_semantic());
-    let machines = controller.store();
-    let machines_ready = machines.clone();
+    let (machines, machine_writer) = reflector::store::<GpuMachine>();
+    let machine_stream = reflector(
+        machine_writer,
+        watcher(machines_api, watcher::Config::default().any_semantic()),
+    )
+    .inspect(synced.marker(Cache::GpuMachine))
+    .default_backoff()
+    .touched_objects();
+    let controller = Controller::for_stream(machine_stream, machines.clone());
     let (released_tx, released_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(
         Context::new(
@@ -632,10 +1001,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
             machines.clone(),
             gpu_nodes.clone(),
             nodes.clone(),
+            allocations.clone(),
             metrics.clone(),
             settings,
         )
-        .with_release_notifier(released_tx),
+        .with_release_notifier(released_tx)
+        .with_synced(synced.clone()),
     );
 
     // Inventory changes (a GpuNode or Node) wake every machine still waiting for GPUs.
@@ -652,6 +1023,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     };
     let on_gpu_node = waiting(machines.clone(), ctx.clone());
     let on_node = waiting(machines.clone(), ctx.clone());
+    let on_record = waiting(machines.clone(), ctx.clone());
     let on_release = waiting(machines.clone(), ctx.clone());
     let released =
         futures::stream::unfold((released_rx, on_release), |(mut rx, refs)| async move {
@@ -662,18 +1034,41 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         .flatten();
 
     let ready_metrics = metrics.clone();
+    // Readiness comes from flags set as each watch stream passes its first InitDone,
+    // not from awaiting the stores: a store's readiness is a one-shot channel that keeps
+    // only the last waiter's waker, and the controller's runner also awaits the GpuMachine
+    // store, so a second waiter could sleep for ever. That is why a restarted operator
+    // (whose caches fill while reconciles are already waiting) answered 503 "caches not
+    // synced" until it was killed.
     let readiness = async move {
-        let (a, b, c) = tokio::join!(
-            gpu_nodes.wait_until_ready(),
-            nodes.wait_until_ready(),
-            machines_ready.wait_until_ready()
-        );
-        if a.is_ok() && b.is_ok() && c.is_ok() {
-            ready_metrics.set_ready(true);
-            info!("caches synced; operator ready");
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if synced.all() {
+                ready_metrics.set_ready(true);
+                info!("caches synced; operator ready");
+                return;
+            }
         }
     };
     tokio::spawn(readiness.instrument(tracing::info_span!("readiness")));
+
+    // Entries whose machine is gone, ended or placed elsewhere go back to the pool.
+    let gc_ctx = ctx.clone();
+    let garbage = async move {
+        loop {
+            tokio::time::sleep(GC_PERIOD).await;
+            if !gc_ctx.synced.all() {
+                continue;
+            }
+            match collect_garbage(&gc_ctx).await {
+                Ok(0) => {}
+                Ok(n) => info!(entries = n, "collected allocation garbage"),
+                Err(e) => warn!(error = %e, "allocation garbage collection failed"),
+            }
+        }
+    };
+    tokio::spawn(garbage.instrument(tracing::info_span!("allocation_gc")));
 
     controller
         .owns(
@@ -682,6 +1077,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         )
         .watches_stream(gn_stream, move |_: GpuNode| on_gpu_node())
         .watches_stream(node_stream, move |_: Node| on_node())
+        // A record another replica changed may have freed GPUs.
+        .watches_stream(alloc_stream, move |_: GpuAllocation| on_record())
         .reconcile_on(released)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

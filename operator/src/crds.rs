@@ -1,6 +1,6 @@
 //! The CRDs as YAML, generated from the types in `gpuvm-api`.
 
-use gpuvm_api::{GpuMachine, GpuNode};
+use gpuvm_api::{GpuAllocation, GpuMachine, GpuNode};
 use kube::CustomResourceExt;
 
 /// Why the CRDs could not be rendered.
@@ -22,7 +22,18 @@ pub fn render() -> Result<Vec<(&'static str, String)>, RenderError> {
         "The GPU inventory of one Kubernetes node, published by the gpuvm node agent and \
          read by the operator's scheduler. Named like the node it describes.",
     )?;
+    let allocation = yaml(
+        GpuAllocation::crd(),
+        "Which machine owns each allocated device of one node: the single record where \
+         GPU ownership is decided. Named like the node; written only by the operator, \
+         always as an update carrying the resourceVersion it read, so of two writers for \
+         one device exactly one wins.",
+    )?;
     Ok(vec![
+        (
+            "gpuallocations.gpuvm.dev.yaml",
+            format!("{header}{allocation}"),
+        ),
         ("gpumachines.gpuvm.dev.yaml", format!("{header}{machine}")),
         ("gpunodes.gpuvm.dev.yaml", format!("{header}{node}")),
     ])

@@ -1,10 +1,10 @@
 //! Joins what the cluster says into the scheduler's input: Nodes + GpuNodes become
-//! [`NodeView`]s, and machines' statuses become the allocation map.
+//! [`NodeView`]s, and the allocation records become the map of taken devices.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use gpuvm_api::{GpuMachine, GpuNode};
+use gpuvm_api::{GpuAllocation, GpuMachine, GpuNode};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -59,35 +59,22 @@ pub fn holds_gpus(machine: &GpuMachine) -> bool {
     })
 }
 
-/// The allocation map: node → PCI addresses held, from every machine that holds GPUs,
-/// except `exclude` (the machine being placed). `overlay` entries (allocations this
-/// process wrote that the cache may not show yet) win over the cached status.
-pub fn allocations<'a>(
-    machines: impl IntoIterator<Item = &'a GpuMachine>,
-    overlay: &HashMap<String, (String, Vec<String>)>,
-    exclude: &str,
+/// The allocation map: node → PCI addresses taken, from the allocation records (the
+/// source of truth) plus claims this process has in flight (`pending`: node and devices).
+pub fn taken<'a>(
+    records: impl IntoIterator<Item = &'a GpuAllocation>,
+    pending: impl IntoIterator<Item = &'a (String, Vec<String>)>,
 ) -> BTreeMap<String, HashSet<String>> {
     let mut out: BTreeMap<String, HashSet<String>> = BTreeMap::new();
-    let mut seen = HashSet::new();
-    for m in machines {
-        let key = machine_key(m);
-        if key == exclude || overlay.contains_key(&key) {
-            continue;
-        }
-        seen.insert(key);
-        if holds_gpus(m)
-            && let Some(s) = &m.status
-            && let Some(node) = &s.node_name
-        {
-            out.entry(node.clone()).or_default().extend(s.devices());
-        }
+    for r in records {
+        out.entry(r.name_any())
+            .or_default()
+            .extend(r.spec.devices.keys().cloned());
     }
-    for (key, (node, devices)) in overlay {
-        if key != exclude {
-            out.entry(node.clone())
-                .or_default()
-                .extend(devices.iter().cloned());
-        }
+    for (node, devices) in pending {
+        out.entry(node.clone())
+            .or_default()
+            .extend(devices.iter().cloned());
     }
     out
 }
@@ -217,29 +204,40 @@ mod tests {
     }
 
     #[test]
-    fn allocation_map_counts_holders_and_the_overlay() {
-        let ms = [
-            machine("01", MachinePhase::Running, Some("01-vm")),
-            machine("02", MachinePhase::Succeeded, Some("02-vm")),
-            machine("03", MachinePhase::Succeeded, None),
-            machine("04", MachinePhase::Running, Some("04-vm")),
-        ];
-        let overlay = HashMap::from([(
-            "ns/05".to_owned(),
-            ("n1".to_owned(), vec!["0000:05:00.0".to_owned()]),
-        )]);
-        let map = allocations(&ms, &overlay, "ns/04");
-        let mut got: Vec<&str> = map["n1"].iter().map(String::as_str).collect();
-        got.sort();
-        assert_eq!(
-            got,
-            vec![
-                "0000:01:00.0",
-                "0000:01:00.1",
-                "0000:02:00.0",
-                "0000:02:00.1",
-                "0000:05:00.0"
-            ]
-        );
+    fn ended_machines_without_a_pod_hold_nothing() {
+        assert!(holds_gpus(&machine(
+            "01",
+            MachinePhase::Running,
+            Some("01-vm")
+        )));
+        assert!(holds_gpus(&machine(
+            "02",
+            MachinePhase::Succeeded,
+            Some("02-vm")
+        )));
+        assert!(!holds_gpus(&machine("03", MachinePhase::Succeeded, None)));
+    }
+
+    #[test]
+    fn taken_devices_come_from_the_records_and_pending_claims() {
+        let m = machine("01", MachinePhase::Running, Some("01-vm"));
+        let mut record = GpuAllocation::new("n1", Default::default());
+        record
+            .spec
+            .claim(
+                &gpuvm_api::MachineRef {
+                    namespace: "ns".into(),
+                    name: "01".into(),
+                    uid: "u1".into(),
+                },
+                &m.status.unwrap().gpus,
+            )
+            .unwrap();
+        let pending = [("n2".to_owned(), vec!["0000:05:00.0".to_owned()])];
+        let map = taken([&record], pending.iter());
+        let mut n1: Vec<&str> = map["n1"].iter().map(String::as_str).collect();
+        n1.sort();
+        assert_eq!(n1, vec!["0000:01:00.0", "0000:01:00.1"]);
+        assert!(map["n2"].contains("0000:05:00.0"));
     }
 }

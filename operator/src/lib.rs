@@ -5,6 +5,7 @@
 //! Decisions are pure functions ([`scheduler`], [`pod`], [`status`], [`inventory`]) with
 //! table tests; [`controller`] is the thin I/O layer that applies them.
 
+pub mod allocator;
 pub mod controller;
 pub mod crds;
 pub mod inventory;

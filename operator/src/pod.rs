@@ -170,6 +170,44 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
     })
 }
 
+/// The node a Pod is pinned to by its required node affinity
+/// (`matchFields metadata.name In [node]`, as [`build_pod`] writes it).
+pub fn pinned_node(pod: &Pod) -> Option<&str> {
+    let term = pod
+        .spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms
+        .first()?;
+    let field = term
+        .match_fields
+        .as_ref()?
+        .iter()
+        .find(|f| f.key == "metadata.name" && f.operator == "In")?;
+    match field.values.as_deref() {
+        Some([one]) => Some(one.as_str()),
+        _ => None,
+    }
+}
+
+/// Whether a Pod runs exactly the machine's committed allocation: pinned to its node and
+/// carrying its devices. A Pod that does not (left by a writer that lost a race) must go.
+pub fn matches_allocation(pod: &Pod, status: &gpuvm_api::GpuMachineStatus) -> bool {
+    let devices = pod
+        .annotations()
+        .get(keys::ANNOTATION_DEVICES)
+        .map(|v| keys::parse_devices(v))
+        .unwrap_or_default();
+    status.is_placed()
+        && pinned_node(pod) == status.node_name.as_deref()
+        && devices == status.devices()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +318,31 @@ mod tests {
         let mut m = placed();
         m.metadata.uid = None;
         assert_eq!(build_pod(&m), Err(PodError::NoOwner("train".into())));
+    }
+
+    #[test]
+    fn a_pod_matches_only_its_machines_committed_allocation() {
+        let m = placed();
+        let pod = build_pod(&m).unwrap();
+        let status = m.status.clone().unwrap();
+        assert_eq!(pinned_node(&pod), Some("ws-1"));
+        assert!(matches_allocation(&pod, &status));
+        type Change = fn(&mut GpuMachineStatus);
+        let cases: [(&str, Change); 4] = [
+            ("other node", |s| s.node_name = Some("ws-2".into())),
+            ("other GPU", |s| {
+                s.gpus[0].pci_address = "0000:02:00.0".into()
+            }),
+            ("companion dropped", |s| s.gpus[0].companions.clear()),
+            ("unplaced", |s| {
+                s.node_name = None;
+                s.gpus.clear();
+            }),
+        ];
+        for (name, change) in cases {
+            let mut other = status.clone();
+            change(&mut other);
+            assert!(!matches_allocation(&pod, &other), "{name}");
+        }
     }
 }

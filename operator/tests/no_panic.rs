@@ -286,10 +286,26 @@ proptest! {
     ) {
         let (gpu_nodes, nodes): (Vec<GpuNode>, Vec<Node>) = fleet.into_iter().unzip();
         let views = inventory::node_views(&gpu_nodes, &nodes, Timestamp::from_second(2_000_000_000).unwrap(), std::time::Duration::from_secs(120));
-        let overlay = HashMap::new();
         for m in &machines {
             let key = inventory::machine_key(m);
-            let allocations = inventory::allocations(&machines, &overlay, &key);
+            // The other machines' allocations, as the node records would hold them.
+            let mut records: HashMap<String, gpuvm_api::GpuAllocation> = HashMap::new();
+            for other in machines.iter().filter(|o| inventory::machine_key(o) != key) {
+                if let Some(s) = other.status.as_ref().filter(|s| s.is_placed()) {
+                    let node = s.node_name.clone().unwrap_or_default();
+                    let record = records
+                        .entry(node.clone())
+                        .or_insert_with(|| gpuvm_api::GpuAllocation::new(&node, Default::default()));
+                    let who = gpuvm_api::MachineRef {
+                        namespace: "ns".into(),
+                        name: inventory::machine_key(other),
+                        uid: inventory::machine_key(other),
+                    };
+                    // A clash between two generated statuses is not placement's concern.
+                    let _ = record.spec.claim(&who, &s.gpus);
+                }
+            }
+            let allocations = inventory::taken(records.values(), std::iter::empty());
             let mut inv = Inventory::build(&views, &allocations);
             let request = PlacementRequest::from(&m.spec);
             let _ = inv.usage_by_model();

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuvm_api::{
-    AllocatedGpu, GpuDevice, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuNode, GpuNodeSpec,
-    GpuNodeStatus, GpuRequest, GuestResources, IommuMember, MachinePhase, MemberRole,
-    RestartPolicy, keys,
+    AllocatedGpu, GpuAllocation, GpuDevice, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuNode,
+    GpuNodeSpec, GpuNodeStatus, GpuRequest, GuestResources, IommuMember, MachinePhase, MachineRef,
+    MemberRole, RestartPolicy, keys,
 };
-use gpuvm_operator::controller::{Context, Error, Settings, reconcile};
+use gpuvm_operator::controller::{Cache, Context, Error, Settings, Synced, reconcile};
 use gpuvm_operator::metrics::Metrics;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{
@@ -121,6 +121,7 @@ impl Server {
 }
 
 const MACHINES: &str = "/apis/gpuvm.dev/v1alpha1/namespaces/default/gpumachines";
+const RECORDS: &str = "/apis/gpuvm.dev/v1alpha1/gpuallocations";
 
 fn machine(name: &str) -> GpuMachine {
     let mut m = GpuMachine::new(
@@ -232,27 +233,56 @@ where
 }
 
 fn context(machines: Vec<GpuMachine>) -> (Arc<Context>, Server) {
-    context_notifying(machines, tokio::sync::mpsc::unbounded_channel().0)
+    context_with(machines, vec![], tokio::sync::mpsc::unbounded_channel().0)
 }
 
-/// A context whose "GPUs released" signal goes to `released`.
-fn context_notifying(
+/// A context over the given machines and allocation records, every cache synced.
+fn context_with(
     machines: Vec<GpuMachine>,
+    records: Vec<GpuAllocation>,
     released: tokio::sync::mpsc::UnboundedSender<()>,
 ) -> (Arc<Context>, Server) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (gn, node) = workstation();
+    let synced = Arc::new(Synced::default());
+    for cache in [
+        Cache::GpuMachine,
+        Cache::GpuNode,
+        Cache::Node,
+        Cache::GpuAllocation,
+    ] {
+        synced.set(cache);
+    }
     let ctx = Context::new(
         client,
         store_of(machines),
         store_of(vec![gn]),
         store_of(vec![node]),
+        store_of(records),
         Arc::new(Metrics::new()),
         Settings::default(),
     )
-    .with_release_notifier(released);
+    .with_release_notifier(released)
+    .with_synced(synced);
     (Arc::new(ctx), Server::spawn(handle))
+}
+
+/// Node `ws`'s allocation record at `rv`, giving `owners` their status's GPUs.
+fn record(rv: &str, owners: &[&GpuMachine]) -> GpuAllocation {
+    let mut r = GpuAllocation::new("ws", Default::default());
+    r.metadata.resource_version = Some(rv.into());
+    for m in owners {
+        let who = MachineRef {
+            namespace: "default".into(),
+            name: m.metadata.name.clone().unwrap(),
+            uid: m.metadata.uid.clone().unwrap(),
+        };
+        r.spec
+            .claim(&who, &m.status.as_ref().unwrap().gpus)
+            .unwrap();
+    }
+    r
 }
 
 fn with_status(mut m: GpuMachine, body: &Value, rv: &str) -> GpuMachine {
@@ -303,33 +333,39 @@ async fn a_new_machine_first_gets_the_finalizer() {
 }
 
 #[tokio::test]
-async fn allocation_is_written_before_the_pod_exists() {
+async fn the_record_commits_before_the_status_and_the_pod() {
     let m = machine("m");
     let (ctx, mut server) = context(vec![m.clone()]);
     let task = run(m.clone(), &ctx).await;
 
-    // 1. Label the machine with its node, guarded by its resourceVersion.
+    // 1. No record in the cache: a quorum read finds none, so it is created.
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
-        (Method::PATCH, &*format!("{MACHINES}/m"))
+        (Method::GET, &*format!("{RECORDS}/ws"))
     );
-    assert_eq!(call.body["metadata"]["labels"]["gpuvm.dev/node"], "ws");
-    assert_eq!(call.body["metadata"]["resourceVersion"], "1");
-    let mut labelled = m.clone();
-    labelled.metadata.resource_version = Some("2".into());
-    call.ok(&labelled);
-
-    // 2. The allocation goes into status, by server-side apply, with the new precondition.
+    call.error(404, "NotFound");
     let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/m/status"));
-    assert!(
-        call.query.contains("fieldManager=gpuvm-operator"),
-        "{}",
-        call.query
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::POST, RECORDS)
     );
-    assert!(call.query.contains("force=true"), "{}", call.query);
-    assert_eq!(call.body["metadata"]["resourceVersion"], "2");
+    let devices = &call.body["spec"]["devices"];
+    assert_eq!(devices["0000:01:00.0"]["uid"], "uid-m");
+    assert_eq!(devices["0000:01:00.0"]["gpu"], "0000:01:00.0");
+    assert_eq!(devices["0000:01:00.1"]["gpu"], "0000:01:00.0");
+    let mut created = call.body.clone();
+    created["metadata"]["resourceVersion"] = json!("5");
+    call.respond(StatusCode::CREATED, &created);
+
+    // 2. The status mirrors the record: an update of the status carrying the machine's
+    // version.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{MACHINES}/m/status"))
+    );
+    assert_eq!(call.body["metadata"]["resourceVersion"], "1");
     let status = &call.body["status"];
     assert_eq!(status["nodeName"], "ws");
     assert_eq!(status["phase"], "Scheduled");
@@ -338,33 +374,11 @@ async fn allocation_is_written_before_the_pod_exists() {
     assert_eq!(status["conditions"][0]["type"], "Scheduled");
     assert_eq!(status["conditions"][0]["status"], "True");
     assert_eq!(status["conditions"][0]["observedGeneration"], 1);
-    let after = with_status(labelled, &call.body, "3");
+    assert_eq!(status["podName"], "m-vm");
+    let after = with_status(m, &call.body, "3");
     call.ok(&after);
-    finish(task).await.unwrap();
-    server.done().await;
 
-    // 3. Next pass: no Pod yet -> fresh check of the node's machines -> create the Pod.
-    let task = run(after.clone(), &ctx).await;
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, "/api/v1/namespaces/default/pods/m-vm")
-    );
-    call.error(404, "NotFound");
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, "/apis/gpuvm.dev/v1alpha1/gpumachines")
-    );
-    assert!(
-        call.query.contains("labelSelector=gpuvm.dev%2Fnode%3Dws"),
-        "{}",
-        call.query
-    );
-    call.ok(
-        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
-                    "metadata": {"resourceVersion": "9"}, "items": [after]}),
-    );
+    // 3. In the same reconcile (the commit is as fresh as a read): the Pod.
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
@@ -384,110 +398,161 @@ async fn allocation_is_written_before_the_pod_exists() {
         "uid-m"
     );
     call.ok(&pod);
-    let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/m/status"));
-    assert_eq!(call.body["status"]["podName"], "m-vm");
-    let reply = with_status(after, &call.body, "4");
-    call.ok(&reply);
+    // The Pod's name was in the one status write: nothing more to write.
     finish(task).await.unwrap();
     server.done().await;
 }
 
 #[tokio::test]
-async fn a_conflicting_status_write_retries_and_never_double_allocates() {
+async fn of_two_writers_for_one_gpu_the_loser_takes_nothing() {
     let a = machine("a");
-    let b = machine("b");
-    // The cache never catches up during this test: only the overlay knows about `a`.
-    let (ctx, mut server) = context(vec![a.clone(), b.clone()]);
-
-    // `a`'s allocation write hits a 409: nothing is recorded, the error is a conflict.
-    let task = run(a.clone(), &ctx).await;
-    server.next().await.ok(&a);
-    let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/a/status"));
-    call.error(409, "Conflict");
-    let err = finish(task).await.unwrap_err();
-    assert_eq!(err.metric_label(), "conflict", "{err}");
-    assert_eq!(err.backoff(), Duration::from_millis(200));
-
-    // Meanwhile `b` can still be placed on the one GPU: `a` holds nothing.
-    let task = run(b.clone(), &ctx).await;
-    server.next().await.ok(&b);
-    let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/b/status"));
-    assert_eq!(call.body["status"]["gpus"][0]["pciAddress"], "0000:01:00.0");
-    let reply = with_status(b.clone(), &call.body, "5");
-    call.ok(&reply);
-    finish(task).await.unwrap();
-
-    // `a` retries: the GPU is now `b`'s (known from the overlay, not the stale cache),
-    // so `a` is reported unschedulable instead of being handed the same GPU.
-    let task = run(a.clone(), &ctx).await;
-    let call = server.next().await;
-    assert_eq!(call.path, format!("{MACHINES}/a/status"));
-    let status = &call.body["status"];
-    assert!(status.get("gpus").is_none(), "{status}");
-    assert_eq!(status["phase"], "Pending");
-    assert_eq!(status["conditions"][0]["type"], "Scheduled");
-    assert_eq!(status["conditions"][0]["status"], "False");
-    assert_eq!(status["conditions"][0]["reason"], "Unschedulable");
-    assert_eq!(
-        status["message"],
-        "no node has 1 free healthy l40s GPU (1 node checked: 1 full)"
+    let b = placed("b");
+    // The cache shows an empty record at version 5; another replica has since given the
+    // GPU to `b` (version 6).
+    let (ctx, mut server) = context_with(
+        vec![a.clone()],
+        vec![record("5", &[])],
+        tokio::sync::mpsc::unbounded_channel().0,
     );
-    let reply = with_status(a, &call.body, "6");
-    call.ok(&reply);
-    finish(task).await.unwrap();
-    server.done().await;
-}
+    let task = run(a.clone(), &ctx).await;
 
-#[tokio::test]
-async fn a_clash_found_before_pod_creation_gives_the_allocation_back() {
-    let mine = placed("mine");
-    let mut theirs = placed("theirs");
-    theirs.status.as_mut().unwrap().pod_name = Some("theirs-vm".into());
-    let (ctx, mut server) = context(vec![mine.clone()]);
-    let task = run(mine.clone(), &ctx).await;
-
-    server.next().await.error(404, "NotFound");
-    let call = server.next().await;
-    assert!(call.query.contains("labelSelector=gpuvm.dev%2Fnode%3Dws"));
-    call.ok(
-        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
-                    "metadata": {"resourceVersion": "9"}, "items": [mine, theirs]}),
-    );
-    // No Pod is created; the allocation is released instead.
+    // The claim goes out as an update carrying version 5: the server says 409.
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
-        (Method::PATCH, &*format!("{MACHINES}/mine/status"))
+        (Method::PUT, &*format!("{RECORDS}/ws"))
     );
-    let status = &call.body["status"];
-    assert!(
-        status.get("nodeName").is_none() && status.get("gpus").is_none(),
-        "{status}"
+    assert_eq!(call.body["metadata"]["resourceVersion"], "5");
+    assert_eq!(call.body["spec"]["devices"]["0000:01:00.0"]["uid"], "uid-a");
+    call.error(409, "Conflict");
+    // A quorum read shows `b` holding it: `a` is refused, writes nothing, and retries.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, &*format!("{RECORDS}/ws"))
     );
-    assert_eq!(status["phase"], "Pending");
-    assert!(
-        status["message"]
-            .as_str()
-            .unwrap()
-            .contains("clashed with default/theirs")
-    );
-    let reply = with_status(mine, &call.body, "7");
-    call.ok(&reply);
+    call.ok(&record("6", &[&b]));
     let action = finish(task).await.unwrap();
     assert!(
         format!("{action:?}").contains("requeue_after: Some"),
         "{action:?}"
     );
     server.done().await;
+
+    // The retry sees `b`'s GPU taken: `a` is unschedulable, never handed the same GPU.
+    let task = run(a.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/a/status"));
+    let status = &call.body["status"];
+    assert!(status.get("gpus").is_none(), "{status}");
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["conditions"][0]["reason"], "Unschedulable");
+    assert_eq!(
+        status["message"],
+        "no node has 1 free healthy l40s GPU (1 node checked: 1 full)"
+    );
+    let reply = with_status(a, &call.body, "7");
+    call.ok(&reply);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_writer_whose_mirror_loses_gives_its_claim_back() {
+    let a = machine("a");
+    let (ctx, mut server) = context_with(
+        vec![a.clone()],
+        vec![record("5", &[])],
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+    let task = run(a.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(call.method, Method::PUT);
+    let mut committed = call.body.clone();
+    committed["metadata"]["resourceVersion"] = json!("6");
+    call.ok(&committed);
+    // Another replica placed `a` first (on another node): our status write is refused...
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/a/status"));
+    call.error(409, "Conflict");
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, &*format!("{MACHINES}/a"))
+    );
+    let mut elsewhere = placed("a");
+    elsewhere.status.as_mut().unwrap().node_name = Some("other".into());
+    call.ok(&elsewhere);
+    // ... so our entries on `ws` go back, as an update on the version we wrote.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{RECORDS}/ws"))
+    );
+    assert_eq!(call.body["metadata"]["resourceVersion"], "6");
+    assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
+    let mut released = call.body.clone();
+    released["metadata"]["resourceVersion"] = json!("7");
+    call.ok(&released);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_machine_the_record_already_gives_gpus_is_mirrored_not_placed_again() {
+    // A crash between the commit and the mirror: the record holds `m`'s GPU, its status
+    // says nothing.
+    let m = machine("m");
+    let (ctx, mut server) = context_with(
+        vec![m.clone()],
+        vec![record("5", &[&placed("m")])],
+        tokio::sync::mpsc::unbounded_channel().0,
+    );
+    let task = run(m.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(
+        call.path,
+        format!("{MACHINES}/m/status"),
+        "no new claim is made"
+    );
+    assert_eq!(call.body["status"]["gpus"][0]["pciAddress"], "0000:01:00.0");
+    assert_eq!(
+        call.body["status"]["gpus"][0]["companions"][0],
+        "0000:01:00.1"
+    );
+    let after = with_status(m, &call.body, "3");
+    call.ok(&after);
+    let call = server.next().await;
+    assert_eq!(call.method, Method::POST);
+    assert_eq!(call.body["metadata"]["name"], "m-vm");
+    let created = call.body.clone();
+    call.respond(StatusCode::CREATED, &created);
+    finish(task).await.unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_pod_that_disagrees_with_the_allocation_is_deleted() {
+    let mut m = placed("m");
+    m.status.as_mut().unwrap().pod_name = Some("m-vm".into());
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+    let mut other = placed("m");
+    other.status.as_mut().unwrap().gpus[0].pci_address = "0000:02:00.0".into();
+    let stray = gpuvm_operator::pod::build_pod(&other).unwrap();
+    server.next().await.ok(&stray);
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+    );
+    call.ok(&stray);
+    finish(task).await.unwrap();
+    server.done().await;
 }
 
 fn pod(phase: &str, state: ContainerState, ready: bool) -> Pod {
-    let mut p = Pod::default();
-    p.metadata.name = Some("m-vm".into());
-    p.metadata.namespace = Some("default".into());
+    let mut p = gpuvm_operator::pod::build_pod(&placed("m")).unwrap();
     p.status = Some(PodStatus {
         phase: Some(phase.into()),
         container_statuses: Some(vec![ContainerStatus {
@@ -572,15 +637,18 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
     finish(task).await.unwrap();
     server.done().await;
 
-    // The replacement Pod is named for the restart and created after the fresh check.
+    // The replacement Pod is named for the restart and created once a quorum read of the
+    // record shows the allocation still current.
     let task = run(next.clone(), &ctx).await;
     let call = server.next().await;
     assert_eq!(call.path, "/api/v1/namespaces/default/pods/m-vm-1");
     call.error(404, "NotFound");
-    server.next().await.ok(
-        &json!({"apiVersion": "gpuvm.dev/v1alpha1", "kind": "GpuMachineList",
-                                    "metadata": {"resourceVersion": "9"}, "items": [next]}),
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, &*format!("{RECORDS}/ws"))
     );
+    call.ok(&record("9", &[&next]));
     let call = server.next().await;
     assert_eq!(call.method, Method::POST);
     assert_eq!(call.body["metadata"]["name"], "m-vm-1");
@@ -606,7 +674,7 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     m.status.as_mut().unwrap().phase = Some(MachinePhase::Running);
     m.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
     let (tx, mut released) = tokio::sync::mpsc::unbounded_channel();
-    let (ctx, mut server) = context_notifying(vec![m.clone()], tx);
+    let (ctx, mut server) = context_with(vec![m.clone()], vec![record("5", &[&m])], tx);
 
     // First pass: the Pod exists -> Terminating, delete it, and keep the finalizer.
     let task = run(m.clone(), &ctx).await;
@@ -641,12 +709,23 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     );
     server.done().await;
 
-    // Second pass: the Pod is gone -> the finalizer is removed, releasing the GPUs.
+    // Second pass: the Pod is gone -> the record gives the GPUs back, then the
+    // finalizer is removed.
     let task = run(terminating.clone(), &ctx).await;
     server
         .next()
         .await
         .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{RECORDS}/ws"))
+    );
+    assert_eq!(call.body["metadata"]["resourceVersion"], "5");
+    assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
+    let mut freed = call.body.clone();
+    freed["metadata"]["resourceVersion"] = json!("6");
+    call.ok(&freed);
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
