@@ -48,7 +48,8 @@ RESOURCES: dict[str, dict[str, list[tuple[str, str, bool]]]] = {
     "events.k8s.io": {"v1": [("events", "Event", True)]},
     "policy": {"v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)]},
     "monitoring.coreos.com": {"v1": [("servicemonitors", "ServiceMonitor", True)]},
-    "gpuvm.dev": {"v1alpha1": [("gpumachines", "GpuMachine", True), ("gpunodes", "GpuNode", False)]},
+    "gpuvm.dev": {"v1alpha1": [("gpumachines", "GpuMachine", True), ("gpunodes", "GpuNode", False),
+                              ("gpuallocations", "GpuAllocation", False)]},
 }
 
 PATH = re.compile(

@@ -68,7 +68,7 @@ def test_default_objects(default):
         ("Job", "gpuvm-cleanup-wait"),
     ])
     assert sorted(c["metadata"]["name"] for c in default.crds) == [
-        "gpumachines.gpuvm.dev", "gpunodes.gpuvm.dev"]
+        "gpuallocations.gpuvm.dev", "gpumachines.gpuvm.dev", "gpunodes.gpuvm.dev"]
 
 
 def test_namespaced_objects_are_in_the_release_namespace(default, ha, qemu):

@@ -1,6 +1,7 @@
 //! What a placed machine's status should be, given its Pod: a pure function, so every
 //! phase transition is a row in a table test.
 
+use gpuvm_api::gpu_check::GpuCheck;
 use gpuvm_api::{ConditionType, GpuMachine, GpuMachineStatus, MachinePhase, RestartPolicy, keys};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -351,27 +352,20 @@ fn mirror_pod(
 }
 
 fn gpu_check(pod: &Pod, conds: &mut Vec<Condition>, generation: i64, now: &Time) {
-    let check = pod
-        .annotations()
-        .get(keys::ANNOTATION_GPU_CHECK)
-        .map(String::as_str);
-    let (status, reason, message) = match check {
-        Some(v) if v.starts_with("ok") => (
-            "True",
-            "GuestSeesGpus",
-            v.trim_start_matches("ok").trim_start_matches(':').trim(),
-        ),
-        Some(v) => (
+    let annotation = pod.annotations().get(keys::ANNOTATION_GPU_CHECK);
+    // One reader of the record's format: the type the node agent writes it with.
+    let (status, reason, message) = match annotation.map(|v| (v, GpuCheck::parse(v))) {
+        Some((_, Some(GpuCheck::Ok(summary)))) => ("True", "GuestSeesGpus", summary),
+        Some((_, Some(GpuCheck::Failed(why)))) => ("False", "GuestGpuCheckFailed", why),
+        Some((raw, None)) => (
             "False",
-            "GuestGpuCheckFailed",
-            v.trim_start_matches("failed")
-                .trim_start_matches(':')
-                .trim(),
+            "GuestGpuCheckUnreadable",
+            format!("the gpu-check annotation is neither ok nor failed: {raw:?}"),
         ),
         None => (
             "Unknown",
             "AwaitingGuestCheck",
-            "the shim has not reported the in-guest GPU check yet",
+            "the shim has not reported the in-guest GPU check yet".to_owned(),
         ),
     };
     set_condition(
@@ -379,7 +373,7 @@ fn gpu_check(pod: &Pod, conds: &mut Vec<Condition>, generation: i64, now: &Time)
         ConditionType::GpuReady,
         status,
         reason,
-        message,
+        &message,
         generation,
         now,
     );

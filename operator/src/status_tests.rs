@@ -273,6 +273,7 @@ fn gpu_check_annotation_drives_gpu_ready() {
             Some("failed: guest sees 0 GPUs, expected 1"),
             ("False", "GuestGpuCheckFailed"),
         ),
+        (Some("okay-ish"), ("False", "GuestGpuCheckUnreadable")),
     ];
     for (annotation, want) in cases {
         let mut p = pod("Running", running(), true);
