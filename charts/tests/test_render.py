@@ -105,8 +105,9 @@ def test_no_wildcards_anywhere(default, ha, qemu):
 
 def test_operator_cluster_role_is_exact(default):
     assert rules_of(default.get("ClusterRole", "gpuvm-operator")) == {
-        ("gpuvm.dev", "gpumachines", ()): ["list", "patch", "watch"],
-        ("gpuvm.dev", "gpumachines/status", ()): ["patch"],
+        ("gpuvm.dev", "gpumachines", ()): ["get", "list", "patch", "watch"],
+        ("gpuvm.dev", "gpumachines/status", ()): ["update"],
+        ("gpuvm.dev", "gpuallocations", ()): ["create", "get", "list", "update", "watch"],
         ("gpuvm.dev", "gpunodes", ()): ["list", "watch"],
         ("", "nodes", ()): ["list", "watch"],
         ("", "pods", ()): ["create", "delete", "get", "list", "watch"],
