@@ -27,11 +27,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{find_cloud_hypervisor, kvm_usable, shared_dir};
-use gpuvm_shim::config::{Backend, GuestSize, ShimConfig};
+use common::{bare_vm_spec, find_cloud_hypervisor, kvm_usable, shared_dir};
+use gpuvm_shim::config::{Backend, ShimConfig};
 use gpuvm_shim::error::Error;
 use gpuvm_shim::hypervisor::cloud_hypervisor::GuestEnd;
-use gpuvm_shim::hypervisor::{self, CloudHypervisor, Hypervisor, VmRecord, VmSpec};
+use gpuvm_shim::hypervisor::{CloudHypervisor, Hypervisor, VmRecord, VmSpec};
 use gpuvm_testkit::{Requirement, skip};
 
 /// What every guest prints first.
@@ -304,22 +304,12 @@ impl Live {
         // The tiny guests take no initramfs, but the shim always passes one.
         let initramfs = self.dir.path().join("initramfs.img");
         std::fs::write(&initramfs, [0u8; 512]).expect("write initramfs");
-        Some(VmSpec {
-            id: format!("tiny-{}", guest.name()),
-            work_dir: self.dir.path().join(guest.name()),
+        Some(bare_vm_spec(
+            &format!("tiny-{}", guest.name()),
+            self.dir.path().join(guest.name()),
             kernel,
             initramfs,
-            cmdline: hypervisor::kernel_cmdline(""),
-            size: GuestSize {
-                cpus: 1,
-                memory_mib: 128,
-            },
-            shared_dir: None,
-            devices: vec![],
-            taps: vec![],
-            mmio64_size: None,
-            memory: Default::default(),
-        })
+        ))
     }
 }
 
@@ -620,22 +610,12 @@ async fn a_vmm_that_dies_at_start_is_a_prompt_clear_error() {
         .expect("tempdir");
     let mut config = ShimConfig::default();
     config.binaries.cloud_hypervisor = binary;
-    let spec = VmSpec {
-        id: "dies".into(),
-        work_dir: dir.path().join("vm"),
-        kernel: dir.path().join("kernel"),
-        initramfs: dir.path().join("initramfs"),
-        cmdline: hypervisor::kernel_cmdline(""),
-        size: GuestSize {
-            cpus: 1,
-            memory_mib: 128,
-        },
-        shared_dir: None,
-        devices: vec![],
-        taps: vec![],
-        mmio64_size: None,
-        memory: Default::default(),
-    };
+    let spec = bare_vm_spec(
+        "dies",
+        dir.path().join("vm"),
+        dir.path().join("kernel"),
+        dir.path().join("initramfs"),
+    );
     std::fs::create_dir_all(spec.work_dir.join("ch-api.sock")).expect("mkdir");
     let vm = CloudHypervisor::new(&config, spec.clone());
     let started = Instant::now();

@@ -69,20 +69,12 @@ fn poweroff_initramfs(dir: &Path) -> PathBuf {
 /// A guest that powers itself off: busybox as init, running `poweroff -f`.
 fn poweroff_spec(work: &Path, kernel: PathBuf) -> VmSpec {
     VmSpec {
-        id: "vmtest".into(),
-        work_dir: work.join("vm"),
-        kernel,
-        initramfs: poweroff_initramfs(work),
         cmdline: hypervisor::kernel_cmdline("rdinit=/busybox -- poweroff -f"),
         size: GuestSize {
             cpus: 1,
             memory_mib: 256,
         },
-        shared_dir: None,
-        devices: vec![],
-        taps: vec![],
-        mmio64_size: None,
-        memory: Default::default(),
+        ..common::bare_vm_spec("vmtest", work.join("vm"), kernel, poweroff_initramfs(work))
     }
 }
 

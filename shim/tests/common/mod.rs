@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gpuvm_shim::config::GuestSize;
+use gpuvm_shim::hypervisor::{self, VmSpec};
 use gpuvm_testkit::Requirement;
 use serde_json::json;
 
@@ -111,6 +113,27 @@ fn decompress(xz: &Path, out: &Path) -> Result<(), String> {
 }
 
 /// Whether `/dev/kvm` can be opened for use, or why not.
+/// A VM with nothing passed but a kernel and an initramfs: 1 vCPU, 128 MiB, no share,
+/// devices or taps. Tests change what they need with `VmSpec { .., ..bare_vm_spec(..) }`.
+pub fn bare_vm_spec(id: &str, work_dir: PathBuf, kernel: PathBuf, initramfs: PathBuf) -> VmSpec {
+    VmSpec {
+        id: id.to_owned(),
+        work_dir,
+        kernel,
+        initramfs,
+        cmdline: hypervisor::kernel_cmdline(""),
+        size: GuestSize {
+            cpus: 1,
+            memory_mib: 128,
+        },
+        shared_dir: None,
+        devices: vec![],
+        taps: vec![],
+        mmio64_size: None,
+        memory: Default::default(),
+    }
+}
+
 pub fn kvm_usable() -> Result<(), String> {
     std::fs::OpenOptions::new()
         .read(true)
