@@ -76,15 +76,15 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     fi
     scripts/vm-deps.sh
     scripts/containerd-deps.sh
-    stage "control-plane binaries (etcd, kube-apiserver, kube-controller-manager)"
-    kube_env="$(scripts/kube-deps.sh --env)"  # an assignment, so a failure stops here
-    use_env "$kube_env"
     stage "building the guest image (kernel + initramfs with the agent)"
     guest/build.sh
-else
-    kube_env="$(scripts/kube-deps.sh --env --cached)"
-    use_env "$kube_env"
 fi
+# With GPUVM_SKIP_DEPS=1 only what kube-deps.sh already cached is used (--cached).
+stage "control-plane binaries (etcd, kube-apiserver, kube-controller-manager)"
+kube_args=(--env)
+[ "${GPUVM_SKIP_DEPS:-0}" = 1 ] && kube_args+=(--cached)
+kube_env="$(scripts/kube-deps.sh "${kube_args[@]}")"  # an assignment, so a failure stops here
+use_env "$kube_env"
 echo "KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS:-} KUBECONFIG=${KUBECONFIG:-}" \
     "CLOUD_HYPERVISOR_BIN=${CLOUD_HYPERVISOR_BIN:-} GPUVM_REQUIRE=${GPUVM_REQUIRE:-}"
 
