@@ -285,6 +285,13 @@ fn record(rv: &str, owners: &[&GpuMachine]) -> GpuAllocation {
     r
 }
 
+/// A written object as the server stores it: the body sent, at resourceVersion `rv`.
+fn stored(body: &Value, rv: &str) -> Value {
+    let mut stored = body.clone();
+    stored["metadata"]["resourceVersion"] = json!(rv);
+    stored
+}
+
 fn with_status(mut m: GpuMachine, body: &Value, rv: &str) -> GpuMachine {
     m.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
     m.metadata.resource_version = Some(rv.into());
@@ -354,9 +361,8 @@ async fn the_record_commits_before_the_status_and_the_pod() {
     assert_eq!(devices["0000:01:00.0"]["uid"], "uid-m");
     assert_eq!(devices["0000:01:00.0"]["gpu"], "0000:01:00.0");
     assert_eq!(devices["0000:01:00.1"]["gpu"], "0000:01:00.0");
-    let mut created = call.body.clone();
-    created["metadata"]["resourceVersion"] = json!("5");
-    call.respond(StatusCode::CREATED, &created);
+    let reply = stored(&call.body, "5");
+    call.respond(StatusCode::CREATED, &reply);
 
     // 2. The status mirrors the record: an update of the status carrying the machine's
     // version.
@@ -468,9 +474,8 @@ async fn a_writer_whose_mirror_loses_gives_its_claim_back() {
     let task = run(a.clone(), &ctx).await;
     let call = server.next().await;
     assert_eq!(call.method, Method::PUT);
-    let mut committed = call.body.clone();
-    committed["metadata"]["resourceVersion"] = json!("6");
-    call.ok(&committed);
+    let reply = stored(&call.body, "6");
+    call.ok(&reply);
     // Another replica placed `a` first (on another node): our status write is refused...
     let call = server.next().await;
     assert_eq!(call.path, format!("{MACHINES}/a/status"));
@@ -491,9 +496,8 @@ async fn a_writer_whose_mirror_loses_gives_its_claim_back() {
     );
     assert_eq!(call.body["metadata"]["resourceVersion"], "6");
     assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
-    let mut released = call.body.clone();
-    released["metadata"]["resourceVersion"] = json!("7");
-    call.ok(&released);
+    let reply = stored(&call.body, "7");
+    call.ok(&reply);
     finish(task).await.unwrap();
     server.done().await;
 }
@@ -723,9 +727,8 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     );
     assert_eq!(call.body["metadata"]["resourceVersion"], "5");
     assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
-    let mut freed = call.body.clone();
-    freed["metadata"]["resourceVersion"] = json!("6");
-    call.ok(&freed);
+    let reply = stored(&call.body, "6");
+    call.ok(&reply);
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
