@@ -15,6 +15,8 @@ pub const ANNOTATION_GPU_MODELS: &str = "gpuvm.dev/gpu-models";
 /// Pod annotation written by the shim after boot: the outcome of the in-guest GPU check
 /// (`ok: 2 x h100-80gb` or `failed: <reason>`). The operator mirrors it into `GPUReady`.
 pub const ANNOTATION_GPU_CHECK: &str = "gpuvm.dev/gpu-check";
+/// Pod annotation: the `metadata.generation` of the GpuMachine the Pod was built from.
+pub const ANNOTATION_GENERATION: &str = "gpuvm.dev/generation";
 /// Pod label naming the owning GpuMachine, so the operator can map Pods back cheaply.
 pub const LABEL_MACHINE: &str = "gpuvm.dev/machine";
 /// Pod label carrying the machine's restart generation (0 for the first Pod).

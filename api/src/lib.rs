@@ -16,8 +16,9 @@ pub mod quantity;
 
 pub use allocation::{Clash, DeviceOwner, GpuAllocation, GpuAllocationSpec, MachineRef};
 pub use machine::{
-    AllocatedGpu, ConditionType, EnvVar, GpuMachine, GpuMachineSpec, GpuMachineStatus, GpuRequest,
-    GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
+    AllocatedGpu, ConditionType, EnvVar, GpuCheckPolicy, GpuMachine, GpuMachineSpec,
+    GpuMachineStatus, GpuRequest, GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
+    Termination,
 };
 pub use node::{GpuDevice, GpuNode, GpuNodeSpec, GpuNodeStatus, IommuMember, MemberRole};
 

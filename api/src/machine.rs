@@ -1,7 +1,7 @@
 //! `GpuMachine`: what a user asks for (an image, a command, GPUs and a guest size) and
 //! what the operator reports back (placement, devices, phase, conditions).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,22 @@ pub struct GpuMachineSpec {
     /// first to keep whole nodes free for 8-GPU machines; `Spread` prefers the emptiest.
     #[serde(default)]
     pub placement: PlacementStrategy,
+
+    /// Whether `Ready` waits for the in-guest GPU check (`GPUReady`): `Required`
+    /// (default) or `Ignored`, for CPU-only debugging of a machine whose guest does not
+    /// see its GPUs. `GPUReady` is reported either way.
+    #[serde(default)]
+    pub gpu_check: GpuCheckPolicy,
+}
+
+/// Whether a machine's readiness includes the in-guest GPU check.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GpuCheckPolicy {
+    /// `Ready` is `True` only once the guest sees its GPUs (`GPUReady=True`).
+    #[default]
+    Required,
+    /// `Ready` follows the container alone; `GPUReady` is still reported.
+    Ignored,
 }
 
 /// One environment variable.
@@ -275,6 +291,55 @@ pub struct GpuMachineStatus {
     /// Exit code of the container's last run, when it has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The index of the machine's current Pod: 0 for the first, one more for every
+    /// replacement (a restart or a spec roll-out). The Pod is `<machine>-vm` for 0,
+    /// `<machine>-vm-<index>` after. Written before the old Pod is deleted, so a crash
+    /// in between never reuses a name.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pod_index: i32,
+    /// Restarts in a row without a run of at least the back-off reset period (10 min by
+    /// default): the next restart waits 10 s doubled this many times less one, capped
+    /// at 5 min (as kubelet's CrashLoopBackOff).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub consecutive_restarts: i32,
+    /// When the replacement Pod of a restart in back-off will be created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_restart_time: Option<Time>,
+    /// How the container's last run ended: exit code, reason and the termination
+    /// message (which, for a failed run that wrote none, is the tail of its log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_termination: Option<Termination>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// How a machine's container ended, copied from its Pod before the Pod is deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Termination {
+    /// The Pod the run was in.
+    pub pod_name: String,
+    /// The container's exit code.
+    pub exit_code: i32,
+    /// The signal that ended it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// A one-word reason, e.g. `Completed`, `Error` or `OOMKilled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The termination message: what the container wrote to `/dev/termination-log`,
+    /// or, when it failed without writing one, the last lines of its log (the Pod's
+    /// `terminationMessagePolicy` is `FallbackToLogsOnError`). At most 4096 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
 }
 
 impl GpuMachineStatus {
@@ -459,5 +524,24 @@ mod tests {
         assert_eq!(status.devices(), vec!["0000:01:00.0", "0000:01:00.1"]);
         assert!(MachinePhase::Failed.is_terminal());
         assert!(!MachinePhase::Running.is_terminal());
+    }
+
+    #[test]
+    fn new_fields_default_for_objects_written_before_them() {
+        let m: GpuMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gpuvm.dev/v1alpha1",
+            "kind": "GpuMachine",
+            "metadata": {"name": "m"},
+            "spec": valid_spec(),
+            "status": {"phase": "Running", "restarts": 2, "podName": "m-vm-2"},
+        }))
+        .unwrap();
+        assert_eq!(m.spec.gpu_check, GpuCheckPolicy::Required);
+        let s = m.status.unwrap();
+        assert_eq!((s.pod_index, s.consecutive_restarts), (0, 0));
+        assert!(s.next_restart_time.is_none() && s.last_termination.is_none());
+        let out = serde_json::to_value(&s).unwrap();
+        assert!(out.get("podIndex").is_none(), "{out}");
+        assert!(out.get("lastTermination").is_none(), "{out}");
     }
 }
