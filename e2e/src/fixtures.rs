@@ -248,6 +248,7 @@ pub fn machine(namespace: &str, name: &str, model: &str, count: i32, run: &str) 
             restart_policy: RestartPolicy::Never,
             node_selector: BTreeMap::from([(LABEL_RUN.to_owned(), run.to_owned())]),
             placement: PlacementStrategy::BinPack,
+            gpu_check: gpuvm_api::GpuCheckPolicy::Required,
         },
     );
     m.metadata.namespace = Some(namespace.to_owned());

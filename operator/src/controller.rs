@@ -39,9 +39,9 @@ use tracing::{Instrument, debug, info, instrument, warn};
 use crate::allocator::{self, CommitError, Committer, Op, Outcome};
 use crate::inventory::{self, machine_key};
 use crate::metrics::{KindLabel, Metrics};
-use crate::pod::{PodError, build_pod, matches_allocation};
+use crate::pod::{PodError, build_pod, current_pod_name, matches_allocation, owned_by};
 use crate::scheduler::{Inventory, PlacementRequest};
-use crate::status::{self, PodAction, Severity};
+use crate::status::{self, Backoff, PodAction, Severity};
 
 /// Everything that can fail in a reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +142,9 @@ pub struct Settings {
     pub unschedulable_retry: Duration,
     /// Periodic resync of a healthy machine.
     pub resync: Duration,
+    /// Back-off between restarts of a machine's Pod (kubelet's CrashLoopBackOff values
+    /// by default; tests shorten them).
+    pub restart_backoff: Backoff,
 }
 
 impl Default for Settings {
@@ -150,6 +153,7 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(120),
             unschedulable_retry: Duration::from_secs(30),
             resync: Duration::from_secs(300),
+            restart_backoff: Backoff::default(),
         }
     }
 }
@@ -466,13 +470,14 @@ async fn run_placed(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let status = machine.status.clone().unwrap_or_default();
     let node = status.node_name.clone().unwrap_or_default();
-    let pod_name = crate::pod::pod_name(&machine.name_any(), status.restarts);
+    let pod_name = current_pod_name(machine);
     let pod = if just_committed {
         None
     } else {
         pods.get_opt(&pod_name).await?
     };
     if let Some(p) = &pod
+        && owned_by(p, &me.uid)
         && p.metadata.deletion_timestamp.is_none()
         && !matches_allocation(p, &status)
     {
@@ -489,11 +494,19 @@ async fn run_placed(
         );
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let decision = status::decide(machine, pod.as_ref(), &now());
+    let decision = status::decide(machine, pod.as_ref(), &ctx.settings.restart_backoff, &now());
+    let mut wait = decision.wait;
+    let mut written = false;
 
     match decision.action {
         PodAction::Create => {
             if !just_committed {
+                // The GPUs are free only once every Pod this one replaces is gone (its
+                // VM holds them): two VMs never wait for one device.
+                let old = replaced_pods(&pods, machine, &me.uid, &pod_name).await?;
+                if !old.is_empty() {
+                    return wait_for_replaced(machine, &decision.status, &pods, &old, ctx).await;
+                }
                 // Only an allocation the record still holds gets a Pod (a quorum read).
                 let held = ctx.committer.fresh_holdings(&node, &me.uid).await?;
                 if AllocatedGpu::devices(&held) != status.devices() {
@@ -505,32 +518,41 @@ async fn run_placed(
                 ..machine.clone()
             })?;
             match pods.create(&PostParams::default(), &pod).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                Ok(_) => {
+                    // No Event: `Scheduled` and the phase Events that follow say it, and
+                    // each Event is one more write on the API server's busiest path.
+                    info!(pod = %pod.name_any(), "created Pod");
+                }
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {
+                    // Ours from an earlier pass, or someone else's: a look decides.
+                    wait = Some(Duration::from_secs(1));
+                }
                 Err(e) => return Err(e.into()),
             }
-            // No Event: `Scheduled` and the phase Events that follow say it, and each
-            // Event is one more write on the API server's busiest path.
-            info!(pod = %pod.name_any(), "created Pod");
         }
-        PodAction::DeleteForRestart | PodAction::DeleteFinished => {
+        action if action.deletes() => {
+            // Crash-safe bookkeeping: the next Pod's name, the restart count and the
+            // evidence are written (with the resourceVersion precondition) before the
+            // old Pod is deleted, so a crash in between neither loses a restart nor
+            // reuses a name; the old Pod is found and deleted by the next pass.
+            write_status(machine, &decision.status, ctx).await?;
+            publish_notes(machine, &decision.notes, ctx);
+            written = true;
             if let Some(p) = &pod {
                 delete_pod(&pods, &p.name_any()).await?;
+                info!(pod = %p.name_any(), ?action, "deleted Pod");
             }
         }
-        PodAction::Nothing => {}
+        _ => {}
     }
 
     let ended = GpuMachine {
         status: Some(decision.status.clone()),
         ..machine.clone()
     };
-    if decision.status != status {
+    if !written && decision.status != status {
         write_status(machine, &decision.status, ctx).await?;
-        for note in &decision.notes {
-            info!(reason = %note.reason, "{}", note.message);
-            ctx.publish(machine, note.severity, &note.reason, &note.message);
-        }
+        publish_notes(machine, &decision.notes, ctx);
     }
     if !inventory::holds_gpus(&ended) {
         // The machine ended and its Pod is gone: its GPUs go back to the record.
@@ -540,11 +562,65 @@ async fn run_placed(
         }
     }
     Ok(match decision.status.phase {
+        _ if wait.is_some() => Action::requeue(wait.unwrap_or_default()),
         Some(p) if p.is_terminal() && decision.status.pod_name.is_none() => Action::await_change(),
         Some(MachinePhase::Running) => Action::requeue(ctx.settings.resync),
         // Pods move on their own; the Pod watch wakes us, this is a safety net.
         _ => Action::requeue(Duration::from_secs(30)),
     })
+}
+
+fn publish_notes(machine: &GpuMachine, notes: &[status::Note], ctx: &Context) {
+    for note in notes {
+        info!(reason = %note.reason, "{}", note.message);
+        ctx.publish(machine, note.severity, &note.reason, &note.message);
+    }
+}
+
+/// The machine's own Pods other than `current` (read fresh): those a restart or a
+/// roll-out replaced, which must be gone before `current` is created.
+async fn replaced_pods(
+    pods: &Api<Pod>,
+    machine: &GpuMachine,
+    uid: &str,
+    current: &str,
+) -> Result<Vec<Pod>, Error> {
+    let selector = format!("{}={}", keys::LABEL_MACHINE, machine.name_any());
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| owned_by(p, uid) && p.name_any() != current)
+        .collect())
+}
+
+/// Deletes replaced Pods still running (left by a crash between the status write and
+/// the delete) and says in status that the new Pod waits for them.
+async fn wait_for_replaced(
+    machine: &GpuMachine,
+    decided: &GpuMachineStatus,
+    pods: &Api<Pod>,
+    old: &[Pod],
+    ctx: &Context,
+) -> Result<Action, Error> {
+    for p in old {
+        if p.metadata.deletion_timestamp.is_none() {
+            info!(pod = %p.name_any(), "deleting a replaced Pod");
+            delete_pod(pods, &p.name_any()).await?;
+        }
+    }
+    let names: Vec<String> = old.iter().map(ResourceExt::name_any).collect();
+    let mut status = decided.clone();
+    status.message = Some(format!(
+        "waiting for Pod {} to be gone before creating {} on the same GPUs",
+        names.join(", "),
+        status.pod_name.clone().unwrap_or_default()
+    ));
+    if machine.status.as_ref() != Some(&status) {
+        write_status(machine, &status, ctx).await?;
+    }
+    // The Pod watch wakes us when they go; this is a safety net.
+    Ok(Action::requeue(Duration::from_secs(2)))
 }
 
 /// Whether the newest known copy of `node`'s record lists anything of `uid` (when in
@@ -719,7 +795,7 @@ async fn mirror(
     status.phase = Some(MachinePhase::Scheduled);
     status.message = Some(message.clone());
     let generation = machine.metadata.generation.unwrap_or_default();
-    status.observed_generation = Some(generation);
+    // No observedGeneration here: it advances once a Pod runs this generation.
     status::set_condition(
         &mut status.conditions,
         gpuvm_api::ConditionType::Scheduled,
@@ -737,6 +813,7 @@ async fn mirror(
             ..machine.clone()
         },
         None,
+        &ctx.settings.restart_backoff,
         &now(),
     );
     let status = decided.status;
@@ -809,7 +886,11 @@ async fn cleanup(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let ns = machine.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{}={}", keys::LABEL_MACHINE, machine.name_any());
-    let remaining = pods.list(&ListParams::default().labels(&selector)).await?;
+    let mut remaining = pods.list(&ListParams::default().labels(&selector)).await?;
+    // Only the machine's own Pods are deleted and waited for: a Pod that merely carries
+    // its label (another machine's of the same name, or someone else's) is not ours.
+    let uid = machine.uid().unwrap_or_default();
+    remaining.items.retain(|p| owned_by(p, &uid));
     if remaining.items.is_empty() {
         if let Some(uid) = machine.uid() {
             let mut nodes: Vec<String> = ctx

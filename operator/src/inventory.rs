@@ -184,6 +184,7 @@ mod tests {
                 restart_policy: Default::default(),
                 node_selector: BTreeMap::new(),
                 placement: Default::default(),
+                gpu_check: Default::default(),
             },
         );
         m.metadata.namespace = Some("ns".into());

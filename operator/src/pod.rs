@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use gpuvm_api::{GpuMachine, keys};
+use gpuvm_api::{GpuMachine, GpuMachineSpec, GpuMachineStatus, keys};
 use k8s_openapi::api::core::v1::{
     Affinity, Container, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement,
     NodeSelectorTerm, Pod, PodSpec, ResourceRequirements, Toleration,
@@ -31,13 +31,13 @@ pub enum PodError {
     },
 }
 
-/// The name of a machine's Pod for a given restart count: `<machine>-vm`, then
+/// The name of a machine's Pod for a given Pod index: `<machine>-vm`, then
 /// `<machine>-vm-1`, `<machine>-vm-2`, ... Kept within the 253-character limit.
-pub fn pod_name(machine: &str, restarts: i32) -> String {
-    let suffix = if restarts == 0 {
+pub fn pod_name(machine: &str, index: i32) -> String {
+    let suffix = if index == 0 {
         "-vm".to_owned()
     } else {
-        format!("-vm-{restarts}")
+        format!("-vm-{index}")
     };
     let mut keep = machine.len().min(253 - suffix.len());
     while !machine.is_char_boundary(keep) {
@@ -48,6 +48,69 @@ pub fn pod_name(machine: &str, restarts: i32) -> String {
         base.pop();
     }
     base + &suffix
+}
+
+/// The index of the machine's current Pod. A status written before `podIndex` existed
+/// named its Pods by the restart count, so the larger of the two is current.
+pub fn pod_index(status: &GpuMachineStatus) -> i32 {
+    status.pod_index.max(status.restarts)
+}
+
+/// The name the machine's current Pod has (or will have).
+pub fn current_pod_name(machine: &GpuMachine) -> String {
+    let index = machine.status.as_ref().map(pod_index).unwrap_or_default();
+    pod_name(&machine.name_any(), index)
+}
+
+/// Whether `pod` is controlled by the machine with uid `uid` (its controller
+/// ownerReference names that uid). Only such a Pod is the machine's to run or delete.
+pub fn owned_by(pod: &Pod, uid: &str) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// Whether the Pod's container runs what the spec asks for now: image, command, args
+/// and env. A Pod that does not is replaced (a spec roll-out).
+pub fn reflects_spec(pod: &Pod, spec: &GpuMachineSpec) -> bool {
+    let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+        return false;
+    };
+    let env: Vec<(&str, &str)> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or_default()))
+        .collect();
+    let want_env: Vec<(&str, &str)> = spec
+        .env
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_str()))
+        .collect();
+    c.image.as_deref() == Some(spec.image.as_str())
+        && c.command.as_deref().unwrap_or_default() == spec.command.as_slice()
+        && c.args.as_deref().unwrap_or_default() == spec.args.as_slice()
+        && env == want_env
+}
+
+/// What differs between the Pod's container and the spec, for messages: `image a -> b`.
+pub fn spec_change(pod: &Pod, spec: &GpuMachineSpec) -> String {
+    let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+    let mut changed = Vec::new();
+    let image = c.and_then(|c| c.image.clone()).unwrap_or_default();
+    if image != spec.image {
+        changed.push(format!("image {image} -> {}", spec.image));
+    }
+    if c.and_then(|c| c.command.clone()).unwrap_or_default() != spec.command {
+        changed.push("command".to_owned());
+    }
+    if c.and_then(|c| c.args.clone()).unwrap_or_default() != spec.args {
+        changed.push("args".to_owned());
+    }
+    if changed.is_empty() {
+        changed.push("env".to_owned());
+    }
+    changed.join(", ")
 }
 
 /// Builds the Pod for a placed machine: RuntimeClass `gpuvm`, pinned to the allocated
@@ -86,6 +149,10 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
             spec.guest.memory.clone(),
         ),
         (keys::ANNOTATION_GPU_MODELS.to_owned(), models.join(",")),
+        (
+            keys::ANNOTATION_GENERATION.to_owned(),
+            machine.metadata.generation.unwrap_or_default().to_string(),
+        ),
     ]);
     let labels = BTreeMap::from([
         (keys::LABEL_MACHINE.to_owned(), name.clone()),
@@ -119,6 +186,9 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
             limits: Some(resources),
             ..ResourceRequirements::default()
         }),
+        // A failed run that wrote no termination message gets the tail of its log
+        // there, which the operator keeps in `status.lastTermination`.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     };
     // Pinned with a required affinity on the node's name (as DaemonSets do) rather than
@@ -141,7 +211,7 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
     };
     Ok(Pod {
         metadata: ObjectMeta {
-            name: Some(pod_name(&name, status.restarts)),
+            name: Some(pod_name(&name, pod_index(&status))),
             namespace: machine.namespace(),
             labels: Some(labels),
             annotations: Some(annotations),
@@ -197,7 +267,7 @@ pub fn pinned_node(pod: &Pod) -> Option<&str> {
 
 /// Whether a Pod runs exactly the machine's committed allocation: pinned to its node and
 /// carrying its devices. A Pod that does not (left by a writer that lost a race) must go.
-pub fn matches_allocation(pod: &Pod, status: &gpuvm_api::GpuMachineStatus) -> bool {
+pub fn matches_allocation(pod: &Pod, status: &GpuMachineStatus) -> bool {
     let devices = pod
         .annotations()
         .get(keys::ANNOTATION_DEVICES)
@@ -235,6 +305,7 @@ mod tests {
                 restart_policy: Default::default(),
                 node_selector: Default::default(),
                 placement: Default::default(),
+                gpu_check: Default::default(),
             },
         );
         m.metadata.namespace = Some("ml".into());
@@ -294,6 +365,10 @@ mod tests {
         assert_eq!(c.command.as_deref(), Some(&["python".to_owned()][..]));
         assert_eq!(c.args.as_deref(), Some(&["train.py".to_owned()][..]));
         assert_eq!(c.env.as_ref().unwrap()[0].value.as_deref(), Some("3"));
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         let req = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
         assert_eq!(req["cpu"].0, "8");
         assert_eq!(req["memory"].0, "32Gi");
@@ -306,8 +381,47 @@ mod tests {
         let pod = build_pod(&m).unwrap();
         assert_eq!(pod.metadata.name.as_deref(), Some("train-vm-2"));
         assert_eq!(pod.metadata.labels.unwrap()["gpuvm.dev/restart"], "2");
+        // A replacement (restart or roll-out) counts in podIndex; an old status without
+        // it is named by its restarts.
+        m.status.as_mut().unwrap().pod_index = 5;
+        assert_eq!(current_pod_name(&m), "train-vm-5");
+        m.status.as_mut().unwrap().pod_index = 0;
+        assert_eq!(current_pod_name(&m), "train-vm-2");
         let long = "x".repeat(253);
         assert_eq!(pod_name(&long, 12).len(), 253);
+    }
+
+    #[test]
+    fn a_pod_reflects_the_spec_it_was_built_from_and_its_generation() {
+        let mut m = placed();
+        m.metadata.generation = Some(4);
+        let pod = build_pod(&m).unwrap();
+        assert_eq!(pod.annotations()[keys::ANNOTATION_GENERATION], "4");
+        assert!(reflects_spec(&pod, &m.spec));
+        assert!(owned_by(&pod, "uid-1"));
+        assert!(!owned_by(&pod, "uid-2"));
+        type Change = fn(&mut GpuMachineSpec);
+        let cases: [(&str, Change, &str); 4] = [
+            (
+                "image",
+                |s| s.image = "img:2".into(),
+                "image nvcr.io/nvidia/pytorch:24.05-py3 -> img:2",
+            ),
+            ("command", |s| s.command.clear(), "command"),
+            ("args", |s| s.args.push("--fast".into()), "args"),
+            ("env", |s| s.env[0].value = "4".into(), "env"),
+        ];
+        for (name, change, says) in cases {
+            let mut spec = m.spec.clone();
+            change(&mut spec);
+            assert!(!reflects_spec(&pod, &spec), "{name}");
+            assert_eq!(spec_change(&pod, &spec), says, "{name}");
+        }
+        // What the Pod does not carry may change without a roll-out.
+        let mut spec = m.spec.clone();
+        spec.restart_policy = gpuvm_api::RestartPolicy::Always;
+        spec.gpu_check = gpuvm_api::GpuCheckPolicy::Ignored;
+        assert!(reflects_spec(&pod, &spec));
     }
 
     #[test]

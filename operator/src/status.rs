@@ -1,25 +1,80 @@
 //! What a placed machine's status should be, given its Pod: a pure function, so every
 //! phase transition is a row in a table test.
 
+use std::time::Duration;
+
 use gpuvm_api::gpu_check::GpuCheck;
-use gpuvm_api::{ConditionType, GpuMachine, GpuMachineStatus, MachinePhase, RestartPolicy, keys};
-use k8s_openapi::api::core::v1::Pod;
+use gpuvm_api::{
+    ConditionType, GpuCheckPolicy, GpuMachine, GpuMachineStatus, MachinePhase, RestartPolicy,
+    Termination, keys,
+};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::pod::pod_name;
+use crate::pod::{owned_by, pod_index, pod_name, reflects_spec, spec_change};
 
 /// What to do with the machine's Pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodAction {
     /// Leave it.
     Nothing,
-    /// Create the Pod (none exists for the current restart).
+    /// Create the Pod (none exists for the current Pod index), once no Pod it replaces
+    /// remains.
     Create,
-    /// Delete the ended Pod; its replacement follows under the restart policy.
+    /// Delete the ended Pod; its replacement follows under the restart policy. The
+    /// status (next Pod name, restart count) is written before the delete.
     DeleteForRestart,
+    /// Delete a Pod that runs an older spec; its replacement follows once it is gone.
+    /// The status (next Pod name) is written before the delete.
+    Replace,
     /// Delete the ended Pod for good, which frees the VM and so the GPUs.
     DeleteFinished,
+}
+
+impl PodAction {
+    /// Whether the action deletes the current Pod (after writing the status).
+    pub fn deletes(self) -> bool {
+        matches!(
+            self,
+            PodAction::DeleteForRestart | PodAction::Replace | PodAction::DeleteFinished
+        )
+    }
+}
+
+/// Restart back-off, as kubelet's CrashLoopBackOff: the n-th restart in a row waits
+/// `base * 2^(n-1)`, at most `cap`; a run of at least `reset_after` starts a new row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The wait before the first restart of a row.
+    pub base: Duration,
+    /// The longest wait.
+    pub cap: Duration,
+    /// A run at least this long resets the row.
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    /// kubelet's values: 10 s doubling to 5 min, reset after 10 min of running.
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(300),
+            reset_after: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the `streak`-th restart in a row (none for 0).
+    pub fn delay(&self, streak: i32) -> Duration {
+        if streak <= 0 {
+            return Duration::ZERO;
+        }
+        let doublings = u32::try_from(streak - 1).unwrap_or(0).min(20);
+        self.base.saturating_mul(1 << doublings).min(self.cap)
+    }
 }
 
 /// Whether an Event is routine or calls for attention.
@@ -51,7 +106,17 @@ pub struct Decision {
     pub action: PodAction,
     /// Events to publish.
     pub notes: Vec<Note>,
+    /// Look again after this long even if nothing happens (a back-off running out, a
+    /// Pod this machine does not own).
+    pub wait: Option<Duration>,
 }
+
+/// The termination message kept in status is cut to its last this many bytes (the
+/// limit kubelet applies to the message itself).
+pub const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+/// How long a Pod this machine does not own is left before looking again.
+pub const NOT_OWNED_RETRY: Duration = Duration::from_secs(10);
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
 pub fn set_condition(
@@ -126,16 +191,20 @@ pub fn unschedulable(
     status
 }
 
-/// Decides a placed machine's status and Pod action from its Pod (`None` when the Pod
-/// for the current restart does not exist).
-pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, now: &Time) -> Decision {
+/// Decides a placed machine's status and Pod action from its current Pod (`None` when
+/// no Pod of the current Pod index exists). `backoff` paces restarts.
+///
+/// `status.observedGeneration` advances only when the Pod runs the machine's current
+/// spec (or when no Pod will run again), so a GitOps tool never reads an old image's
+/// Pod as the new generation's.
+pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &Time) -> Decision {
     let current = machine.status.clone().unwrap_or_default();
     let mut status = current.clone();
     let generation = machine.metadata.generation.unwrap_or_default();
-    status.observed_generation = Some(generation);
     let name = machine.name_any();
     let mut action = PodAction::Nothing;
     let mut notes = Vec::new();
+    let mut wait = None;
     let gpus = summary(&status);
     let node = status.node_name.clone().unwrap_or_default();
 
@@ -150,37 +219,120 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, now: &Time) -> Decision {
     );
 
     let phase = current.phase.unwrap_or_default();
+    let uid = machine.uid().unwrap_or_default();
     match pod {
         None if phase.is_terminal() => {
-            // The ended Pod is gone: its VM, and so its GPUs, are released.
+            // The ended Pod is gone: its VM, and so its GPUs, are released. Nothing
+            // runs again, so the status describes every generation.
             status.pod_name = None;
+            status.next_restart_time = None;
+            status.observed_generation = Some(generation);
         }
         None => {
-            action = PodAction::Create;
-            status.pod_name = Some(pod_name(&name, status.restarts));
+            let next = pod_name(&name, pod_index(&status));
+            status.pod_name = Some(next.clone());
             status.phase = Some(MachinePhase::Scheduled);
-            status.message = Some(format!("{gpus} allocated on node {node}; creating the Pod"));
+            match current
+                .next_restart_time
+                .as_ref()
+                .map(|t| millis(t) - millis(now))
+                .filter(|left| *left > 0)
+            {
+                Some(left) => {
+                    wait = Some(Duration::from_millis(left.unsigned_abs()));
+                    let at = current
+                        .next_restart_time
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .unwrap_or_default();
+                    status.message = Some(format!(
+                        "back-off: Pod {next} is created on the same GPUs at {at} (restart {})",
+                        status.restarts
+                    ));
+                }
+                None => {
+                    action = PodAction::Create;
+                    status.next_restart_time = None;
+                    status.message =
+                        Some(format!("{gpus} allocated on node {node}; creating the Pod"));
+                }
+            }
+        }
+        Some(pod) if !owned_by(pod, &uid) => {
+            // Never adopt a Pod another owner (or nobody) controls: it may run another
+            // machine's VM, and deleting it is not ours to do either.
+            let message = format!(
+                "Pod {} exists but is not controlled by this machine (uid {uid}); it is not adopted: delete it to let this machine run",
+                pod.name_any()
+            );
+            let was = current
+                .condition(ConditionType::Ready)
+                .map(|c| c.reason.as_str());
+            if was != Some("PodNotOwned") {
+                notes.push(Note {
+                    severity: Severity::Warning,
+                    reason: "PodNotOwned".to_owned(),
+                    message: message.clone(),
+                });
+            }
+            status.message = Some(message.clone());
+            set_condition(
+                &mut status.conditions,
+                ConditionType::Ready,
+                "False",
+                "PodNotOwned",
+                &message,
+                generation,
+                now,
+            );
+            wait = Some(NOT_OWNED_RETRY);
         }
         Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
             status.message = Some(format!("waiting for Pod {} to terminate", pod.name_any()));
         }
         Some(pod) => {
             status.pod_name = Some(pod.name_any());
-            mirror_pod(machine, pod, &mut status, &mut action, generation, now);
+            let reflects = reflects_spec(pod, &machine.spec);
+            if reflects {
+                status.observed_generation = Some(generation);
+            }
+            let pod_phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            let ended = matches!(pod_phase, Some("Succeeded" | "Failed"));
+            if !reflects && !ended {
+                roll_out(machine, pod, &mut status, generation, now);
+                action = PodAction::Replace;
+                notes.push(Note {
+                    severity: Severity::Normal,
+                    reason: "RollingOut".to_owned(),
+                    message: status.message.clone().unwrap_or_default(),
+                });
+            } else {
+                mirror_pod(
+                    machine,
+                    pod,
+                    &mut status,
+                    &mut action,
+                    backoff,
+                    reflects,
+                    now,
+                );
+            }
         }
     }
 
     let new_phase = status.phase.unwrap_or_default();
-    if new_phase != phase || status.restarts != current.restarts {
-        let severity = if new_phase == MachinePhase::Failed {
+    if action != PodAction::Replace && (new_phase != phase || status.restarts != current.restarts) {
+        let severity = if new_phase == MachinePhase::Failed || status.next_restart_time.is_some() {
             Severity::Warning
         } else {
             Severity::Normal
         };
-        let reason = if status.restarts != current.restarts {
-            "Restarting".to_owned()
-        } else {
+        let reason = if status.restarts == current.restarts {
             new_phase.to_string()
+        } else if status.next_restart_time.is_some() {
+            "BackOff".to_owned()
+        } else {
+            "Restarting".to_owned()
         };
         notes.push(Note {
             severity,
@@ -192,6 +344,86 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, now: &Time) -> Decision {
         status,
         action,
         notes,
+        wait,
+    }
+}
+
+/// A Pod that runs an older spec is replaced by one of the next Pod index, on the same
+/// GPUs, once it is gone. No back-off: the user asked for the change.
+fn roll_out(
+    machine: &GpuMachine,
+    pod: &Pod,
+    status: &mut GpuMachineStatus,
+    generation: i64,
+    now: &Time,
+) {
+    let old = pod.name_any();
+    status.pod_index = pod_index(status).saturating_add(1);
+    let next = pod_name(&machine.name_any(), status.pod_index);
+    status.pod_name = Some(next.clone());
+    status.consecutive_restarts = 0;
+    status.next_restart_time = None;
+    status.phase = Some(MachinePhase::Scheduled);
+    let message = format!(
+        "rolling out generation {generation} ({}): Pod {old} is deleted, and {next} created on the same GPUs once it is gone",
+        spec_change(pod, &machine.spec)
+    );
+    status.message = Some(message.clone());
+    let observed = status.observed_generation.unwrap_or(generation);
+    for kind in [ConditionType::VmReady, ConditionType::Ready] {
+        set_condition(
+            &mut status.conditions,
+            kind,
+            "False",
+            "RollingOut",
+            &message,
+            observed,
+            now,
+        );
+    }
+}
+
+/// Milliseconds since the epoch.
+fn millis(t: &Time) -> i64 {
+    t.0.as_millisecond()
+}
+
+/// `now + wait`, rounded up to the whole second (a `Time` travels with whole seconds,
+/// and the replacement must never come before the time the status shows).
+fn after(now: &Time, wait: Duration) -> Time {
+    let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+    let due = millis(now).saturating_add(wait_ms);
+    let secs = due.div_euclid(1000) + i64::from(due.rem_euclid(1000) != 0);
+    Timestamp::from_second(secs).map_or_else(|_| now.clone(), Time)
+}
+
+/// The last `max` bytes of `text`, cut at a character boundary.
+fn tail(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// The evidence of an ended run, from the container's terminated state (or the Pod's
+/// own reason when the container never reported one).
+fn termination(pod: &Pod, terminated: Option<&ContainerStateTerminated>, code: i32) -> Termination {
+    let pod_status = pod.status.as_ref();
+    Termination {
+        pod_name: pod.name_any(),
+        exit_code: code,
+        signal: terminated.and_then(|t| t.signal),
+        reason: terminated
+            .and_then(|t| t.reason.clone())
+            .or_else(|| pod_status.and_then(|s| s.reason.clone())),
+        message: terminated
+            .and_then(|t| t.message.clone())
+            .or_else(|| pod_status.and_then(|s| s.message.clone()))
+            .filter(|m| !m.is_empty())
+            .map(|m| tail(&m, TERMINATION_MESSAGE_MAX)),
+        started_at: terminated.and_then(|t| t.started_at.clone()),
+        finished_at: terminated.and_then(|t| t.finished_at.clone()),
     }
 }
 
@@ -200,7 +432,8 @@ fn mirror_pod(
     pod: &Pod,
     status: &mut GpuMachineStatus,
     action: &mut PodAction,
-    generation: i64,
+    backoff: &Backoff,
+    reflects: bool,
     now: &Time,
 ) {
     let pod_status = pod.status.clone().unwrap_or_default();
@@ -210,6 +443,13 @@ fn mirror_pod(
         .and_then(|cs| cs.first().cloned());
     let state = container.as_ref().and_then(|c| c.state.clone());
     let phase = pod_status.phase.as_deref().unwrap_or("Pending");
+    // Conditions describe the generation the Pod runs.
+    let generation = status
+        .observed_generation
+        .unwrap_or(machine.metadata.generation.unwrap_or_default());
+    let gpu_required =
+        machine.spec.gpu_check == GpuCheckPolicy::Required && !status.gpus.is_empty();
+    let no_gpus = status.gpus.is_empty();
     let conds = &mut status.conditions;
     match phase {
         "Running" => {
@@ -227,22 +467,48 @@ fn mirror_pod(
                 generation,
                 now,
             );
-            let ready = container.as_ref().is_some_and(|c| c.ready);
-            let (s, r) = if ready {
-                ("True", "Running")
+            let (gpu, gpu_message) = gpu_check(pod, conds, generation, now);
+            let container_ready = container.as_ref().is_some_and(|c| c.ready);
+            let (s, r, m) = if !container_ready {
+                (
+                    "False",
+                    "ContainerNotReady",
+                    "the machine's container is not ready".to_owned(),
+                )
+            } else if gpu == "True" {
+                (
+                    "True",
+                    "Running",
+                    "the container runs and the guest sees its GPUs".to_owned(),
+                )
+            } else if no_gpus {
+                (
+                    "True",
+                    "Running",
+                    "the container runs (the machine has no GPUs to check)".to_owned(),
+                )
+            } else if !gpu_required {
+                (
+                    "True",
+                    "Running",
+                    "the container runs; the GPU check is ignored (spec.gpuCheck: Ignored)"
+                        .to_owned(),
+                )
+            } else if gpu == "Unknown" {
+                (
+                    "False",
+                    "AwaitingGpuCheck",
+                    "the container runs, but the guest's GPU check has not been reported yet"
+                        .to_owned(),
+                )
             } else {
-                ("False", "ContainerNotReady")
+                (
+                    "False",
+                    "GpuCheckFailed",
+                    format!("the guest does not see its GPUs: {gpu_message}"),
+                )
             };
-            set_condition(
-                conds,
-                ConditionType::Ready,
-                s,
-                r,
-                "the machine's container is running",
-                generation,
-                now,
-            );
-            gpu_check(pod, conds, generation, now);
+            set_condition(conds, ConditionType::Ready, s, r, &m, generation, now);
         }
         "Succeeded" | "Failed" => {
             let terminated = state.and_then(|s| s.terminated);
@@ -251,6 +517,7 @@ fn mirror_pod(
                 .map(|t| t.exit_code)
                 .unwrap_or(i32::from(phase == "Failed"));
             status.exit_code = Some(code);
+            status.last_termination = Some(termination(pod, terminated.as_ref(), code));
             let failed = phase == "Failed" || code != 0;
             let restart = match machine.spec.restart_policy {
                 RestartPolicy::Always => true,
@@ -258,20 +525,54 @@ fn mirror_pod(
                 RestartPolicy::Never => false,
             };
             let detail = terminated
-                .and_then(|t| t.reason.or(t.message))
+                .as_ref()
+                .and_then(|t| t.reason.clone().or(t.message.clone()))
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
+            let mut ready_reason = if failed { "Failed" } else { "Completed" };
             if restart {
+                // A run as long as the reset period starts a new row of restarts; a
+                // changed spec restarts at once (the user asked for it).
+                let ran = terminated.as_ref().and_then(|t| {
+                    Some(millis(t.finished_at.as_ref()?) - millis(t.started_at.as_ref()?))
+                });
+                let reset_ms = i64::try_from(backoff.reset_after.as_millis()).unwrap_or(i64::MAX);
+                let streak = if !reflects {
+                    0
+                } else if ran.is_some_and(|ms| ms >= reset_ms) {
+                    1
+                } else {
+                    status.consecutive_restarts.saturating_add(1)
+                };
+                let delay = backoff.delay(streak);
                 *action = PodAction::DeleteForRestart;
+                // The index first: an old status names its Pods by the restart count.
+                status.pod_index = pod_index(status).saturating_add(1);
                 status.restarts += 1;
-                status.pod_name = Some(pod_name(&machine.name_any(), status.restarts));
+                status.consecutive_restarts = streak;
+                let next = pod_name(&machine.name_any(), status.pod_index);
+                status.pod_name = Some(next.clone());
                 status.phase = Some(MachinePhase::Scheduled);
-                status.message = Some(format!(
-                    "container exited with code {code}{detail}; restarting on the same GPUs (restart {})",
-                    status.restarts
-                ));
+                if delay.is_zero() {
+                    status.next_restart_time = None;
+                    status.message = Some(format!(
+                        "container exited with code {code}{detail}; restarting on the same GPUs as Pod {next} once the old Pod is gone (restart {})",
+                        status.restarts
+                    ));
+                } else {
+                    let at = after(now, delay);
+                    status.message = Some(format!(
+                        "container exited with code {code}{detail}; back-off {}s: restarting on the same GPUs as Pod {next} at {} (restart {})",
+                        delay.as_secs(),
+                        at.0,
+                        status.restarts
+                    ));
+                    status.next_restart_time = Some(at);
+                    ready_reason = "CrashLoopBackOff";
+                }
             } else {
                 *action = PodAction::DeleteFinished;
+                status.next_restart_time = None;
                 status.phase = Some(if failed {
                     MachinePhase::Failed
                 } else {
@@ -279,12 +580,12 @@ fn mirror_pod(
                 });
                 status.message = Some(format!("container exited with code {code}{detail}"));
             }
-            let reason = if failed { "Failed" } else { "Completed" };
+            let conds = &mut status.conditions;
             set_condition(
                 conds,
                 ConditionType::Ready,
                 "False",
-                reason,
+                ready_reason,
                 &format!("container exited with code {code}"),
                 generation,
                 now,
@@ -351,7 +652,14 @@ fn mirror_pod(
     }
 }
 
-fn gpu_check(pod: &Pod, conds: &mut Vec<Condition>, generation: i64, now: &Time) {
+/// Mirrors the Pod's `gpuvm.dev/gpu-check` annotation into `GPUReady` and returns the
+/// condition's status (`True`, `False` or `Unknown`) and message.
+fn gpu_check(
+    pod: &Pod,
+    conds: &mut Vec<Condition>,
+    generation: i64,
+    now: &Time,
+) -> (&'static str, String) {
     let annotation = pod.annotations().get(keys::ANNOTATION_GPU_CHECK);
     // One reader of the record's format: the type the node agent writes it with.
     let (status, reason, message) = match annotation.map(|v| (v, GpuCheck::parse(v))) {
@@ -377,6 +685,7 @@ fn gpu_check(pod: &Pod, conds: &mut Vec<Condition>, generation: i64, now: &Time)
         generation,
         now,
     );
+    (status, message)
 }
 
 /// "2 x h100-80gb (0000:18:00.0, 0000:2a:00.0)".

@@ -207,6 +207,7 @@ fn machine() -> impl Strategy<Value = GpuMachine> {
                     restart_policy: policy,
                     node_selector: selector,
                     placement,
+                    gpu_check: Default::default(),
                 },
             );
             m.metadata.namespace = Some("ns".into());
@@ -332,7 +333,7 @@ proptest! {
                 }
             }
             let _ = pod::build_pod(m);
-            let decision = status::decide(m, pod.as_ref(), &Time(Timestamp::now()));
+            let decision = status::decide(m, pod.as_ref(), &status::Backoff::default(), &Time(Timestamp::now()));
             // Every condition carries the generation it describes.
             for c in &decision.status.conditions {
                 prop_assert_eq!(c.observed_generation, Some(1));

@@ -142,6 +142,7 @@ fn machine(name: &str) -> GpuMachine {
             restart_policy: RestartPolicy::Never,
             node_selector: BTreeMap::new(),
             placement: Default::default(),
+            gpu_check: Default::default(),
         },
     );
     m.metadata.namespace = Some("default".into());
@@ -582,7 +583,13 @@ async fn pod_state_is_mirrored_into_phase_and_conditions() {
         running: Some(ContainerStateRunning::default()),
         ..ContainerState::default()
     };
-    server.next().await.ok(&pod("Running", running, true));
+    let mut seen = pod("Running", running, true);
+    // The guest sees its GPU (the node agent carried the shim's check to the Pod).
+    seen.metadata.annotations.as_mut().unwrap().insert(
+        keys::ANNOTATION_GPU_CHECK.to_owned(),
+        "ok: 1 x l40s".to_owned(),
+    );
+    server.next().await.ok(&seen);
     let call = server.next().await;
     assert_eq!(call.path, format!("{MACHINES}/m/status"));
     let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
@@ -597,7 +604,9 @@ async fn pod_state_is_mirrored_into_phase_and_conditions() {
     let gpu = status
         .condition(gpuvm_api::ConditionType::GpuReady)
         .unwrap();
-    assert_eq!(gpu.status, "Unknown");
+    assert_eq!(gpu.status, "True");
+    // The Pod runs the machine's spec: its generation is observed.
+    assert_eq!(status.observed_generation, Some(1));
     let reply = with_status(m, &call.body, "8");
     call.ok(&reply);
     finish(task).await.unwrap();
@@ -622,31 +631,74 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
         ..ContainerState::default()
     };
     server.next().await.ok(&pod("Failed", failed, false));
+    // Crash-safe order: the restart count, the next Pod's name and the evidence are
+    // written (carrying the machine's resourceVersion) before the old Pod is deleted.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{MACHINES}/m/status"))
+    );
+    assert_eq!(call.body["metadata"]["resourceVersion"], "1");
+    let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
+    assert_eq!(status.restarts, 1);
+    assert_eq!(status.pod_index, 1);
+    assert_eq!(status.pod_name.as_deref(), Some("m-vm-1"));
+    assert_eq!(status.exit_code, Some(3));
+    assert_eq!(status.last_termination.as_ref().unwrap().exit_code, 3);
+    assert_eq!(status.phase, Some(MachinePhase::Scheduled));
+    assert!(status.next_restart_time.is_some(), "the restart backs off");
+    // Same GPUs: the allocation is untouched.
+    assert_eq!(status.gpus, m.status.as_ref().unwrap().gpus);
+    let mut next = with_status(m, &call.body, "9");
+    call.ok(&next);
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
         (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
     );
     call.ok(&pod("Failed", ContainerState::default(), false));
-    let call = server.next().await;
-    let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
-    assert_eq!(status.restarts, 1);
-    assert_eq!(status.pod_name.as_deref(), Some("m-vm-1"));
-    assert_eq!(status.exit_code, Some(3));
-    assert_eq!(status.phase, Some(MachinePhase::Scheduled));
-    // Same GPUs: the allocation is untouched.
-    assert_eq!(status.gpus, m.status.as_ref().unwrap().gpus);
-    let next = with_status(m, &call.body, "9");
-    call.ok(&next);
     finish(task).await.unwrap();
     server.done().await;
 
-    // The replacement Pod is named for the restart and created once a quorum read of the
-    // record shows the allocation still current.
+    // The back-off has run out. The old Pod is still terminating: no new Pod yet.
+    next.status.as_mut().unwrap().next_restart_time = Some(Time(Timestamp::UNIX_EPOCH));
     let task = run(next.clone(), &ctx).await;
     let call = server.next().await;
     assert_eq!(call.path, "/api/v1/namespaces/default/pods/m-vm-1");
     call.error(404, "NotFound");
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, "/api/v1/namespaces/default/pods")
+    );
+    let mut old = pod("Failed", ContainerState::default(), false);
+    old.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    call.ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [old]}));
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert!(
+        call.body["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for Pod m-vm to be gone"),
+        "{}",
+        call.body["status"]
+    );
+    let next = with_status(next, &call.body, "10");
+    call.ok(&next);
+    finish(task).await.unwrap();
+    server.done().await;
+
+    // Gone: the replacement Pod is named for the restart and created once a quorum read
+    // of the record shows the allocation still current.
+    let task = run(next.clone(), &ctx).await;
+    let call = server.next().await;
+    assert_eq!(call.path, "/api/v1/namespaces/default/pods/m-vm-1");
+    call.error(404, "NotFound");
+    server
+        .next()
+        .await
+        .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
     let call = server.next().await;
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
@@ -665,7 +717,8 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
     let call = server.next().await;
     assert_eq!(call.path, format!("{MACHINES}/m/status"));
     assert_eq!(call.body["status"]["podName"], "m-vm-1");
-    let reply = with_status(next, &call.body, "10");
+    assert!(call.body["status"].get("nextRestartTime").is_none());
+    let reply = with_status(next, &call.body, "11");
     call.ok(&reply);
     finish(task).await.unwrap();
     server.done().await;
