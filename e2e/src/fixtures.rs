@@ -255,6 +255,71 @@ pub fn machine(namespace: &str, name: &str, model: &str, count: i32, run: &str) 
     m
 }
 
+/// The merge patch for a machine Pod's status subresource that kubelet would write once
+/// the VM booted and its container runs (`ready` as the readiness probe says).
+pub fn pod_running_patch(image: &str, ready: bool) -> Value {
+    let now = now();
+    json!({
+        "status": {
+            "phase": "Running",
+            "startTime": now,
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            "containerStatuses": [{
+                "name": "machine",
+                "image": image,
+                "imageID": "",
+                "ready": ready,
+                "started": true,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }],
+        }
+    })
+}
+
+/// The merge patch for a machine Pod's status subresource that kubelet would write when
+/// its container ended with `exit_code` after `ran_seconds`, with `message` as the
+/// termination message (the log tail, under `FallbackToLogsOnError`).
+pub fn pod_ended_patch(image: &str, exit_code: i32, message: &str, ran_seconds: i64) -> Value {
+    let finished = Timestamp::now();
+    let started = finished
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(ran_seconds))
+        .unwrap_or(finished);
+    json!({
+        "status": {
+            "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{
+                "name": "machine",
+                "image": image,
+                "imageID": "",
+                "ready": false,
+                "started": false,
+                "restartCount": 0,
+                "state": {"terminated": {
+                    "exitCode": exit_code,
+                    "reason": if exit_code == 0 { "Completed" } else { "Error" },
+                    "message": message,
+                    "startedAt": Time(started),
+                    "finishedAt": Time(finished),
+                }},
+            }],
+        }
+    })
+}
+
+/// The `Binding` kube-scheduler would create to put Pod `pod` on node `node`. A bound
+/// Pod is deleted gracefully: it stays, with a deletionTimestamp, until its kubelet (in
+/// a test, the test) confirms the VM is gone.
+pub fn binding(pod: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": pod},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +424,28 @@ mod tests {
             assert!(status.heartbeat.is_some());
             assert_eq!(status.devices.len(), kind.gpu_count());
         }
+    }
+
+    #[test]
+    fn kubelet_patches_carry_what_the_operator_reads() {
+        let running: k8s_openapi::api::core::v1::PodStatus =
+            serde_json::from_value(pod_running_patch("img:1", true)["status"].clone()).unwrap();
+        let c = &running.container_statuses.unwrap()[0];
+        assert!(c.ready && c.state.as_ref().unwrap().running.is_some());
+        let ended: k8s_openapi::api::core::v1::PodStatus =
+            serde_json::from_value(pod_ended_patch("img:1", 3, "boom", 5)["status"].clone())
+                .unwrap();
+        assert_eq!(ended.phase.as_deref(), Some("Failed"));
+        let t = ended.container_statuses.unwrap()[0]
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!((t.exit_code, t.message.as_deref()), (3, Some("boom")));
+        let ran = t.finished_at.unwrap().0.as_second() - t.started_at.unwrap().0.as_second();
+        assert!((4..=6).contains(&ran), "{ran}");
+        assert_eq!(binding("p", "n")["target"]["name"], "n");
     }
 
     #[test]
