@@ -83,6 +83,27 @@ impl Devices {
         })
     }
 
+    /// What the state file records of the devices, for `shim delete`.
+    fn record(&self) -> Option<crate::devices::DeviceRecord> {
+        self.passthrough
+            .as_ref()
+            .map(|set| crate::devices::DeviceRecord {
+                devices: set.devices.clone(),
+                sysfs_root: self.host.sysfs_root.clone(),
+                lock_dir: self.host.lock_dir.clone(),
+                health_dir: self.host.health_dir.clone(),
+            })
+    }
+
+    /// Marks every device as needing its reset, before the VMM may open it: from now
+    /// on only a reset frees it, even if this shim is killed (`shim delete` resets it).
+    fn mark_reset_pending(&self, id: &str) -> Result<()> {
+        match &self.passthrough {
+            Some(set) => crate::devices::mark_reset_pending(&self.host.lock_dir, &set.devices, id),
+            None => Ok(()),
+        }
+    }
+
     /// No devices.
     fn none(host: HostPaths) -> Devices {
         Devices {
@@ -103,6 +124,9 @@ impl Devices {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         let all_reset = reset_devices(self.host.clone(), set.devices.clone()).await;
+        // Reset (or recorded unhealthy, which keeps them out): the markers go, while
+        // the lock is still held.
+        crate::devices::clear_reset_pending(&self.host.lock_dir, &set.devices);
         if let (false, Some(lock)) = (all_reset, lock) {
             held.keep(lock);
         }
@@ -170,6 +194,7 @@ impl Vm {
             vm,
             mounts,
             timings,
+            devices: self.devices.record(),
         }
     }
 
@@ -196,7 +221,10 @@ impl Vm {
                 tracing::warn!(error = %e, "cannot update the state file");
             }
         };
+        // The state file names the devices already: a shim killed from here on
+        // leaves `shim delete` what it needs to reset them.
         self.vmm_started.store(true, Ordering::SeqCst);
+        self.devices.mark_reset_pending(&self.id)?;
         self.hypervisor.start(&persist).await?;
         let vmm_started = Instant::now();
         self.save_state()?;
