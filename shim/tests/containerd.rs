@@ -627,6 +627,11 @@ fn pod_sandbox_and_app_container_share_one_vm() {
             "io.kubernetes.cri.sandbox-id": pod,
             "gpuvm.dev/cpus": "1",
             "gpuvm.dev/memory": "384Mi",
+            // What containerd's CRI plugin adds for a Pod of 1 CPU and 384Mi.
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-cpu-quota": "100000",
+            "io.kubernetes.cri.sandbox-cpu-shares": "1024",
+            "io.kubernetes.cri.sandbox-memory": "402653184",
         });
         let out = sub.join("spec.json");
         std::fs::write(&out, serde_json::to_vec(&spec).expect("json")).expect("write");

@@ -19,9 +19,9 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    ImageSpec, LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -42,6 +42,19 @@ async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
         .await
         .expect("connect to containerd's CRI");
     RuntimeServiceClient::new(channel)
+}
+
+/// What the kubelet passes for a Pod whose containers request and are limited to one
+/// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
+/// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
+fn one_cpu_512mi() -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        cpu_shares: 1024,
+        memory_limit_in_bytes: 512 << 20,
+        ..Default::default()
+    }
 }
 
 fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
@@ -70,6 +83,7 @@ fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
                 }),
                 ..Default::default()
             }),
+            resources: Some(one_cpu_512mi()),
             ..Default::default()
         }),
         ..Default::default()
@@ -224,6 +238,30 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     assert_eq!(boot_ids[0], boot_ids[1], "both containers share one guest");
     assert_ne!(boot_ids[0], host_boot_id, "the containers run in a VM");
 
+    // The guest has the size the Pod's resources allow (1 CPU, at most 512Mi).
+    let out = exec_sync(
+        &mut client,
+        &containers[0],
+        &[
+            "/bin/sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo",
+        ],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("1"), "{text}");
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {text}"));
+    assert!(
+        (256 << 10..=512 << 10).contains(&mem_kib),
+        "MemTotal {mem_kib} kB"
+    );
+
     // Figures (printed, not asserted): the shim's memory per pod and where the
     // sandbox's start time went.
     let shim_pid = common::processes_mentioning(&format!("-id {pod_id} "))
@@ -264,6 +302,32 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         panic!("RemovePodSandbox: {e}\n{}", context());
     }
     println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
+
+    // A Pod whose annotation asks for more CPUs than its resources account for is
+    // refused before anything starts, with the shim's sentence.
+    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), &log_dir);
+    greedy
+        .annotations
+        .insert("gpuvm.dev/cpus".to_owned(), "2".to_owned());
+    match client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(greedy),
+            runtime_handler: RUNTIME_HANDLER.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => panic!(
+            "a greedy Pod was admitted: {}",
+            r.into_inner().pod_sandbox_id
+        ),
+        Err(e) => assert!(
+            e.message().contains(
+                "asks for 2 CPUs, more than the 1 the Pod's CPU requests and limits account for"
+            ),
+            "{e}\n{}",
+            context()
+        ),
+    }
     let mut ids: Vec<&str> = vec![&pod_id];
     ids.extend(containers.iter().map(String::as_str));
     // The teardown is asynchronous in places: give it a moment before checking.

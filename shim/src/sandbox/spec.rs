@@ -124,12 +124,34 @@ mod tests {
                 annotations(&[
                     (config::ANNOTATION_CPUS, "4"),
                     (config::ANNOTATION_MEMORY, "8Gi"),
+                    (config::ANNOTATION_SANDBOX_CPU_PERIOD, "100000"),
+                    (config::ANNOTATION_SANDBOX_CPU_QUOTA, "400000"),
+                    (config::ANNOTATION_SANDBOX_CPU_SHARES, "4096"),
+                    (config::ANNOTATION_SANDBOX_MEMORY, "8589934592"),
                 ]),
                 None,
                 VmSpec {
                     size: GuestSize {
                         cpus: 4,
                         memory_mib: 8192,
+                    },
+                    ..default_spec()
+                },
+            ),
+            (
+                "size from the Pod's resources alone",
+                ShimConfig::default(),
+                annotations(&[
+                    (config::ANNOTATION_SANDBOX_CPU_PERIOD, "100000"),
+                    (config::ANNOTATION_SANDBOX_CPU_QUOTA, "200000"),
+                    (config::ANNOTATION_SANDBOX_CPU_SHARES, "2048"),
+                    (config::ANNOTATION_SANDBOX_MEMORY, "2147483648"),
+                ]),
+                None,
+                VmSpec {
+                    size: GuestSize {
+                        cpus: 2,
+                        memory_mib: 2048,
                     },
                     ..default_spec()
                 },
