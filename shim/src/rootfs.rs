@@ -1,9 +1,12 @@
 //! Container root filesystems on the host side of the virtio-fs share.
+//!
+//! The share is guest-writable: every path here is resolved without following
+//! symlinks ([`crate::host_path`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::types::mount::Mount as ContainerdMount;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MsFlags;
 
 use crate::error::{Error, Result};
 
@@ -16,64 +19,77 @@ pub fn mount(
     source: &Path,
     target: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(target)
-        .map_err(Error::io(format!("cannot create {}", target.display())))?;
+    // The directory is opened as it is created, and the mounts go onto that open
+    // directory: a symlink the guest plants on the way is refused, never followed.
+    let dir = crate::host_path::create_dir_all(target)?;
     if mounts.is_empty() {
         let source = bundle.join(source);
-        nix::mount::mount(
-            Some(&source),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| Error::Io {
+        crate::host_path::bind_onto(&source, &dir, MsFlags::MS_REC).map_err(|e| Error::Io {
             context: format!("cannot bind {} to {}", source.display(), target.display()),
             source: e.into(),
         })?;
         return Ok(());
     }
+    let onto = crate::host_path::mount_target(&dir);
     for m in mounts {
         containerd_shim::mount::mount_rootfs(
             Some(m.type_.as_str()),
             Some(m.source.as_str()),
             &m.options,
-            target,
+            &onto,
         )?;
     }
     Ok(())
 }
 
 /// Unmounts `target` (lazily, so a busy mount can't block teardown) and removes the
-/// directory. Best effort.
+/// directory, both without following symlinks. Best effort: a path the guest turned
+/// into a symlink is left alone (logged); [`remove_dir_if_unmounted`] finds the mount
+/// where it really is.
 pub fn unmount(target: &Path) {
-    // Overlays may be stacked; unmount until nothing is left.
-    for _ in 0..4 {
-        if nix::mount::umount2(target, MntFlags::MNT_DETACH).is_err() {
-            break;
-        }
+    if let Err(e) = crate::host_path::unmount(target) {
+        tracing::warn!(error = %e.full_message(), "not unmounted");
+        return;
     }
-    let _ = std::fs::remove_dir(target);
+    let _ = crate::host_path::remove_dir(target);
 }
 
 /// Bind-mounts `dir` onto itself with shared propagation, so that rootfs mounts made
 /// under it later also appear in virtiofsd's (slave) mount namespace.
 pub fn make_shared_mount(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+    let opened = crate::host_path::create_dir_all(dir)?;
     let io = |what: &str, e: nix::Error| Error::Io {
         context: format!("cannot {what} {}", dir.display()),
         source: e.into(),
     };
-    nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| io("bind-mount", e))?;
+    crate::host_path::bind_onto(dir, &opened, MsFlags::empty()).map_err(|e| io("bind-mount", e))?;
+    // The bind mount now covers `opened`: open the mount itself to change it.
+    let mounted = crate::host_path::open_no_symlinks(dir).map_err(|e| Error::Io {
+        context: format!("cannot open {}", dir.display()),
+        source: e.into(),
+    })?;
     nix::mount::mount(
         None::<&str>,
-        dir,
+        &crate::host_path::mount_target(&mounted),
         None::<&str>,
         MsFlags::MS_SHARED,
         None::<&str>,
     )
     .map_err(|e| io("make shared", e))
+}
+
+/// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut points: Vec<PathBuf> = mount_points(&mountinfo)
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
 }
 
 /// Whether anything is mounted at or below `dir` (from `/proc/self/mountinfo`).
@@ -115,9 +131,18 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Removes `dir` recursively unless something is still mounted under it (removing
-/// through a mount would delete a container's image data).
+/// Unmounts whatever is still mounted under `dir` (deepest first, where the kernel
+/// says it is: the guest may have moved a rootfs's directory), then removes `dir`
+/// recursively unless something is still mounted under it (removing through a mount
+/// would delete a container's image data). Nothing is followed: the unmounts resolve
+/// without symlinks, and `std::fs::remove_dir_all` unlinks a symlink instead of
+/// descending into it.
 pub fn remove_dir_if_unmounted(dir: &Path) {
+    for point in mounts_under(dir) {
+        if let Err(e) = crate::host_path::unmount(&point) {
+            tracing::warn!(error = %e.full_message(), "not unmounted");
+        }
+    }
     if has_mounts_under(dir) {
         tracing::warn!(dir = %dir.display(), "not removing: something is still mounted under it");
         return;
