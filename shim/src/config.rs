@@ -102,6 +102,23 @@ pub struct HostPaths {
     pub health_dir: PathBuf,
     /// In-guest GPU check results read by the node agent (`/run/gpuvm/gpu-check`).
     pub gpu_check_dir: PathBuf,
+    /// Size of each VM's share, a tmpfs of its own (a quantity; default `16Mi`). It
+    /// holds only the directories the rootfs mounts sit on: the guest cannot write it.
+    pub share_size: String,
+}
+
+impl HostPaths {
+    /// [`HostPaths::share_size`] in bytes.
+    pub fn share_size_bytes(&self) -> Result<u64> {
+        match quantity::parse_bytes(&self.share_size) {
+            Ok(bytes) if bytes >= 1 << 20 => Ok(bytes),
+            Ok(_) => Err(Error::Config(format!(
+                "host.share_size ({}) must be at least 1Mi",
+                self.share_size
+            ))),
+            Err(e) => Err(Error::Config(format!("host.share_size: {e}"))),
+        }
+    }
 }
 
 /// Guest image, kernel command line and size limits.
@@ -177,6 +194,7 @@ impl Default for HostPaths {
             lock_dir: PathBuf::from(gpuvm_pci::DEFAULT_LOCK_DIR),
             health_dir: PathBuf::from(gpuvm_pci::DEFAULT_HEALTH_DIR),
             gpu_check_dir: PathBuf::from(gpuvm_api::gpu_check::DEFAULT_GPU_CHECK_DIR),
+            share_size: "16Mi".to_owned(),
         }
     }
 }
@@ -288,6 +306,7 @@ impl ShimConfig {
                 "memory.hugepage_size is set but memory.hugepages is false".into(),
             ));
         }
+        self.host.share_size_bytes()?;
         if self.timeouts.agent_connect_secs == 0 {
             return Err(Error::Config(
                 "timeouts.agent_connect_secs must be at least 1".into(),

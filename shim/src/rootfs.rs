@@ -54,28 +54,107 @@ pub fn unmount(target: &Path) {
     let _ = crate::host_path::remove_dir(target);
 }
 
-/// Bind-mounts `dir` onto itself with shared propagation, so that rootfs mounts made
-/// under it later also appear in virtiofsd's (slave) mount namespace.
-pub fn make_shared_mount(dir: &Path) -> Result<()> {
-    let opened = crate::host_path::create_dir_all(dir)?;
-    let io = |what: &str, e: nix::Error| Error::Io {
-        context: format!("cannot {what} {}", dir.display()),
+/// The VM's virtio-fs share on the host, Kata's layout: a tmpfs of its own (a size
+/// limit of its own, not the host's `/run`), holding `mounts/` where the shim mounts
+/// the containers' rootfs (`mounts/<id>/rootfs`, the shim's side, never the guest's)
+/// and `shared/`, a read-only recursive bind of `mounts/` that virtiofsd serves. The
+/// guest therefore sees a read-only tree (it cannot create, rename or plant a symlink
+/// there) with each container's rootfs mount writable inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareDirs {
+    /// The tmpfs: `<work dir>/share`.
+    pub root: PathBuf,
+    /// The shim's writable side: `<root>/mounts`.
+    pub mounts: PathBuf,
+    /// The guest's read-only view, virtiofsd's `--shared-dir`: `<root>/shared`.
+    pub shared: PathBuf,
+}
+
+impl ShareDirs {
+    /// The share of the VM whose work dir is `work_dir`.
+    pub fn of(work_dir: &Path) -> ShareDirs {
+        let root = work_dir.join("share");
+        ShareDirs {
+            mounts: root.join("mounts"),
+            shared: root.join("shared"),
+            root,
+        }
+    }
+
+    /// Its mounts, innermost first: the order to unmount them in.
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        vec![self.shared.clone(), self.mounts.clone(), self.root.clone()]
+    }
+}
+
+/// Mounts the share (see [`ShareDirs`]): the tmpfs (`size_bytes`, `nosuid,nodev,
+/// noexec`, mode 0755), `mounts/` bound onto itself with shared propagation, so that
+/// rootfs mounts made there later reach `shared/` and virtiofsd's (slave) mount
+/// namespace, and `shared/` a recursive bind of it, remounted read-only. On failure
+/// whatever was mounted is unmounted again.
+pub fn mount_share(share: &ShareDirs, size_bytes: u64) -> Result<()> {
+    let mounted = mount_share_steps(share, size_bytes);
+    if mounted.is_err() {
+        for point in share.mount_points() {
+            unmount(&point);
+        }
+    }
+    mounted
+}
+
+fn mount_share_steps(share: &ShareDirs, size_bytes: u64) -> Result<()> {
+    let io = |what: &str, path: &Path, e: nix::Error| Error::Io {
+        context: format!("cannot {what} {}", path.display()),
         source: e.into(),
     };
-    crate::host_path::bind_onto(dir, &opened, MsFlags::empty()).map_err(|e| io("bind-mount", e))?;
-    // The bind mount now covers `opened`: open the mount itself to change it.
-    let mounted = crate::host_path::open_no_symlinks(dir).map_err(|e| Error::Io {
-        context: format!("cannot open {}", dir.display()),
-        source: e.into(),
-    })?;
+    let open = |path: &Path| {
+        crate::host_path::open_no_symlinks(path).map_err(|e| Error::Io {
+            context: format!("cannot open {}", path.display()),
+            source: e.into(),
+        })
+    };
+    let root = crate::host_path::create_dir_all(&share.root)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &crate::host_path::mount_target(&root),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={size_bytes},mode=0755").as_str()),
+    )
+    .map_err(|e| io("mount a tmpfs on", &share.root, e))?;
+    let mounts = crate::host_path::create_dir_all(&share.mounts)?;
+    let shared = crate::host_path::create_dir_all(&share.shared)?;
+    crate::host_path::bind_onto(&share.mounts, &mounts, MsFlags::empty())
+        .map_err(|e| io("bind-mount", &share.mounts, e))?;
+    // The bind mount now covers `mounts`: open the mount itself to change it.
+    let mounts = open(&share.mounts)?;
     nix::mount::mount(
         None::<&str>,
-        &crate::host_path::mount_target(&mounted),
+        &crate::host_path::mount_target(&mounts),
         None::<&str>,
         MsFlags::MS_SHARED,
         None::<&str>,
     )
-    .map_err(|e| io("make shared", e))
+    .map_err(|e| io("make shared", &share.mounts, e))?;
+    // A bind of a shared mount joins its peer group: later rootfs mounts propagate.
+    nix::mount::mount(
+        Some(&crate::host_path::mount_target(&mounts)),
+        &crate::host_path::mount_target(&shared),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| io("bind-mount", &share.shared, e))?;
+    let shared = open(&share.shared)?;
+    // Read-only for this mount only: the rootfs mounts below keep their own flags.
+    nix::mount::mount(
+        None::<&str>,
+        &crate::host_path::mount_target(&shared),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| io("make read-only", &share.shared, e))
 }
 
 /// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).

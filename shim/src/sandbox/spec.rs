@@ -40,7 +40,7 @@ pub fn vm_spec(
             config.guest.kernel_params
         )),
         size,
-        shared_dir: Some(work_dir.join("shared")),
+        shared_dir: Some(crate::rootfs::ShareDirs::of(&work_dir).shared),
         work_dir,
         devices: devices.map(Passthrough::device_names).unwrap_or_default(),
         taps: Vec::new(),
@@ -94,7 +94,7 @@ mod tests {
                 cpus: 1,
                 memory_mib: 1024,
             },
-            shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/shared")),
+            shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/share/shared")),
             devices: Vec::new(),
             taps: Vec::new(),
             mmio64_size: None,
