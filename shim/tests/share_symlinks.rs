@@ -46,6 +46,18 @@ fn mount_tmpfs(path: &Path) {
     .expect("mount tmpfs");
 }
 
+/// Detaches whatever a test left mounted under its temp dir, even when it failed
+/// half-way, so a failure leaves no mount on the machine.
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        for point in gpuvm_shim::rootfs::mounts_under(&self.0) {
+            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
@@ -81,6 +93,7 @@ fn the_guest_sees_a_read_only_share_on_its_own_tmpfs_with_writable_rootfs() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = UnmountOnDrop(dir.path().to_owned());
     let root_before = names(Path::new("/"));
     let etc_before = names(Path::new("/etc"));
     let bundle = dir.path().join("bundle");
@@ -141,6 +154,7 @@ fn teardown_follows_no_symlink_the_guest_planted() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = UnmountOnDrop(dir.path().to_owned());
     let root_before = names(Path::new("/"));
     let etc_before = names(Path::new("/etc"));
 
