@@ -16,19 +16,21 @@ use std::time::{Duration, Instant};
 
 use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    ImageSpec, ImageStatusRequest, LinuxContainerResources, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The CRI runtime handler naming the gpuvm runtime in containerd's config.
 const RUNTIME_HANDLER: &str = "gpuvm";
 
-async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
+async fn connect(socket: std::path::PathBuf) -> Channel {
     let channel = Endpoint::try_from("http://[::]")
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -41,7 +43,31 @@ async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
         }))
         .await
         .expect("connect to containerd's CRI");
-    RuntimeServiceClient::new(channel)
+    channel
+}
+
+/// Waits until containerd's CRI image store lists `image`: it learns of an imported
+/// image from an event, a moment after `ctr images import` returns, and until then a
+/// RunPodSandbox tries to pull the sandbox image (and fails: no registry here).
+async fn wait_for_cri_image(channel: Channel, image: &str) {
+    let mut images = ImageServiceClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = images
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await;
+        if status.is_ok_and(|s| s.into_inner().image.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRI never listed {image}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What the kubelet passes for a Pod whose containers request and are limited to one
@@ -144,7 +170,9 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         .arg(&image));
     let log_dir = dir.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir).expect("mkdir");
-    let mut client = connect(containerd.socket.clone()).await;
+    let channel = connect(containerd.socket.clone()).await;
+    wait_for_cri_image(channel.clone(), common::IMAGE).await;
+    let mut client = RuntimeServiceClient::new(channel);
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
