@@ -31,7 +31,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 const RUNTIME_HANDLER: &str = "gpuvm";
 
 async fn connect(socket: std::path::PathBuf) -> Channel {
-    let channel = Endpoint::try_from("http://[::]")
+    Endpoint::try_from("http://[::]")
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
@@ -42,8 +42,7 @@ async fn connect(socket: std::path::PathBuf) -> Channel {
             }
         }))
         .await
-        .expect("connect to containerd's CRI");
-    channel
+        .expect("connect to containerd's CRI")
 }
 
 /// Waits until containerd's CRI image store lists `image`: it learns of an imported
