@@ -29,6 +29,20 @@ pub const ANNOTATION_POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
 /// CRI sandbox annotation: the Pod's UID.
 pub const ANNOTATION_POD_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
+/// CRI sandbox annotations with the Pod's resources. containerd's CRI plugin (1.6 and
+/// later, 2.x included) writes all four onto the sandbox's OCI spec from the kubelet's
+/// `PodSandboxConfig.linux.resources`, which the kubelet (1.23 and later) computes from
+/// the Pod's containers without the RuntimeClass overhead: the CFS period and quota
+/// from the CPU limits (quota 0: no limit), the shares from the CPU requests
+/// (`millicores × 1024 / 1000`, at least 2), the memory limit in bytes (0: no limit).
+pub const ANNOTATION_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// See [`ANNOTATION_SANDBOX_CPU_PERIOD`].
+pub const ANNOTATION_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// See [`ANNOTATION_SANDBOX_CPU_PERIOD`].
+pub const ANNOTATION_SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-shares";
+/// See [`ANNOTATION_SANDBOX_CPU_PERIOD`].
+pub const ANNOTATION_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
 /// Which VMM runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -88,6 +102,23 @@ pub struct HostPaths {
     pub health_dir: PathBuf,
     /// In-guest GPU check results read by the node agent (`/run/gpuvm/gpu-check`).
     pub gpu_check_dir: PathBuf,
+    /// Size of each VM's share, a tmpfs of its own (a quantity; default `16Mi`). It
+    /// holds only the directories the rootfs mounts sit on: the guest cannot write it.
+    pub share_size: String,
+}
+
+impl HostPaths {
+    /// [`HostPaths::share_size`] in bytes.
+    pub fn share_size_bytes(&self) -> Result<u64> {
+        match quantity::parse_bytes(&self.share_size) {
+            Ok(bytes) if bytes >= 1 << 20 => Ok(bytes),
+            Ok(_) => Err(Error::Config(format!(
+                "host.share_size ({}) must be at least 1Mi",
+                self.share_size
+            ))),
+            Err(e) => Err(Error::Config(format!("host.share_size: {e}"))),
+        }
+    }
 }
 
 /// Guest image, kernel command line and size limits.
@@ -108,6 +139,11 @@ pub struct GuestConfig {
     pub max_cpus: u32,
     /// Largest memory an annotation may ask for (a quantity).
     pub max_memory: String,
+    /// Whether `gpuvm.dev/cpus` / `gpuvm.dev/memory` are honoured for a sandbox that
+    /// containerd passed no Pod resources for (not a Kubernetes Pod: `ctr run`, or a
+    /// memory annotation on a Pod without a memory limit). Off by default: a VM is
+    /// never larger than what the scheduler accounted for.
+    pub allow_size_without_pod_resources: bool,
     /// vsock port the agent listens on.
     pub agent_port: u32,
 }
@@ -158,6 +194,7 @@ impl Default for HostPaths {
             lock_dir: PathBuf::from(gpuvm_pci::DEFAULT_LOCK_DIR),
             health_dir: PathBuf::from(gpuvm_pci::DEFAULT_HEALTH_DIR),
             gpu_check_dir: PathBuf::from(gpuvm_api::gpu_check::DEFAULT_GPU_CHECK_DIR),
+            share_size: "16Mi".to_owned(),
         }
     }
 }
@@ -190,6 +227,7 @@ impl Default for GuestConfig {
             default_memory: "1Gi".to_owned(),
             max_cpus: 64,
             max_memory: "256Gi".to_owned(),
+            allow_size_without_pod_resources: false,
             agent_port: 1024,
         }
     }
@@ -268,6 +306,7 @@ impl ShimConfig {
                 "memory.hugepage_size is set but memory.hugepages is false".into(),
             ));
         }
+        self.host.share_size_bytes()?;
         if self.timeouts.agent_connect_secs == 0 {
             return Err(Error::Config(
                 "timeouts.agent_connect_secs must be at least 1".into(),
@@ -308,33 +347,202 @@ pub fn parse_memory_mib(value: &str) -> std::result::Result<u64, String> {
     }
 }
 
-/// The guest size for a sandbox: the annotations where present, the config's defaults
-/// otherwise, and a clear error when an annotation asks for more than the limits.
+/// What the scheduler accounted for a Pod, from the CRI sandbox annotations
+/// ([`ANNOTATION_SANDBOX_CPU_PERIOD`] and the three others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodResources {
+    /// The most vCPUs the Pod's CPU requests and limits allow: the smaller of the two
+    /// (as millicores), in whole CPUs rounded down, at least 1 (a VM needs a vCPU).
+    pub max_cpus: u32,
+    /// The Pod's memory limit in bytes; `None` when its containers have none.
+    pub memory_limit: Option<u64>,
+}
+
+impl PodResources {
+    /// Reads the CRI sandbox annotations; `None` when containerd passed none (not a
+    /// Kubernetes Pod, or a kubelet older than 1.23).
+    pub fn from_annotations(annotations: &HashMap<String, String>) -> Result<Option<PodResources>> {
+        let keys = [
+            ANNOTATION_SANDBOX_CPU_PERIOD,
+            ANNOTATION_SANDBOX_CPU_QUOTA,
+            ANNOTATION_SANDBOX_CPU_SHARES,
+            ANNOTATION_SANDBOX_MEMORY,
+        ];
+        if !keys.iter().any(|k| annotations.contains_key(*k)) {
+            return Ok(None);
+        }
+        let number = |key: &str| -> Result<i64> {
+            match annotations.get(key) {
+                None => Ok(0),
+                Some(text) => text.trim().parse::<i64>().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "annotation {key}: `{text}` is not a whole number"
+                    ))
+                }),
+            }
+        };
+        let period = number(ANNOTATION_SANDBOX_CPU_PERIOD)?;
+        let quota = number(ANNOTATION_SANDBOX_CPU_QUOTA)?;
+        let shares = number(ANNOTATION_SANDBOX_CPU_SHARES)?;
+        let memory = number(ANNOTATION_SANDBOX_MEMORY)?;
+        // Millicores, rounded so that they never exceed what the Pod asked for:
+        // shares = ⌊millicores × 1024 / 1000⌋, quota = ⌊millicores × period / 1000⌋.
+        let request = (shares > 0).then(|| (i128::from(shares) * 1000).div_euclid(1024));
+        let limit = (quota > 0 && period > 0)
+            .then(|| (i128::from(quota) * 1000).div_euclid(i128::from(period)));
+        let millis = match (request, limit) {
+            (Some(r), Some(l)) => Some(r.min(l)),
+            (r, l) => r.or(l),
+        };
+        let max_cpus = millis
+            .map(|m| u32::try_from(m / 1000).unwrap_or(u32::MAX))
+            .unwrap_or(1)
+            .max(1);
+        let memory_limit = u64::try_from(memory).ok().filter(|m| *m > 0);
+        Ok(Some(PodResources {
+            max_cpus,
+            memory_limit,
+        }))
+    }
+}
+
+/// The guest size for a sandbox, never larger than what the scheduler accounted for:
+///
+/// - With the Pod's resources from containerd ([`PodResources`]): `gpuvm.dev/cpus`
+///   must not exceed their CPUs, nor `gpuvm.dev/memory` their memory limit (compared
+///   in bytes; the guest gets the annotation rounded up to whole MiB, but never more
+///   whole MiB than the limit holds). Without an annotation the guest gets the Pod's
+///   CPUs and its memory limit; a Pod without a memory limit gets
+///   `guest.default_memory`, and a memory annotation on it is refused unless
+///   `guest.allow_size_without_pod_resources`.
+/// - Without them (not a Kubernetes Pod): the annotations are refused unless
+///   `guest.allow_size_without_pod_resources`; the config's defaults otherwise.
+///
+/// Either way nothing exceeds `guest.max_cpus` / `guest.max_memory`. Every refusal is
+/// `InvalidArgument` with a sentence that names the annotation.
 pub fn guest_size(guest: &GuestConfig, annotations: &HashMap<String, String>) -> Result<GuestSize> {
-    let cpus = match annotations.get(ANNOTATION_CPUS) {
-        Some(v) => quantity::parse_cpus(v)
-            .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_CPUS}: {e}")))?,
-        None => guest.default_cpus,
+    let asked_cpus =
+        match annotations.get(ANNOTATION_CPUS) {
+            Some(v) => Some(quantity::parse_cpus(v).map_err(|e| {
+                Error::InvalidArgument(format!("annotation {ANNOTATION_CPUS}: {e}"))
+            })?),
+            None => None,
+        };
+    let asked_memory =
+        match annotations.get(ANNOTATION_MEMORY) {
+            Some(v) => Some(quantity::parse_bytes(v).map_err(|e| {
+                Error::InvalidArgument(format!("annotation {ANNOTATION_MEMORY}: {e}"))
+            })?),
+            None => None,
+        };
+    let default_mib = parse_memory_mib(&guest.default_memory).map_err(Error::Config)?;
+    let unaccounted = |key: &str, what: &str| {
+        Error::InvalidArgument(format!(
+            "annotation {key} asks for a VM size, but {what}, so nothing bounds it; a VM is \
+             never larger than what the scheduler accounted for (set \
+             guest.allow_size_without_pod_resources = true in the shim config to trust the \
+             annotation outside Kubernetes)"
+        ))
+    };
+    let pod = PodResources::from_annotations(annotations)?;
+    let (cpus, memory_mib) = match pod {
+        None => {
+            if !guest.allow_size_without_pod_resources {
+                let no_resources = "containerd passed no Pod resources \
+                                    (io.kubernetes.cri.sandbox-cpu-*/-memory annotations)";
+                if asked_cpus.is_some() {
+                    return Err(unaccounted(ANNOTATION_CPUS, no_resources));
+                }
+                if asked_memory.is_some() {
+                    return Err(unaccounted(ANNOTATION_MEMORY, no_resources));
+                }
+            }
+            let memory_mib = match asked_memory {
+                Some(bytes) => bytes_to_mib(bytes, ANNOTATION_MEMORY)?,
+                None => default_mib,
+            };
+            (asked_cpus.unwrap_or(guest.default_cpus), memory_mib)
+        }
+        Some(pod) => {
+            let cpus = match asked_cpus {
+                Some(cpus) if cpus > pod.max_cpus => {
+                    return Err(Error::InvalidArgument(format!(
+                        "annotation {ANNOTATION_CPUS} asks for {cpus} CPUs, more than the {} the \
+                         Pod's CPU requests and limits account for",
+                        pod.max_cpus
+                    )));
+                }
+                Some(cpus) => cpus,
+                None => pod.max_cpus,
+            };
+            let memory_mib = match (asked_memory, pod.memory_limit) {
+                (Some(bytes), Some(limit)) if bytes > limit => {
+                    return Err(Error::InvalidArgument(format!(
+                        "annotation {ANNOTATION_MEMORY} asks for {bytes} bytes, more than the \
+                         Pod's memory limit of {limit} bytes"
+                    )));
+                }
+                (Some(bytes), Some(limit)) => {
+                    bytes_to_mib(bytes, ANNOTATION_MEMORY)?.min(bytes_to_mib_down(limit)?)
+                }
+                (Some(_), None) if !guest.allow_size_without_pod_resources => {
+                    return Err(unaccounted(
+                        ANNOTATION_MEMORY,
+                        "the Pod has no memory limit",
+                    ));
+                }
+                (Some(bytes), None) => bytes_to_mib(bytes, ANNOTATION_MEMORY)?,
+                (None, Some(limit)) => bytes_to_mib_down(limit)?,
+                (None, None) => default_mib,
+            };
+            (cpus, memory_mib)
+        }
     };
     if cpus > guest.max_cpus {
         return Err(Error::InvalidArgument(format!(
-            "annotation {ANNOTATION_CPUS} asks for {cpus} CPUs, more than the configured maximum of {}",
+            "{} asks for {cpus} CPUs, more than the configured maximum of {}",
+            source_of(asked_cpus.is_some(), ANNOTATION_CPUS),
             guest.max_cpus
         )));
     }
     let max_mib = parse_memory_mib(&guest.max_memory).map_err(Error::Config)?;
-    let memory_mib = match annotations.get(ANNOTATION_MEMORY) {
-        Some(v) => parse_memory_mib(v)
-            .map_err(|e| Error::InvalidArgument(format!("annotation {ANNOTATION_MEMORY}: {e}")))?,
-        None => parse_memory_mib(&guest.default_memory).map_err(Error::Config)?,
-    };
     if memory_mib > max_mib {
         return Err(Error::InvalidArgument(format!(
-            "annotation {ANNOTATION_MEMORY} asks for {memory_mib} MiB, more than the configured maximum of {} ({max_mib} MiB)",
+            "{} asks for {memory_mib} MiB, more than the configured maximum of {} ({max_mib} MiB)",
+            source_of(asked_memory.is_some(), ANNOTATION_MEMORY),
             guest.max_memory
         )));
     }
     Ok(GuestSize { cpus, memory_mib })
+}
+
+/// Where a size came from, for an error message.
+fn source_of(annotated: bool, key: &str) -> String {
+    if annotated {
+        format!("annotation {key}")
+    } else {
+        "the Pod's resources".to_owned()
+    }
+}
+
+/// Bytes to whole MiB, rounded up; zero refused.
+fn bytes_to_mib(bytes: u64, key: &str) -> Result<u64> {
+    match bytes.div_ceil(1 << 20) {
+        0 => Err(Error::InvalidArgument(format!(
+            "annotation {key}: {bytes} bytes is less than 1 MiB"
+        ))),
+        mib => Ok(mib),
+    }
+}
+
+/// A memory limit in whole MiB, rounded down (the VM never exceeds it); zero refused.
+fn bytes_to_mib_down(limit: u64) -> Result<u64> {
+    match limit >> 20 {
+        0 => Err(Error::InvalidArgument(format!(
+            "the Pod's memory limit of {limit} bytes is less than 1 MiB, too small for a VM"
+        ))),
+        mib => Ok(mib),
+    }
 }
 
 /// Parses the `gpuvm.dev/devices` annotation into PCI addresses (`0000:3b:00.0`), with
@@ -398,6 +606,9 @@ mod tests {
             default_memory: "2Gi".into(),
             max_cpus: 8,
             max_memory: "16Gi".into(),
+            // Outside Kubernetes: the annotations alone (the Pod-resource rules are
+            // `guest_size_within_the_pod_s_resources`).
+            allow_size_without_pod_resources: true,
             ..GuestConfig::default()
         };
         let cases: &[SizeCase<'_>] = &[
@@ -433,6 +644,210 @@ mod tests {
                     );
                 }
                 (got, want) => panic!("{pairs:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// The CRI sandbox annotations kubelet + containerd give a Pod whose containers
+    /// request `request_millis` CPU and are limited to `limit_millis` CPU and
+    /// `memory` bytes (0: no limit), as kubelet computes them (period 100 ms).
+    fn pod(request_millis: i64, limit_millis: i64, memory: i64) -> Vec<(&'static str, String)> {
+        let period = 100_000;
+        let quota = if limit_millis == 0 {
+            0
+        } else {
+            (limit_millis * period / 1000).max(1000)
+        };
+        vec![
+            (ANNOTATION_SANDBOX_CPU_PERIOD, period.to_string()),
+            (ANNOTATION_SANDBOX_CPU_QUOTA, quota.to_string()),
+            (
+                ANNOTATION_SANDBOX_CPU_SHARES,
+                (request_millis * 1024 / 1000).max(2).to_string(),
+            ),
+            (ANNOTATION_SANDBOX_MEMORY, memory.to_string()),
+        ]
+    }
+
+    #[test]
+    fn guest_size_within_the_pod_s_resources() {
+        const GI: i64 = 1 << 30;
+        let strict = GuestConfig {
+            default_cpus: 2,
+            default_memory: "2Gi".into(),
+            max_cpus: 8,
+            max_memory: "16Gi".into(),
+            ..GuestConfig::default()
+        };
+        let trusting = GuestConfig {
+            allow_size_without_pod_resources: true,
+            ..strict.clone()
+        };
+        type Case<'a> = (
+            &'a str,
+            &'a GuestConfig,
+            Vec<(&'a str, String)>,
+            std::result::Result<(u32, u64), &'a str>,
+        );
+        let with = |pod: Vec<(&'static str, String)>, pairs: &[(&'static str, &str)]| {
+            let mut all = pod;
+            all.extend(pairs.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            all
+        };
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "the operator's Pod",
+                &strict,
+                with(
+                    pod(4000, 4000, 8 * GI),
+                    &[(ANNOTATION_CPUS, "4"), (ANNOTATION_MEMORY, "8Gi")],
+                ),
+                Ok((4, 8192)),
+            ),
+            (
+                "smaller than the Pod",
+                &strict,
+                with(
+                    pod(4000, 4000, 8 * GI),
+                    &[(ANNOTATION_CPUS, "2"), (ANNOTATION_MEMORY, "1Gi")],
+                ),
+                Ok((2, 1024)),
+            ),
+            (
+                "sized from the Pod alone",
+                &strict,
+                pod(3000, 3000, 3 * GI),
+                Ok((3, 3072)),
+            ),
+            (
+                "requests below limits: the requests count",
+                &strict,
+                pod(1000, 4000, GI),
+                Ok((1, 1024)),
+            ),
+            (
+                "a fractional request rounds down",
+                &strict,
+                pod(2500, 0, GI),
+                Ok((2, 1024)),
+            ),
+            (
+                "no CPU request or limit: one vCPU",
+                &strict,
+                pod(0, 0, GI),
+                Ok((1, 1024)),
+            ),
+            (
+                "a limit that is not whole MiB rounds down",
+                &strict,
+                pod(1000, 1000, 200_000_000),
+                Ok((1, 190)),
+            ),
+            (
+                "the annotation is rounded up but not past the limit",
+                &strict,
+                with(pod(1000, 1000, 200_000_000), &[(ANNOTATION_MEMORY, "200M")]),
+                Ok((1, 190)),
+            ),
+            (
+                "no memory limit: the default",
+                &strict,
+                pod(1000, 0, 0),
+                Ok((1, 2048)),
+            ),
+            (
+                "more CPUs than requested",
+                &strict,
+                with(pod(2000, 8000, 8 * GI), &[(ANNOTATION_CPUS, "3")]),
+                Err(
+                    "asks for 3 CPUs, more than the 2 the Pod's CPU requests and limits account for",
+                ),
+            ),
+            (
+                "more CPUs than the limit",
+                &strict,
+                with(pod(8000, 2000, 8 * GI), &[(ANNOTATION_CPUS, "3")]),
+                Err("more than the 2 the Pod's CPU requests"),
+            ),
+            (
+                "a tiny Pod claiming a big VM",
+                &strict,
+                with(pod(0, 0, 0), &[(ANNOTATION_CPUS, "8")]),
+                Err("asks for 8 CPUs, more than the 1"),
+            ),
+            (
+                "more memory than the limit",
+                &strict,
+                with(pod(1000, 1000, GI), &[(ANNOTATION_MEMORY, "1025Mi")]),
+                Err(
+                    "asks for 1074790400 bytes, more than the Pod's memory limit of 1073741824 bytes",
+                ),
+            ),
+            (
+                "memory on a Pod without a limit",
+                &strict,
+                with(pod(1000, 0, 0), &[(ANNOTATION_MEMORY, "1Gi")]),
+                Err("but the Pod has no memory limit"),
+            ),
+            (
+                "memory on a Pod without a limit, trusted",
+                &trusting,
+                with(pod(1000, 0, 0), &[(ANNOTATION_MEMORY, "1Gi")]),
+                Ok((1, 1024)),
+            ),
+            (
+                "no Pod resources",
+                &strict,
+                vec![(ANNOTATION_CPUS, "1".into())],
+                Err("but containerd passed no Pod resources"),
+            ),
+            (
+                "no Pod resources, memory",
+                &strict,
+                vec![(ANNOTATION_MEMORY, "1Gi".into())],
+                Err("annotation gpuvm.dev/memory asks for a VM size"),
+            ),
+            (
+                "no Pod resources, no annotations: the defaults",
+                &strict,
+                vec![],
+                Ok((2, 2048)),
+            ),
+            (
+                "a Pod past the configured maximum",
+                &strict,
+                pod(16000, 16000, GI),
+                Err("the Pod's resources asks for 16 CPUs, more than the configured maximum of 8"),
+            ),
+            (
+                "a Pod's memory past the configured maximum",
+                &strict,
+                pod(1000, 1000, 32 * GI),
+                Err("the Pod's resources asks for 32768 MiB"),
+            ),
+            (
+                "a garbled resource annotation",
+                &strict,
+                vec![(ANNOTATION_SANDBOX_MEMORY, "lots".into())],
+                Err("annotation io.kubernetes.cri.sandbox-memory: `lots` is not a whole number"),
+            ),
+        ];
+        for (name, guest, pairs, want) in cases {
+            let map: HashMap<String, String> =
+                pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            match (guest_size(guest, &map), want) {
+                (Ok(size), Ok((cpus, mib))) => {
+                    assert_eq!((size.cpus, size.memory_mib), (cpus, mib), "{name}")
+                }
+                (Err(e), Err(needle)) => {
+                    assert!(e.to_string().contains(needle), "{name}: {e}");
+                    assert_eq!(
+                        e.code(),
+                        containerd_shim::protos::ttrpc::Code::INVALID_ARGUMENT,
+                        "{name}"
+                    );
+                }
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
     }

@@ -147,20 +147,150 @@ pub fn check_devices(
 }
 
 /// Locks every passed function for `sandbox_id` (flock: freed when the shim dies).
-/// A device held by another sandbox fails at once, naming its holder.
+/// A device held by another sandbox fails at once, naming its holder; so does a device
+/// whose last VM has not been followed by its reset yet (a [`reset_pending_path`]
+/// marker: its shim was killed and `shim delete` has not reset it yet).
 pub fn lock_devices(
     lock_dir: &Path,
     devices: &[PciAddress],
     sandbox_id: &str,
 ) -> Result<GroupLock> {
-    GroupLock::acquire(lock_dir, devices, sandbox_id).map_err(|source| Error::Device {
-        device: devices
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        source,
-    })
+    let lock =
+        GroupLock::acquire(lock_dir, devices, sandbox_id).map_err(|source| Error::Device {
+            device: devices
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            source,
+        })?;
+    for address in lock.addresses() {
+        let marker = reset_pending_path(lock_dir, &address);
+        if let Some(holder) = read_marker(&marker) {
+            // Dropping `lock` releases the functions again: none of them is used.
+            return Err(Error::ResetPending {
+                device: address.to_string(),
+                sandbox: holder,
+                marker,
+            });
+        }
+    }
+    Ok(lock)
+}
+
+/// `<lock_dir>/<bdf>.reset-pending`: the marker saying that a VM of the sandbox named
+/// inside may have opened the function and that it has not been reset since. Written
+/// (with the lock held) before the VMM starts, removed once the function was reset
+/// after the VM (or its reset failed, and its health record keeps it out of service).
+/// The flock dies with a killed shim; the marker does not, so the device stays taken
+/// until `shim delete` has reset it.
+pub fn reset_pending_path(lock_dir: &Path, address: &PciAddress) -> PathBuf {
+    lock_dir.join(format!("{address}.reset-pending"))
+}
+
+fn read_marker(path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Some("an unknown sandbox".to_owned()),
+        Ok(text) => Some(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // Unreadable: assume the worst, the device may need its reset.
+        Err(_) => Some("an unknown sandbox".to_owned()),
+    }
+}
+
+/// Writes the reset-pending marker of every function in `devices` for `sandbox_id`
+/// (atomically: temp file, fsync, rename), with their locks held, before the VMM may
+/// open them.
+pub fn mark_reset_pending(lock_dir: &Path, devices: &[PciAddress], sandbox_id: &str) -> Result<()> {
+    use std::io::Write;
+    for address in devices {
+        let path = reset_pending_path(lock_dir, address);
+        let tmp = lock_dir.join(format!(".{address}.reset-pending.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(format!("{sandbox_id}\n").as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(Error::io(format!("cannot write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Removes the reset-pending markers of `devices` (missing is fine).
+pub fn clear_reset_pending(lock_dir: &Path, devices: &[PciAddress]) {
+    for address in devices {
+        let path = reset_pending_path(lock_dir, address);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot remove the reset-pending marker")
+            }
+        }
+    }
+}
+
+/// What the state file records of a sandbox's devices, so that `shim delete` can reset
+/// them after a killed shim with the paths the shim used (the config at delete time
+/// may differ, and containerd passes no runtime options to `shim delete`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceRecord {
+    /// Every passed function (GPUs and companions).
+    pub devices: Vec<PciAddress>,
+    /// The sysfs root their resets go through.
+    pub sysfs_root: PathBuf,
+    /// Where their locks and reset-pending markers are.
+    pub lock_dir: PathBuf,
+    /// Where a failed reset is recorded.
+    pub health_dir: PathBuf,
+}
+
+/// How long `shim delete` waits for a device's lock, which a sandbox that is being
+/// refused (it looked at the marker) holds for a moment.
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After a killed shim (`shim delete`, once the VMM is gone): takes the lock of every
+/// recorded function whose reset-pending marker names `sandbox_id`, resets it through
+/// the same [`reset_after_exit`] as a normal teardown, removes the marker, and only
+/// then releases the lock. Functions whose marker is gone or names another sandbox are
+/// not this sandbox's any more and are left alone; a function whose lock stays taken
+/// (a live holder) keeps its marker.
+pub fn reset_after_crash(record: &DeviceRecord, sandbox_id: &str) -> ResetOutcome {
+    let mut ours = Vec::new();
+    let mut locks = Vec::new();
+    for address in &record.devices {
+        match read_marker(&reset_pending_path(&record.lock_dir, address)) {
+            Some(holder) if holder == sandbox_id => {}
+            _ => continue,
+        }
+        let deadline = std::time::Instant::now() + RECLAIM_WAIT;
+        let holder = format!("{sandbox_id} (shim delete: resetting)");
+        loop {
+            match gpuvm_pci::DeviceLock::acquire(&record.lock_dir, address, &holder) {
+                Ok(lock) => {
+                    locks.push(lock);
+                    ours.push(*address);
+                    break;
+                }
+                Err(gpuvm_pci::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::error!(device = %address, error = %e, "cannot lock the device to reset it; its marker stays");
+                    break;
+                }
+            }
+        }
+    }
+    // Markers are re-read under the lock: a marker can only change with the lock held.
+    ours.retain(|address| {
+        read_marker(&reset_pending_path(&record.lock_dir, address)).as_deref() == Some(sandbox_id)
+    });
+    let outcome = reset_after_exit(&Sysfs::new(&record.sysfs_root), &record.health_dir, &ours);
+    clear_reset_pending(&record.lock_dir, &ours);
+    drop(locks);
+    outcome
 }
 
 /// QEMU's q35 default 64-bit PCI hole; the window is never made smaller.
@@ -406,6 +536,47 @@ mod tests {
         assert!(message.contains("0000:18:00.0 is busy"), "{message}");
         drop(held);
         lock_devices(&fake.lock_dir(), &gpu, "sandbox-b").expect("freed");
+    }
+
+    #[test]
+    fn a_device_waiting_for_its_reset_is_refused_until_shim_delete_resets_it() {
+        let fake = presets::hgx_h100_8gpu().build().expect("tree");
+        let gpus = [bdf("0000:18:00.0"), bdf("0000:19:00.0")];
+        let record = DeviceRecord {
+            devices: gpus.to_vec(),
+            sysfs_root: fake.sys_root(),
+            lock_dir: fake.lock_dir(),
+            health_dir: fake.path().join("run/gpuvm/health"),
+        };
+        let held = lock_devices(&fake.lock_dir(), &gpus, "sandbox-a").expect("first");
+        mark_reset_pending(&fake.lock_dir(), &gpus, "sandbox-a").expect("mark");
+        // Another sandbox's marker on the second function: not sandbox-a's to reset.
+        mark_reset_pending(&fake.lock_dir(), &gpus[1..], "sandbox-z").expect("mark");
+        drop(held);
+        let err = lock_devices(&fake.lock_dir(), &gpus[..1], "sandbox-b").expect_err("pending");
+        assert!(matches!(err, Error::ResetPending { ref sandbox, .. } if sandbox == "sandbox-a"));
+        assert_eq!(
+            err.code(),
+            containerd_shim::protos::ttrpc::Code::FAILED_PRECONDITION
+        );
+
+        let outcome = reset_after_crash(&record, "sandbox-a");
+        assert_eq!(outcome.reset, gpus[..1].to_vec());
+        assert_eq!(
+            fake.writes(fake.device_file(&gpus[0], "reset"))
+                .expect("log"),
+            vec!["1"]
+        );
+        assert!(
+            fake.writes(fake.device_file(&gpus[1], "reset"))
+                .expect("log")
+                .is_empty()
+        );
+        lock_devices(&fake.lock_dir(), &gpus[..1], "sandbox-b").expect("reset, so free");
+        let err = lock_devices(&fake.lock_dir(), &gpus[1..], "sandbox-b").expect_err("z's");
+        assert!(matches!(err, Error::ResetPending { ref sandbox, .. } if sandbox == "sandbox-z"));
+        // Idempotent: a second delete finds no marker of its own and resets nothing.
+        assert!(reset_after_crash(&record, "sandbox-a").reset.is_empty());
     }
 
     #[test]

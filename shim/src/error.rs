@@ -115,6 +115,21 @@ pub enum Error {
     /// A device failed its reset and still fails it.
     #[error("{0}")]
     DeviceUnhealthy(String),
+    /// A device's last VM has not been followed by its reset yet (its shim was killed).
+    #[error(
+        "cannot pass {device} to the VM: it waits for its reset after sandbox {sandbox}, \
+         whose shim ended without one (containerd's `shim delete` for that sandbox resets \
+         it; the marker is {})",
+        marker.display()
+    )]
+    ResetPending {
+        /// The device.
+        device: String,
+        /// The sandbox whose VM last had it.
+        sandbox: String,
+        /// The marker file.
+        marker: PathBuf,
+    },
     /// The guest cannot do what was asked in its current state (the agent's
     /// `FAILED_PRECONDITION`, e.g. no NVIDIA driver in the guest).
     #[error("guest agent: {0}")]
@@ -145,6 +160,7 @@ impl Error {
             Error::BadTransition { .. }
             | Error::Device { .. }
             | Error::DeviceUnhealthy(_)
+            | Error::ResetPending { .. }
             | Error::GuestPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::AgentUnavailable(_) => Code::UNAVAILABLE,

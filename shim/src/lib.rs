@@ -11,6 +11,7 @@ pub use error::{Error, Result};
 pub mod agent;
 pub mod devices;
 pub mod gpu_check;
+pub mod host_path;
 pub mod hypervisor;
 pub mod persist;
 pub mod process;

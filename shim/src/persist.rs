@@ -5,11 +5,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::DeviceRecord;
 use crate::error::{Error, Result};
 use crate::hypervisor::VmRecord;
 
 /// File name of the state file inside the bundle.
 pub const STATE_FILE: &str = "gpuvm-state.json";
+
+/// How long `shim delete` waits for the processes it killed to be gone.
+const KILLED_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The persisted state of one sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +28,10 @@ pub struct SandboxRecord {
     /// Where the sandbox's start time went; the benchmark reads it while the pod runs.
     #[serde(default)]
     pub timings: StartTimings,
+    /// The VFIO devices passed to the VM and the host paths of their reset, so that
+    /// `shim delete` resets them after a killed shim before they can be locked again.
+    #[serde(default)]
+    pub devices: Option<DeviceRecord>,
 }
 
 /// The sandbox start broken down, in milliseconds. Each phase ends where the next
@@ -91,24 +99,44 @@ impl SandboxRecord {
     }
 
     /// Cleans up after a crashed shim: kills the recorded processes (only if their pid
-    /// still runs the recorded binary) and any process naming the VM's work dir, unmounts the rootfs mounts and removes the
-    /// VM's work dir. Best effort and idempotent.
+    /// still runs the recorded binary) and any process naming the VM's work dir, waits
+    /// until they are gone (the VMM holds the devices open until it is), unmounts the
+    /// rootfs mounts, removes the VM's work dir, and resets the devices before their
+    /// locks can be taken again ([`crate::devices::reset_after_crash`]). Best effort
+    /// and idempotent.
     pub fn clean_up(&self) {
+        let mut killed = Vec::new();
         for process in self.vm.processes.iter().rev() {
             if crate::process::kill_recorded(process.pid, &process.binary) {
                 tracing::info!(name = %process.name, pid = process.pid, "killed leftover process");
+                killed.push(process.pid);
             }
         }
         // A helper spawned just before a crash may be missing from the record: every
         // helper names the VM's work dir in its arguments (sockets, logs, share).
         for pid in crate::process::kill_naming_dir(&self.vm.work_dir) {
             tracing::info!(pid, "killed leftover process naming the VM's work dir");
+            killed.push(pid);
+        }
+        let left = crate::process::wait_gone(&killed, KILLED_EXIT_WAIT);
+        if !left.is_empty() {
+            tracing::error!(pids = ?left, "killed processes still run");
         }
         for mount in &self.mounts {
             crate::rootfs::unmount(mount);
         }
         if !self.vm.work_dir.as_os_str().is_empty() {
             crate::rootfs::remove_dir_if_unmounted(&self.vm.work_dir);
+        }
+        if let Some(devices) = &self.devices {
+            if !left.is_empty() {
+                // A VMM that still runs may still use the devices: resetting them under
+                // it helps nobody; their markers keep them out until a later delete.
+                tracing::error!(devices = ?devices.devices, "devices not reset: the VM's processes still run");
+                return;
+            }
+            let outcome = crate::devices::reset_after_crash(devices, &self.sandbox_id);
+            tracing::info!(reset = ?outcome.reset, failed = ?outcome.failed, "devices reset after the killed shim");
         }
     }
 }
@@ -140,6 +168,12 @@ mod tests {
                 agent_ms: 2,
                 container_ms: 5,
             },
+            devices: Some(DeviceRecord {
+                devices: vec![gpuvm_pci::testing::bdf("0000:18:00.0")],
+                sysfs_root: "/sys".into(),
+                lock_dir: "/run/gpuvm/devices".into(),
+                health_dir: "/run/gpuvm/health".into(),
+            }),
         };
         record.save(dir.path()).expect("save");
         assert_eq!(SandboxRecord::load(dir.path()).expect("load"), Some(record));

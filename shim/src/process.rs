@@ -180,6 +180,36 @@ pub fn kill_recorded(pid: u32, binary: &Path) -> bool {
     kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
 }
 
+/// Waits until none of `pids` runs any more (gone, or a zombie: its files are closed),
+/// for at most `timeout`; returns those still running then.
+pub fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let running: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|pid| is_running(*pid))
+            .collect();
+        if running.is_empty() || std::time::Instant::now() >= deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold
+        // spaces or parentheses itself.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// Kills (SIGKILL) every process, other than this one, one of whose arguments names a
 /// path inside `dir` (its sockets, logs or shared dir). The VM's work dir is unique to
 /// its sandbox, so this finds helpers started for that VM even when the shim was killed

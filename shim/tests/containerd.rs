@@ -101,6 +101,46 @@ fn ctr_run_with_ctr_default_spec_from_an_image() {
     run_container(&[], false);
 }
 
+/// A container plants symlinks in its rootfs, which sits in the VM's virtio-fs share
+/// (to `/`, to `/etc`, a loop, one inside a directory) and exits: the shim's
+/// teardown follows none of them, the host's `/` and `/etc` hold what they held, and
+/// nothing is left behind.
+#[test]
+fn symlinks_a_container_plants_in_the_share_are_not_followed_at_teardown() {
+    let Some(s) = setup_or_skip() else { return };
+    let names = |dir: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let (root_before, etc_before) = (names("/"), names("/etc"));
+    let dir = test_dir();
+    busybox_image(dir.path());
+    let id = unique_id("symlinks");
+    let containerd = start_containerd(&s, dir.path(), &ShimSettings::new(&s), &Plugins::CtrOnly);
+    let script = "ln -s / /to-root && ln -s /etc /to-etc && ln -s loop /loop && \
+                  mkdir -p /d && ln -s /etc /d/etc && ln -s /d /d/self && echo planted";
+    let out = ctr_run(&containerd, &containerd.shim_config)
+        .args(["--rm", "--config"])
+        .arg(spec_with_args(dir.path(), &["/bin/sh", "-c", script]))
+        .arg(&id)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr run");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("planted"),
+        "stdout {:?} stderr {:?}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log_tail()
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", containerd.log_tail());
+    containerd.assert_nothing_left_behind(&[&id]);
+    assert_eq!(names("/"), root_before);
+    assert_eq!(names("/etc"), etc_before);
+}
+
 /// `ctr run` with piped stdin: what is piped into ctr reaches the container's stdin
 /// (`cat` echoes it back), and the end of the input ends `cat`.
 #[test]
@@ -627,6 +667,11 @@ fn pod_sandbox_and_app_container_share_one_vm() {
             "io.kubernetes.cri.sandbox-id": pod,
             "gpuvm.dev/cpus": "1",
             "gpuvm.dev/memory": "384Mi",
+            // What containerd's CRI plugin adds for a Pod of 1 CPU and 384Mi.
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-cpu-quota": "100000",
+            "io.kubernetes.cri.sandbox-cpu-shares": "1024",
+            "io.kubernetes.cri.sandbox-memory": "402653184",
         });
         let out = sub.join("spec.json");
         std::fs::write(&out, serde_json::to_vec(&spec).expect("json")).expect("write");

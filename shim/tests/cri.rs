@@ -16,20 +16,22 @@ use std::time::{Duration, Instant};
 
 use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    ImageSpec, ImageStatusRequest, LinuxContainerResources, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The CRI runtime handler naming the gpuvm runtime in containerd's config.
 const RUNTIME_HANDLER: &str = "gpuvm";
 
-async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
-    let channel = Endpoint::try_from("http://[::]")
+async fn connect(socket: std::path::PathBuf) -> Channel {
+    Endpoint::try_from("http://[::]")
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
@@ -40,8 +42,44 @@ async fn connect(socket: std::path::PathBuf) -> RuntimeServiceClient<Channel> {
             }
         }))
         .await
-        .expect("connect to containerd's CRI");
-    RuntimeServiceClient::new(channel)
+        .expect("connect to containerd's CRI")
+}
+
+/// Waits until containerd's CRI image store lists `image`: it learns of an imported
+/// image from an event, a moment after `ctr images import` returns, and until then a
+/// RunPodSandbox tries to pull the sandbox image (and fails: no registry here).
+async fn wait_for_cri_image(channel: Channel, image: &str) {
+    let mut images = ImageServiceClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = images
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await;
+        if status.is_ok_and(|s| s.into_inner().image.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRI never listed {image}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the kubelet passes for a Pod whose containers request and are limited to one
+/// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
+/// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
+fn one_cpu_512mi() -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        cpu_shares: 1024,
+        memory_limit_in_bytes: 512 << 20,
+        ..Default::default()
+    }
 }
 
 fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
@@ -70,6 +108,7 @@ fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
                 }),
                 ..Default::default()
             }),
+            resources: Some(one_cpu_512mi()),
             ..Default::default()
         }),
         ..Default::default()
@@ -130,7 +169,9 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         .arg(&image));
     let log_dir = dir.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir).expect("mkdir");
-    let mut client = connect(containerd.socket.clone()).await;
+    let channel = connect(containerd.socket.clone()).await;
+    wait_for_cri_image(channel.clone(), common::IMAGE).await;
+    let mut client = RuntimeServiceClient::new(channel);
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
@@ -224,6 +265,30 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     assert_eq!(boot_ids[0], boot_ids[1], "both containers share one guest");
     assert_ne!(boot_ids[0], host_boot_id, "the containers run in a VM");
 
+    // The guest has the size the Pod's resources allow (1 CPU, at most 512Mi).
+    let out = exec_sync(
+        &mut client,
+        &containers[0],
+        &[
+            "/bin/sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo",
+        ],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("1"), "{text}");
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {text}"));
+    assert!(
+        (256 << 10..=512 << 10).contains(&mem_kib),
+        "MemTotal {mem_kib} kB"
+    );
+
     // Figures (printed, not asserted): the shim's memory per pod and where the
     // sandbox's start time went.
     let shim_pid = common::processes_mentioning(&format!("-id {pod_id} "))
@@ -264,6 +329,32 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         panic!("RemovePodSandbox: {e}\n{}", context());
     }
     println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
+
+    // A Pod whose annotation asks for more CPUs than its resources account for is
+    // refused before anything starts, with the shim's sentence.
+    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), &log_dir);
+    greedy
+        .annotations
+        .insert("gpuvm.dev/cpus".to_owned(), "2".to_owned());
+    match client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(greedy),
+            runtime_handler: RUNTIME_HANDLER.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => panic!(
+            "a greedy Pod was admitted: {}",
+            r.into_inner().pod_sandbox_id
+        ),
+        Err(e) => assert!(
+            e.message().contains(
+                "asks for 2 CPUs, more than the 1 the Pod's CPU requests and limits account for"
+            ),
+            "{e}\n{}",
+            context()
+        ),
+    }
     let mut ids: Vec<&str> = vec![&pod_id];
     ids.extend(containers.iter().map(String::as_str));
     // The teardown is asynchronous in places: give it a moment before checking.

@@ -9,12 +9,20 @@
 //! every suffix (n u m k M G T P E, Ki to Ei) and exponents (`e3`, `E-2`, `e+9`).
 //! Values beyond Kubernetes' largest quantity (2^63-1), which the CRD still accepts
 //! because the API server caps them, are refused by both sides.
+//!
+//! The shim also bounds the VM by the Pod's resources as the kubelet computes them and
+//! containerd passes them (`io.kubernetes.cri.sandbox-cpu-*` / `-memory`): every Pod
+//! the operator builds passes that check, with a VM no larger than its limits, and the
+//! same Pod with one CPU or one byte more in its annotations is refused.
 
 use std::collections::{BTreeMap, HashMap};
 
 use gpuvm_api::{GpuMachine, keys};
 use gpuvm_operator::pod::{PodError, build_pod};
-use gpuvm_shim::config::{GuestConfig, guest_size};
+use gpuvm_shim::config::{
+    ANNOTATION_SANDBOX_CPU_PERIOD, ANNOTATION_SANDBOX_CPU_QUOTA, ANNOTATION_SANDBOX_CPU_SHARES,
+    ANNOTATION_SANDBOX_MEMORY, GuestConfig, guest_size,
+};
 use proptest::prelude::*;
 
 /// A placed machine of this size, as the API server would hand it to the operator.
@@ -38,12 +46,73 @@ fn placed_machine(cpus: i32, memory: &str) -> GpuMachine {
 
 /// A shim whose limits are the largest sizes the CRD allows, so that only a
 /// disagreement between the two sides can refuse a machine.
+/// It trusts the annotations without Pod resources (the parsing contract below);
+/// [`roomy_kubernetes_shim`] does not (the production default).
 fn roomy_shim() -> GuestConfig {
     GuestConfig {
         max_cpus: 256,
         max_memory: i64::MAX.to_string(),
+        allow_size_without_pod_resources: true,
         ..GuestConfig::default()
     }
+}
+
+/// [`roomy_shim`] with the default that a size needs the Pod's resources.
+fn roomy_kubernetes_shim() -> GuestConfig {
+    GuestConfig {
+        allow_size_without_pod_resources: false,
+        ..roomy_shim()
+    }
+}
+
+/// A quantity in millis rounded up (Kubernetes' `MilliValue()`).
+fn milli_value(text: &str) -> i128 {
+    let nanos = gpuvm_api::quantity::Quantity::parse(text)
+        .expect("a quantity")
+        .nanos();
+    nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0)
+}
+
+/// The CRI sandbox annotations containerd puts on the sandbox's spec for `pod` (JSON):
+/// the kubelet's `calculateSandboxResources` (requests and limits summed over the
+/// containers, at least each init container's, without the overhead) turned into
+/// `LinuxContainerResources` (`MilliCPUToShares`, `milliCPUToQuota` with the 100 ms
+/// period, the memory limit's `Value()`), which containerd copies as decimal strings.
+fn cri_sandbox_annotations(pod: &serde_json::Value) -> Vec<(String, String)> {
+    let spec = &pod["spec"];
+    let sum = |list: &str, kind: &str, resource: &str, value: &dyn Fn(&str) -> i128| -> i128 {
+        let of = |c: &serde_json::Value| c["resources"][kind][resource].as_str().map_or(0, value);
+        let containers: i128 = spec[list]
+            .as_array()
+            .map_or(0, |cs| cs.iter().map(of).sum());
+        let init = spec["initContainers"]
+            .as_array()
+            .map_or(0, |cs| cs.iter().map(of).max().unwrap_or(0));
+        containers.max(init)
+    };
+    let units = |text: &str| {
+        gpuvm_api::quantity::Quantity::parse(text)
+            .expect("a quantity")
+            .ceil_units()
+    };
+    let cpu_request = sum("containers", "requests", "cpu", &milli_value);
+    let cpu_limit = sum("containers", "limits", "cpu", &milli_value);
+    let memory_limit = sum("containers", "limits", "memory", &units);
+    let period: i128 = 100_000;
+    let shares = (cpu_request * 1024 / 1000).clamp(2, 262_144);
+    let quota = match cpu_limit {
+        0 => 0,
+        millis => (millis * period / 1000).max(1000),
+    };
+    vec![
+        (ANNOTATION_SANDBOX_CPU_PERIOD.to_owned(), period.to_string()),
+        (ANNOTATION_SANDBOX_CPU_QUOTA.to_owned(), quota.to_string()),
+        (ANNOTATION_SANDBOX_CPU_SHARES.to_owned(), shares.to_string()),
+        (
+            ANNOTATION_SANDBOX_MEMORY.to_owned(),
+            memory_limit.to_string(),
+        ),
+    ]
 }
 
 /// One way to spell a quantity's scale: its text and the value of one unit, as
@@ -190,6 +259,31 @@ proptest! {
             .map_err(|e| TestCaseError::fail(format!("{}: {}", memory.text, e.full_message())))?;
         prop_assert_eq!(size.cpus, u32::try_from(cpus).expect("positive"));
         prop_assert_eq!(u128::from(size.memory_mib), memory.bytes.div_ceil(1 << 20), "{}", memory.text);
+
+        // As a Kubernetes Pod, with the resources containerd passes: admitted, and the
+        // VM fits the limits (whole MiB, so a limit that is not one rounds down).
+        let pod_json = serde_json::to_value(&pod).expect("json");
+        let mut sandbox = annotations.clone();
+        sandbox.extend(cri_sandbox_annotations(&pod_json));
+        let bounded = guest_size(&roomy_kubernetes_shim(), &sandbox)
+            .map_err(|e| TestCaseError::fail(format!("{}: {}", memory.text, e.full_message())))?;
+        prop_assert_eq!(bounded.cpus, size.cpus);
+        prop_assert!(u128::from(bounded.memory_mib) << 20 <= memory.bytes, "{}", memory.text);
+        prop_assert_eq!(u128::from(bounded.memory_mib), memory.bytes >> 20, "{}", memory.text);
+        // One CPU or one byte more than the Pod accounts for is refused.
+        let mut greedy = sandbox.clone();
+        greedy.insert(keys::ANNOTATION_CPUS.to_owned(), (cpus + 1).to_string());
+        prop_assert!(guest_size(&roomy_kubernetes_shim(), &greedy).is_err());
+        let mut greedy = sandbox.clone();
+        greedy.insert(keys::ANNOTATION_MEMORY.to_owned(), (memory.bytes + 1).to_string());
+        let err = guest_size(&roomy_kubernetes_shim(), &greedy).expect_err("a byte too many");
+        // (Past 2^63-1 bytes the annotation itself no longer parses, also a refusal.)
+        prop_assert!(
+            err.to_string().contains("more than the Pod's memory limit")
+                || memory.bytes + 1 > i64::MAX as u128,
+            "{}",
+            err
+        );
 
         // kube-scheduler accounts the same size: requests = limits = the guest's.
         let resources = pod.spec.as_ref().and_then(|s| s.containers[0].resources.clone());

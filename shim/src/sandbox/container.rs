@@ -78,7 +78,7 @@ pub struct ContainerRequest<'a> {
 pub fn remove_rootfs(mount: &Path) {
     crate::rootfs::unmount(mount);
     if let Some(parent) = mount.parent() {
-        let _ = std::fs::remove_dir(parent);
+        let _ = crate::host_path::remove_dir(parent);
     }
 }
 

@@ -27,6 +27,7 @@ use crate::devices::Passthrough;
 use crate::error::{Error, Result};
 use crate::hypervisor::{self, Hypervisor, VmRecord};
 use crate::persist::{SandboxRecord, StartTimings};
+use crate::rootfs::ShareDirs;
 
 /// Guest mount point of the virtio-fs share when the agent doesn't say.
 pub const DEFAULT_GUEST_SHARED_DIR: &str = "/run/gpuvm/shared";
@@ -83,6 +84,27 @@ impl Devices {
         })
     }
 
+    /// What the state file records of the devices, for `shim delete`.
+    fn record(&self) -> Option<crate::devices::DeviceRecord> {
+        self.passthrough
+            .as_ref()
+            .map(|set| crate::devices::DeviceRecord {
+                devices: set.devices.clone(),
+                sysfs_root: self.host.sysfs_root.clone(),
+                lock_dir: self.host.lock_dir.clone(),
+                health_dir: self.host.health_dir.clone(),
+            })
+    }
+
+    /// Marks every device as needing its reset, before the VMM may open it: from now
+    /// on only a reset frees it, even if this shim is killed (`shim delete` resets it).
+    fn mark_reset_pending(&self, id: &str) -> Result<()> {
+        match &self.passthrough {
+            Some(set) => crate::devices::mark_reset_pending(&self.host.lock_dir, &set.devices, id),
+            None => Ok(()),
+        }
+    }
+
     /// No devices.
     fn none(host: HostPaths) -> Devices {
         Devices {
@@ -103,6 +125,9 @@ impl Devices {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         let all_reset = reset_devices(self.host.clone(), set.devices.clone()).await;
+        // Reset (or recorded unhealthy, which keeps them out): the markers go, while
+        // the lock is still held.
+        crate::devices::clear_reset_pending(&self.host.lock_dir, &set.devices);
         if let (false, Some(lock)) = (all_reset, lock) {
             held.keep(lock);
         }
@@ -135,7 +160,10 @@ pub struct Vm {
     id: String,
     bundle: PathBuf,
     hypervisor: Box<dyn Hypervisor>,
-    shared_host: PathBuf,
+    /// The virtio-fs share on the host (a tmpfs of its own, see [`ShareDirs`]).
+    share: ShareDirs,
+    /// The share's size limit in bytes (`host.share_size`).
+    share_size: u64,
     devices: Devices,
     /// Set once the VMM was asked to start: from then on it may have opened the
     /// devices, so they are reset before they go back.
@@ -145,11 +173,18 @@ pub struct Vm {
 impl Vm {
     /// The VM `hypervisor` of sandbox `id`, holding `devices`; nothing starts yet.
     /// Its share is `shared/` in the VM's work dir (as [`vm_spec`] makes it).
-    fn new(id: &str, bundle: &Path, hypervisor: Box<dyn Hypervisor>, devices: Devices) -> Vm {
+    fn new(
+        id: &str,
+        bundle: &Path,
+        hypervisor: Box<dyn Hypervisor>,
+        devices: Devices,
+        share_size: u64,
+    ) -> Vm {
         Vm {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
-            shared_host: hypervisor.record().work_dir.join("shared"),
+            share: ShareDirs::of(&hypervisor.record().work_dir),
+            share_size,
             hypervisor,
             devices,
             vmm_started: AtomicBool::new(false),
@@ -164,12 +199,13 @@ impl Vm {
         mut mounts: Vec<PathBuf>,
         timings: StartTimings,
     ) -> SandboxRecord {
-        mounts.push(self.shared_host.clone());
+        mounts.extend(self.share.mount_points());
         SandboxRecord {
             sandbox_id: self.id.clone(),
             vm,
             mounts,
             timings,
+            devices: self.devices.record(),
         }
     }
 
@@ -188,7 +224,7 @@ impl Vm {
     async fn bring_up(&self, config: &ShimConfig) -> Result<(Arc<dyn Agent>, GuestInfo, Phases)> {
         self.save_state()?;
         // Rootfs mounts made under the share later must reach virtiofsd's namespace.
-        crate::rootfs::make_shared_mount(&self.shared_host)?;
+        crate::rootfs::mount_share(&self.share, self.share_size)?;
         let vmm_starting = Instant::now();
         let persist = |vm: &VmRecord| {
             let record = self.state(vm.clone(), Vec::new(), StartTimings::default());
@@ -196,7 +232,10 @@ impl Vm {
                 tracing::warn!(error = %e, "cannot update the state file");
             }
         };
+        // The state file names the devices already: a shim killed from here on
+        // leaves `shim delete` what it needs to reset them.
         self.vmm_started.store(true, Ordering::SeqCst);
+        self.devices.mark_reset_pending(&self.id)?;
         self.hypervisor.start(&persist).await?;
         let vmm_started = Instant::now();
         self.save_state()?;
@@ -249,7 +288,9 @@ impl Vm {
         for mount in mounts {
             crate::rootfs::unmount(&mount);
         }
-        crate::rootfs::unmount(&self.shared_host);
+        for point in self.share.mount_points() {
+            crate::rootfs::unmount(&point);
+        }
         self.hypervisor.cleanup().await;
         // The VMM has exited: reset every device, then release its lock. A device
         // that fails its reset got a health record; its lock stays held until the
@@ -313,7 +354,8 @@ impl Sandbox {
         let devices = Devices::claim(&config, annotations, id)?;
         let spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
         let hypervisor = hypervisor::new_hypervisor(&config, spec);
-        let vm = Vm::new(id, bundle, hypervisor, devices);
+        let share_size = config.host.share_size_bytes()?;
+        let vm = Vm::new(id, bundle, hypervisor, devices, share_size);
         Sandbox::launch(vm, &config, annotations, held, entered).await
     }
 
@@ -385,7 +427,7 @@ impl Sandbox {
 
     /// Where container `id`'s rootfs goes on the host (under the virtio-fs share).
     pub fn rootfs_host(&self, container_id: &str) -> PathBuf {
-        self.vm.shared_host.join(container_id).join("rootfs")
+        self.vm.share.mounts.join(container_id).join("rootfs")
     }
 
     /// Where container `id`'s rootfs is in the guest.
@@ -543,7 +585,7 @@ mod tests {
         std::fs::create_dir(&bundle).expect("bundle");
         let mut spec = sample_spec();
         spec.work_dir = dir.join("vm");
-        spec.shared_dir = Some(spec.work_dir.join("shared"));
+        spec.shared_dir = Some(ShareDirs::of(&spec.work_dir).shared);
         let work_dir = spec.work_dir.clone();
         let started = Arc::new(std::sync::Mutex::new(None));
         let vmm = SleepVmm {
@@ -556,6 +598,7 @@ mod tests {
             &bundle,
             Box::new(vmm),
             Devices::none(config.host.clone()),
+            16 << 20,
         );
         let held = FailedResetLocks::default();
         let err = Sandbox::launch(vm, config, &HashMap::new(), &held, Instant::now())

@@ -40,7 +40,7 @@ pub fn vm_spec(
             config.guest.kernel_params
         )),
         size,
-        shared_dir: Some(work_dir.join("shared")),
+        shared_dir: Some(crate::rootfs::ShareDirs::of(&work_dir).shared),
         work_dir,
         devices: devices.map(Passthrough::device_names).unwrap_or_default(),
         taps: Vec::new(),
@@ -94,7 +94,7 @@ mod tests {
                 cpus: 1,
                 memory_mib: 1024,
             },
-            shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/shared")),
+            shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/share/shared")),
             devices: Vec::new(),
             taps: Vec::new(),
             mmio64_size: None,
@@ -124,12 +124,34 @@ mod tests {
                 annotations(&[
                     (config::ANNOTATION_CPUS, "4"),
                     (config::ANNOTATION_MEMORY, "8Gi"),
+                    (config::ANNOTATION_SANDBOX_CPU_PERIOD, "100000"),
+                    (config::ANNOTATION_SANDBOX_CPU_QUOTA, "400000"),
+                    (config::ANNOTATION_SANDBOX_CPU_SHARES, "4096"),
+                    (config::ANNOTATION_SANDBOX_MEMORY, "8589934592"),
                 ]),
                 None,
                 VmSpec {
                     size: GuestSize {
                         cpus: 4,
                         memory_mib: 8192,
+                    },
+                    ..default_spec()
+                },
+            ),
+            (
+                "size from the Pod's resources alone",
+                ShimConfig::default(),
+                annotations(&[
+                    (config::ANNOTATION_SANDBOX_CPU_PERIOD, "100000"),
+                    (config::ANNOTATION_SANDBOX_CPU_QUOTA, "200000"),
+                    (config::ANNOTATION_SANDBOX_CPU_SHARES, "2048"),
+                    (config::ANNOTATION_SANDBOX_MEMORY, "2147483648"),
+                ]),
+                None,
+                VmSpec {
+                    size: GuestSize {
+                        cpus: 2,
+                        memory_mib: 2048,
                     },
                     ..default_spec()
                 },

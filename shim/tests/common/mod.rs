@@ -646,6 +646,8 @@ pub fn start_containerd(
     default_runtime_name = "gpuvm"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.gpuvm]
       runtime_type = "io.containerd.gpuvm.v1"
+      # As the chart configures it: the Pod's gpuvm.dev/* annotations reach the shim.
+      pod_annotations = ["gpuvm.dev/*"]
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.gpuvm.options]
         ConfigPath = "{shim_config}"
   [plugins."io.containerd.cri.v1.runtime".cni]
