@@ -31,6 +31,7 @@ use nix::unistd::{
 use crate::cgroup::{OomCounter, was_oom_killed};
 use crate::error::{Error, Result};
 use crate::mounts::{GuestMounts, SourceKind, Step, plan_mounts};
+use crate::security::{CapabilitySets, NamespaceMode, Namespaces, SeccompFilters};
 use crate::spec::{ConsoleSize, ContainerSpec, ProcessSpec, join_in_root};
 use crate::stream::OutputBuffer;
 
@@ -132,15 +133,28 @@ pub struct Process {
 /// How a process enters its container.
 #[derive(Debug)]
 pub enum Launch<'a> {
-    /// In the agent's own root and mount namespace.
-    Guest,
-    /// A new mount namespace rooted at the container's rootfs.
+    /// In the agent's own root and namespaces, under the container's seccomp filter.
+    Guest(&'a ContainerSpec),
+    /// A new mount namespace rooted at the container's rootfs, and the container's
+    /// pid/ipc/uts namespaces.
     NewContainer(&'a ContainerSpec),
-    /// The mount namespace and root of the running process `init_pid`.
+    /// The namespaces and root of the running process `init_pid`.
     JoinContainer {
         /// The container's init process.
         init_pid: u32,
+        /// Its container.
+        container: &'a ContainerSpec,
     },
+}
+
+impl Launch<'_> {
+    fn container(&self) -> &ContainerSpec {
+        match self {
+            Self::Guest(container)
+            | Self::NewContainer(container)
+            | Self::JoinContainer { container, .. } => container,
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,6 +245,7 @@ impl Process {
             setup,
             host_root,
             failures,
+            namespaces,
         } = ChildSetup::prepare(spec, &launch, cgroup)?;
         // The baseline predates the process, so any kill of it counts.
         let counter = OomCounter::for_cgroup(cgroup);
@@ -273,7 +288,8 @@ impl Process {
             command.pre_exec(move || setup.run_in_child(terminal));
         }
 
-        let child = reaper().track(self, || command.spawn()).map_err(|source| {
+        let spawned = namespaces.run(|| reaper().track(self, || command.spawn()))?;
+        let child = spawned.map_err(|source| {
             if let Some(step) = failures.failed_step(spec) {
                 Error::ContainerSetup { step, source }
             } else if source.raw_os_error() == Some(libc::ENOENT)
@@ -643,10 +659,14 @@ enum Phase {
     Groups,
     Credentials,
     WorkingDirectory,
+    NoNewPrivileges,
+    Seccomp,
+    CapabilityBounding,
+    Capabilities,
 }
 
 impl Phase {
-    const ALL: [Phase; 12] = [
+    const ALL: [Phase; 16] = [
         Phase::Session,
         Phase::Terminal,
         Phase::Cgroup,
@@ -659,6 +679,10 @@ impl Phase {
         Phase::Groups,
         Phase::Credentials,
         Phase::WorkingDirectory,
+        Phase::NoNewPrivileges,
+        Phase::Seccomp,
+        Phase::CapabilityBounding,
+        Phase::Capabilities,
     ];
 
     fn describe(self, spec: &ProcessSpec) -> String {
@@ -677,8 +701,80 @@ impl Phase {
             Self::WorkingDirectory => {
                 format!("Changing to the working directory {}", spec.cwd.display())
             }
+            Self::NoNewPrivileges => "Setting no_new_privs".into(),
+            Self::Seccomp => "Loading the seccomp filter".into(),
+            Self::CapabilityBounding => "Dropping capabilities from the bounding set".into(),
+            Self::Capabilities => "Setting the capabilities".into(),
         }
     }
+}
+
+/// In the child: drops every capability not in `keep` from the bounding set.
+fn drop_bounding(keep: u64) -> io::Result<()> {
+    use rustix::thread::{CapabilitySet, remove_capability_from_bounding_set};
+    for bit in 0..64 {
+        let cap = 1u64 << bit;
+        if keep & cap != 0 {
+            continue;
+        }
+        match remove_capability_from_bounding_set(CapabilitySet::from_bits_retain(cap)) {
+            // Numbers past the kernel's last capability.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// In the child: sets the effective, permitted and inheritable sets, then the
+/// ambient set (a capability the kernel refuses there is skipped, as runc does).
+fn set_capabilities(caps: &CapabilitySets) -> io::Result<()> {
+    use rustix::thread::{
+        CapabilitySet, clear_ambient_capability_set, configure_capability_in_ambient_set,
+    };
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: CapabilitySet::from_bits_retain(caps.effective),
+            permitted: CapabilitySet::from_bits_retain(caps.permitted),
+            inheritable: CapabilitySet::from_bits_retain(caps.inheritable),
+        },
+    )?;
+    clear_ambient_capability_set()?;
+    for bit in 0..64 {
+        let cap = 1u64 << bit;
+        if caps.ambient & cap != 0 {
+            let _ = configure_capability_in_ambient_set(CapabilitySet::from_bits_retain(cap), true);
+        }
+    }
+    Ok(())
+}
+
+/// In the child: loads the compiled filters, in order.
+fn load_seccomp(filters: &SeccompFilters) -> io::Result<()> {
+    for program in &filters.programs {
+        let len =
+            u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        let fprog = libc::sock_fprog {
+            len,
+            // seccompiler's `sock_filter` is `#[repr(C)]` with the kernel's layout.
+            filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+        };
+        // SAFETY: seccomp(2) reads `fprog` and the `len` instructions it points to,
+        // which live in `filters` for the duration of the call; the kernel copies them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::c_ulong::from(filters.flags),
+                &raw const fprog,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Set in a failure report for a mount step (the rest is its index).
@@ -697,6 +793,10 @@ struct ChildSetup {
     uid: Uid,
     gid: Gid,
     cwd: CString,
+    umask: Mode,
+    capabilities: Option<CapabilitySets>,
+    no_new_privileges: bool,
+    seccomp: Option<SeccompFilters>,
 }
 
 /// A prepared child, and the parent's means to explain its failure.
@@ -706,6 +806,105 @@ struct Prepared {
     /// The container root as the agent sees it.
     host_root: PathBuf,
     failures: FailureReport,
+    /// Namespaces the spawning thread enters before the fork.
+    namespaces: ThreadNamespaces,
+}
+
+/// The pid, ipc and uts namespaces a child is forked into.
+///
+/// A new (or joined) pid namespace only applies to the children of the caller, so
+/// it cannot be entered in the child between fork and exec: a short-lived thread
+/// enters the namespaces and forks the child. Namespaces are per thread, so the
+/// agent's other threads never see them.
+#[derive(Debug)]
+struct ThreadNamespaces {
+    unshare: CloneFlags,
+    join: Vec<(OwnedFd, CloneFlags)>,
+}
+
+impl Default for ThreadNamespaces {
+    fn default() -> Self {
+        Self {
+            unshare: CloneFlags::empty(),
+            join: Vec::new(),
+        }
+    }
+}
+
+fn clone_flag(kind: &str) -> CloneFlags {
+    match kind {
+        "pid" => CloneFlags::CLONE_NEWPID,
+        "ipc" => CloneFlags::CLONE_NEWIPC,
+        _ => CloneFlags::CLONE_NEWUTS,
+    }
+}
+
+fn open_namespace(path: &Path) -> Result<OwnedFd> {
+    open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io(format!("Opening the namespace {}", path.display()), e))
+}
+
+impl ThreadNamespaces {
+    /// A new container's: new ones, or the ones at the given paths.
+    fn for_container(namespaces: &Namespaces) -> Result<Self> {
+        let mut out = Self::default();
+        for (kind, mode) in [
+            ("pid", &namespaces.pid),
+            ("ipc", &namespaces.ipc),
+            ("uts", &namespaces.uts),
+        ] {
+            match mode {
+                NamespaceMode::Shared => {}
+                NamespaceMode::New => out.unshare |= clone_flag(kind),
+                NamespaceMode::Join(path) => {
+                    out.join.push((open_namespace(path)?, clone_flag(kind)))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// An exec's: those of the container's init process that are not the guest's.
+    fn of_init(init_pid: u32, namespaces: &Namespaces) -> Result<Self> {
+        let mut out = Self::default();
+        for (kind, mode) in [
+            ("pid", &namespaces.pid),
+            ("ipc", &namespaces.ipc),
+            ("uts", &namespaces.uts),
+        ] {
+            if *mode != NamespaceMode::Shared {
+                let path = PathBuf::from(format!("/proc/{init_pid}/ns/{kind}"));
+                out.join.push((open_namespace(&path)?, clone_flag(kind)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `spawn` on a thread inside the namespaces (on this one if there are none).
+    fn run<T: Send>(&self, spawn: impl FnOnce() -> T + Send) -> Result<T> {
+        if self.unshare.is_empty() && self.join.is_empty() {
+            return Ok(spawn());
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    for (fd, kind) in &self.join {
+                        setns(fd.as_fd(), *kind)
+                            .map_err(|e| Error::io("Joining the container's namespaces", e))?;
+                    }
+                    unshare(self.unshare)
+                        .map_err(|e| Error::io("Creating the container's namespaces", e))?;
+                    Ok(spawn())
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "Spawning in the container's namespaces",
+                        io::Error::other("the spawning thread panicked"),
+                    ))
+                })
+        })
+    }
 }
 
 /// The parent's side of the failure report pipe.
@@ -739,8 +938,18 @@ impl ChildSetup {
     /// Prepares the child's setup in the parent.
     fn prepare(spec: &ProcessSpec, launch: &Launch<'_>, cgroup: Option<&Path>) -> Result<Prepared> {
         let mut step_names = Vec::new();
+        let namespaces = match launch {
+            Launch::Guest(_) => ThreadNamespaces::default(),
+            Launch::NewContainer(container) => {
+                ThreadNamespaces::for_container(&container.namespaces)?
+            }
+            Launch::JoinContainer {
+                init_pid,
+                container,
+            } => ThreadNamespaces::of_init(*init_pid, &container.namespaces)?,
+        };
         let (root, host_root) = match launch {
-            Launch::Guest => (Root::Guest, PathBuf::from("/")),
+            Launch::Guest(_) => (Root::Guest, PathBuf::from("/")),
             Launch::NewContainer(container) => match &container.rootfs {
                 None => (Root::Guest, PathBuf::from("/")),
                 Some(rootfs) => {
@@ -775,7 +984,10 @@ impl ChildSetup {
                     )
                 }
             },
-            Launch::JoinContainer { init_pid } => {
+            Launch::JoinContainer { container, .. } if container.rootfs.is_none() => {
+                (Root::Guest, PathBuf::from("/"))
+            }
+            Launch::JoinContainer { init_pid, .. } => {
                 let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
                 let open_dir = |path: &Path, flags: OFlag| {
                     open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
@@ -808,6 +1020,11 @@ impl ChildSetup {
             uid: Uid::from_raw(spec.uid),
             gid: Gid::from_raw(spec.gid),
             cwd: cstring(&spec.cwd)?,
+            // runc's default when the spec has none.
+            umask: Mode::from_bits_truncate(spec.umask.unwrap_or(0o022)),
+            capabilities: spec.capabilities,
+            no_new_privileges: spec.no_new_privileges,
+            seccomp: launch.container().seccomp.clone(),
         };
         Ok(Prepared {
             setup,
@@ -816,6 +1033,7 @@ impl ChildSetup {
                 step_names,
                 report: report_read,
             },
+            namespaces,
         })
     }
 
@@ -865,16 +1083,56 @@ impl ChildSetup {
                 self.phase(Phase::JoinContainer, chroot("."))?;
             }
         }
+        // runc sets the umask once the rootfs is ready.
+        nix::sys::stat::umask(self.umask);
         for limit in &self.rlimits {
             self.phase(
                 Phase::Rlimits,
                 setrlimit(limit.resource, limit.soft, limit.hard),
             )?;
         }
+        // From here on, runc's order (libcontainer standard_init_linux.go and
+        // finalizeNamespace): no_new_privs; seccomp now if no_new_privs is off,
+        // because loading a filter then needs CAP_SYS_ADMIN, which is about to go;
+        // the bounding set drop while still root; setgroups/setgid/setuid with
+        // PR_SET_KEEPCAPS so the permitted set survives the uid change; the working
+        // directory as the new user; the effective/permitted/inheritable and ambient
+        // sets; seccomp last when no_new_privs is on, so the filter judges as little
+        // of the agent's own setup as possible (only what exec needs).
+        if self.no_new_privileges {
+            self.phase(
+                Phase::NoNewPrivileges,
+                rustix::thread::set_no_new_privs(true),
+            )?;
+        }
+        if let Some(seccomp) = &self.seccomp
+            && !self.no_new_privileges
+        {
+            self.phase(Phase::Seccomp, load_seccomp(seccomp))?;
+        }
+        if let Some(caps) = &self.capabilities {
+            self.phase(Phase::CapabilityBounding, drop_bounding(caps.bounding))?;
+            self.phase(
+                Phase::Capabilities,
+                rustix::thread::set_keep_capabilities(true),
+            )?;
+        }
         self.phase(Phase::Groups, setgroups(&self.groups))?;
         self.phase(Phase::Credentials, setresgid(self.gid, self.gid, self.gid))?;
         self.phase(Phase::Credentials, setresuid(self.uid, self.uid, self.uid))?;
         self.phase(Phase::WorkingDirectory, chdir(self.cwd.as_c_str()))?;
+        if let Some(caps) = &self.capabilities {
+            self.phase(
+                Phase::Capabilities,
+                rustix::thread::set_keep_capabilities(false),
+            )?;
+            self.phase(Phase::Capabilities, set_capabilities(caps))?;
+        }
+        if let Some(seccomp) = &self.seccomp
+            && self.no_new_privileges
+        {
+            self.phase(Phase::Seccomp, load_seccomp(seccomp))?;
+        }
         Ok(())
     }
 
@@ -1057,6 +1315,9 @@ mod tests {
             rlimits: vec![],
             terminal: false,
             console_size: None,
+            capabilities: None,
+            no_new_privileges: false,
+            umask: None,
         };
         assert!(program_exists(root.path(), &spec(&["sh"], None)));
         assert!(program_exists(
