@@ -288,7 +288,10 @@ impl Process {
             command.pre_exec(move || setup.run_in_child(terminal));
         }
 
-        let spawned = namespaces.run(|| reaper().track(self, || command.spawn()))?;
+        // Started here, outside the namespaces: a thread whose new pid namespace is
+        // pending cannot create threads (EINVAL), and the reaper is one.
+        let reaper = reaper();
+        let spawned = namespaces.run(|| reaper.track(self, || command.spawn()))?;
         let child = spawned.map_err(|source| {
             if let Some(step) = failures.failed_step(spec) {
                 Error::ContainerSetup { step, source }
