@@ -513,37 +513,147 @@ fn optional_cstring(value: &str) -> Result<Option<CString>> {
         .map_err(|_| Error::invalid(format!("{value:?} contains a NUL byte")))
 }
 
-/// A planned mount step as C strings, ready for the child.
+/// A planned mount step as C strings, ready for the child. Paths are relative to
+/// the container's rootfs and resolved in the child with `openat2(RESOLVE_IN_ROOT)`
+/// from a descriptor of the rootfs, so a symlink in the image (even an absolute one,
+/// or `..`) can never make the agent create, change or mount over anything outside
+/// the rootfs: it resolves as if the rootfs were `/` (what runc's securejoin does).
 #[derive(Debug)]
 enum ChildStep {
-    MakeDir(CString),
-    MakeFile(CString),
+    MakeDir(InRoot),
+    MakeFile(InRoot),
     Mount {
         source: Option<CString>,
-        target: CString,
+        target: InRoot,
         fstype: Option<CString>,
         flags: MsFlags,
         data: Option<CString>,
     },
     Remount {
-        target: CString,
+        target: InRoot,
         flags: MsFlags,
     },
     CharDevice {
-        path: CString,
+        path: InRoot,
         dev: libc::dev_t,
     },
     Symlink {
         target: CString,
-        link: CString,
+        link: InRoot,
     },
 }
 
+/// A path inside the rootfs: the whole (relative) path, and split into the parent
+/// directory and the last component for the calls that create an entry.
+#[derive(Debug)]
+struct InRoot {
+    path: CString,
+    parent: CString,
+    name: CString,
+}
+
+impl InRoot {
+    fn new(rootfs: &Path, path: &Path) -> Result<Self> {
+        let relative = path.strip_prefix(rootfs).map_err(|_| {
+            Error::invalid(format!(
+                "the mount path {} is outside the rootfs {}",
+                path.display(),
+                rootfs.display()
+            ))
+        })?;
+        let parent = relative
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = relative.file_name().ok_or_else(|| {
+            Error::invalid(format!("the mount path {} has no name", path.display()))
+        })?;
+        Ok(Self {
+            path: cstring(relative)?,
+            parent: cstring(parent)?,
+            name: cstring(Path::new(name))?,
+        })
+    }
+}
+
+/// `/proc/self/fd/<fd>` in a stack buffer: the child may not allocate.
+struct FdPath([u8; 32]);
+
+impl FdPath {
+    fn of(fd: &OwnedFd) -> Self {
+        const PREFIX: &[u8] = b"/proc/self/fd/";
+        let mut buf = [0u8; 32];
+        buf[..PREFIX.len()].copy_from_slice(PREFIX);
+        let mut digits = [0u8; 12];
+        let mut n = u32::try_from(fd.as_raw_fd()).unwrap_or(0);
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for (i, digit) in digits[..len].iter().rev().enumerate() {
+            buf[PREFIX.len() + i] = *digit;
+        }
+        Self(buf)
+    }
+
+    fn as_c_str(&self) -> &std::ffi::CStr {
+        std::ffi::CStr::from_bytes_until_nul(&self.0).unwrap_or(c"/proc/self/fd/")
+    }
+}
+
+fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// In the child: opens `path` under `root` as if `root` were `/`.
+fn open_in_root(
+    root: &OwnedFd,
+    path: &std::ffi::CStr,
+    flags: rustix::fs::OFlags,
+    mode: rustix::fs::Mode,
+) -> nix::Result<OwnedFd> {
+    use rustix::fs::{OFlags, ResolveFlags};
+    rustix::fs::openat2(
+        root,
+        path,
+        flags | OFlags::CLOEXEC,
+        mode,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(errno)
+}
+
+/// In the child: an `O_PATH` descriptor of the entry at `path`, for the calls that
+/// take a path (mount, chmod), through `/proc/self/fd`.
+fn open_path(root: &OwnedFd, path: &std::ffi::CStr) -> nix::Result<OwnedFd> {
+    open_in_root(
+        root,
+        path,
+        rustix::fs::OFlags::PATH,
+        rustix::fs::Mode::empty(),
+    )
+}
+
+fn open_parent(root: &OwnedFd, at: &InRoot) -> nix::Result<OwnedFd> {
+    open_in_root(
+        root,
+        &at.parent,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+}
+
 impl ChildStep {
-    fn from_step(step: &Step) -> Result<Self> {
+    fn from_step(rootfs: &Path, step: &Step) -> Result<Self> {
+        let in_root = |path: &Path| InRoot::new(rootfs, path);
         Ok(match step {
-            Step::MakeDir(path) => Self::MakeDir(cstring(path)?),
-            Step::MakeFile(path) => Self::MakeFile(cstring(path)?),
+            Step::MakeDir(path) => Self::MakeDir(in_root(path)?),
+            Step::MakeFile(path) => Self::MakeFile(in_root(path)?),
             Step::Mount {
                 source,
                 target,
@@ -552,46 +662,52 @@ impl ChildStep {
                 data,
             } => Self::Mount {
                 source: optional_cstring(source.as_deref().unwrap_or(""))?,
-                target: cstring(target)?,
+                target: in_root(target)?,
                 fstype: optional_cstring(fstype.as_deref().unwrap_or(""))?,
                 flags: *flags,
                 data: optional_cstring(data)?,
             },
             Step::RemountReadOnly { target, flags } => Self::Remount {
-                target: cstring(target)?,
+                target: in_root(target)?,
                 flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | *flags,
             },
             Step::Propagation { target, flags } => Self::Remount {
-                target: cstring(target)?,
+                target: in_root(target)?,
                 flags: *flags,
             },
             Step::CharDevice { path, major, minor } => Self::CharDevice {
-                path: cstring(path)?,
+                path: in_root(path)?,
                 dev: nix::sys::stat::makedev(*major, *minor),
             },
             Step::Symlink { target, link } => Self::Symlink {
                 target: cstring(target)?,
-                link: cstring(link)?,
+                link: in_root(link)?,
             },
         })
     }
 
     /// Runs in the child: system calls only, on values prepared before the fork.
-    fn run(&self) -> nix::Result<()> {
+    /// `root` is a descriptor of the (bind-mounted) rootfs.
+    fn run(&self, root: &OwnedFd) -> nix::Result<()> {
         const NONE: Option<&'static std::ffi::CStr> = None;
         let existing_is_fine = |result: nix::Result<()>| match result {
             Err(Errno::EEXIST) => Ok(()),
             other => other,
         };
         match self {
-            Self::MakeDir(path) => existing_is_fine(nix::unistd::mkdir(
-                path.as_c_str(),
-                Mode::from_bits_truncate(0o755),
-            )),
-            Self::MakeFile(path) => open(
-                path.as_c_str(),
-                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o644),
+            Self::MakeDir(at) => {
+                let parent = open_parent(root, at)?;
+                existing_is_fine(nix::sys::stat::mkdirat(
+                    &parent,
+                    at.name.as_c_str(),
+                    Mode::from_bits_truncate(0o755),
+                ))
+            }
+            Self::MakeFile(at) => open_in_root(
+                root,
+                &at.path,
+                rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+                rustix::fs::Mode::from_bits_truncate(0o644),
             )
             .map(drop),
             Self::Mount {
@@ -600,35 +716,49 @@ impl ChildStep {
                 fstype,
                 flags,
                 data,
-            } => mount(
-                source.as_deref(),
-                target.as_c_str(),
-                fstype.as_deref(),
-                *flags,
-                data.as_deref(),
-            ),
-            Self::Remount { target, flags } => mount(NONE, target.as_c_str(), NONE, *flags, NONE),
+            } => {
+                let target = open_path(root, &target.path)?;
+                mount(
+                    source.as_deref(),
+                    FdPath::of(&target).as_c_str(),
+                    fstype.as_deref(),
+                    *flags,
+                    data.as_deref(),
+                )
+            }
+            Self::Remount { target, flags } => {
+                // Opened now, after the mount, so the descriptor names the mount.
+                let target = open_path(root, &target.path)?;
+                mount(NONE, FdPath::of(&target).as_c_str(), NONE, *flags, NONE)
+            }
             Self::CharDevice { path, dev } => {
                 let mode = Mode::from_bits_truncate(0o666);
-                existing_is_fine(nix::sys::stat::mknod(
-                    path.as_c_str(),
+                let parent = open_parent(root, path)?;
+                existing_is_fine(nix::sys::stat::mknodat(
+                    &parent,
+                    path.name.as_c_str(),
                     nix::sys::stat::SFlag::S_IFCHR,
                     mode,
                     *dev,
                 ))?;
-                // mknod applies the umask.
+                // mknod applies the umask. chmod through the in-root descriptor:
+                // the name may be a symlink the image planted.
+                let node = open_path(root, &path.path)?;
                 nix::sys::stat::fchmodat(
                     nix::fcntl::AT_FDCWD,
-                    path.as_c_str(),
+                    FdPath::of(&node).as_c_str(),
                     mode,
                     nix::sys::stat::FchmodatFlags::FollowSymlink,
                 )
             }
-            Self::Symlink { target, link } => existing_is_fine(nix::unistd::symlinkat(
-                target.as_c_str(),
-                nix::fcntl::AT_FDCWD,
-                link.as_c_str(),
-            )),
+            Self::Symlink { target, link } => {
+                let parent = open_parent(root, link)?;
+                existing_is_fine(nix::unistd::symlinkat(
+                    target.as_c_str(),
+                    &parent,
+                    link.name.as_c_str(),
+                ))
+            }
         }
     }
 }
@@ -975,7 +1105,7 @@ impl ChildSetup {
                     let steps = plan
                         .steps
                         .iter()
-                        .map(ChildStep::from_step)
+                        .map(|step| ChildStep::from_step(rootfs, step))
                         .collect::<Result<_>>()?;
                     (
                         Root::New {
@@ -1168,10 +1298,21 @@ impl ChildSetup {
                 NONE,
             ),
         )?;
+        // A descriptor of the bind mount just made (not of the directory under it),
+        // from which every step resolves its paths inside the rootfs.
+        let root = self.phase(
+            Phase::RootfsBind,
+            open(
+                rootfs.as_c_str(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ),
+        )?;
         for (index, step) in steps.iter().enumerate() {
             let code = STEP_REPORT | u32::try_from(index).unwrap_or(0);
-            step.run().map_err(|e| self.report(code, e))?;
+            step.run(&root).map_err(|e| self.report(code, e))?;
         }
+        drop(root);
         self.phase(Phase::EnterRoot, chdir(rootfs.as_c_str()))?;
         match pivot_root(".", ".") {
             Ok(()) => self.phase(Phase::EnterRoot, umount2(".", MntFlags::MNT_DETACH))?,

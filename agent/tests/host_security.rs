@@ -353,3 +353,65 @@ fn containers_with_their_own_pid_namespace_do_not_see_each_other() {
     assert_eq!(wait(&agent.client, "sleeper", "").signal, 9);
     delete(&agent.client, "sleeper", "");
 }
+
+/// An image that plants symlinks where the agent creates mount points: the paths
+/// resolve inside the rootfs (as if it were `/`), never on the host.
+#[test]
+fn mount_points_resolve_inside_the_rootfs_even_through_absolute_symlinks() {
+    let Some(agent) = start_agent() else { return };
+    let outside = tempfile::tempdir().unwrap();
+    let mut req = agent.request(
+        "links",
+        process(&[
+            "sh",
+            "-c",
+            "grep -E ' /inside | /tmp/escape' /proc/mounts | cut -d' ' -f2,3",
+        ]),
+    );
+    let root = Path::new(&req.rootfs).to_path_buf();
+    // Absolute, to a host directory; and one with `..` past the root.
+    symlink(outside.path(), root.join("escape")).unwrap();
+    symlink("../../../../../../inside", root.join("link")).unwrap();
+    std::fs::create_dir(root.join("inside")).unwrap();
+    let tmpfs = |destination: &str| pb::Mount {
+        destination: destination.into(),
+        type_: "tmpfs".into(),
+        source: "tmpfs".into(),
+        ..Default::default()
+    };
+    // `/escape/sub` makes a directory through the link; `/link` mounts on it.
+    req.mounts.push(tmpfs("/escape/sub"));
+    req.mounts.push(tmpfs("/link"));
+    let result = create_request_and_start(&agent.client, &req);
+    // Whatever became of the container, nothing was created on the host side.
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "the agent followed a symlink out of the rootfs"
+    );
+    let (code, message) = status_of(result.unwrap_err());
+    // `/escape` resolves to `<rootfs><outside>`, which does not exist in the image.
+    assert_eq!(code, ttrpc::Code::INTERNAL, "{message}");
+    assert!(message.contains("/escape/sub"), "{message}");
+    delete(&agent.client, "links", "");
+
+    // Without the escaping link, `/link` (→ `../../../inside`) is `/inside`.
+    let mut req = agent.request(
+        "links2",
+        process(&[
+            "sh",
+            "-c",
+            "grep -E ' /inside ' /proc/mounts | cut -d' ' -f2,3",
+        ]),
+    );
+    let root = Path::new(&req.rootfs).to_path_buf();
+    symlink("../../../../../../inside", root.join("link")).unwrap();
+    std::fs::create_dir(root.join("inside")).unwrap();
+    req.mounts.push(tmpfs("/link"));
+    let (stdout, stderr, status) = agent.run(&req);
+    assert_eq!(
+        (stdout.as_str(), status),
+        ("/inside tmpfs\n", 0),
+        "{stderr}"
+    );
+}
