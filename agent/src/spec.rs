@@ -634,6 +634,61 @@ mod tests {
     }
 
     #[test]
+    fn security_fields_translate_and_are_checked() {
+        let spec = process_spec(Some(&agent::ProcessSpec {
+            capabilities: protobuf::MessageField::some(agent::Capabilities {
+                bounding: vec!["CAP_KILL".into()],
+                ..Default::default()
+            }),
+            no_new_privileges: true,
+            umask: Some(0o027),
+            ..process(&["x"])
+        }))
+        .unwrap();
+        let caps = spec.capabilities.unwrap();
+        assert_eq!((caps.bounding, caps.effective), (1 << 5, 0));
+        assert!(spec.no_new_privileges);
+        assert_eq!(spec.umask, Some(0o027));
+        // Unset capabilities keep the agent's; an empty message drops them all.
+        assert_eq!(
+            process_spec(Some(&process(&["x"]))).unwrap().capabilities,
+            None
+        );
+        let err = process_spec(Some(&agent::ProcessSpec {
+            umask: Some(0o1777),
+            ..process(&["x"])
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("beyond 0777"), "{err}");
+
+        let req = agent::CreateProcessRequest {
+            container_id: "c1".into(),
+            rootfs: "/r".into(),
+            process: protobuf::MessageField::some(process(&["sh"])),
+            seccomp: protobuf::MessageField::some(agent::Seccomp {
+                default_action: "SCMP_ACT_ERRNO".into(),
+                ..Default::default()
+            }),
+            namespaces: vec![agent::Namespace {
+                type_: "pid".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (container, _) = container_spec(&req).unwrap();
+        assert!(container.seccomp.is_some_and(|s| !s.programs.is_empty()));
+        assert_eq!(container.namespaces.pid, security::NamespaceMode::New);
+        let bad = agent::CreateProcessRequest {
+            namespaces: vec![agent::Namespace {
+                type_: "network".into(),
+                ..Default::default()
+            }],
+            ..req
+        };
+        assert!(container_spec(&bad).is_err());
+    }
+
+    #[test]
     fn join_in_root_stays_inside() {
         assert_eq!(
             join_in_root(Path::new("/r"), Path::new("/proc")),

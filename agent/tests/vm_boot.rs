@@ -331,7 +331,9 @@ fn boot_guest() -> Option<Guest> {
     let stream = hybrid_vsock::connect_with_retry(
         &vsock_uds,
         AGENT_VSOCK_PORT,
-        Duration::from_secs(60),
+        // Two guests boot at once when the tests run in parallel; TCG on a loaded
+        // 2-core machine has needed 30 s for one.
+        Duration::from_secs(180),
         Duration::from_millis(50),
     )
     .unwrap_or_else(|e| panic!("agent never answered: {e}\nconsole:\n{}", console_log()));
