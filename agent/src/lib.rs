@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod process;
 pub mod procfs;
 pub mod runtime;
+pub mod security;
 pub mod service;
 pub mod spec;
 pub mod stream;

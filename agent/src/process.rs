@@ -31,6 +31,7 @@ use nix::unistd::{
 use crate::cgroup::{OomCounter, was_oom_killed};
 use crate::error::{Error, Result};
 use crate::mounts::{GuestMounts, SourceKind, Step, plan_mounts};
+use crate::security::{CapabilitySets, NamespaceMode, Namespaces, SeccompFilters};
 use crate::spec::{ConsoleSize, ContainerSpec, ProcessSpec, join_in_root};
 use crate::stream::OutputBuffer;
 
@@ -132,15 +133,28 @@ pub struct Process {
 /// How a process enters its container.
 #[derive(Debug)]
 pub enum Launch<'a> {
-    /// In the agent's own root and mount namespace.
-    Guest,
-    /// A new mount namespace rooted at the container's rootfs.
+    /// In the agent's own root and namespaces, under the container's seccomp filter.
+    Guest(&'a ContainerSpec),
+    /// A new mount namespace rooted at the container's rootfs, and the container's
+    /// pid/ipc/uts namespaces.
     NewContainer(&'a ContainerSpec),
-    /// The mount namespace and root of the running process `init_pid`.
+    /// The namespaces and root of the running process `init_pid`.
     JoinContainer {
         /// The container's init process.
         init_pid: u32,
+        /// Its container.
+        container: &'a ContainerSpec,
     },
+}
+
+impl Launch<'_> {
+    fn container(&self) -> &ContainerSpec {
+        match self {
+            Self::Guest(container)
+            | Self::NewContainer(container)
+            | Self::JoinContainer { container, .. } => container,
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,6 +245,7 @@ impl Process {
             setup,
             host_root,
             failures,
+            namespaces,
         } = ChildSetup::prepare(spec, &launch, cgroup)?;
         // The baseline predates the process, so any kill of it counts.
         let counter = OomCounter::for_cgroup(cgroup);
@@ -273,7 +288,11 @@ impl Process {
             command.pre_exec(move || setup.run_in_child(terminal));
         }
 
-        let child = reaper().track(self, || command.spawn()).map_err(|source| {
+        // Started here, outside the namespaces: a thread whose new pid namespace is
+        // pending cannot create threads (EINVAL), and the reaper is one.
+        let reaper = reaper();
+        let spawned = namespaces.run(|| reaper.track(self, || command.spawn()))?;
+        let child = spawned.map_err(|source| {
             if let Some(step) = failures.failed_step(spec) {
                 Error::ContainerSetup { step, source }
             } else if source.raw_os_error() == Some(libc::ENOENT)
@@ -494,37 +513,147 @@ fn optional_cstring(value: &str) -> Result<Option<CString>> {
         .map_err(|_| Error::invalid(format!("{value:?} contains a NUL byte")))
 }
 
-/// A planned mount step as C strings, ready for the child.
+/// A planned mount step as C strings, ready for the child. Paths are relative to
+/// the container's rootfs and resolved in the child with `openat2(RESOLVE_IN_ROOT)`
+/// from a descriptor of the rootfs, so a symlink in the image (even an absolute one,
+/// or `..`) can never make the agent create, change or mount over anything outside
+/// the rootfs: it resolves as if the rootfs were `/` (what runc's securejoin does).
 #[derive(Debug)]
 enum ChildStep {
-    MakeDir(CString),
-    MakeFile(CString),
+    MakeDir(InRoot),
+    MakeFile(InRoot),
     Mount {
         source: Option<CString>,
-        target: CString,
+        target: InRoot,
         fstype: Option<CString>,
         flags: MsFlags,
         data: Option<CString>,
     },
     Remount {
-        target: CString,
+        target: InRoot,
         flags: MsFlags,
     },
     CharDevice {
-        path: CString,
+        path: InRoot,
         dev: libc::dev_t,
     },
     Symlink {
         target: CString,
-        link: CString,
+        link: InRoot,
     },
 }
 
+/// A path inside the rootfs: the whole (relative) path, and split into the parent
+/// directory and the last component for the calls that create an entry.
+#[derive(Debug)]
+struct InRoot {
+    path: CString,
+    parent: CString,
+    name: CString,
+}
+
+impl InRoot {
+    fn new(rootfs: &Path, path: &Path) -> Result<Self> {
+        let relative = path.strip_prefix(rootfs).map_err(|_| {
+            Error::invalid(format!(
+                "the mount path {} is outside the rootfs {}",
+                path.display(),
+                rootfs.display()
+            ))
+        })?;
+        let parent = relative
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = relative.file_name().ok_or_else(|| {
+            Error::invalid(format!("the mount path {} has no name", path.display()))
+        })?;
+        Ok(Self {
+            path: cstring(relative)?,
+            parent: cstring(parent)?,
+            name: cstring(Path::new(name))?,
+        })
+    }
+}
+
+/// `/proc/self/fd/<fd>` in a stack buffer: the child may not allocate.
+struct FdPath([u8; 32]);
+
+impl FdPath {
+    fn of(fd: &OwnedFd) -> Self {
+        const PREFIX: &[u8] = b"/proc/self/fd/";
+        let mut buf = [0u8; 32];
+        buf[..PREFIX.len()].copy_from_slice(PREFIX);
+        let mut digits = [0u8; 12];
+        let mut n = u32::try_from(fd.as_raw_fd()).unwrap_or(0);
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for (i, digit) in digits[..len].iter().rev().enumerate() {
+            buf[PREFIX.len() + i] = *digit;
+        }
+        Self(buf)
+    }
+
+    fn as_c_str(&self) -> &std::ffi::CStr {
+        std::ffi::CStr::from_bytes_until_nul(&self.0).unwrap_or(c"/proc/self/fd/")
+    }
+}
+
+fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// In the child: opens `path` under `root` as if `root` were `/`.
+fn open_in_root(
+    root: &OwnedFd,
+    path: &std::ffi::CStr,
+    flags: rustix::fs::OFlags,
+    mode: rustix::fs::Mode,
+) -> nix::Result<OwnedFd> {
+    use rustix::fs::{OFlags, ResolveFlags};
+    rustix::fs::openat2(
+        root,
+        path,
+        flags | OFlags::CLOEXEC,
+        mode,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(errno)
+}
+
+/// In the child: an `O_PATH` descriptor of the entry at `path`, for the calls that
+/// take a path (mount, chmod), through `/proc/self/fd`.
+fn open_path(root: &OwnedFd, path: &std::ffi::CStr) -> nix::Result<OwnedFd> {
+    open_in_root(
+        root,
+        path,
+        rustix::fs::OFlags::PATH,
+        rustix::fs::Mode::empty(),
+    )
+}
+
+fn open_parent(root: &OwnedFd, at: &InRoot) -> nix::Result<OwnedFd> {
+    open_in_root(
+        root,
+        &at.parent,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+}
+
 impl ChildStep {
-    fn from_step(step: &Step) -> Result<Self> {
+    fn from_step(rootfs: &Path, step: &Step) -> Result<Self> {
+        let in_root = |path: &Path| InRoot::new(rootfs, path);
         Ok(match step {
-            Step::MakeDir(path) => Self::MakeDir(cstring(path)?),
-            Step::MakeFile(path) => Self::MakeFile(cstring(path)?),
+            Step::MakeDir(path) => Self::MakeDir(in_root(path)?),
+            Step::MakeFile(path) => Self::MakeFile(in_root(path)?),
             Step::Mount {
                 source,
                 target,
@@ -533,46 +662,52 @@ impl ChildStep {
                 data,
             } => Self::Mount {
                 source: optional_cstring(source.as_deref().unwrap_or(""))?,
-                target: cstring(target)?,
+                target: in_root(target)?,
                 fstype: optional_cstring(fstype.as_deref().unwrap_or(""))?,
                 flags: *flags,
                 data: optional_cstring(data)?,
             },
             Step::RemountReadOnly { target, flags } => Self::Remount {
-                target: cstring(target)?,
+                target: in_root(target)?,
                 flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | *flags,
             },
             Step::Propagation { target, flags } => Self::Remount {
-                target: cstring(target)?,
+                target: in_root(target)?,
                 flags: *flags,
             },
             Step::CharDevice { path, major, minor } => Self::CharDevice {
-                path: cstring(path)?,
+                path: in_root(path)?,
                 dev: nix::sys::stat::makedev(*major, *minor),
             },
             Step::Symlink { target, link } => Self::Symlink {
                 target: cstring(target)?,
-                link: cstring(link)?,
+                link: in_root(link)?,
             },
         })
     }
 
     /// Runs in the child: system calls only, on values prepared before the fork.
-    fn run(&self) -> nix::Result<()> {
+    /// `root` is a descriptor of the (bind-mounted) rootfs.
+    fn run(&self, root: &OwnedFd) -> nix::Result<()> {
         const NONE: Option<&'static std::ffi::CStr> = None;
         let existing_is_fine = |result: nix::Result<()>| match result {
             Err(Errno::EEXIST) => Ok(()),
             other => other,
         };
         match self {
-            Self::MakeDir(path) => existing_is_fine(nix::unistd::mkdir(
-                path.as_c_str(),
-                Mode::from_bits_truncate(0o755),
-            )),
-            Self::MakeFile(path) => open(
-                path.as_c_str(),
-                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o644),
+            Self::MakeDir(at) => {
+                let parent = open_parent(root, at)?;
+                existing_is_fine(nix::sys::stat::mkdirat(
+                    &parent,
+                    at.name.as_c_str(),
+                    Mode::from_bits_truncate(0o755),
+                ))
+            }
+            Self::MakeFile(at) => open_in_root(
+                root,
+                &at.path,
+                rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+                rustix::fs::Mode::from_bits_truncate(0o644),
             )
             .map(drop),
             Self::Mount {
@@ -581,35 +716,49 @@ impl ChildStep {
                 fstype,
                 flags,
                 data,
-            } => mount(
-                source.as_deref(),
-                target.as_c_str(),
-                fstype.as_deref(),
-                *flags,
-                data.as_deref(),
-            ),
-            Self::Remount { target, flags } => mount(NONE, target.as_c_str(), NONE, *flags, NONE),
+            } => {
+                let target = open_path(root, &target.path)?;
+                mount(
+                    source.as_deref(),
+                    FdPath::of(&target).as_c_str(),
+                    fstype.as_deref(),
+                    *flags,
+                    data.as_deref(),
+                )
+            }
+            Self::Remount { target, flags } => {
+                // Opened now, after the mount, so the descriptor names the mount.
+                let target = open_path(root, &target.path)?;
+                mount(NONE, FdPath::of(&target).as_c_str(), NONE, *flags, NONE)
+            }
             Self::CharDevice { path, dev } => {
                 let mode = Mode::from_bits_truncate(0o666);
-                existing_is_fine(nix::sys::stat::mknod(
-                    path.as_c_str(),
+                let parent = open_parent(root, path)?;
+                existing_is_fine(nix::sys::stat::mknodat(
+                    &parent,
+                    path.name.as_c_str(),
                     nix::sys::stat::SFlag::S_IFCHR,
                     mode,
                     *dev,
                 ))?;
-                // mknod applies the umask.
+                // mknod applies the umask. chmod through the in-root descriptor:
+                // the name may be a symlink the image planted.
+                let node = open_path(root, &path.path)?;
                 nix::sys::stat::fchmodat(
                     nix::fcntl::AT_FDCWD,
-                    path.as_c_str(),
+                    FdPath::of(&node).as_c_str(),
                     mode,
                     nix::sys::stat::FchmodatFlags::FollowSymlink,
                 )
             }
-            Self::Symlink { target, link } => existing_is_fine(nix::unistd::symlinkat(
-                target.as_c_str(),
-                nix::fcntl::AT_FDCWD,
-                link.as_c_str(),
-            )),
+            Self::Symlink { target, link } => {
+                let parent = open_parent(root, link)?;
+                existing_is_fine(nix::unistd::symlinkat(
+                    target.as_c_str(),
+                    &parent,
+                    link.name.as_c_str(),
+                ))
+            }
         }
     }
 }
@@ -643,10 +792,14 @@ enum Phase {
     Groups,
     Credentials,
     WorkingDirectory,
+    NoNewPrivileges,
+    Seccomp,
+    CapabilityBounding,
+    Capabilities,
 }
 
 impl Phase {
-    const ALL: [Phase; 12] = [
+    const ALL: [Phase; 16] = [
         Phase::Session,
         Phase::Terminal,
         Phase::Cgroup,
@@ -659,6 +812,10 @@ impl Phase {
         Phase::Groups,
         Phase::Credentials,
         Phase::WorkingDirectory,
+        Phase::NoNewPrivileges,
+        Phase::Seccomp,
+        Phase::CapabilityBounding,
+        Phase::Capabilities,
     ];
 
     fn describe(self, spec: &ProcessSpec) -> String {
@@ -677,8 +834,80 @@ impl Phase {
             Self::WorkingDirectory => {
                 format!("Changing to the working directory {}", spec.cwd.display())
             }
+            Self::NoNewPrivileges => "Setting no_new_privs".into(),
+            Self::Seccomp => "Loading the seccomp filter".into(),
+            Self::CapabilityBounding => "Dropping capabilities from the bounding set".into(),
+            Self::Capabilities => "Setting the capabilities".into(),
         }
     }
+}
+
+/// In the child: drops every capability not in `keep` from the bounding set.
+fn drop_bounding(keep: u64) -> io::Result<()> {
+    use rustix::thread::{CapabilitySet, remove_capability_from_bounding_set};
+    for bit in 0..64 {
+        let cap = 1u64 << bit;
+        if keep & cap != 0 {
+            continue;
+        }
+        match remove_capability_from_bounding_set(CapabilitySet::from_bits_retain(cap)) {
+            // Numbers past the kernel's last capability.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// In the child: sets the effective, permitted and inheritable sets, then the
+/// ambient set (a capability the kernel refuses there is skipped, as runc does).
+fn set_capabilities(caps: &CapabilitySets) -> io::Result<()> {
+    use rustix::thread::{
+        CapabilitySet, clear_ambient_capability_set, configure_capability_in_ambient_set,
+    };
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: CapabilitySet::from_bits_retain(caps.effective),
+            permitted: CapabilitySet::from_bits_retain(caps.permitted),
+            inheritable: CapabilitySet::from_bits_retain(caps.inheritable),
+        },
+    )?;
+    clear_ambient_capability_set()?;
+    for bit in 0..64 {
+        let cap = 1u64 << bit;
+        if caps.ambient & cap != 0 {
+            let _ = configure_capability_in_ambient_set(CapabilitySet::from_bits_retain(cap), true);
+        }
+    }
+    Ok(())
+}
+
+/// In the child: loads the compiled filters, in order.
+fn load_seccomp(filters: &SeccompFilters) -> io::Result<()> {
+    for program in &filters.programs {
+        let len =
+            u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        let fprog = libc::sock_fprog {
+            len,
+            // seccompiler's `sock_filter` is `#[repr(C)]` with the kernel's layout.
+            filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+        };
+        // SAFETY: seccomp(2) reads `fprog` and the `len` instructions it points to,
+        // which live in `filters` for the duration of the call; the kernel copies them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::c_ulong::from(filters.flags),
+                &raw const fprog,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Set in a failure report for a mount step (the rest is its index).
@@ -697,6 +926,10 @@ struct ChildSetup {
     uid: Uid,
     gid: Gid,
     cwd: CString,
+    umask: Mode,
+    capabilities: Option<CapabilitySets>,
+    no_new_privileges: bool,
+    seccomp: Option<SeccompFilters>,
 }
 
 /// A prepared child, and the parent's means to explain its failure.
@@ -706,6 +939,105 @@ struct Prepared {
     /// The container root as the agent sees it.
     host_root: PathBuf,
     failures: FailureReport,
+    /// Namespaces the spawning thread enters before the fork.
+    namespaces: ThreadNamespaces,
+}
+
+/// The pid, ipc and uts namespaces a child is forked into.
+///
+/// A new (or joined) pid namespace only applies to the children of the caller, so
+/// it cannot be entered in the child between fork and exec: a short-lived thread
+/// enters the namespaces and forks the child. Namespaces are per thread, so the
+/// agent's other threads never see them.
+#[derive(Debug)]
+struct ThreadNamespaces {
+    unshare: CloneFlags,
+    join: Vec<(OwnedFd, CloneFlags)>,
+}
+
+impl Default for ThreadNamespaces {
+    fn default() -> Self {
+        Self {
+            unshare: CloneFlags::empty(),
+            join: Vec::new(),
+        }
+    }
+}
+
+fn clone_flag(kind: &str) -> CloneFlags {
+    match kind {
+        "pid" => CloneFlags::CLONE_NEWPID,
+        "ipc" => CloneFlags::CLONE_NEWIPC,
+        _ => CloneFlags::CLONE_NEWUTS,
+    }
+}
+
+fn open_namespace(path: &Path) -> Result<OwnedFd> {
+    open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io(format!("Opening the namespace {}", path.display()), e))
+}
+
+impl ThreadNamespaces {
+    /// A new container's: new ones, or the ones at the given paths.
+    fn for_container(namespaces: &Namespaces) -> Result<Self> {
+        let mut out = Self::default();
+        for (kind, mode) in [
+            ("pid", &namespaces.pid),
+            ("ipc", &namespaces.ipc),
+            ("uts", &namespaces.uts),
+        ] {
+            match mode {
+                NamespaceMode::Shared => {}
+                NamespaceMode::New => out.unshare |= clone_flag(kind),
+                NamespaceMode::Join(path) => {
+                    out.join.push((open_namespace(path)?, clone_flag(kind)))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// An exec's: those of the container's init process that are not the guest's.
+    fn of_init(init_pid: u32, namespaces: &Namespaces) -> Result<Self> {
+        let mut out = Self::default();
+        for (kind, mode) in [
+            ("pid", &namespaces.pid),
+            ("ipc", &namespaces.ipc),
+            ("uts", &namespaces.uts),
+        ] {
+            if *mode != NamespaceMode::Shared {
+                let path = PathBuf::from(format!("/proc/{init_pid}/ns/{kind}"));
+                out.join.push((open_namespace(&path)?, clone_flag(kind)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `spawn` on a thread inside the namespaces (on this one if there are none).
+    fn run<T: Send>(&self, spawn: impl FnOnce() -> T + Send) -> Result<T> {
+        if self.unshare.is_empty() && self.join.is_empty() {
+            return Ok(spawn());
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    for (fd, kind) in &self.join {
+                        setns(fd.as_fd(), *kind)
+                            .map_err(|e| Error::io("Joining the container's namespaces", e))?;
+                    }
+                    unshare(self.unshare)
+                        .map_err(|e| Error::io("Creating the container's namespaces", e))?;
+                    Ok(spawn())
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "Spawning in the container's namespaces",
+                        io::Error::other("the spawning thread panicked"),
+                    ))
+                })
+        })
+    }
 }
 
 /// The parent's side of the failure report pipe.
@@ -739,8 +1071,18 @@ impl ChildSetup {
     /// Prepares the child's setup in the parent.
     fn prepare(spec: &ProcessSpec, launch: &Launch<'_>, cgroup: Option<&Path>) -> Result<Prepared> {
         let mut step_names = Vec::new();
+        let namespaces = match launch {
+            Launch::Guest(_) => ThreadNamespaces::default(),
+            Launch::NewContainer(container) => {
+                ThreadNamespaces::for_container(&container.namespaces)?
+            }
+            Launch::JoinContainer {
+                init_pid,
+                container,
+            } => ThreadNamespaces::of_init(*init_pid, &container.namespaces)?,
+        };
         let (root, host_root) = match launch {
-            Launch::Guest => (Root::Guest, PathBuf::from("/")),
+            Launch::Guest(_) => (Root::Guest, PathBuf::from("/")),
             Launch::NewContainer(container) => match &container.rootfs {
                 None => (Root::Guest, PathBuf::from("/")),
                 Some(rootfs) => {
@@ -763,7 +1105,7 @@ impl ChildSetup {
                     let steps = plan
                         .steps
                         .iter()
-                        .map(ChildStep::from_step)
+                        .map(|step| ChildStep::from_step(rootfs, step))
                         .collect::<Result<_>>()?;
                     (
                         Root::New {
@@ -775,7 +1117,10 @@ impl ChildSetup {
                     )
                 }
             },
-            Launch::JoinContainer { init_pid } => {
+            Launch::JoinContainer { container, .. } if container.rootfs.is_none() => {
+                (Root::Guest, PathBuf::from("/"))
+            }
+            Launch::JoinContainer { init_pid, .. } => {
                 let proc_dir = PathBuf::from(format!("/proc/{init_pid}"));
                 let open_dir = |path: &Path, flags: OFlag| {
                     open(path, flags | OFlag::O_CLOEXEC, Mode::empty())
@@ -808,6 +1153,11 @@ impl ChildSetup {
             uid: Uid::from_raw(spec.uid),
             gid: Gid::from_raw(spec.gid),
             cwd: cstring(&spec.cwd)?,
+            // runc's default when the spec has none.
+            umask: Mode::from_bits_truncate(spec.umask.unwrap_or(0o022)),
+            capabilities: spec.capabilities,
+            no_new_privileges: spec.no_new_privileges,
+            seccomp: launch.container().seccomp.clone(),
         };
         Ok(Prepared {
             setup,
@@ -816,6 +1166,7 @@ impl ChildSetup {
                 step_names,
                 report: report_read,
             },
+            namespaces,
         })
     }
 
@@ -865,16 +1216,56 @@ impl ChildSetup {
                 self.phase(Phase::JoinContainer, chroot("."))?;
             }
         }
+        // runc sets the umask once the rootfs is ready.
+        nix::sys::stat::umask(self.umask);
         for limit in &self.rlimits {
             self.phase(
                 Phase::Rlimits,
                 setrlimit(limit.resource, limit.soft, limit.hard),
             )?;
         }
+        // From here on, runc's order (libcontainer standard_init_linux.go and
+        // finalizeNamespace): no_new_privs; seccomp now if no_new_privs is off,
+        // because loading a filter then needs CAP_SYS_ADMIN, which is about to go;
+        // the bounding set drop while still root; setgroups/setgid/setuid with
+        // PR_SET_KEEPCAPS so the permitted set survives the uid change; the working
+        // directory as the new user; the effective/permitted/inheritable and ambient
+        // sets; seccomp last when no_new_privs is on, so the filter judges as little
+        // of the agent's own setup as possible (only what exec needs).
+        if self.no_new_privileges {
+            self.phase(
+                Phase::NoNewPrivileges,
+                rustix::thread::set_no_new_privs(true),
+            )?;
+        }
+        if let Some(seccomp) = &self.seccomp
+            && !self.no_new_privileges
+        {
+            self.phase(Phase::Seccomp, load_seccomp(seccomp))?;
+        }
+        if let Some(caps) = &self.capabilities {
+            self.phase(Phase::CapabilityBounding, drop_bounding(caps.bounding))?;
+            self.phase(
+                Phase::Capabilities,
+                rustix::thread::set_keep_capabilities(true),
+            )?;
+        }
         self.phase(Phase::Groups, setgroups(&self.groups))?;
         self.phase(Phase::Credentials, setresgid(self.gid, self.gid, self.gid))?;
         self.phase(Phase::Credentials, setresuid(self.uid, self.uid, self.uid))?;
         self.phase(Phase::WorkingDirectory, chdir(self.cwd.as_c_str()))?;
+        if let Some(caps) = &self.capabilities {
+            self.phase(
+                Phase::Capabilities,
+                rustix::thread::set_keep_capabilities(false),
+            )?;
+            self.phase(Phase::Capabilities, set_capabilities(caps))?;
+        }
+        if let Some(seccomp) = &self.seccomp
+            && self.no_new_privileges
+        {
+            self.phase(Phase::Seccomp, load_seccomp(seccomp))?;
+        }
         Ok(())
     }
 
@@ -907,10 +1298,21 @@ impl ChildSetup {
                 NONE,
             ),
         )?;
+        // A descriptor of the bind mount just made (not of the directory under it),
+        // from which every step resolves its paths inside the rootfs.
+        let root = self.phase(
+            Phase::RootfsBind,
+            open(
+                rootfs.as_c_str(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ),
+        )?;
         for (index, step) in steps.iter().enumerate() {
             let code = STEP_REPORT | u32::try_from(index).unwrap_or(0);
-            step.run().map_err(|e| self.report(code, e))?;
+            step.run(&root).map_err(|e| self.report(code, e))?;
         }
+        drop(root);
         self.phase(Phase::EnterRoot, chdir(rootfs.as_c_str()))?;
         match pivot_root(".", ".") {
             Ok(()) => self.phase(Phase::EnterRoot, umount2(".", MntFlags::MNT_DETACH))?,
@@ -1057,6 +1459,9 @@ mod tests {
             rlimits: vec![],
             terminal: false,
             console_size: None,
+            capabilities: None,
+            no_new_privileges: false,
+            umask: None,
         };
         assert!(program_exists(root.path(), &spec(&["sh"], None)));
         assert!(program_exists(

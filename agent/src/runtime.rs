@@ -145,11 +145,17 @@ impl Runtime {
             return process.start(Launch::NewContainer(&spec), cgroup);
         }
         let init = self.process(container_id, "")?;
-        if spec.rootfs.is_none() {
-            return process.start(Launch::Guest, cgroup);
+        if spec.rootfs.is_none() && spec.namespaces.is_shared() {
+            return process.start(Launch::Guest(&spec), cgroup);
         }
         match init.state() {
-            State::Running(init_pid) => process.start(Launch::JoinContainer { init_pid }, cgroup),
+            State::Running(init_pid) => process.start(
+                Launch::JoinContainer {
+                    init_pid,
+                    container: &spec,
+                },
+                cgroup,
+            ),
             other => Err(Error::WrongState {
                 container_id: container_id.to_string(),
                 exec_id: String::new(),

@@ -10,6 +10,7 @@ use nix::mount::MsFlags;
 use nix::sys::resource::Resource;
 
 use crate::error::{Error, Result};
+use crate::security::{self, CapabilitySets, Namespaces, SeccompFilters};
 
 /// One resource limit, as `setrlimit(2)` takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,12 @@ pub struct ProcessSpec {
     pub terminal: bool,
     /// Initial terminal size, if given.
     pub console_size: Option<ConsoleSize>,
+    /// The capability sets; `None` keeps the agent's (all of them).
+    pub capabilities: Option<CapabilitySets>,
+    /// Set `PR_SET_NO_NEW_PRIVS` before exec.
+    pub no_new_privileges: bool,
+    /// The file mode creation mask; `None` is 0022.
+    pub umask: Option<u32>,
 }
 
 impl ProcessSpec {
@@ -97,6 +104,10 @@ pub struct ContainerSpec {
     pub readonly_rootfs: bool,
     /// Mounts, in order.
     pub mounts: Vec<MountSpec>,
+    /// The seccomp filter of every process in the container.
+    pub seccomp: Option<SeccompFilters>,
+    /// Its pid, ipc and uts namespaces.
+    pub namespaces: Namespaces,
 }
 
 /// Mounts a container gets when the request names none.
@@ -151,11 +162,19 @@ pub fn container_spec(req: &agent::CreateProcessRequest) -> Result<(ContainerSpe
         req.mounts.iter().map(mount_spec).collect::<Result<_>>()?
     };
     let process = process_spec(req.process.as_ref())?;
+    let seccomp = req
+        .seccomp
+        .as_ref()
+        .map(security::seccomp_filters)
+        .transpose()?;
+    let namespaces = security::namespaces(&req.namespaces)?;
     Ok((
         ContainerSpec {
             rootfs,
             readonly_rootfs: req.readonly_rootfs,
             mounts,
+            seccomp,
+            namespaces,
         },
         process,
     ))
@@ -221,6 +240,20 @@ pub fn process_spec(process: Option<&agent::ProcessSpec>) -> Result<ProcessSpec>
         let columns = u16::try_from(size.columns).ok()?;
         (rows > 0 && columns > 0).then_some(ConsoleSize { rows, columns })
     });
+    if let Some(umask) = process.umask
+        && umask > 0o777
+    {
+        return Err(Error::invalid(format!(
+            "the umask {umask:#o} has bits beyond 0777"
+        )));
+    }
+    let capabilities = process.capabilities.as_ref().map(|caps| {
+        let (sets, unknown) = security::capability_sets(caps);
+        for name in unknown {
+            tracing::warn!("Skipping the capability {name:?}: it is not known to the agent");
+        }
+        sets
+    });
     Ok(ProcessSpec {
         args: process.args.clone(),
         env,
@@ -231,6 +264,9 @@ pub fn process_spec(process: Option<&agent::ProcessSpec>) -> Result<ProcessSpec>
         rlimits,
         terminal: process.terminal,
         console_size,
+        capabilities,
+        no_new_privileges: process.no_new_privileges,
+        umask: process.umask,
     })
 }
 
@@ -595,6 +631,61 @@ mod tests {
             ..req
         };
         assert!(container_spec(&relative).is_err());
+    }
+
+    #[test]
+    fn security_fields_translate_and_are_checked() {
+        let spec = process_spec(Some(&agent::ProcessSpec {
+            capabilities: protobuf::MessageField::some(agent::Capabilities {
+                bounding: vec!["CAP_KILL".into()],
+                ..Default::default()
+            }),
+            no_new_privileges: true,
+            umask: Some(0o027),
+            ..process(&["x"])
+        }))
+        .unwrap();
+        let caps = spec.capabilities.unwrap();
+        assert_eq!((caps.bounding, caps.effective), (1 << 5, 0));
+        assert!(spec.no_new_privileges);
+        assert_eq!(spec.umask, Some(0o027));
+        // Unset capabilities keep the agent's; an empty message drops them all.
+        assert_eq!(
+            process_spec(Some(&process(&["x"]))).unwrap().capabilities,
+            None
+        );
+        let err = process_spec(Some(&agent::ProcessSpec {
+            umask: Some(0o1777),
+            ..process(&["x"])
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("beyond 0777"), "{err}");
+
+        let req = agent::CreateProcessRequest {
+            container_id: "c1".into(),
+            rootfs: "/r".into(),
+            process: protobuf::MessageField::some(process(&["sh"])),
+            seccomp: protobuf::MessageField::some(agent::Seccomp {
+                default_action: "SCMP_ACT_ERRNO".into(),
+                ..Default::default()
+            }),
+            namespaces: vec![agent::Namespace {
+                type_: "pid".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (container, _) = container_spec(&req).unwrap();
+        assert!(container.seccomp.is_some_and(|s| !s.programs.is_empty()));
+        assert_eq!(container.namespaces.pid, security::NamespaceMode::New);
+        let bad = agent::CreateProcessRequest {
+            namespaces: vec![agent::Namespace {
+                type_: "network".into(),
+                ..Default::default()
+            }],
+            ..req
+        };
+        assert!(container_spec(&bad).is_err());
     }
 
     #[test]

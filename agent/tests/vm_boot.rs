@@ -176,30 +176,50 @@ fn host_kernel_release() -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn boots_the_guest_and_runs_a_container() {
-    let test_start = Instant::now();
+/// A booted guest: the agent's client, the host side of the share, the processes.
+struct Guest {
+    client: AgentServiceClient,
+    /// Host directory shared as `/run/gpuvm/shared`; holds a busybox rootfs at `c1/rootfs`.
+    share: PathBuf,
+    console: PathBuf,
+    manifest: String,
+    /// QEMU start to the first Ping answered.
+    ready: Duration,
+    // Dropped after `client`, so the processes outlive the connection.
+    children: Children,
+    _tmp: tempfile::TempDir,
+}
+
+impl Guest {
+    fn console_log(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+/// Boots the guest image, or prints SKIPPED and returns `None` when a tool or the
+/// image is missing.
+fn boot_guest() -> Option<Guest> {
     let guest = guest_dir();
     let Some(qemu) = find_tool("qemu-system-x86_64") else {
         skip(
             Requirement::Qemu,
             "qemu-system-x86_64 is not installed (scripts/vm-deps.sh)",
         );
-        return;
+        return None;
     };
     let Some(vsock_backend) = find_tool("vhost-device-vsock") else {
         skip(
             Requirement::Qemu,
             "vhost-device-vsock is not installed (scripts/vm-deps.sh)",
         );
-        return;
+        return None;
     };
     let Some(virtiofsd) = find_tool("virtiofsd") else {
         skip(
             Requirement::Qemu,
             "virtiofsd is not installed (scripts/vm-deps.sh)",
         );
-        return;
+        return None;
     };
     let (vmlinux, initramfs, rootfs) = (
         guest.join("vmlinux"),
@@ -211,7 +231,7 @@ fn boots_the_guest_and_runs_a_container() {
             Requirement::Qemu,
             &format!("no guest image in {} (run guest/build.sh)", guest.display()),
         );
-        return;
+        return None;
     }
     let manifest: String = std::fs::read_to_string(guest.join("manifest.json")).unwrap_or_default();
 
@@ -311,7 +331,9 @@ fn boots_the_guest_and_runs_a_container() {
     let stream = hybrid_vsock::connect_with_retry(
         &vsock_uds,
         AGENT_VSOCK_PORT,
-        Duration::from_secs(60),
+        // Two guests boot at once when the tests run in parallel; TCG on a loaded
+        // 2-core machine has needed 30 s for one.
+        Duration::from_secs(180),
         Duration::from_millis(50),
     )
     .unwrap_or_else(|e| panic!("agent never answered: {e}\nconsole:\n{}", console_log()));
@@ -324,6 +346,31 @@ fn boots_the_guest_and_runs_a_container() {
         .unwrap();
     let ready = boot_start.elapsed();
 
+    Some(Guest {
+        client,
+        share,
+        console,
+        manifest,
+        ready,
+        children,
+        _tmp: tmp,
+    })
+}
+
+#[test]
+fn boots_the_guest_and_runs_a_container() {
+    let test_start = Instant::now();
+    let Some(guest) = boot_guest() else { return };
+    let Guest {
+        client,
+        share,
+        console,
+        manifest,
+        ready,
+        mut children,
+        _tmp,
+    } = guest;
+    let console_log = || std::fs::read_to_string(&console).unwrap_or_default();
     let info = client
         .guest_info(ctx(), &pb::GuestInfoRequest::new())
         .unwrap();
@@ -525,4 +572,156 @@ fn boots_the_guest_and_runs_a_container() {
     }
     drop(children);
     println!("vm test total {:.2?}", test_start.elapsed());
+}
+
+/// `CapEff`, `CapBnd`, `NoNewPrivs` and `Seccomp` of the container's shell.
+const STATUS_LINES: &str = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
+
+fn with_mounts(id: &str, process: pb::ProcessSpec) -> pb::CreateProcessRequest {
+    pb::CreateProcessRequest {
+        container_id: id.into(),
+        rootfs: ROOTFS.into(),
+        process: MessageField::some(process),
+        mounts: containerd_default_mounts(),
+        ..Default::default()
+    }
+}
+
+fn new_namespaces(kinds: &[&str]) -> Vec<pb::Namespace> {
+    kinds
+        .iter()
+        .map(|kind| pb::Namespace {
+            type_: (*kind).into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The pod's `securityContext` as the OCI spec carries it, applied by the agent in
+/// the real guest: capabilities, user, seccomp, pid and uts namespaces.
+#[test]
+fn the_guest_applies_each_containers_process_security() {
+    let Some(guest) = boot_guest() else { return };
+    let client = &guest.client;
+    let run_request = |req: &pb::CreateProcessRequest| {
+        create_request_and_start(client, req).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e:?}\nconsole:\n{}",
+                req.container_id,
+                guest.console_log()
+            )
+        });
+        finish(client, &req.container_id)
+    };
+
+    // capabilities: drop ALL → mount is refused; the same container with its
+    // capabilities unset (the agent's: all of them) mounts, so the refusal is theirs.
+    let script = format!("{STATUS_LINES}; mount -t tmpfs t /tmp && echo MOUNTED");
+    let mut spec = process(&["sh", "-c", &script]);
+    spec.capabilities = MessageField::some(pb::Capabilities::default());
+    let (stdout, stderr, exit) = run_request(&with_mounts("nocaps", spec));
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("CapBnd:\t0000000000000000"), "{stdout}");
+    assert!(!stdout.contains("MOUNTED"), "{stdout}");
+    // busybox's words for EPERM from mount(2).
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert_ne!(exit.exit_status, 0);
+    let (stdout, stderr, exit) =
+        run_request(&with_mounts("allcaps", process(&["sh", "-c", &script])));
+    assert!(stdout.contains("MOUNTED"), "{stdout} {stderr}");
+    assert_eq!(exit.exit_status, 0, "{stderr}");
+
+    // runAsUser 1000, runAsGroup 1000, a supplementary group, no_new_privs.
+    let mut spec = process(&["sh", "-c", &format!("id -u; id -G; {STATUS_LINES}")]);
+    spec.uid = 1000;
+    spec.gid = 1000;
+    spec.additional_gids = vec![44];
+    spec.no_new_privileges = true;
+    let (stdout, stderr, exit) = run_request(&with_mounts("user", spec));
+    assert_eq!(exit.exit_status, 0, "{stderr}");
+    assert!(stdout.starts_with("1000\n1000 44\n"), "{stdout}");
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+
+    // seccomp: mkdir/mkdirat → EPERM; other syscalls (touch) still work.
+    let mut req = with_mounts(
+        "seccomp",
+        process(&[
+            "sh",
+            "-c",
+            &format!(
+                "{STATUS_LINES}; busybox mkdir /tmp/made && echo MADE; echo x > /tmp/file && echo WROTE"
+            ),
+        ]),
+    );
+    req.seccomp = MessageField::some(pb::Seccomp {
+        default_action: "SCMP_ACT_ALLOW".into(),
+        syscalls: vec![pb::SeccompSyscall {
+            names: vec!["mkdir".into(), "mkdirat".into()],
+            action: "SCMP_ACT_ERRNO".into(),
+            errno_ret: Some(libc::EPERM as u32),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let (stdout, stderr, _) = run_request(&req);
+    assert!(stdout.contains("Seccomp:\t2"), "{stdout}");
+    assert!(!stdout.contains("MADE"), "{stdout}");
+    assert!(stdout.contains("WROTE"), "{stdout}");
+    assert!(stderr.contains("Operation not permitted"), "{stderr}");
+    assert!(!guest.share.join("c1/rootfs/tmp/made").exists());
+
+    // pid namespaces: two containers of the pod with their own do not see each
+    // other; one sharing the pod's does.
+    let list =
+        "echo self=$$; for f in /proc/[0-9]*/cmdline; do busybox tr '\\0' ' ' < $f; echo; done";
+    let mut sleeper = with_mounts("sleeper", process(&["sleep", "4242"]));
+    sleeper.namespaces = new_namespaces(&["pid"]);
+    create_request_and_start(client, &sleeper).unwrap();
+    let mut own = with_mounts("own", process(&["sh", "-c", list]));
+    own.namespaces = new_namespaces(&["pid", "ipc", "uts"]);
+    let (stdout, stderr, exit) = run_request(&own);
+    assert_eq!(exit.exit_status, 0, "{stderr}");
+    assert!(stdout.starts_with("self=1\n"), "{stdout}");
+    assert!(!stdout.contains("sleep 4242"), "{stdout}");
+    assert!(!stdout.contains("/init"), "{stdout}");
+    let (stdout, stderr, exit) = run_request(&with_mounts("shared", process(&["sh", "-c", list])));
+    assert_eq!(exit.exit_status, 0, "{stderr}");
+    assert!(stdout.contains("sleep 4242"), "{stdout}");
+    client
+        .signal_process(
+            ctx(),
+            &pb::SignalProcessRequest {
+                container_id: "sleeper".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(wait(client, "sleeper", "").signal, 9);
+    delete(client, "sleeper", "");
+
+    // A uts namespace of its own: the container renames itself, the guest keeps
+    // its name.
+    let before = client
+        .guest_info(ctx(), &pb::GuestInfoRequest::new())
+        .unwrap()
+        .hostname;
+    let mut uts = with_mounts(
+        "uts",
+        process(&["sh", "-c", "busybox hostname renamed; busybox hostname"]),
+    );
+    uts.namespaces = new_namespaces(&["uts"]);
+    let (stdout, stderr, exit) = run_request(&uts);
+    assert_eq!(
+        (stdout.as_str(), exit.exit_status),
+        ("renamed\n", 0),
+        "{stderr}"
+    );
+    let after = client
+        .guest_info(ctx(), &pb::GuestInfoRequest::new())
+        .unwrap()
+        .hostname;
+    assert_eq!(before, after);
+    assert_ne!(after, "renamed");
 }

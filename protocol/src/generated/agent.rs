@@ -1606,6 +1606,12 @@ pub struct ProcessSpec {
     pub terminal: bool,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.ProcessSpec.console_size)
     pub console_size: ::protobuf::MessageField<ConsoleSize>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ProcessSpec.capabilities)
+    pub capabilities: ::protobuf::MessageField<Capabilities>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ProcessSpec.no_new_privileges)
+    pub no_new_privileges: bool,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ProcessSpec.umask)
+    pub umask: ::std::option::Option<u32>,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.ProcessSpec.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -1623,7 +1629,7 @@ impl ProcessSpec {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(9);
+        let mut fields = ::std::vec::Vec::with_capacity(12);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
             "args",
@@ -1669,6 +1675,21 @@ impl ProcessSpec {
             "console_size",
             |m: &ProcessSpec| { &m.console_size },
             |m: &mut ProcessSpec| { &mut m.console_size },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, Capabilities>(
+            "capabilities",
+            |m: &ProcessSpec| { &m.capabilities },
+            |m: &mut ProcessSpec| { &mut m.capabilities },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "no_new_privileges",
+            |m: &ProcessSpec| { &m.no_new_privileges },
+            |m: &mut ProcessSpec| { &mut m.no_new_privileges },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "umask",
+            |m: &ProcessSpec| { &m.umask },
+            |m: &mut ProcessSpec| { &mut m.umask },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ProcessSpec>(
             "ProcessSpec",
@@ -1718,6 +1739,15 @@ impl ::protobuf::Message for ProcessSpec {
                 74 => {
                     ::protobuf::rt::read_singular_message_into_field(is, &mut self.console_size)?;
                 },
+                82 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.capabilities)?;
+                },
+                88 => {
+                    self.no_new_privileges = is.read_bool()?;
+                },
+                96 => {
+                    self.umask = ::std::option::Option::Some(is.read_uint32()?);
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1757,6 +1787,16 @@ impl ::protobuf::Message for ProcessSpec {
             let len = v.compute_size();
             my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
         }
+        if let Some(v) = self.capabilities.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        if self.no_new_privileges != false {
+            my_size += 1 + 1;
+        }
+        if let Some(v) = self.umask {
+            my_size += ::protobuf::rt::uint32_size(12, v);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1788,6 +1828,15 @@ impl ::protobuf::Message for ProcessSpec {
         if let Some(v) = self.console_size.as_ref() {
             ::protobuf::rt::write_message_field_with_cached_size(9, v, os)?;
         }
+        if let Some(v) = self.capabilities.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(10, v, os)?;
+        }
+        if self.no_new_privileges != false {
+            os.write_bool(11, self.no_new_privileges)?;
+        }
+        if let Some(v) = self.umask {
+            os.write_uint32(12, v)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -1814,6 +1863,9 @@ impl ::protobuf::Message for ProcessSpec {
         self.rlimits.clear();
         self.terminal = false;
         self.console_size.clear();
+        self.capabilities.clear();
+        self.no_new_privileges = false;
+        self.umask = ::std::option::Option::None;
         self.special_fields.clear();
     }
 
@@ -1828,6 +1880,9 @@ impl ::protobuf::Message for ProcessSpec {
             rlimits: ::std::vec::Vec::new(),
             terminal: false,
             console_size: ::protobuf::MessageField::none(),
+            capabilities: ::protobuf::MessageField::none(),
+            no_new_privileges: false,
+            umask: ::std::option::Option::None,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -1851,6 +1906,888 @@ impl ::protobuf::reflect::ProtobufValue for ProcessSpec {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:gpuvm.agent.v1.Capabilities)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Capabilities {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Capabilities.bounding)
+    pub bounding: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Capabilities.effective)
+    pub effective: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Capabilities.permitted)
+    pub permitted: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Capabilities.inheritable)
+    pub inheritable: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Capabilities.ambient)
+    pub ambient: ::std::vec::Vec<::std::string::String>,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.Capabilities.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Capabilities {
+    fn default() -> &'a Capabilities {
+        <Capabilities as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Capabilities {
+    pub fn new() -> Capabilities {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "bounding",
+            |m: &Capabilities| { &m.bounding },
+            |m: &mut Capabilities| { &mut m.bounding },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "effective",
+            |m: &Capabilities| { &m.effective },
+            |m: &mut Capabilities| { &mut m.effective },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "permitted",
+            |m: &Capabilities| { &m.permitted },
+            |m: &mut Capabilities| { &mut m.permitted },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "inheritable",
+            |m: &Capabilities| { &m.inheritable },
+            |m: &mut Capabilities| { &mut m.inheritable },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "ambient",
+            |m: &Capabilities| { &m.ambient },
+            |m: &mut Capabilities| { &mut m.ambient },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Capabilities>(
+            "Capabilities",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Capabilities {
+    const NAME: &'static str = "Capabilities";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.bounding.push(is.read_string()?);
+                },
+                18 => {
+                    self.effective.push(is.read_string()?);
+                },
+                26 => {
+                    self.permitted.push(is.read_string()?);
+                },
+                34 => {
+                    self.inheritable.push(is.read_string()?);
+                },
+                42 => {
+                    self.ambient.push(is.read_string()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        for value in &self.bounding {
+            my_size += ::protobuf::rt::string_size(1, &value);
+        };
+        for value in &self.effective {
+            my_size += ::protobuf::rt::string_size(2, &value);
+        };
+        for value in &self.permitted {
+            my_size += ::protobuf::rt::string_size(3, &value);
+        };
+        for value in &self.inheritable {
+            my_size += ::protobuf::rt::string_size(4, &value);
+        };
+        for value in &self.ambient {
+            my_size += ::protobuf::rt::string_size(5, &value);
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        for v in &self.bounding {
+            os.write_string(1, &v)?;
+        };
+        for v in &self.effective {
+            os.write_string(2, &v)?;
+        };
+        for v in &self.permitted {
+            os.write_string(3, &v)?;
+        };
+        for v in &self.inheritable {
+            os.write_string(4, &v)?;
+        };
+        for v in &self.ambient {
+            os.write_string(5, &v)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Capabilities {
+        Capabilities::new()
+    }
+
+    fn clear(&mut self) {
+        self.bounding.clear();
+        self.effective.clear();
+        self.permitted.clear();
+        self.inheritable.clear();
+        self.ambient.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Capabilities {
+        static instance: Capabilities = Capabilities {
+            bounding: ::std::vec::Vec::new(),
+            effective: ::std::vec::Vec::new(),
+            permitted: ::std::vec::Vec::new(),
+            inheritable: ::std::vec::Vec::new(),
+            ambient: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Capabilities {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Capabilities").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Capabilities {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.Seccomp)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Seccomp {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Seccomp.default_action)
+    pub default_action: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Seccomp.default_errno_ret)
+    pub default_errno_ret: ::std::option::Option<u32>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Seccomp.architectures)
+    pub architectures: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Seccomp.flags)
+    pub flags: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Seccomp.syscalls)
+    pub syscalls: ::std::vec::Vec<SeccompSyscall>,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.Seccomp.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Seccomp {
+    fn default() -> &'a Seccomp {
+        <Seccomp as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Seccomp {
+    pub fn new() -> Seccomp {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "default_action",
+            |m: &Seccomp| { &m.default_action },
+            |m: &mut Seccomp| { &mut m.default_action },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "default_errno_ret",
+            |m: &Seccomp| { &m.default_errno_ret },
+            |m: &mut Seccomp| { &mut m.default_errno_ret },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "architectures",
+            |m: &Seccomp| { &m.architectures },
+            |m: &mut Seccomp| { &mut m.architectures },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "flags",
+            |m: &Seccomp| { &m.flags },
+            |m: &mut Seccomp| { &mut m.flags },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "syscalls",
+            |m: &Seccomp| { &m.syscalls },
+            |m: &mut Seccomp| { &mut m.syscalls },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Seccomp>(
+            "Seccomp",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Seccomp {
+    const NAME: &'static str = "Seccomp";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.default_action = is.read_string()?;
+                },
+                16 => {
+                    self.default_errno_ret = ::std::option::Option::Some(is.read_uint32()?);
+                },
+                26 => {
+                    self.architectures.push(is.read_string()?);
+                },
+                34 => {
+                    self.flags.push(is.read_string()?);
+                },
+                42 => {
+                    self.syscalls.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.default_action.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.default_action);
+        }
+        if let Some(v) = self.default_errno_ret {
+            my_size += ::protobuf::rt::uint32_size(2, v);
+        }
+        for value in &self.architectures {
+            my_size += ::protobuf::rt::string_size(3, &value);
+        };
+        for value in &self.flags {
+            my_size += ::protobuf::rt::string_size(4, &value);
+        };
+        for value in &self.syscalls {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.default_action.is_empty() {
+            os.write_string(1, &self.default_action)?;
+        }
+        if let Some(v) = self.default_errno_ret {
+            os.write_uint32(2, v)?;
+        }
+        for v in &self.architectures {
+            os.write_string(3, &v)?;
+        };
+        for v in &self.flags {
+            os.write_string(4, &v)?;
+        };
+        for v in &self.syscalls {
+            ::protobuf::rt::write_message_field_with_cached_size(5, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Seccomp {
+        Seccomp::new()
+    }
+
+    fn clear(&mut self) {
+        self.default_action.clear();
+        self.default_errno_ret = ::std::option::Option::None;
+        self.architectures.clear();
+        self.flags.clear();
+        self.syscalls.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Seccomp {
+        static instance: Seccomp = Seccomp {
+            default_action: ::std::string::String::new(),
+            default_errno_ret: ::std::option::Option::None,
+            architectures: ::std::vec::Vec::new(),
+            flags: ::std::vec::Vec::new(),
+            syscalls: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Seccomp {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Seccomp").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Seccomp {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Seccomp {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.SeccompSyscall)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct SeccompSyscall {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompSyscall.names)
+    pub names: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompSyscall.action)
+    pub action: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompSyscall.errno_ret)
+    pub errno_ret: ::std::option::Option<u32>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompSyscall.args)
+    pub args: ::std::vec::Vec<SeccompArg>,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.SeccompSyscall.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a SeccompSyscall {
+    fn default() -> &'a SeccompSyscall {
+        <SeccompSyscall as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl SeccompSyscall {
+    pub fn new() -> SeccompSyscall {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "names",
+            |m: &SeccompSyscall| { &m.names },
+            |m: &mut SeccompSyscall| { &mut m.names },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "action",
+            |m: &SeccompSyscall| { &m.action },
+            |m: &mut SeccompSyscall| { &mut m.action },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "errno_ret",
+            |m: &SeccompSyscall| { &m.errno_ret },
+            |m: &mut SeccompSyscall| { &mut m.errno_ret },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "args",
+            |m: &SeccompSyscall| { &m.args },
+            |m: &mut SeccompSyscall| { &mut m.args },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<SeccompSyscall>(
+            "SeccompSyscall",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for SeccompSyscall {
+    const NAME: &'static str = "SeccompSyscall";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.names.push(is.read_string()?);
+                },
+                18 => {
+                    self.action = is.read_string()?;
+                },
+                24 => {
+                    self.errno_ret = ::std::option::Option::Some(is.read_uint32()?);
+                },
+                34 => {
+                    self.args.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        for value in &self.names {
+            my_size += ::protobuf::rt::string_size(1, &value);
+        };
+        if !self.action.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.action);
+        }
+        if let Some(v) = self.errno_ret {
+            my_size += ::protobuf::rt::uint32_size(3, v);
+        }
+        for value in &self.args {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        for v in &self.names {
+            os.write_string(1, &v)?;
+        };
+        if !self.action.is_empty() {
+            os.write_string(2, &self.action)?;
+        }
+        if let Some(v) = self.errno_ret {
+            os.write_uint32(3, v)?;
+        }
+        for v in &self.args {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> SeccompSyscall {
+        SeccompSyscall::new()
+    }
+
+    fn clear(&mut self) {
+        self.names.clear();
+        self.action.clear();
+        self.errno_ret = ::std::option::Option::None;
+        self.args.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static SeccompSyscall {
+        static instance: SeccompSyscall = SeccompSyscall {
+            names: ::std::vec::Vec::new(),
+            action: ::std::string::String::new(),
+            errno_ret: ::std::option::Option::None,
+            args: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for SeccompSyscall {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("SeccompSyscall").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for SeccompSyscall {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for SeccompSyscall {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.SeccompArg)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct SeccompArg {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompArg.index)
+    pub index: u32,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompArg.value)
+    pub value: u64,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompArg.value_two)
+    pub value_two: u64,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.SeccompArg.op)
+    pub op: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.SeccompArg.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a SeccompArg {
+    fn default() -> &'a SeccompArg {
+        <SeccompArg as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl SeccompArg {
+    pub fn new() -> SeccompArg {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "index",
+            |m: &SeccompArg| { &m.index },
+            |m: &mut SeccompArg| { &mut m.index },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "value",
+            |m: &SeccompArg| { &m.value },
+            |m: &mut SeccompArg| { &mut m.value },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "value_two",
+            |m: &SeccompArg| { &m.value_two },
+            |m: &mut SeccompArg| { &mut m.value_two },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "op",
+            |m: &SeccompArg| { &m.op },
+            |m: &mut SeccompArg| { &mut m.op },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<SeccompArg>(
+            "SeccompArg",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for SeccompArg {
+    const NAME: &'static str = "SeccompArg";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.index = is.read_uint32()?;
+                },
+                16 => {
+                    self.value = is.read_uint64()?;
+                },
+                24 => {
+                    self.value_two = is.read_uint64()?;
+                },
+                34 => {
+                    self.op = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.index != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.index);
+        }
+        if self.value != 0 {
+            my_size += ::protobuf::rt::uint64_size(2, self.value);
+        }
+        if self.value_two != 0 {
+            my_size += ::protobuf::rt::uint64_size(3, self.value_two);
+        }
+        if !self.op.is_empty() {
+            my_size += ::protobuf::rt::string_size(4, &self.op);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.index != 0 {
+            os.write_uint32(1, self.index)?;
+        }
+        if self.value != 0 {
+            os.write_uint64(2, self.value)?;
+        }
+        if self.value_two != 0 {
+            os.write_uint64(3, self.value_two)?;
+        }
+        if !self.op.is_empty() {
+            os.write_string(4, &self.op)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> SeccompArg {
+        SeccompArg::new()
+    }
+
+    fn clear(&mut self) {
+        self.index = 0;
+        self.value = 0;
+        self.value_two = 0;
+        self.op.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static SeccompArg {
+        static instance: SeccompArg = SeccompArg {
+            index: 0,
+            value: 0,
+            value_two: 0,
+            op: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for SeccompArg {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("SeccompArg").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for SeccompArg {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for SeccompArg {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.Namespace)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Namespace {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Namespace.type)
+    pub type_: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Namespace.path)
+    pub path: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.Namespace.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Namespace {
+    fn default() -> &'a Namespace {
+        <Namespace as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Namespace {
+    pub fn new() -> Namespace {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "type",
+            |m: &Namespace| { &m.type_ },
+            |m: &mut Namespace| { &mut m.type_ },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "path",
+            |m: &Namespace| { &m.path },
+            |m: &mut Namespace| { &mut m.path },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Namespace>(
+            "Namespace",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Namespace {
+    const NAME: &'static str = "Namespace";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.type_ = is.read_string()?;
+                },
+                18 => {
+                    self.path = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.type_.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.type_);
+        }
+        if !self.path.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.path);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.type_.is_empty() {
+            os.write_string(1, &self.type_)?;
+        }
+        if !self.path.is_empty() {
+            os.write_string(2, &self.path)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Namespace {
+        Namespace::new()
+    }
+
+    fn clear(&mut self) {
+        self.type_.clear();
+        self.path.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Namespace {
+        static instance: Namespace = Namespace {
+            type_: ::std::string::String::new(),
+            path: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Namespace {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Namespace").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Namespace {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 // @@protoc_insertion_point(message:gpuvm.agent.v1.CreateProcessRequest)
 #[derive(PartialEq,Clone,Default,Debug)]
 pub struct CreateProcessRequest {
@@ -1865,6 +2802,10 @@ pub struct CreateProcessRequest {
     pub mounts: ::std::vec::Vec<Mount>,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.readonly_rootfs)
     pub readonly_rootfs: bool,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.seccomp)
+    pub seccomp: ::protobuf::MessageField<Seccomp>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.namespaces)
+    pub namespaces: ::std::vec::Vec<Namespace>,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.CreateProcessRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -1882,7 +2823,7 @@ impl CreateProcessRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut fields = ::std::vec::Vec::with_capacity(7);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "container_id",
@@ -1908,6 +2849,16 @@ impl CreateProcessRequest {
             "readonly_rootfs",
             |m: &CreateProcessRequest| { &m.readonly_rootfs },
             |m: &mut CreateProcessRequest| { &mut m.readonly_rootfs },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, Seccomp>(
+            "seccomp",
+            |m: &CreateProcessRequest| { &m.seccomp },
+            |m: &mut CreateProcessRequest| { &mut m.seccomp },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "namespaces",
+            |m: &CreateProcessRequest| { &m.namespaces },
+            |m: &mut CreateProcessRequest| { &mut m.namespaces },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateProcessRequest>(
             "CreateProcessRequest",
@@ -1942,6 +2893,12 @@ impl ::protobuf::Message for CreateProcessRequest {
                 40 => {
                     self.readonly_rootfs = is.read_bool()?;
                 },
+                50 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.seccomp)?;
+                },
+                58 => {
+                    self.namespaces.push(is.read_message()?);
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1971,6 +2928,14 @@ impl ::protobuf::Message for CreateProcessRequest {
         if self.readonly_rootfs != false {
             my_size += 1 + 1;
         }
+        if let Some(v) = self.seccomp.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
+        for value in &self.namespaces {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1992,6 +2957,12 @@ impl ::protobuf::Message for CreateProcessRequest {
         if self.readonly_rootfs != false {
             os.write_bool(5, self.readonly_rootfs)?;
         }
+        if let Some(v) = self.seccomp.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(6, v, os)?;
+        }
+        for v in &self.namespaces {
+            ::protobuf::rt::write_message_field_with_cached_size(7, v, os)?;
+        };
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -2014,6 +2985,8 @@ impl ::protobuf::Message for CreateProcessRequest {
         self.process.clear();
         self.mounts.clear();
         self.readonly_rootfs = false;
+        self.seccomp.clear();
+        self.namespaces.clear();
         self.special_fields.clear();
     }
 
@@ -2024,6 +2997,8 @@ impl ::protobuf::Message for CreateProcessRequest {
             process: ::protobuf::MessageField::none(),
             mounts: ::std::vec::Vec::new(),
             readonly_rootfs: false,
+            seccomp: ::protobuf::MessageField::none(),
+            namespaces: ::std::vec::Vec::new(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -6077,7 +7052,7 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     limit\x12\x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\x04soft\
     \x18\x02\x20\x01(\x04R\x04soft\x12\x12\n\x04hard\x18\x03\x20\x01(\x04R\
     \x04hard\";\n\x0bConsoleSize\x12\x12\n\x04rows\x18\x01\x20\x01(\rR\x04ro\
-    ws\x12\x18\n\x07columns\x18\x02\x20\x01(\rR\x07columns\"\xa0\x02\n\x0bPr\
+    ws\x12\x18\n\x07columns\x18\x02\x20\x01(\rR\x07columns\"\xb3\x03\n\x0bPr\
     ocessSpec\x12\x12\n\x04args\x18\x01\x20\x03(\tR\x04args\x12\x10\n\x03env\
     \x18\x02\x20\x03(\tR\x03env\x12\x10\n\x03cwd\x18\x03\x20\x01(\tR\x03cwd\
     \x12\x10\n\x03uid\x18\x04\x20\x01(\rR\x03uid\x12\x10\n\x03gid\x18\x05\
@@ -6085,97 +7060,121 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     itionalGids\x120\n\x07rlimits\x18\x07\x20\x03(\x0b2\x16.gpuvm.agent.v1.R\
     limitR\x07rlimits\x12\x1a\n\x08terminal\x18\x08\x20\x01(\x08R\x08termina\
     l\x12>\n\x0cconsole_size\x18\t\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleS\
-    izeR\x0bconsoleSize\"\xe0\x01\n\x14CreateProcessRequest\x12!\n\x0ccontai\
-    ner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x16\n\x06rootfs\x18\x02\
-    \x20\x01(\tR\x06rootfs\x125\n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm\
-    .agent.v1.ProcessSpecR\x07process\x12-\n\x06mounts\x18\x04\x20\x03(\x0b2\
-    \x15.gpuvm.agent.v1.MountR\x06mounts\x12'\n\x0freadonly_rootfs\x18\x05\
-    \x20\x01(\x08R\x0ereadonlyRootfs\"\x17\n\x15CreateProcessResponse\"\x87\
-    \x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
-    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\
-    \n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07p\
-    rocess\"\x15\n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\
-    \x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\
-    \x18\x02\x20\x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\
-    \x03pid\x18\x01\x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\
-    \x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\
-    \x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\
-    \x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15Sign\
-    alProcessResponse\"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\
-    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
-    \x06execId\"\xb0\x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\
-    \x20\x01(\rR\x03pid\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitSt\
-    atus\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_\
-    at_unix_nanos\x18\x04\x20\x01(\x03R\x11exitedAtUnixNanos\x12\x1d\n\noom_\
-    killed\x18\x05\x20\x01(\x08R\toomKilled\"R\n\x14DeleteProcessRequest\x12\
-    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec\
-    _id\x18\x02\x20\x01(\tR\x06execId\"\x17\n\x15DeleteProcessResponse\"l\n\
-    \x11ReadStreamRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcont\
-    ainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x1b\n\tma\
-    x_bytes\x18\x03\x20\x01(\rR\x08maxBytes\":\n\x12ReadStreamResponse\x12\
-    \x12\n\x04data\x18\x01\x20\x01(\x0cR\x04data\x12\x10\n\x03eof\x18\x02\
-    \x20\x01(\x08R\x03eof\"c\n\x11WriteStdinRequest\x12!\n\x0ccontainer_id\
+    izeR\x0bconsoleSize\x12@\n\x0ccapabilities\x18\n\x20\x01(\x0b2\x1c.gpuvm\
+    .agent.v1.CapabilitiesR\x0ccapabilities\x12*\n\x11no_new_privileges\x18\
+    \x0b\x20\x01(\x08R\x0fnoNewPrivileges\x12\x19\n\x05umask\x18\x0c\x20\x01\
+    (\rH\0R\x05umask\x88\x01\x01B\x08\n\x06_umask\"\xa2\x01\n\x0cCapabilitie\
+    s\x12\x1a\n\x08bounding\x18\x01\x20\x03(\tR\x08bounding\x12\x1c\n\teffec\
+    tive\x18\x02\x20\x03(\tR\teffective\x12\x1c\n\tpermitted\x18\x03\x20\x03\
+    (\tR\tpermitted\x12\x20\n\x0binheritable\x18\x04\x20\x03(\tR\x0binherita\
+    ble\x12\x18\n\x07ambient\x18\x05\x20\x03(\tR\x07ambient\"\xef\x01\n\x07S\
+    eccomp\x12%\n\x0edefault_action\x18\x01\x20\x01(\tR\rdefaultAction\x12/\
+    \n\x11default_errno_ret\x18\x02\x20\x01(\rH\0R\x0fdefaultErrnoRet\x88\
+    \x01\x01\x12$\n\rarchitectures\x18\x03\x20\x03(\tR\rarchitectures\x12\
+    \x14\n\x05flags\x18\x04\x20\x03(\tR\x05flags\x12:\n\x08syscalls\x18\x05\
+    \x20\x03(\x0b2\x1e.gpuvm.agent.v1.SeccompSyscallR\x08syscallsB\x14\n\x12\
+    _default_errno_ret\"\x9e\x01\n\x0eSeccompSyscall\x12\x14\n\x05names\x18\
+    \x01\x20\x03(\tR\x05names\x12\x16\n\x06action\x18\x02\x20\x01(\tR\x06act\
+    ion\x12\x20\n\terrno_ret\x18\x03\x20\x01(\rH\0R\x08errnoRet\x88\x01\x01\
+    \x12.\n\x04args\x18\x04\x20\x03(\x0b2\x1a.gpuvm.agent.v1.SeccompArgR\x04\
+    argsB\x0c\n\n_errno_ret\"e\n\nSeccompArg\x12\x14\n\x05index\x18\x01\x20\
+    \x01(\rR\x05index\x12\x14\n\x05value\x18\x02\x20\x01(\x04R\x05value\x12\
+    \x1b\n\tvalue_two\x18\x03\x20\x01(\x04R\x08valueTwo\x12\x0e\n\x02op\x18\
+    \x04\x20\x01(\tR\x02op\"3\n\tNamespace\x12\x12\n\x04type\x18\x01\x20\x01\
+    (\tR\x04type\x12\x12\n\x04path\x18\x02\x20\x01(\tR\x04path\"\xce\x02\n\
+    \x14CreateProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bc\
+    ontainerId\x12\x16\n\x06rootfs\x18\x02\x20\x01(\tR\x06rootfs\x125\n\x07p\
+    rocess\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\
+    \x12-\n\x06mounts\x18\x04\x20\x03(\x0b2\x15.gpuvm.agent.v1.MountR\x06mou\
+    nts\x12'\n\x0freadonly_rootfs\x18\x05\x20\x01(\x08R\x0ereadonlyRootfs\
+    \x121\n\x07seccomp\x18\x06\x20\x01(\x0b2\x17.gpuvm.agent.v1.SeccompR\x07\
+    seccomp\x129\n\nnamespaces\x18\x07\x20\x03(\x0b2\x19.gpuvm.agent.v1.Name\
+    spaceR\nnamespaces\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12ExecP\
+    rocessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\
+    \x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07process\
+    \x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\
+    \n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontaine\
+    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    \x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\x03pid\x18\x01\
+    \x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
     \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
-    (\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\".\n\x12W\
-    riteStdinResponse\x12\x18\n\x07written\x18\x01\x20\x01(\rR\x07written\"O\
-    \n\x11CloseStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bco\
-    ntainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x14\n\x12\
-    CloseStdinResponse\"\x84\x01\n\x15ResizeTerminalRequest\x12!\n\x0ccontai\
-    ner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\x12/\n\x04size\x18\x03\x20\x01(\x0b2\x1b.gpuvm.ag\
-    ent.v1.ConsoleSizeR\x04size\"\x18\n\x16ResizeTerminalResponse\"9\n\x14Li\
-    stProcessesRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontain\
-    erId\"\xb0\x01\n\x0bProcessInfo\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
-    \tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
-    \x12\x10\n\x03pid\x18\x03\x20\x01(\rR\x03pid\x122\n\x05state\x18\x04\x20\
-    \x01(\x0e2\x1c.gpuvm.agent.v1.ProcessStateR\x05state\x12\x1f\n\x0bexit_s\
-    tatus\x18\x05\x20\x01(\rR\nexitStatus\"f\n\x15ListProcessesResponse\x129\
-    \n\tprocesses\x18\x01\x20\x03(\x0b2\x1b.gpuvm.agent.v1.ProcessInfoR\tpro\
-    cesses\x12\x12\n\x04pids\x18\x02\x20\x03(\rR\x04pids\"Q\n\x13ProcessStat\
-    sRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
-    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\xe5\x01\n\x14ProcessSt\
-    atsResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1e\n\x0bcpu\
-    _user_ns\x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\n\rcpu_system_ns\x18\x03\
-    \x20\x01(\x04R\x0bcpuSystemNs\x12\x1b\n\trss_bytes\x18\x04\x20\x01(\x04R\
-    \x08rssBytes\x12\"\n\rvm_size_bytes\x18\x05\x20\x01(\x04R\x0bvmSizeBytes\
-    \x12\x18\n\x07threads\x18\x06\x20\x01(\rR\x07threads\x12\x1c\n\tprocesse\
-    s\x18\x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\x97\x02\n\rSt\
-    atsResponse\x12&\n\x0fmem_total_bytes\x18\x01\x20\x01(\x04R\rmemTotalByt\
-    es\x12.\n\x13mem_available_bytes\x18\x02\x20\x01(\x04R\x11memAvailableBy\
-    tes\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\x04R\x08uptimeNs\x12\x14\n\x05\
-    load1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\
-    \x20\x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\
-    \x01(\rR\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\
-    \x04R\ragentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownRespo\
-    nse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\
-    \x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNI\
-    NG\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\x97\x0c\n\x0cAgent\
-    Service\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.\
-    agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfo\
-    Request\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.\
-    gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\
-    \\\n\rCreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.\
-    agent.v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v\
-    1.ExecProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cS\
-    tartProcess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.\
-    StartProcessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalPr\
-    ocessRequest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitPro\
-    cess\x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitPro\
-    cessResponse\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessReq\
-    uest\x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.g\
-    puvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\
-    \x12S\n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.ag\
-    ent.v1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteSt\
-    dinRequest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\
-    \x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinRe\
-    sponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalReques\
-    t\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$\
-    .gpuvm.agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesRe\
-    sponse\x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\
-    \x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.\
-    agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shu\
-    tdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.Shut\
-    downResponseb\x06proto3\
+    (\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\
+    \n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15SignalProcessResponse\
+    \"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\xb0\
+    \x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pi\
+    d\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06\
+    signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_at_unix_nanos\x18\
+    \x04\x20\x01(\x03R\x11exitedAtUnixNanos\x12\x1d\n\noom_killed\x18\x05\
+    \x20\x01(\x08R\toomKilled\"R\n\x14DeleteProcessRequest\x12!\n\x0ccontain\
+    er_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
+    \x20\x01(\tR\x06execId\"\x17\n\x15DeleteProcessResponse\"l\n\x11ReadStre\
+    amRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x1b\n\tmax_bytes\x18\
+    \x03\x20\x01(\rR\x08maxBytes\":\n\x12ReadStreamResponse\x12\x12\n\x04dat\
+    a\x18\x01\x20\x01(\x0cR\x04data\x12\x10\n\x03eof\x18\x02\x20\x01(\x08R\
+    \x03eof\"c\n\x11WriteStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01\
+    (\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
+    \x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\".\n\x12WriteStdinRespo\
+    nse\x12\x18\n\x07written\x18\x01\x20\x01(\rR\x07written\"O\n\x11CloseStd\
+    inRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x14\n\x12CloseStdinRes\
+    ponse\"\x84\x01\n\x15ResizeTerminalRequest\x12!\n\x0ccontainer_id\x18\
+    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
+    \x06execId\x12/\n\x04size\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.Conso\
+    leSizeR\x04size\"\x18\n\x16ResizeTerminalResponse\"9\n\x14ListProcessesR\
+    equest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xb0\
+    \x01\n\x0bProcessInfo\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcont\
+    ainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x10\n\x03\
+    pid\x18\x03\x20\x01(\rR\x03pid\x122\n\x05state\x18\x04\x20\x01(\x0e2\x1c\
+    .gpuvm.agent.v1.ProcessStateR\x05state\x12\x1f\n\x0bexit_status\x18\x05\
+    \x20\x01(\rR\nexitStatus\"f\n\x15ListProcessesResponse\x129\n\tprocesses\
+    \x18\x01\x20\x03(\x0b2\x1b.gpuvm.agent.v1.ProcessInfoR\tprocesses\x12\
+    \x12\n\x04pids\x18\x02\x20\x03(\rR\x04pids\"Q\n\x13ProcessStatsRequest\
+    \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07\
+    exec_id\x18\x02\x20\x01(\tR\x06execId\"\xe5\x01\n\x14ProcessStatsRespons\
+    e\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1e\n\x0bcpu_user_ns\
+    \x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\n\rcpu_system_ns\x18\x03\x20\x01\
+    (\x04R\x0bcpuSystemNs\x12\x1b\n\trss_bytes\x18\x04\x20\x01(\x04R\x08rssB\
+    ytes\x12\"\n\rvm_size_bytes\x18\x05\x20\x01(\x04R\x0bvmSizeBytes\x12\x18\
+    \n\x07threads\x18\x06\x20\x01(\rR\x07threads\x12\x1c\n\tprocesses\x18\
+    \x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\x97\x02\n\rStatsRe\
+    sponse\x12&\n\x0fmem_total_bytes\x18\x01\x20\x01(\x04R\rmemTotalBytes\
+    \x12.\n\x13mem_available_bytes\x18\x02\x20\x01(\x04R\x11memAvailableByte\
+    s\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\x04R\x08uptimeNs\x12\x14\n\x05lo\
+    ad1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\x20\
+    \x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\x01(\r\
+    R\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\x04R\ra\
+    gentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse*}\n\
+    \x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\x19\n\
+    \x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\
+    \x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\x97\x0c\n\x0cAgentServic\
+    e\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.agent.\
+    v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfoReques\
+    t\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.gpuvm.\
+    agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\\\n\r\
+    CreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.agent.\
+    v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v1.Exec\
+    ProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cStartPr\
+    ocess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.StartP\
+    rocessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalProcessR\
+    equest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitProcess\
+    \x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitProcess\
+    Response\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessRequest\
+    \x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.gpuvm\
+    .agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\
+    \n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v\
+    1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteStdinRe\
+    quest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\x12!.gp\
+    uvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinResponse\
+    \x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalRequest\x1a&\
+    .gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$.gpuvm\
+    .agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesResponse\
+    \x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\x1a$.gpu\
+    vm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.agent.v1.\
+    StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shutdown\x12\
+    \x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.ShutdownRespo\
+    nseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -6193,7 +7192,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(40);
+            let mut messages = ::std::vec::Vec::with_capacity(45);
             messages.push(PingRequest::generated_message_descriptor_data());
             messages.push(PingResponse::generated_message_descriptor_data());
             messages.push(GuestInfoRequest::generated_message_descriptor_data());
@@ -6205,6 +7204,11 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
             messages.push(Rlimit::generated_message_descriptor_data());
             messages.push(ConsoleSize::generated_message_descriptor_data());
             messages.push(ProcessSpec::generated_message_descriptor_data());
+            messages.push(Capabilities::generated_message_descriptor_data());
+            messages.push(Seccomp::generated_message_descriptor_data());
+            messages.push(SeccompSyscall::generated_message_descriptor_data());
+            messages.push(SeccompArg::generated_message_descriptor_data());
+            messages.push(Namespace::generated_message_descriptor_data());
             messages.push(CreateProcessRequest::generated_message_descriptor_data());
             messages.push(CreateProcessResponse::generated_message_descriptor_data());
             messages.push(ExecProcessRequest::generated_message_descriptor_data());
