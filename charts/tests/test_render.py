@@ -59,6 +59,12 @@ def test_default_objects(default):
         ("ConfigMap", "gpuvm-installer"),
         ("DaemonSet", "gpuvm-node"),
         ("RuntimeClass", "gpuvm"),
+        ("ValidatingAdmissionPolicy", "gpuvm-pods"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-pods"),
+        ("ValidatingAdmissionPolicy", "gpuvm-pod-allocation"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-pod-allocation"),
+        ("ValidatingAdmissionPolicy", "gpuvm-node-agent"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-node-agent"),
     ])
     assert sorted((h["kind"], h["metadata"]["name"]) for h in default.hooks) == sorted([
         ("ServiceAccount", "gpuvm-cleanup"),
@@ -72,7 +78,8 @@ def test_default_objects(default):
 
 
 def test_namespaced_objects_are_in_the_release_namespace(default, ha, qemu):
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "RuntimeClass"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "RuntimeClass",
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for r in (default, ha, qemu):
         for o in r.objects + r.hooks:
             if o["kind"] in cluster_scoped:
@@ -132,7 +139,8 @@ def test_node_cluster_role_is_exact(default):
     assert rules_of(default.get("ClusterRole", "gpuvm-node")) == {
         ("gpuvm.dev", "gpunodes", ()): ["create", "get"],
         ("gpuvm.dev", "gpunodes/status", ()): ["patch"],
-        ("", "nodes", ()): ["get", "patch"],
+        # Patch only: the agent never reads a Node (admission: its own, three labels).
+        ("", "nodes", ()): ["patch"],
         # The GPU check: the Pod's gpuvm.dev/gpu-check annotation, and the Warning Event.
         ("", "pods", ()): ["get", "patch"],
         ("events.k8s.io", "events", ()): ["create", "patch"],

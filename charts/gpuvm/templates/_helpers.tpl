@@ -38,6 +38,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "gpuvm.node.name" -}}{{ include "gpuvm.fullname" . }}-node{{- end }}
 {{- define "gpuvm.cleanup.name" -}}{{ include "gpuvm.fullname" . }}-cleanup{{- end }}
 
+{{/*
+The user names the API server gives the operator's and the node agent's service
+accounts: the admission policies (templates/admission.yaml) key on them.
+*/}}
+{{- define "gpuvm.operator.username" -}}system:serviceaccount:{{ .Release.Namespace }}:{{ include "gpuvm.operator.name" . }}{{- end }}
+{{- define "gpuvm.node.username" -}}system:serviceaccount:{{ .Release.Namespace }}:{{ include "gpuvm.node.name" . }}{{- end }}
+
 {{/* image: include with (dict "image" .Values.operator.image "ctx" $) */}}
 {{- define "gpuvm.image" -}}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
