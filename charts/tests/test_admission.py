@@ -106,6 +106,10 @@ def test_allocation_policy_reads_every_gpu_allocation_and_denies_without_one(def
     assert conditions["created-by-the-operator"] == f"request.userInfo.username == '{OPERATOR_USER}'"
     ref = default.get("ValidatingAdmissionPolicyBinding", "gpuvm-pod-allocation")["spec"]["paramRef"]
     assert ref == {"selector": {}, "parameterNotFoundAction": "Deny"}
+    # Params are looked up before matchConditions: without this selector, Deny would
+    # refuse every Pod of the cluster while no GpuAllocation exists.
+    assert policy["matchConstraints"]["objectSelector"] == {
+        "matchExpressions": [{"key": "gpuvm.dev/machine", "operator": "Exists"}]}
 
 
 def test_node_agent_policy_covers_every_write_its_role_grants(default):

@@ -85,3 +85,54 @@ pub async fn token_client(admin_kubeconfig: &Path, token: &str) -> anyhow::Resul
     ));
     Client::try_from(config).context("building a token client")
 }
+
+/// Writes a kubeconfig to `out` for the cluster of `admin_kubeconfig` (its server and
+/// CA) that authenticates with `token` only, for a child process (the node agent).
+pub fn write_token_kubeconfig(
+    admin_kubeconfig: &Path,
+    token: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let kubeconfig = Kubeconfig::read_from(admin_kubeconfig)
+        .with_context(|| format!("reading {}", admin_kubeconfig.display()))?;
+    let cluster = kubeconfig
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .context("the admin kubeconfig names no cluster")?;
+    let server = cluster
+        .server
+        .context("the admin kubeconfig names no server")?;
+    let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let ca = match (
+        cluster.certificate_authority,
+        cluster.certificate_authority_data,
+    ) {
+        (Some(path), _) => format!("certificate-authority: {}", quote(&path)),
+        (None, Some(data)) => format!("certificate-authority-data: {}", quote(&data)),
+        (None, None) => "insecure-skip-tls-verify: false".to_owned(),
+    };
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: cluster
+  cluster:
+    server: {server}
+    {ca}
+users:
+- name: token
+  user:
+    token: {token}
+contexts:
+- name: token
+  context:
+    cluster: cluster
+    user: token
+current-context: token
+",
+        server = quote(&server),
+        token = quote(token),
+    );
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
+}

@@ -448,6 +448,9 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
     let mut other_owner = pod.clone();
     other_owner.metadata.owner_references = build_pod(&setup.machine_b)?.metadata.owner_references;
     other_owner.metadata.name = Some("other-owner".to_owned());
+    other_owner
+        .labels_mut()
+        .insert(keys::LABEL_MACHINE.to_owned(), "train-b".to_owned());
     refused(
         &operator,
         &other_owner,
@@ -465,6 +468,26 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
         &orphan,
         &["must have its GpuMachine as its controller"],
         "a Pod without its machine as controller",
+    )
+    .await?;
+    let mut unlabelled = pod.clone();
+    unlabelled.labels_mut().remove(keys::LABEL_MACHINE);
+    refused(
+        &operator,
+        &unlabelled,
+        &["must carry the label gpuvm.dev/machine"],
+        "a Pod without its machine label",
+    )
+    .await?;
+    let mut mislabelled = pod.clone();
+    mislabelled
+        .labels_mut()
+        .insert(keys::LABEL_MACHINE.to_owned(), "train-b".to_owned());
+    refused(
+        &operator,
+        &mislabelled,
+        &["named by its gpuvm.dev/machine label"],
+        "a Pod labelled with another machine",
     )
     .await?;
     let mut unpinned = pod.clone();
@@ -485,6 +508,53 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
         &twice,
         &["names a device more than once"],
         "a Pod naming a device twice",
+    )
+    .await?;
+    setup.env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_any_allocation_only_machine_pods_are_refused() -> anyhow::Result<()> {
+    let Some(setup) = Setup::start("admission-no-params").await? else {
+        return Ok(());
+    };
+    setup.pod_policies_active().await?;
+    // No GpuAllocation at all, as right after the chart is installed.
+    let records: Api<GpuAllocation> = Api::all(setup.env.client.clone());
+    for node in [&setup.node_a, &setup.node_b] {
+        records
+            .delete(node, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting GpuAllocation {node}"))?;
+    }
+    let operator = setup.pods(&setup.operator);
+    let pod = build_pod(&setup.machine_a)?;
+    let message = eventually("the allocation policy to see no records", ACTIVE, || {
+        let (operator, pod) = (operator.clone(), pod.clone());
+        async move {
+            Ok(match probe(&operator, &pod).await? {
+                Ok(message) if message.contains("no params found") => Ok(message),
+                other => Err(format!("{other:?}")),
+            })
+        }
+    })
+    .await?;
+    note(&format!(
+        "admission: a machine's Pod without any GpuAllocation: {message}"
+    ));
+    // parameterNotFoundAction: Deny reaches only Pods labelled with a machine: every
+    // other Pod of the cluster is still admitted, whoever creates it.
+    admitted(
+        &setup.pods(&setup.tenant),
+        &plain_pod("ordinary", None),
+        "a tenant's ordinary Pod",
+    )
+    .await?;
+    admitted(
+        &setup.pods(&setup.env.client),
+        &plain_pod("admins", Some(&setup.node_a)),
+        "cluster-admin's ordinary Pod",
     )
     .await?;
     setup.env.cleanup().await;
