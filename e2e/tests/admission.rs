@@ -26,11 +26,15 @@ use gpuvm_e2e::chart::{
 };
 use gpuvm_e2e::cluster::create_namespace;
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU, gpu_node};
-use gpuvm_e2e::tokens::{ensure_service_account, service_account_token, token_client};
-use gpuvm_e2e::{HostKind, TestEnv, eventually, note};
+use gpuvm_e2e::tokens::{
+    ensure_service_account, service_account_token, token_client, write_token_kubeconfig,
+};
+use gpuvm_e2e::{HostKind, Operator, OperatorOptions, TestEnv, eventually, note};
 use gpuvm_operator::pod::build_pod;
 use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt as _};
@@ -689,6 +693,86 @@ async fn gpuvm_annotations_are_fixed_once_the_operator_created_the_pod() -> anyh
         "the devices annotation changed: {:?}",
         stored.annotations()
     );
+    setup.env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_operator_passes_its_own_admission() -> anyhow::Result<()> {
+    let Some(mut setup) = Setup::start("admission-operator").await? else {
+        return Ok(());
+    };
+    setup.pod_policies_active().await?;
+    let admin = setup.env.client.clone();
+    // The policies are under test here, not RBAC: the operator's ServiceAccount may do
+    // anything RBAC allows (the chart's ClusterRole is tested in charts/tests).
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(format!("{}-operator-admin", setup.env.run)),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".to_owned(),
+                    kind: "ClusterRole".to_owned(),
+                    name: "cluster-admin".to_owned(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".to_owned(),
+                    name: OPERATOR_SERVICE_ACCOUNT.to_owned(),
+                    namespace: Some(RELEASE_NAMESPACE.to_owned()),
+                    ..Subject::default()
+                }]),
+            },
+        )
+        .await
+        .context("binding the operator's ServiceAccount")?;
+    let token =
+        service_account_token(&admin, RELEASE_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, None).await?;
+    let work = tempfile::tempdir()?;
+    let kubeconfig = work.path().join("operator-kubeconfig");
+    write_token_kubeconfig(setup.env.cp.kubeconfig_path(), &token, &kubeconfig)?;
+    // A third node, free, for a machine the operator places itself.
+    setup.env.add_hosts(HostKind::L40sWorkstation, 1).await?;
+    let fresh = setup.env.machine("fresh", "l40s", 1);
+    setup.env.apply(&fresh).await?;
+
+    // The real operator, as its ServiceAccount: it mirrors train-a and train-b from their
+    // records and creates their Pods, and places "fresh" (record first, then the Pod).
+    let _operator = Operator::start(
+        &kubeconfig,
+        OperatorOptions::single(&setup.env.namespace),
+        setup.env.cp.work_dir(),
+    )
+    .await?;
+    for (pod, node) in [
+        ("train-a-vm", Some(setup.node_a.as_str())),
+        ("train-b-vm", Some(setup.node_b.as_str())),
+        ("fresh-vm", None),
+    ] {
+        let pod = setup
+            .env
+            .wait_pod(pod, Duration::from_secs(90))
+            .await
+            .with_context(|| format!("the operator's Pod {pod} (refused by admission?)"))?;
+        let pinned = gpuvm_e2e::invariants::pinned_node(&pod);
+        if let Some(node) = node {
+            ensure!(
+                pinned.as_deref() == Some(node),
+                "{} on {pinned:?}",
+                pod.name_any()
+            );
+        }
+        ensure!(
+            pod.annotations().get(keys::ANNOTATION_DEVICES)
+                == Some(&format!("{L40S_GPU},{L40S_AUDIO}")),
+            "{}: {:?}",
+            pod.name_any(),
+            pod.annotations()
+        );
+    }
     setup.env.cleanup().await;
     Ok(())
 }
