@@ -41,6 +41,12 @@ RESOURCES: dict[str, dict[str, list[tuple[str, str, bool]]]] = {
         ]
     },
     "node.k8s.io": {"v1": [("runtimeclasses", "RuntimeClass", False)]},
+    "admissionregistration.k8s.io": {
+        "v1": [
+            ("validatingadmissionpolicies", "ValidatingAdmissionPolicy", False),
+            ("validatingadmissionpolicybindings", "ValidatingAdmissionPolicyBinding", False),
+        ]
+    },
     "apiextensions.k8s.io": {
         "v1": [("customresourcedefinitions", "CustomResourceDefinition", False)]
     },

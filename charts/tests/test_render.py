@@ -58,7 +58,14 @@ def test_default_objects(default):
         ("ClusterRoleBinding", "gpuvm-node"),
         ("ConfigMap", "gpuvm-installer"),
         ("DaemonSet", "gpuvm-node"),
+        ("DaemonSet", "gpuvm-installer"),
         ("RuntimeClass", "gpuvm"),
+        ("ValidatingAdmissionPolicy", "gpuvm-pods"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-pods"),
+        ("ValidatingAdmissionPolicy", "gpuvm-pod-allocation"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-pod-allocation"),
+        ("ValidatingAdmissionPolicy", "gpuvm-node-agent"),
+        ("ValidatingAdmissionPolicyBinding", "gpuvm-node-agent"),
     ])
     assert sorted((h["kind"], h["metadata"]["name"]) for h in default.hooks) == sorted([
         ("ServiceAccount", "gpuvm-cleanup"),
@@ -72,7 +79,8 @@ def test_default_objects(default):
 
 
 def test_namespaced_objects_are_in_the_release_namespace(default, ha, qemu):
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "RuntimeClass"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "RuntimeClass",
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for r in (default, ha, qemu):
         for o in r.objects + r.hooks:
             if o["kind"] in cluster_scoped:
@@ -132,7 +140,8 @@ def test_node_cluster_role_is_exact(default):
     assert rules_of(default.get("ClusterRole", "gpuvm-node")) == {
         ("gpuvm.dev", "gpunodes", ()): ["create", "get"],
         ("gpuvm.dev", "gpunodes/status", ()): ["patch"],
-        ("", "nodes", ()): ["get", "patch"],
+        # Patch only: the agent never reads a Node (admission: its own, three labels).
+        ("", "nodes", ()): ["patch"],
         # The GPU check: the Pod's gpuvm.dev/gpu-check annotation, and the Warning Event.
         ("", "pods", ()): ["get", "patch"],
         ("events.k8s.io", "events", ()): ["create", "patch"],
@@ -243,6 +252,8 @@ DEFAULT_HOST_VOLUMES = {
     "host-dev-vfio": ("/dev/vfio", "DirectoryOrCreate"),
     "host-run-gpuvm-health": ("/run/gpuvm/health", "DirectoryOrCreate"),
     "host-run-gpuvm-gpu-check": ("/run/gpuvm/gpu-check", "DirectoryOrCreate"),
+}
+INSTALLER_HOST_VOLUMES = {
     "host-gpuvm-dir": ("/opt/gpuvm", "DirectoryOrCreate"),
     "host-shim-config": ("/etc/gpuvm", "DirectoryOrCreate"),
     "host-containerd-config": ("/etc/containerd", "Directory"),
@@ -270,6 +281,9 @@ def test_node_daemonset_host_mounts_are_exactly_these(default):
         # Read-write: the agent removes the records of Pods that are gone.
         "host-run-gpuvm-gpu-check": ("/host/run/gpuvm/gpu-check", False),
     }
+    assert "initContainers" not in pod
+    pod = default.get("DaemonSet", "gpuvm-installer")["spec"]["template"]["spec"]
+    assert host_volumes(pod) == INSTALLER_HOST_VOLUMES
     assert mounts(container(pod, "installer", init=True)) == {
         "host-gpuvm-dir": ("/host/opt/gpuvm", False),
         "host-shim-config": ("/host/etc/gpuvm", False),
@@ -287,7 +301,8 @@ def test_node_daemonset_default(default):
     assert pod["nodeSelector"] == {"gpuvm.dev/install": "true"}
     assert pod["tolerations"] == [{"key": "gpuvm.dev/gpu-node", "operator": "Exists",
                                    "effect": "NoSchedule"}]
-    assert pod["hostPID"] is True
+    # The agent holds API credentials: it does not see the host's processes.
+    assert "hostPID" not in pod and "hostNetwork" not in pod and "hostIPC" not in pod
     assert pod["priorityClassName"] == "system-node-critical"
     node = container(pod, "node")
     assert node["image"] == f"ghcr.io/gpuvm/gpuvm-node:{APP_VERSION}"
@@ -298,6 +313,21 @@ def test_node_daemonset_default(default):
                             "--log-format=json", "--bind"]
     assert env_of(node)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert node["securityContext"]["privileged"] is True
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                           "rollingUpdate": {"maxUnavailable": 1}}
+
+
+def test_installer_daemonset_default(default):
+    """hostPID (nsenter into PID 1) only here, in a Pod without API credentials."""
+    ds = default.get("DaemonSet", "gpuvm-installer")
+    pod = ds["spec"]["template"]["spec"]
+    node = default.get("DaemonSet", "gpuvm-node")["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+    # The same nodes as the node agent.
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        assert pod[key] == node[key], key
     installer = container(pod, "installer", init=True)
     assert installer["command"] == ["/etc/gpuvm-installer/gpuvm-install.sh", "install"]
     assert installer["securityContext"] == {"privileged": True, "runAsUser": 0}
@@ -306,8 +336,17 @@ def test_node_daemonset_default(default):
     assert env["GPUVM_CONTAINERD_DROP_IN"] == "conf.d/gpuvm.toml"
     assert env["GPUVM_CONTAINERD_RESTART"] == "true"
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    done = container(pod, "done")
+    assert done["securityContext"]["runAsNonRoot"] is True
+    assert done["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                            "rollingUpdate": {"maxUnavailable": 1}}
+
+
+def test_no_installer_daemonset_when_the_installer_is_off():
+    r = render({"installer": {"enabled": False}})
+    assert [d["metadata"]["name"] for d in r.objects if d["kind"] == "DaemonSet"] == ["gpuvm-node"]
+    assert "hostPID" not in r.get("DaemonSet", "gpuvm-node")["spec"]["template"]["spec"]
 
 
 def test_node_daemonset_custom_selector_taint_images_no_bind(qemu):
@@ -326,6 +365,8 @@ def test_node_daemonset_custom_selector_taint_images_no_bind(qemu):
                                        "readOnlyRootFilesystem": True,
                                        "capabilities": {"drop": ["ALL"]}}
     assert mounts(node)["host-sys"] == ("/host/sys", True)
+    pod = qemu.get("DaemonSet", "edge-gpuvm-installer")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert host_volumes(pod)["host-gpuvm-dir"] == ("/var/lib/gpuvm", "DirectoryOrCreate")
     assert mounts(container(pod, "installer", init=True))["host-gpuvm-dir"] == ("/host/var/lib/gpuvm", False)
     assert env_of(container(pod, "installer", init=True))["GPUVM_CONTAINERD_RESTART"] == "false"
@@ -336,8 +377,8 @@ def test_node_daemonset_custom_selector_taint_images_no_bind(qemu):
 def test_installer_change_rolls_the_daemonset(default, qemu):
     def checksum(r, name):
         return r.get("DaemonSet", name)["spec"]["template"]["metadata"]["annotations"]["checksum/installer"]
-    assert re.fullmatch(r"[0-9a-f]{64}", checksum(default, "gpuvm-node"))
-    assert checksum(default, "gpuvm-node") != checksum(qemu, "edge-gpuvm-node")
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum(default, "gpuvm-installer"))
+    assert checksum(default, "gpuvm-installer") != checksum(qemu, "edge-gpuvm-installer")
 
 
 # ---------------------------------------------------------------- RuntimeClass
@@ -432,9 +473,10 @@ def test_shim_host_paths_match_the_node_agent_mounts(default):
         assert len(name) == 1, (key, path)
         assert by_volume[name[0]] == "/host" + path
         assert f"{flag}=/host{path}" in node["args"]
-    # Every shim folder lies under the /run/gpuvm the cleanup mounts.
+    # Every shim folder lies under the /run/gpuvm the installer and the cleanup mount.
+    pod = default.get("DaemonSet", "gpuvm-installer")["spec"]["template"]["spec"]
     for key in ("lock_dir", "health_dir", "gpu_check_dir"):
-        assert shim["host"][key].startswith(volumes["host-run-gpuvm"][0] + "/")
+        assert shim["host"][key].startswith(host_volumes(pod)["host-run-gpuvm"][0] + "/")
     env = env_of(container(pod, "installer", init=True))
     assert env["GPUVM_LOCK_DIR"] == shim["host"]["lock_dir"]
     assert env["GPUVM_HEALTH_DIR"] == shim["host"]["health_dir"]
@@ -477,9 +519,7 @@ def test_cleanup_hooks(default, qemu):
     # Same nodes, same host paths as the installer.
     assert pod["nodeSelector"] == node_pod["nodeSelector"]
     assert pod["tolerations"] == node_pod["tolerations"]
-    assert {k: v for k, v in host_volumes(pod).items()} == {
-        k: DEFAULT_HOST_VOLUMES[k] for k in ("host-gpuvm-dir", "host-shim-config",
-                                             "host-containerd-config", "host-run-gpuvm")}
+    assert host_volumes(pod) == INSTALLER_HOST_VOLUMES
     cleanup = container(pod, "cleanup", init=True)
     # Like the installer, except /run/gpuvm is writable: it removes the shim's empty
     # runtime folders and released lock files.

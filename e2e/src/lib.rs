@@ -9,6 +9,7 @@
 //! starts (processes, temp dirs) is torn down on drop, panics included.
 
 pub mod assets;
+pub mod chart;
 pub mod cluster;
 pub mod control_plane;
 pub mod fixtures;
@@ -18,6 +19,7 @@ pub mod net;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod tokens;
 
 pub use assets::{Assets, ServerSource};
 pub use cluster::{Check, TestEnv, eventually};

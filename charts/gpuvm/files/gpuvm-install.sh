@@ -1,7 +1,7 @@
 #!/bin/bash
 # gpuvm-install.sh install|uninstall — puts the gpuvm runtime on a node, or takes it off.
 #
-# Runs in the node DaemonSet's init container (install) and in the pre-delete cleanup
+# Runs in the installer DaemonSet's init container (install) and in the pre-delete cleanup
 # DaemonSet (uninstall), from the node image. The host's folders are mounted under
 # $GPUVM_HOST_ROOT (/host) at their own paths, and host commands (containerd, systemctl)
 # run through $GPUVM_HOST_EXEC (nsenter into PID 1's namespaces; needs hostPID).

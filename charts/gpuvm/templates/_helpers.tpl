@@ -37,6 +37,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "gpuvm.operator.name" -}}{{ include "gpuvm.fullname" . }}-operator{{- end }}
 {{- define "gpuvm.node.name" -}}{{ include "gpuvm.fullname" . }}-node{{- end }}
 {{- define "gpuvm.cleanup.name" -}}{{ include "gpuvm.fullname" . }}-cleanup{{- end }}
+{{- define "gpuvm.installer.name" -}}{{ include "gpuvm.fullname" . }}-installer{{- end }}
+
+{{/*
+The user names the API server gives the operator's and the node agent's service
+accounts: the admission policies (templates/admission.yaml) key on them.
+*/}}
+{{- define "gpuvm.operator.username" -}}system:serviceaccount:{{ .Release.Namespace }}:{{ include "gpuvm.operator.name" . }}{{- end }}
+{{- define "gpuvm.node.username" -}}system:serviceaccount:{{ .Release.Namespace }}:{{ include "gpuvm.node.name" . }}{{- end }}
 
 {{/* image: include with (dict "image" .Values.operator.image "ctx" $) */}}
 {{- define "gpuvm.image" -}}
@@ -115,7 +123,8 @@ Host mounts of the installer (install and cleanup), each justified:
   installer; read-write only for the cleanup, which removes the shim's empty runtime
   folders (devices/, gpu-check/, health/) and the released device lock files.
 The restart of containerd goes through hostPID + nsenter into PID 1's namespaces
-(systemctl talks to the host's systemd), so no systemd socket is mounted.
+(systemctl talks to the host's systemd), so no systemd socket is mounted; hostPID is set
+only on the installer and cleanup DaemonSets, which hold no API credentials.
 Include with (dict "ctx" $ "cleanup" true|false).
 */}}
 {{- define "gpuvm.installer.volumeMounts" -}}
