@@ -20,7 +20,7 @@ pub mod pki;
 pub mod process;
 
 pub use assets::{Assets, ServerSource};
-pub use cluster::{Check, TestEnv, eventually};
+pub use cluster::{Beat, Check, TestEnv, eventually};
 pub use control_plane::ControlPlane;
 pub use fixtures::HostKind;
 pub use gpuvm_testkit::{Requirement, note, skip};

@@ -142,6 +142,8 @@ pub struct Settings {
     pub unschedulable_retry: Duration,
     /// Periodic resync of a healthy machine.
     pub resync: Duration,
+    /// When a node counts as lost and its machines are moved ([`crate::node_loss`]).
+    pub node_loss: crate::node_loss::Policy,
 }
 
 impl Default for Settings {
@@ -150,6 +152,7 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(120),
             unschedulable_retry: Duration::from_secs(30),
             resync: Duration::from_secs(300),
+            node_loss: crate::node_loss::Policy::default(),
         }
     }
 }
@@ -337,7 +340,13 @@ impl Context {
 
     /// Publishes an Event in the background: Events are best effort and must neither
     /// fail a reconcile nor add an API round trip to its latency.
-    fn publish(&self, machine: &GpuMachine, severity: Severity, reason: &str, note: &str) {
+    pub(crate) fn publish(
+        &self,
+        machine: &GpuMachine,
+        severity: Severity,
+        reason: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_: match severity {
                 Severity::Normal => EventType::Normal,
@@ -366,7 +375,7 @@ impl Context {
     }
 
     /// Submits a release of everything `uid` holds on `node`, and wakes waiting machines.
-    async fn release(&self, node: &str, uid: &str) -> Result<(), Error> {
+    pub(crate) async fn release(&self, node: &str, uid: &str) -> Result<(), Error> {
         self.committer
             .submit(
                 node,
@@ -449,6 +458,10 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         .is_some_and(GpuMachineStatus::is_placed);
     if !placed {
         return place(machine, ctx).await;
+    }
+    // A machine on a lost node is moved (or, pinned there, told to wait) first.
+    if let Some(action) = crate::node_loss::check(machine, ctx).await? {
+        return Ok(action);
     }
     run_placed(machine, ctx, false).await
 }
@@ -783,7 +796,7 @@ async fn mirror(
 /// machine's resourceVersion, so a stale writer gets a 409 instead of overwriting. An
 /// update, not a server-side apply: the operator owns the whole status, and an apply
 /// costs the API server a managed-fields merge on the busiest path of placement.
-async fn write_status(
+pub(crate) async fn write_status(
     machine: &GpuMachine,
     status: &GpuMachineStatus,
     ctx: &Context,
@@ -1080,6 +1093,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         // A record another replica changed may have freed GPUs.
         .watches_stream(alloc_stream, move |_: GpuAllocation| on_record())
         .reconcile_on(released)
+        // Machines on lost nodes (a stopped heartbeat sends no event: a sweep finds them).
+        .reconcile_on(crate::node_loss::triggers(ctx.clone()))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

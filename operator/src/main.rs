@@ -53,6 +53,10 @@ struct Args {
     /// Seconds after which a GpuNode without a heartbeat counts as not ready.
     #[arg(long, default_value_t = 120)]
     heartbeat_timeout_seconds: u64,
+    /// Seconds a node may be NotReady (or its GpuNode heartbeat stale beyond the
+    /// heartbeat timeout) before its machines are placed on other nodes.
+    #[arg(long, env = "GPUVM_NODE_LOST_GRACE_SECONDS", default_value_t = 300)]
+    node_lost_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -72,8 +76,13 @@ async fn main() -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
+    let heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_seconds);
     let settings = Settings {
-        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_seconds),
+        heartbeat_timeout,
+        node_loss: gpuvm_operator::node_loss::Policy {
+            grace: Duration::from_secs(args.node_lost_grace_seconds),
+            heartbeat_timeout,
+        },
         ..Settings::default()
     };
     if !args.leader_elect {
