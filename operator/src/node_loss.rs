@@ -322,8 +322,11 @@ pub async fn check(machine: &GpuMachine, ctx: &Context) -> Result<Option<Action>
         // Caches may lag (a Node re-created, a heartbeat just sent): decide on fresh reads.
         let nodes: Api<Node> = Api::all(ctx.client.clone());
         let gpu_nodes: Api<GpuNode> = Api::all(ctx.client.clone());
-        let fresh_node = nodes.get_opt(&node).await?;
-        let fresh_gpu_node = gpu_nodes.get_opt(&node).await?;
+        // A list by name, not a get: the operator's role may list and watch Nodes and
+        // GpuNodes but not get them, and a list without a resourceVersion is a quorum read.
+        let by_name = ListParams::default().fields(&format!("metadata.name={node}"));
+        let fresh_node = nodes.list(&by_name).await?.items.into_iter().next();
+        let fresh_gpu_node = gpu_nodes.list(&by_name).await?.items.into_iter().next();
         let cause = judge(
             fresh_node.as_ref(),
             fresh_gpu_node.as_ref(),
