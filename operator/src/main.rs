@@ -104,17 +104,19 @@ async fn main() -> anyhow::Result<()> {
     };
     // A follower is ready (it can take over at once); it just doesn't reconcile.
     metrics.set_ready(true);
-    leader::acquire(&client, &lease).await;
+    let leadership = leader::acquire(&client, &lease).await;
     metrics.set_ready(false);
     metrics.leader.set(1);
-    tokio::select! {
-        () = controller::run(client.clone(), metrics.clone(), settings) => {
-            info!("controller stopped");
-            Ok(())
-        }
-        () = leader::hold(&client, &lease) => {
-            error!("lost leadership; exiting so a new leader can take over");
-            std::process::exit(1);
-        }
+    let lost = tokio::select! {
+        () = controller::run(client.clone(), metrics.clone(), settings) => false,
+        () = leadership.lost() => true,
+    };
+    if lost {
+        error!("lost leadership; exiting so a new leader can take over");
+        std::process::exit(1);
     }
+    info!("controller stopped; releasing the lease");
+    leadership.release().await;
+    server.abort();
+    Ok(())
 }
