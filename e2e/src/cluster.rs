@@ -276,6 +276,16 @@ impl TestEnv {
             .insert((name.to_owned(), beat));
     }
 
+    /// Stops the heartbeat keeper for good. On this harness's control plane no node
+    /// lifecycle controller runs, so Nodes stay Ready without it; a test with many nodes
+    /// (and a long operator heartbeat timeout) can spare the API server the keeper's
+    /// writes.
+    pub fn stop_keeper(&mut self) {
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+    }
+
     /// Lets the keeper refresh a beat that [`TestEnv::stop_beat`] stopped.
     pub fn resume_beat(&self, name: &str, beat: Beat) {
         self.silenced

@@ -1,0 +1,84 @@
+//! Operator memory at scale against a real kube-apiserver: 10,000 GpuMachines over 1,250
+//! eight-GPU GpuNodes, all placed with their Pods, and the operator's resident memory
+//! (goal: ≤ 100 MB).
+//!
+//! Not part of the default run (it takes many minutes on a small box): run it with
+//! `cargo test -p gpuvm-e2e --test scale -- --ignored --nocapture`.
+//! `GPUVM_E2E_SCALE_MACHINES` (default 10000) sets the size; nodes are machines / 8.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use gpuvm_api::GpuMachine;
+use gpuvm_e2e::{HostKind, OperatorOptions, TestEnv, note};
+
+/// The goal for the operator's resident memory, in KiB (100 MB).
+const RSS_GOAL_KIB: u64 = 100_000_000 / 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a scale benchmark that takes many minutes; run it with --ignored"]
+async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
+    let Some(mut env) = TestEnv::start("scale").await? else {
+        return Ok(());
+    };
+    let machines_count: usize = std::env::var("GPUVM_E2E_SCALE_MACHINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let nodes = machines_count.div_ceil(8);
+    let started = Instant::now();
+    env.add_hosts(HostKind::HgxH100, nodes).await?;
+    // No node lifecycle controller runs here and the operator's heartbeat timeout is an
+    // hour: the keeper's 2 writes per node per 10 s would only slow the run down.
+    env.stop_keeper();
+    note(&format!(
+        "SCALE: {nodes} GpuNodes added in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    let mut op = env
+        .start_operator(OperatorOptions::single(&env.namespace))
+        .await?;
+    let machines: Vec<GpuMachine> = (0..machines_count)
+        .map(|i| env.machine(&format!("s{i:05}"), "h100-80gb", 1))
+        .collect();
+
+    let result = async {
+        let started = Instant::now();
+        env.apply_all(&machines).await?;
+        note(&format!(
+            "SCALE: {machines_count} machines applied in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        // A generous bound: about 4 machines/s on a loaded 2-core box.
+        let timeout = Duration::from_secs(300 + u64::try_from(machines_count / 4)?);
+        env.wait_pod_count(machines_count, timeout).await?;
+        let done = started.elapsed().as_secs_f64();
+        let placed = env.check_invariants().await?;
+        ensure!(
+            placed == machines_count,
+            "{placed} of {machines_count} placed"
+        );
+        // Settle: the status writes and watch events of the last placements drain.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let Some((rss, peak)) = op.memory_kib() else {
+            bail!("could not read the operator's memory from /proc");
+        };
+        note(&format!(
+            "SCALE: {machines_count} machines over {nodes} GpuNodes, all Pods in {done:.1} s; \
+             operator VmRSS {rss} KiB ({:.1} MB), VmHWM {peak} KiB ({:.1} MB)",
+            rss as f64 * 1024.0 / 1e6,
+            peak as f64 * 1024.0 / 1e6
+        ));
+        ensure!(
+            rss <= RSS_GOAL_KIB,
+            "operator VmRSS {rss} KiB exceeds the {RSS_GOAL_KIB} KiB (100 MB) goal"
+        );
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        bail!("{e:#}\n--- operator ---\n{}", op.describe());
+    }
+    env.cleanup().await;
+    Ok(())
+}
