@@ -264,6 +264,11 @@ pub fn decide(
     cause: Option<Cause>,
     labels: Option<&BTreeMap<String, String>>,
 ) -> Verdict {
+    if machine.phase().is_terminal() {
+        // A machine that ended is done: moving it would run it again. Its GPUs go back
+        // once its Pod is gone, as for any ended machine.
+        return Verdict::Healthy;
+    }
     let recorded = machine
         .status
         .as_ref()

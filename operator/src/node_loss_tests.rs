@@ -268,6 +268,32 @@ fn lost_machines_move_unless_pinned_and_the_condition_clears_on_a_healthy_node()
 }
 
 #[test]
+fn an_ended_machine_is_never_moved() {
+    for phase in [
+        gpuvm_api::MachinePhase::Succeeded,
+        gpuvm_api::MachinePhase::Failed,
+    ] {
+        let mut m = machine(&[], None);
+        if let Some(s) = m.status.as_mut() {
+            s.phase = Some(phase);
+        }
+        assert_eq!(
+            decide(&m, "n1", Some(Cause::NodeDeleted), None),
+            Verdict::Healthy,
+            "{phase:?}"
+        );
+    }
+    let mut running = machine(&[], None);
+    if let Some(s) = running.status.as_mut() {
+        s.phase = Some(gpuvm_api::MachinePhase::Running);
+    }
+    assert_eq!(
+        decide(&running, "n1", Some(Cause::NodeDeleted), None),
+        Verdict::Move(Cause::NodeDeleted)
+    );
+}
+
+#[test]
 fn the_sweep_runs_a_few_times_per_grace_within_bounds() {
     let p = |grace, hb| Policy {
         grace: Duration::from_secs(grace),
