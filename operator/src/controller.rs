@@ -1001,7 +1001,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let (machines, machine_writer) = reflector::store::<GpuMachine>();
     let machine_stream = reflector(
         machine_writer,
-        watcher(machines_api, watcher::Config::default().any_semantic()),
+        watcher(machines_api, watcher::Config::default().any_semantic())
+            .modify(inventory::trim_machine),
     )
     .inspect(synced.marker(Cache::GpuMachine))
     .default_backoff()
