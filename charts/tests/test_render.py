@@ -127,7 +127,7 @@ def test_operator_lease_role_is_exact_and_namespaced(default):
     role = default.get("Role", "gpuvm-operator-leader-election")
     assert rules_of(role) == {
         ("coordination.k8s.io", "leases", ()): ["create"],
-        ("coordination.k8s.io", "leases", ("gpuvm-operator",)): ["get", "update"],
+        ("coordination.k8s.io", "leases", ("gpuvm-operator",)): ["get", "patch"],
     }
     binding = default.get("RoleBinding", "gpuvm-operator-leader-election")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

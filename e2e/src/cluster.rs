@@ -1,8 +1,9 @@
 //! One test's world on the API server: the CRDs, a namespace, fake GPU nodes kept Ready,
 //! operators, and polling helpers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -33,7 +34,18 @@ pub const CRDS: [&str; 3] = [
 pub const FIELD_MANAGER: &str = "gpuvm-e2e";
 
 /// How often the fake nodes' heartbeats are refreshed.
-const HEARTBEAT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// One of the two beats the keeper sends for each node (see [`TestEnv::stop_beat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Beat {
+    /// The Node's Ready condition, as kubelet would refresh it.
+    NodeReady,
+    /// The GpuNode's heartbeat, as the node agent would refresh it.
+    GpuNodeHeartbeat,
+}
+
+type Silenced = Arc<Mutex<BTreeSet<(String, Beat)>>>;
 
 /// What a poll found: done with a value, or not yet, with what was seen.
 pub type Check<T> = Result<T, String>;
@@ -76,6 +88,7 @@ pub struct TestEnv {
     pub run: String,
     nodes: BTreeMap<String, HostKind>,
     keeper: Option<JoinHandle<()>>,
+    silenced: Silenced,
 }
 
 impl std::fmt::Debug for TestEnv {
@@ -116,6 +129,7 @@ impl TestEnv {
             run,
             nodes: BTreeMap::new(),
             keeper: None,
+            silenced: Silenced::default(),
         }))
     }
 
@@ -197,12 +211,42 @@ impl TestEnv {
         }
         let client = self.client.clone();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
+        let silenced = self.silenced.clone();
         self.keeper = Some(tokio::spawn(async move {
             let nodes: Api<Node> = Api::all(client.clone());
             let gpu_nodes: Api<GpuNode> = Api::all(client);
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
                 for name in &names {
+                    let silent = |beat| {
+                        silenced
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(&(name.clone(), beat))
+                    };
+                    if silent(Beat::NodeReady) && silent(Beat::GpuNodeHeartbeat) {
+                        continue;
+                    }
+                    if silent(Beat::GpuNodeHeartbeat) {
+                        let _ = nodes
+                            .patch_status(
+                                name,
+                                &PatchParams::default(),
+                                &Patch::Merge(fixtures::node_ready_patch()),
+                            )
+                            .await;
+                        continue;
+                    }
+                    if silent(Beat::NodeReady) {
+                        let _ = gpu_nodes
+                            .patch_status(
+                                name,
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"status": {"heartbeat": fixtures::now()}})),
+                            )
+                            .await;
+                        continue;
+                    }
                     // Best effort: a missed beat is harmless, the next one follows.
                     let _ = nodes
                         .patch_status(
@@ -221,6 +265,33 @@ impl TestEnv {
                 }
             }
         }));
+    }
+
+    /// Stops the keeper refreshing one beat of node `name` (a dead kubelet, a dead node
+    /// agent), so a test can make a node go stale.
+    pub fn stop_beat(&self, name: &str, beat: Beat) {
+        self.silenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((name.to_owned(), beat));
+    }
+
+    /// Stops the heartbeat keeper for good. On this harness's control plane no node
+    /// lifecycle controller runs, so Nodes stay Ready without it; a test with many nodes
+    /// (and a long operator heartbeat timeout) can spare the API server the keeper's
+    /// writes.
+    pub fn stop_keeper(&mut self) {
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+    }
+
+    /// Lets the keeper refresh a beat that [`TestEnv::stop_beat`] stopped.
+    pub fn resume_beat(&self, name: &str, beat: Beat) {
+        self.silenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(name.to_owned(), beat));
     }
 
     /// Starts an operator replica against this control plane.

@@ -24,6 +24,11 @@ pub struct OperatorOptions {
     pub identity: String,
     /// `--lease-seconds`.
     pub lease_seconds: u64,
+    /// `--heartbeat-timeout-seconds` (long by default: the fixtures' heartbeats are
+    /// refreshed by the test, and a slow CI box must not turn nodes stale halfway through).
+    pub heartbeat_timeout_seconds: u64,
+    /// `--node-lost-grace-seconds`, when not the operator's default.
+    pub node_lost_grace_seconds: Option<u64>,
 }
 
 impl OperatorOptions {
@@ -34,6 +39,8 @@ impl OperatorOptions {
             lease_namespace: namespace.to_owned(),
             identity: "e2e-operator".to_owned(),
             lease_seconds: 15,
+            heartbeat_timeout_seconds: 3600,
+            node_lost_grace_seconds: None,
         }
     }
 
@@ -44,12 +51,14 @@ impl OperatorOptions {
             lease_namespace: namespace.to_owned(),
             identity: identity.to_owned(),
             lease_seconds: 6,
+            heartbeat_timeout_seconds: 3600,
+            node_lost_grace_seconds: None,
         }
     }
 
     /// The command-line arguments.
     pub fn args(&self, metrics: SocketAddr) -> Vec<String> {
-        vec![
+        let mut args = vec![
             format!("--leader-elect={}", self.leader_elect),
             "--lease-namespace".to_owned(),
             self.lease_namespace.clone(),
@@ -59,13 +68,16 @@ impl OperatorOptions {
             self.lease_seconds.to_string(),
             "--metrics-addr".to_owned(),
             metrics.to_string(),
-            // The fixtures' heartbeats are refreshed by the test, but a slow CI box must
-            // not turn nodes stale halfway through.
             "--heartbeat-timeout-seconds".to_owned(),
-            "3600".to_owned(),
+            self.heartbeat_timeout_seconds.to_string(),
             "--log-level".to_owned(),
             "info,gpuvm_operator=debug".to_owned(),
-        ]
+        ];
+        if let Some(grace) = self.node_lost_grace_seconds {
+            args.push("--node-lost-grace-seconds".to_owned());
+            args.push(grace.to_string());
+        }
+        args
     }
 }
 

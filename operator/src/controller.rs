@@ -145,6 +145,8 @@ pub struct Settings {
     /// Back-off between restarts of a machine's Pod (kubelet's CrashLoopBackOff values
     /// by default; tests shorten them).
     pub restart_backoff: Backoff,
+    /// When a node counts as lost and its machines are moved ([`crate::node_loss`]).
+    pub node_loss: crate::node_loss::Policy,
 }
 
 impl Default for Settings {
@@ -154,6 +156,7 @@ impl Default for Settings {
             unschedulable_retry: Duration::from_secs(30),
             resync: Duration::from_secs(300),
             restart_backoff: Backoff::default(),
+            node_loss: crate::node_loss::Policy::default(),
         }
     }
 }
@@ -341,7 +344,13 @@ impl Context {
 
     /// Publishes an Event in the background: Events are best effort and must neither
     /// fail a reconcile nor add an API round trip to its latency.
-    fn publish(&self, machine: &GpuMachine, severity: Severity, reason: &str, note: &str) {
+    pub(crate) fn publish(
+        &self,
+        machine: &GpuMachine,
+        severity: Severity,
+        reason: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_: match severity {
                 Severity::Normal => EventType::Normal,
@@ -370,7 +379,7 @@ impl Context {
     }
 
     /// Submits a release of everything `uid` holds on `node`, and wakes waiting machines.
-    async fn release(&self, node: &str, uid: &str) -> Result<(), Error> {
+    pub(crate) async fn release(&self, node: &str, uid: &str) -> Result<(), Error> {
         self.committer
             .submit(
                 node,
@@ -453,6 +462,10 @@ async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         .is_some_and(GpuMachineStatus::is_placed);
     if !placed {
         return place(machine, ctx).await;
+    }
+    // A machine on a lost node is moved (or, pinned there, told to wait) first.
+    if let Some(action) = crate::node_loss::check(machine, ctx).await? {
+        return Ok(action);
     }
     run_placed(machine, ctx, false).await
 }
@@ -860,7 +873,7 @@ async fn mirror(
 /// machine's resourceVersion, so a stale writer gets a 409 instead of overwriting. An
 /// update, not a server-side apply: the operator owns the whole status, and an apply
 /// costs the API server a managed-fields merge on the busiest path of placement.
-async fn write_status(
+pub(crate) async fn write_status(
     machine: &GpuMachine,
     status: &GpuMachineStatus,
     ctx: &Context,
@@ -1069,7 +1082,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let (machines, machine_writer) = reflector::store::<GpuMachine>();
     let machine_stream = reflector(
         machine_writer,
-        watcher(machines_api, watcher::Config::default().any_semantic()),
+        watcher(machines_api, watcher::Config::default().any_semantic())
+            .modify(inventory::trim_machine),
     )
     .inspect(synced.marker(Cache::GpuMachine))
     .default_backoff()
@@ -1161,6 +1175,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         // A record another replica changed may have freed GPUs.
         .watches_stream(alloc_stream, move |_: GpuAllocation| on_record())
         .reconcile_on(released)
+        // Machines on lost nodes (a stopped heartbeat sends no event: a sweep finds them).
+        .reconcile_on(crate::node_loss::triggers(ctx.clone()))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -1,15 +1,21 @@
-//! Leader election with a `coordination.k8s.io/v1` Lease, so several replicas can run
-//! and exactly one reconciles. Every Lease write carries the resourceVersion it read,
-//! so two candidates can never both believe they took the Lease.
+//! Leader election with a `coordination.k8s.io/v1` Lease, so several replicas can run and
+//! one reconciles, on the maintained `kube-lease-manager` crate.
+//!
+//! Nothing about who owns a GPU depends on this: allocation is a compare-and-swap on the
+//! per-node records ([`crate::allocator`]), correct for any number of writers. Leader
+//! election only keeps the followers from doing the work twice. That matters for one
+//! property of the crate: it renews and takes over an expired Lease with patches that carry
+//! no resourceVersion, so a leader whose renewal arrives after its Lease expired can
+//! briefly overlap with the next one. This module gives up leading as soon as renewals
+//! have failed for half the grace period, which keeps such overlaps rare, and any that
+//! happens costs only retried writes.
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Client, ResourceExt};
-use tracing::{debug, info};
+use kube::Client;
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 /// Lease settings.
 #[derive(Clone, Debug)]
@@ -24,127 +30,126 @@ pub struct LeaseConfig {
     pub duration: Duration,
 }
 
-/// What one attempt at the Lease found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Attempt {
-    /// This replica holds the Lease.
-    Leading,
-    /// Another replica holds a valid Lease.
-    Following(String),
-}
+impl LeaseConfig {
+    /// The Lease duration in whole seconds (at least 3).
+    pub fn seconds(&self) -> u64 {
+        self.duration.as_secs().max(3)
+    }
 
-/// Whether the Lease held by someone else has run out at `now`.
-pub fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return true;
-    };
-    let seconds = spec.lease_duration_seconds.unwrap_or(15);
-    now.duration_since(renewed.0).as_secs_f64() > f64::from(seconds)
-}
-
-/// Tries once to take or renew the Lease.
-pub async fn try_acquire(client: &Client, cfg: &LeaseConfig) -> Result<Attempt, kube::Error> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let now = Timestamp::now();
-    let seconds = i32::try_from(cfg.duration.as_secs()).unwrap_or(15);
-    let fresh_spec = |transitions: i32, acquired: Option<MicroTime>| LeaseSpec {
-        holder_identity: Some(cfg.identity.clone()),
-        lease_duration_seconds: Some(seconds),
-        acquire_time: acquired.or(Some(MicroTime(now))),
-        renew_time: Some(MicroTime(now)),
-        lease_transitions: Some(transitions),
-        ..LeaseSpec::default()
-    };
-    match api.get_opt(&cfg.name).await? {
-        None => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(cfg.name.clone()),
-                    namespace: Some(cfg.namespace.clone()),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(fresh_spec(0, None)),
-            };
-            match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(Attempt::Leading),
-                Err(kube::Error::Api(s)) if s.is_already_exists() => {
-                    Ok(Attempt::Following("another replica".into()))
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Some(mut lease) => {
-            let spec = lease.spec.clone().unwrap_or_default();
-            let holder = spec.holder_identity.clone().unwrap_or_default();
-            let mine = holder == cfg.identity;
-            if !mine && !holder.is_empty() && !expired(&spec, now) {
-                return Ok(Attempt::Following(holder));
-            }
-            let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-            let acquired = if mine {
-                spec.acquire_time.clone()
-            } else {
-                None
-            };
-            lease.spec = Some(fresh_spec(transitions, acquired));
-            // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
-            match api
-                .replace(&lease.name_any(), &PostParams::default(), &lease)
-                .await
-            {
-                Ok(_) => Ok(Attempt::Leading),
-                Err(kube::Error::Api(s)) if s.is_conflict() => {
-                    Ok(Attempt::Following("a concurrent candidate".into()))
-                }
-                Err(e) => Err(e),
-            }
-        }
+    /// How long before expiry the holder renews: a third of the duration (at least 1 s),
+    /// always shorter than the duration, as the crate requires.
+    pub fn grace_seconds(&self) -> u64 {
+        (self.seconds() / 3).max(1)
     }
 }
 
-/// Blocks until this replica leads. `on_change` is told each time the holder changes.
-pub async fn acquire(client: &Client, cfg: &LeaseConfig) {
-    let retry = cfg.duration / 3;
-    let mut last = String::new();
-    loop {
-        match try_acquire(client, cfg).await {
-            Ok(Attempt::Leading) => {
-                info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
-                return;
-            }
-            Ok(Attempt::Following(holder)) => {
-                if holder != last {
-                    info!(%holder, "standing by; another replica leads");
-                    last = holder;
-                }
-            }
-            Err(e) => debug!(error = %e, "lease attempt failed"),
-        }
-        tokio::time::sleep(retry).await;
-    }
+/// Why leader election could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// The Lease could not be read, created or written.
+    #[error("leader election through Lease {lease} failed: {source}")]
+    Lease {
+        /// `namespace/name` of the Lease.
+        lease: String,
+        /// What the lease manager said.
+        #[source]
+        source: LeaseManagerError,
+    },
 }
 
-/// Renews the Lease until renewal fails for longer than the Lease lasts; then returns,
-/// and the caller must stop reconciling (the process exits and restarts as a follower).
-pub async fn hold(client: &Client, cfg: &LeaseConfig) {
-    let period = cfg.duration / 3;
-    let mut last_ok = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(period).await;
-        match try_acquire(client, cfg).await {
-            Ok(Attempt::Leading) => last_ok = tokio::time::Instant::now(),
-            Ok(Attempt::Following(holder)) => {
-                info!(%holder, "lost the lease");
-                return;
-            }
+/// A replica that leads. Dropping it stops renewing (the Lease then lapses); prefer
+/// [`Leadership::release`] so a follower takes over at once.
+#[derive(Debug)]
+pub struct Leadership {
+    manager: LeaseManager,
+    grace: Duration,
+    duration: Duration,
+}
+
+async fn manager(client: &Client, cfg: &LeaseConfig) -> Result<LeaseManager, LeaderError> {
+    LeaseManagerBuilder::new(client.clone(), &cfg.name)
+        .with_namespace(&cfg.namespace)
+        .with_identity(&cfg.identity)
+        .with_duration(cfg.seconds())
+        .with_grace(cfg.grace_seconds())
+        .build()
+        .await
+        .map_err(|source| LeaderError::Lease {
+            lease: format!("{}/{}", cfg.namespace, cfg.name),
+            source,
+        })
+}
+
+/// Blocks until this replica leads. API errors are retried (logged), so a follower
+/// survives an API server that is briefly away.
+pub async fn acquire(client: &Client, cfg: &LeaseConfig) -> Leadership {
+    let retry = Duration::from_secs(cfg.grace_seconds());
+    let manager = loop {
+        match manager(client, cfg).await {
+            Ok(m) => break m,
             Err(e) => {
-                debug!(error = %e, "lease renewal failed");
-                // Give up before the Lease can expire under another candidate's eyes.
-                if last_ok.elapsed() + period >= cfg.duration {
-                    info!("could not renew the lease in time");
+                warn!(error = %e, "could not set up leader election; retrying");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    };
+    info!(lease = %cfg.name, identity = %cfg.identity, "standing by for the lease");
+    loop {
+        match manager.changed().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                debug!(error = %e, "lease attempt failed");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+    info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
+    Leadership {
+        manager,
+        grace: Duration::from_secs(cfg.grace_seconds()),
+        duration: Duration::from_secs(cfg.seconds()),
+    }
+}
+
+impl Leadership {
+    /// Renews the Lease; returns when leadership is lost (another replica holds the
+    /// Lease) or renewals have failed for half the grace period, before the Lease can
+    /// lapse under another candidate's eyes. The caller must then stop reconciling.
+    pub async fn lost(&self) {
+        let mut failing_since: Option<Instant> = None;
+        let mut last_error = Instant::now();
+        loop {
+            match self.manager.changed().await {
+                Ok(true) => failing_since = None,
+                Ok(false) => {
+                    info!("lost the lease to another replica");
                     return;
                 }
+                Err(e) => {
+                    let now = Instant::now();
+                    // The crate retries only on the next renewal: an error long after the
+                    // last one means the renewals in between succeeded.
+                    if now.duration_since(last_error) > self.duration {
+                        failing_since = None;
+                    }
+                    last_error = now;
+                    let since = *failing_since.get_or_insert(now);
+                    debug!(error = %e, "lease renewal failed");
+                    if since.elapsed() >= self.grace / 2 {
+                        warn!(error = %e, "could not renew the lease in time");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
+        }
+    }
+
+    /// Gives the Lease up (on shutdown), so a follower need not wait for it to expire.
+    pub async fn release(&self) {
+        if let Err(e) = self.manager.release().await {
+            warn!(error = %e, "could not release the lease; it expires on its own");
         }
     }
 }
@@ -154,16 +159,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expiry_follows_renew_time_and_duration() {
-        let t = |s| Timestamp::from_second(s).unwrap();
-        let spec = LeaseSpec {
-            holder_identity: Some("a".into()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(t(1000))),
-            ..LeaseSpec::default()
-        };
-        assert!(!expired(&spec, t(1010)));
-        assert!(expired(&spec, t(1016)));
-        assert!(expired(&LeaseSpec::default(), t(0)));
+    fn grace_is_always_shorter_than_the_duration() {
+        for secs in [0, 1, 2, 3, 4, 6, 15, 60] {
+            let cfg = LeaseConfig {
+                namespace: "ns".into(),
+                name: "l".into(),
+                identity: "me".into(),
+                duration: Duration::from_secs(secs),
+            };
+            assert!(cfg.grace_seconds() >= 1, "{secs}");
+            assert!(cfg.grace_seconds() < cfg.seconds(), "{secs}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod crds;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
+pub mod node_loss;
 pub mod pod;
 pub mod scheduler;
 pub mod status;

@@ -53,6 +53,17 @@ struct Args {
     /// Seconds after which a GpuNode without a heartbeat counts as not ready.
     #[arg(long, default_value_t = 120)]
     heartbeat_timeout_seconds: u64,
+    /// Seconds a node may be NotReady (or its GpuNode heartbeat stale beyond the
+    /// heartbeat timeout) before its machines are placed on other nodes.
+    #[arg(long, env = "GPUVM_NODE_LOST_GRACE_SECONDS", default_value_t = 300)]
+    node_lost_grace_seconds: u64,
+    /// Seconds before the first restart of a failed machine; doubles per restart in a
+    /// row, like kubelet's CrashLoopBackOff.
+    #[arg(long, default_value_t = 10)]
+    restart_backoff_base_seconds: u64,
+    /// The longest wait between restarts.
+    #[arg(long, default_value_t = 300)]
+    restart_backoff_max_seconds: u64,
 }
 
 #[tokio::main]
@@ -72,8 +83,21 @@ async fn main() -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
+    let heartbeat_timeout = Duration::from_secs(args.heartbeat_timeout_seconds);
     let settings = Settings {
-        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_seconds),
+        heartbeat_timeout,
+        node_loss: gpuvm_operator::node_loss::Policy {
+            grace: Duration::from_secs(args.node_lost_grace_seconds),
+            heartbeat_timeout,
+        },
+        restart_backoff: gpuvm_operator::status::Backoff {
+            base: Duration::from_secs(args.restart_backoff_base_seconds),
+            cap: Duration::from_secs(
+                args.restart_backoff_max_seconds
+                    .max(args.restart_backoff_base_seconds),
+            ),
+            ..Default::default()
+        },
         ..Settings::default()
     };
     if !args.leader_elect {
@@ -95,17 +119,19 @@ async fn main() -> anyhow::Result<()> {
     };
     // A follower is ready (it can take over at once); it just doesn't reconcile.
     metrics.set_ready(true);
-    leader::acquire(&client, &lease).await;
+    let leadership = leader::acquire(&client, &lease).await;
     metrics.set_ready(false);
     metrics.leader.set(1);
-    tokio::select! {
-        () = controller::run(client.clone(), metrics.clone(), settings) => {
-            info!("controller stopped");
-            Ok(())
-        }
-        () = leader::hold(&client, &lease) => {
-            error!("lost leadership; exiting so a new leader can take over");
-            std::process::exit(1);
-        }
+    let lost = tokio::select! {
+        () = controller::run(client.clone(), metrics.clone(), settings) => false,
+        () = leadership.lost() => true,
+    };
+    if lost {
+        error!("lost leadership; exiting so a new leader can take over");
+        std::process::exit(1);
     }
+    info!("controller stopped; releasing the lease");
+    leadership.release().await;
+    server.abort();
+    Ok(())
 }
