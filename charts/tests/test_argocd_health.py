@@ -79,6 +79,14 @@ CASES = [
     ("terminating", machine("Terminating", [cond("Ready", "False", "Terminating", "deleting the Pod")]),
      "Progressing", "Terminating: deleting the Pod"),
     ("phase only", machine("Booting"), "Progressing", "Phase Booting"),
+    ("awaiting the gpu check", machine("Running", [cond("GPUReady", "Unknown", "AwaitingGpuCheck"),
+                                                   cond("Ready", "False", "AwaitingGpuCheck", "guest GPU check pending")]),
+     "Progressing", "AwaitingGpuCheck: guest GPU check pending"),
+    ("rolling out", machine("Running", [cond("Ready", "False", "RollingOut", "replacing the Pod for generation 2")]),
+     "Progressing", "RollingOut: replacing the Pod for generation 2"),
+    ("crash loop", machine("Scheduled", [cond("Scheduled", "True"),
+                                         cond("Ready", "False", "CrashLoopBackOff", "restart 3 in 40s")]),
+     "Degraded", "CrashLoopBackOff: restart 3 in 40s"),
 ]
 
 

@@ -4,9 +4,12 @@
 --
 --   Healthy      Ready=True, or phase Succeeded (the machine ran to completion)
 --   Degraded     phase Failed; Scheduled=False (no node can take it: reason and message);
---                phase Running with Ready=False (e.g. the guest does not see its GPUs)
+--                phase Running with Ready=False (e.g. the guest does not see its GPUs);
+--                Ready=False with reason CrashLoopBackOff (restarts backing off)
 --   Progressing  no status yet, status older than the spec, phase Pending, Scheduled,
---                Booting or Terminating, Ready Unknown or missing
+--                Booting or Terminating, Ready Unknown or missing, Ready=False while the
+--                guest's GPU check is awaited (AwaitingGpuCheck) or a spec change rolls
+--                out (RollingOut)
 local hs = {}
 
 local function condition(status, kind)
@@ -80,6 +83,19 @@ end
 if ready ~= nil and ready.status == "True" then
   hs.status = "Healthy"
   hs.message = describe(ready, "Running")
+  return hs
+end
+
+if ready ~= nil and ready.status == "False" and ready.reason == "CrashLoopBackOff" then
+  hs.status = "Degraded"
+  hs.message = describe(ready, "Restarts are backing off")
+  return hs
+end
+
+if ready ~= nil and ready.status == "False"
+    and (ready.reason == "AwaitingGpuCheck" or ready.reason == "RollingOut") then
+  hs.status = "Progressing"
+  hs.message = describe(ready, "Waiting")
   return hs
 end
 
