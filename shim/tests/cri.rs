@@ -2,9 +2,12 @@
 //! (a `gpuvm` runtime handler of type `io.containerd.gpuvm.v1`, the busybox image as
 //! the pinned sandbox image in `k8s.io`), and a CRI v1 client from the `k8s-cri`
 //! crate on containerd's socket: RunPodSandbox → CreateContainer → StartContainer →
-//! ExecSync → StopPodSandbox → RemovePodSandbox. Two containers of one pod share one
-//! VM. While the pod runs, the shim's RSS and the sandbox start breakdown are printed
-//! (`SHIM_RSS_KB=…`, `START_BREAKDOWN_MS …`), not asserted.
+//! ExecSync → StopPodSandbox → RemovePodSandbox. Six containers of one pod share one
+//! VM, and their `securityContext` holds in the guest as under runc: containerd's
+//! default capabilities (no mount), CAP_SYS_ADMIN added (mount works), `drop: [ALL]`
+//! (no capabilities, no mount), `runAsUser: 1000`, a Localhost seccomp profile
+//! (mkdir gets EPERM), RuntimeDefault seccomp, a pid namespace per container. While the pod runs, the shim's RSS and the sandbox
+//! start breakdown are printed (`SHIM_RSS_KB=…`, `START_BREAKDOWN_MS …`), not asserted.
 //!
 //! Needs what `common` lists; prints `SKIPPED: <reason>` and passes when something is
 //! missing. CRI uses containerd's full default container spec (the pod is on the
@@ -23,8 +26,8 @@ use k8s_cri::v1::{
     ExecSyncResponse, ImageSpec, ImageStatusRequest, Int64Value, LinuxContainerConfig,
     LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile,
+    StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -246,8 +249,20 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     };
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
+    // A Localhost seccomp profile (a file on the node) that denies mkdir.
+    let profile = dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+        })
+        .to_string(),
+    )
+    .expect("write the seccomp profile");
     // first: containerd's default spec; second: adds CAP_SYS_ADMIN; nocaps: drops ALL;
-    // user1000: runAsUser 1000.
+    // user1000: runAsUser 1000; nomkdir: the profile above; runtimedefault:
+    // containerd's default seccomp profile.
     let configs = [
         container_config("first"),
         secured_container_config(
@@ -280,6 +295,28 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
                 ..Default::default()
             },
         ),
+        secured_container_config(
+            "nomkdir",
+            &config,
+            LinuxContainerSecurityContext {
+                seccomp: Some(SecurityProfile {
+                    profile_type: ProfileType::Localhost.into(),
+                    localhost_ref: profile.display().to_string(),
+                }),
+                ..Default::default()
+            },
+        ),
+        secured_container_config(
+            "runtimedefault",
+            &config,
+            LinuxContainerSecurityContext {
+                seccomp: Some(SecurityProfile {
+                    profile_type: ProfileType::RuntimeDefault.into(),
+                    localhost_ref: String::new(),
+                }),
+                ..Default::default()
+            },
+        ),
     ];
     for container in configs {
         let name = container
@@ -309,7 +346,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         containers.push(id);
     }
     println!(
-        "CRI: sandbox ready in {sandbox_ready:?}, four containers running after {:?}",
+        "CRI: sandbox ready in {sandbox_ready:?}, six containers running after {:?}",
         started.elapsed()
     );
 
@@ -356,6 +393,33 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     assert_ne!(mount_tmpfs(&mut client, &containers[2]).await, 0);
     let out = exec_sync(&mut client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
+    // Seccomp: the Localhost profile's mkdir gets EPERM, where the unfiltered
+    // container's succeeds; containerd's RuntimeDefault profile loads and filters.
+    let mkdir = ["/bin/busybox", "mkdir", "/tmp/made"];
+    let out = exec_sync(&mut client, &containers[0], &mkdir).await;
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = exec_sync(&mut client, &containers[4], &mkdir).await;
+    assert_ne!(out.exit_code, 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (c, want) in [(0, "0"), (4, "2"), (5, "2")] {
+        let out = exec_sync(
+            &mut client,
+            &containers[c],
+            &["/bin/busybox", "grep", "^Seccomp:", "/proc/self/status"],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            text.split_whitespace().nth(1),
+            Some(want),
+            "container {c}: {text}"
+        );
+    }
+
     // A container with the pod's pid mode Container has a pid namespace of its own
     // (its init is pid 1); one left at the CRI default (Pod) shares the pod's, the
     // guest's, where pid 1 is the agent.
