@@ -50,6 +50,79 @@ pub struct ProcessSpec {
     pub terminal: bool,
     /// Initial terminal size (rows, columns).
     pub console_size: Option<(u32, u32)>,
+    /// Capability sets. Always sent: empty sets give the process no capabilities
+    /// (as runc does for a spec without `process.capabilities`).
+    pub capabilities: Capabilities,
+    /// Set `PR_SET_NO_NEW_PRIVS` before exec.
+    pub no_new_privileges: bool,
+    /// File-mode creation mask; `None` leaves the agent's default (0022, as runc).
+    pub umask: Option<u32>,
+}
+
+/// Linux capability sets by OCI name (`CAP_SYS_ADMIN`), each sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Bounding set.
+    pub bounding: Vec<String>,
+    /// Effective set.
+    pub effective: Vec<String>,
+    /// Permitted set.
+    pub permitted: Vec<String>,
+    /// Inheritable set.
+    pub inheritable: Vec<String>,
+    /// Ambient set.
+    pub ambient: Vec<String>,
+}
+
+/// A seccomp profile, names as OCI spells them (`SCMP_ACT_ERRNO`, `SCMP_CMP_EQ`,
+/// `SCMP_ARCH_X86_64`, `SECCOMP_FILTER_FLAG_LOG`); the agent compiles it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seccomp {
+    /// Action for syscalls no rule matches.
+    pub default_action: String,
+    /// errno of a default `SCMP_ACT_ERRNO`/`SCMP_ACT_TRACE`; `None` is EPERM.
+    pub default_errno_ret: Option<u32>,
+    /// Architectures the profile is for; empty means the native one.
+    pub architectures: Vec<String>,
+    /// Filter flags.
+    pub flags: Vec<String>,
+    /// Rules, in order.
+    pub syscalls: Vec<SeccompSyscall>,
+}
+
+/// One seccomp rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeccompSyscall {
+    /// Syscall names.
+    pub names: Vec<String>,
+    /// Action when the rule matches.
+    pub action: String,
+    /// errno of `SCMP_ACT_ERRNO`/`SCMP_ACT_TRACE`; `None` is EPERM.
+    pub errno_ret: Option<u32>,
+    /// Argument conditions.
+    pub args: Vec<SeccompArg>,
+}
+
+/// One argument condition of a seccomp rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeccompArg {
+    /// Argument index.
+    pub index: u32,
+    /// Compared value (the mask for `SCMP_CMP_MASKED_EQ`).
+    pub value: u64,
+    /// The compared value of `SCMP_CMP_MASKED_EQ`.
+    pub value_two: u64,
+    /// Comparison.
+    pub op: String,
+}
+
+/// A namespace the container gets for itself (`pid`, `ipc` or `uts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// Namespace type.
+    pub ns_type: String,
+    /// Guest path of a namespace to join; empty for a new one.
+    pub path: String,
 }
 
 /// A mount inside the container.
@@ -78,6 +151,10 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     /// Read-only root filesystem.
     pub readonly_rootfs: bool,
+    /// Seccomp profile for every process of the container.
+    pub seccomp: Option<Seccomp>,
+    /// Namespaces of its own; a type not listed is shared with the pod.
+    pub namespaces: Vec<Namespace>,
 }
 
 /// How a process ended.
@@ -218,6 +295,17 @@ impl From<&ProcessSpec> for pb::ProcessSpec {
             gid: spec.gid,
             additional_gids: spec.additional_gids.clone(),
             terminal: spec.terminal,
+            // Always set: an unset field would keep every capability of the agent.
+            capabilities: protobuf_some(pb::Capabilities {
+                bounding: spec.capabilities.bounding.clone(),
+                effective: spec.capabilities.effective.clone(),
+                permitted: spec.capabilities.permitted.clone(),
+                inheritable: spec.capabilities.inheritable.clone(),
+                ambient: spec.capabilities.ambient.clone(),
+                ..Default::default()
+            }),
+            no_new_privileges: spec.no_new_privileges,
+            umask: spec.umask,
             ..Default::default()
         };
         if let Some((rows, columns)) = spec.console_size {
@@ -229,6 +317,74 @@ impl From<&ProcessSpec> for pb::ProcessSpec {
         }
         out
     }
+}
+
+impl From<&Seccomp> for pb::Seccomp {
+    fn from(profile: &Seccomp) -> pb::Seccomp {
+        pb::Seccomp {
+            default_action: profile.default_action.clone(),
+            default_errno_ret: profile.default_errno_ret,
+            architectures: profile.architectures.clone(),
+            flags: profile.flags.clone(),
+            syscalls: profile
+                .syscalls
+                .iter()
+                .map(|rule| pb::SeccompSyscall {
+                    names: rule.names.clone(),
+                    action: rule.action.clone(),
+                    errno_ret: rule.errno_ret,
+                    args: rule
+                        .args
+                        .iter()
+                        .map(|arg| pb::SeccompArg {
+                            index: arg.index,
+                            value: arg.value,
+                            value_two: arg.value_two,
+                            op: arg.op.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The agent's request for a container with its init process.
+fn create_request(spec: &ContainerSpec) -> pb::CreateProcessRequest {
+    let mut req = pb::CreateProcessRequest {
+        container_id: spec.container_id.clone(),
+        rootfs: spec.rootfs.clone(),
+        process: protobuf_some(pb::ProcessSpec::from(&spec.process)),
+        mounts: spec
+            .mounts
+            .iter()
+            .map(|m| pb::Mount {
+                destination: m.destination.clone(),
+                type_: m.fs_type.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        readonly_rootfs: spec.readonly_rootfs,
+        namespaces: spec
+            .namespaces
+            .iter()
+            .map(|ns| pb::Namespace {
+                type_: ns.ns_type.clone(),
+                path: ns.path.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(profile) = &spec.seccomp {
+        req.seccomp = protobuf_some(pb::Seccomp::from(profile));
+    }
+    req
 }
 
 fn protobuf_some<T>(value: T) -> gpuvm_protocol::protobuf::MessageField<T> {
@@ -304,24 +460,7 @@ impl Agent for TtrpcAgent {
     }
 
     async fn create_container(&self, spec: &ContainerSpec) -> Result<()> {
-        let req = pb::CreateProcessRequest {
-            container_id: spec.container_id.clone(),
-            rootfs: spec.rootfs.clone(),
-            process: protobuf_some(pb::ProcessSpec::from(&spec.process)),
-            mounts: spec
-                .mounts
-                .iter()
-                .map(|m| pb::Mount {
-                    destination: m.destination.clone(),
-                    type_: m.fs_type.clone(),
-                    source: m.source.clone(),
-                    options: m.options.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-            readonly_rootfs: spec.readonly_rootfs,
-            ..Default::default()
-        };
+        let req = create_request(spec);
         self.client
             .create_process(self.ctx(), &req)
             .await
@@ -549,6 +688,15 @@ mod tests {
             additional_gids: vec![3],
             terminal: true,
             console_size: Some((24, 80)),
+            capabilities: Capabilities {
+                bounding: vec!["CAP_KILL".into()],
+                effective: vec!["CAP_KILL".into()],
+                permitted: vec!["CAP_KILL".into(), "CAP_CHOWN".into()],
+                inheritable: vec![],
+                ambient: vec!["CAP_CHOWN".into()],
+            },
+            no_new_privileges: true,
+            umask: Some(0o027),
         };
         let pb = pb::ProcessSpec::from(&spec);
         assert_eq!(pb.args, spec.args);
@@ -556,6 +704,87 @@ mod tests {
         assert!(pb.terminal);
         assert_eq!(pb.console_size.rows, 24);
         assert_eq!(pb.console_size.columns, 80);
+        assert_eq!(pb.capabilities.bounding, vec!["CAP_KILL"]);
+        assert_eq!(pb.capabilities.effective, vec!["CAP_KILL"]);
+        assert_eq!(pb.capabilities.permitted, vec!["CAP_KILL", "CAP_CHOWN"]);
+        assert!(pb.capabilities.inheritable.is_empty());
+        assert_eq!(pb.capabilities.ambient, vec!["CAP_CHOWN"]);
+        assert!(pb.no_new_privileges);
+        assert_eq!(pb.umask, Some(0o027));
+    }
+
+    #[test]
+    fn empty_capabilities_are_sent_not_left_unset() {
+        // Unset would keep every capability of the agent; empty sets give none.
+        let pb = pb::ProcessSpec::from(&ProcessSpec::default());
+        assert!(pb.capabilities.is_some());
+        assert!(pb.capabilities.bounding.is_empty());
+        assert!(pb.capabilities.effective.is_empty());
+        assert!(!pb.no_new_privileges);
+        assert_eq!(pb.umask, None);
+    }
+
+    #[test]
+    fn create_request_carries_seccomp_and_namespaces() {
+        let mut spec = ContainerSpec {
+            container_id: "c1".into(),
+            rootfs: "/run/share/c1/rootfs".into(),
+            process: ProcessSpec::default(),
+            mounts: vec![],
+            readonly_rootfs: false,
+            seccomp: None,
+            namespaces: vec![],
+        };
+        let req = create_request(&spec);
+        assert!(req.seccomp.is_none(), "no profile, no filter");
+        assert!(req.namespaces.is_empty());
+        assert!(req.process.capabilities.is_some());
+
+        spec.seccomp = Some(Seccomp {
+            default_action: "SCMP_ACT_ALLOW".into(),
+            default_errno_ret: Some(1),
+            architectures: vec!["SCMP_ARCH_X86_64".into()],
+            flags: vec!["SECCOMP_FILTER_FLAG_LOG".into()],
+            syscalls: vec![SeccompSyscall {
+                names: vec!["mkdir".into(), "mkdirat".into()],
+                action: "SCMP_ACT_ERRNO".into(),
+                errno_ret: Some(13),
+                args: vec![SeccompArg {
+                    index: 1,
+                    value: 0o700,
+                    value_two: 0o100,
+                    op: "SCMP_CMP_MASKED_EQ".into(),
+                }],
+            }],
+        });
+        spec.namespaces = vec![Namespace {
+            ns_type: "pid".into(),
+            path: String::new(),
+        }];
+        let req = create_request(&spec);
+        let s = &req.seccomp;
+        assert_eq!(s.default_action, "SCMP_ACT_ALLOW");
+        assert_eq!(s.default_errno_ret, Some(1));
+        assert_eq!(s.architectures, vec!["SCMP_ARCH_X86_64"]);
+        assert_eq!(s.flags, vec!["SECCOMP_FILTER_FLAG_LOG"]);
+        assert_eq!(s.syscalls.len(), 1);
+        let rule = &s.syscalls[0];
+        assert_eq!(rule.names, vec!["mkdir", "mkdirat"]);
+        assert_eq!(rule.action, "SCMP_ACT_ERRNO");
+        assert_eq!(rule.errno_ret, Some(13));
+        assert_eq!(rule.args.len(), 1);
+        assert_eq!(
+            (
+                rule.args[0].index,
+                rule.args[0].value,
+                rule.args[0].value_two,
+                rule.args[0].op.as_str()
+            ),
+            (1, 0o700, 0o100, "SCMP_CMP_MASKED_EQ")
+        );
+        assert_eq!(req.namespaces.len(), 1);
+        assert_eq!(req.namespaces[0].type_, "pid");
+        assert_eq!(req.namespaces[0].path, "");
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! (a `gpuvm` runtime handler of type `io.containerd.gpuvm.v1`, the busybox image as
 //! the pinned sandbox image in `k8s.io`), and a CRI v1 client from the `k8s-cri`
 //! crate on containerd's socket: RunPodSandbox → CreateContainer → StartContainer →
-//! ExecSync → StopPodSandbox → RemovePodSandbox. Two containers of one pod share one
-//! VM. While the pod runs, the shim's RSS and the sandbox start breakdown are printed
-//! (`SHIM_RSS_KB=…`, `START_BREAKDOWN_MS …`), not asserted.
+//! ExecSync → StopPodSandbox → RemovePodSandbox. Six containers of one pod share one
+//! VM, and their `securityContext` holds in the guest as under runc: containerd's
+//! default capabilities (no mount), CAP_SYS_ADMIN added (mount works), `drop: [ALL]`
+//! (no capabilities, no mount), `runAsUser: 1000`, a Localhost seccomp profile
+//! (mkdir gets EPERM), RuntimeDefault seccomp, a pid namespace per container. While the pod runs, the shim's RSS and the sandbox
+//! start breakdown are printed (`SHIM_RSS_KB=…`, `START_BREAKDOWN_MS …`), not asserted.
 //!
 //! Needs what `common` lists; prints `SKIPPED: <reason>` and passes when something is
 //! missing. CRI uses containerd's full default container spec (the pod is on the
@@ -19,11 +22,12 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, ImageStatusRequest, LinuxContainerResources, LinuxPodSandboxConfig,
+    Capability, ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, ImageStatusRequest, Int64Value, LinuxContainerConfig,
+    LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile,
+    StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -132,6 +136,62 @@ fn container_config(name: &str) -> ContainerConfig {
     }
 }
 
+/// `container_config(name)` with a container `securityContext`, the pod's namespace
+/// options copied in as kubelet does.
+fn secured_container_config(
+    name: &str,
+    sandbox: &PodSandboxConfig,
+    security: LinuxContainerSecurityContext,
+) -> ContainerConfig {
+    let namespace_options = sandbox
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options,
+                ..security
+            }),
+            ..Default::default()
+        }),
+        ..container_config(name)
+    }
+}
+
+/// The `CapEff:` line of the exec's own /proc/self/status.
+async fn effective_caps(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> String {
+    let out = exec_sync(
+        client,
+        container_id,
+        &["/bin/busybox", "grep", "CapEff", "/proc/self/status"],
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Exit code of mounting a tmpfs inside the container (the guest's busybox `mount`).
+async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> i32 {
+    let out = exec_sync(
+        client,
+        container_id,
+        &["/bin/sh", "-c", "/bin/busybox mount -t tmpfs none /tmp"],
+    )
+    .await;
+    println!(
+        "mount in {container_id}: exit {} {}",
+        out.exit_code,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out.exit_code
+}
+
 async fn exec_sync(
     client: &mut RuntimeServiceClient<Channel>,
     container_id: &str,
@@ -189,11 +249,85 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     };
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
-    for name in ["first", "second"] {
+    // A Localhost seccomp profile (a file on the node) that denies mkdir.
+    let profile = dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+        })
+        .to_string(),
+    )
+    .expect("write the seccomp profile");
+    // first: containerd's default spec; second: adds CAP_SYS_ADMIN; nocaps: drops ALL;
+    // user1000: runAsUser 1000; nomkdir: the profile above; runtimedefault:
+    // containerd's default seccomp profile.
+    let configs = [
+        container_config("first"),
+        secured_container_config(
+            "second",
+            &config,
+            LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    add_capabilities: vec!["SYS_ADMIN".to_owned()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+        secured_container_config(
+            "nocaps",
+            &config,
+            LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    drop_capabilities: vec!["ALL".to_owned()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+        secured_container_config(
+            "user1000",
+            &config,
+            LinuxContainerSecurityContext {
+                run_as_user: Some(Int64Value { value: 1000 }),
+                ..Default::default()
+            },
+        ),
+        secured_container_config(
+            "nomkdir",
+            &config,
+            LinuxContainerSecurityContext {
+                seccomp: Some(SecurityProfile {
+                    profile_type: ProfileType::Localhost.into(),
+                    localhost_ref: profile.display().to_string(),
+                }),
+                ..Default::default()
+            },
+        ),
+        secured_container_config(
+            "runtimedefault",
+            &config,
+            LinuxContainerSecurityContext {
+                seccomp: Some(SecurityProfile {
+                    profile_type: ProfileType::RuntimeDefault.into(),
+                    localhost_ref: String::new(),
+                }),
+                ..Default::default()
+            },
+        ),
+    ];
+    for container in configs {
+        let name = container
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let id = match client
             .create_container(CreateContainerRequest {
                 pod_sandbox_id: pod_id.clone(),
-                config: Some(container_config(name)),
+                config: Some(container),
                 sandbox_config: Some(config.clone()),
             })
             .await
@@ -212,7 +346,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         containers.push(id);
     }
     println!(
-        "CRI: sandbox ready in {sandbox_ready:?}, two containers running after {:?}",
+        "CRI: sandbox ready in {sandbox_ready:?}, six containers running after {:?}",
         started.elapsed()
     );
 
@@ -236,7 +370,66 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "err-via-cri");
     assert_eq!(out.exit_code, 7);
 
-    // One VMM for the pod, and both containers in the same guest kernel.
+    // The containers' securityContext holds in the guest, as under runc: containerd's
+    // default capability set (no CAP_SYS_ADMIN, so no mount), CAP_SYS_ADMIN added
+    // (mount works), ALL dropped (no capabilities, no mount), runAsUser.
+    assert_eq!(
+        effective_caps(&mut client, &containers[0]).await,
+        "00000000a80425fb",
+        "containerd's default capabilities"
+    );
+    assert_ne!(mount_tmpfs(&mut client, &containers[0]).await, 0);
+    assert_eq!(
+        mount_tmpfs(&mut client, &containers[1]).await,
+        0,
+        "{}",
+        context()
+    );
+    assert_eq!(
+        effective_caps(&mut client, &containers[2]).await,
+        "0000000000000000",
+        "drop: [ALL]"
+    );
+    assert_ne!(mount_tmpfs(&mut client, &containers[2]).await, 0);
+    let out = exec_sync(&mut client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
+    // Seccomp: the Localhost profile's mkdir gets EPERM, where the unfiltered
+    // container's succeeds; containerd's RuntimeDefault profile loads and filters.
+    let mkdir = ["/bin/busybox", "mkdir", "/tmp/made"];
+    let out = exec_sync(&mut client, &containers[0], &mkdir).await;
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = exec_sync(&mut client, &containers[4], &mkdir).await;
+    assert_ne!(out.exit_code, 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (c, want) in [(0, "0"), (4, "2"), (5, "2")] {
+        let out = exec_sync(
+            &mut client,
+            &containers[c],
+            &["/bin/busybox", "grep", "^Seccomp:", "/proc/self/status"],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            text.split_whitespace().nth(1),
+            Some(want),
+            "container {c}: {text}"
+        );
+    }
+
+    // A container with the pod's pid mode Container has a pid namespace of its own
+    // (its init is pid 1); one left at the CRI default (Pod) shares the pod's, the
+    // guest's, where pid 1 is the agent.
+    let init_comm = |out: ExecSyncResponse| String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let own = exec_sync(&mut client, &containers[1], &["/bin/cat", "/proc/1/comm"]).await;
+    assert_eq!(init_comm(own), "sleep");
+    let shared = exec_sync(&mut client, &containers[0], &["/bin/cat", "/proc/1/comm"]).await;
+    assert_ne!(init_comm(shared), "sleep");
+
+    // One VMM for the pod, and all containers in the same guest kernel.
     let work_dir = format!("{}/{pod_id}/", common::RUN_DIR);
     let vmms: Vec<String> = common::processes_mentioning(&work_dir)
         .into_iter()
@@ -262,7 +455,9 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         .trim()
         .to_owned();
     assert!(!boot_ids[0].is_empty());
-    assert_eq!(boot_ids[0], boot_ids[1], "both containers share one guest");
+    for id in &boot_ids[1..] {
+        assert_eq!(&boot_ids[0], id, "all containers share one guest");
+    }
     assert_ne!(boot_ids[0], host_boot_id, "the containers run in a VM");
 
     // The guest has the size the Pod's resources allow (1 CPU, at most 512Mi).

@@ -8,7 +8,10 @@ use std::time::Instant;
 use containerd_shim::protos::types::mount::Mount as ContainerdMount;
 
 use super::Sandbox;
-use crate::agent::{ContainerSpec, Mount as AgentMount, ProcessId, ProcessSpec};
+use crate::agent::{
+    Capabilities, ContainerSpec, Mount as AgentMount, Namespace, ProcessId, ProcessSpec, Seccomp,
+    SeccompArg, SeccompSyscall,
+};
 use crate::error::{Error, Result};
 use crate::persist::StartTimings;
 use crate::stdio::{StdioCopy, StdioPaths};
@@ -28,7 +31,107 @@ pub fn process_spec(process: &oci_spec::runtime::Process) -> ProcessSpec {
             .console_size()
             .as_ref()
             .map(|b| (b.height() as u32, b.width() as u32)),
+        // No `process.capabilities` means no capabilities (as runc), not all of them.
+        capabilities: process
+            .capabilities()
+            .as_ref()
+            .map(capabilities)
+            .unwrap_or_default(),
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        umask: user.umask(),
     }
+}
+
+/// The name OCI gives a spec enum (`SCMP_ACT_ERRNO`, `CAP_SYS_ADMIN`…): its serde
+/// form, the one the spec was read from.
+fn oci_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => String::new(),
+    }
+}
+
+fn capability_set(set: Option<&oci_spec::runtime::Capabilities>) -> Vec<String> {
+    let mut names: Vec<String> = set.into_iter().flatten().map(oci_name).collect();
+    // A HashSet in the spec: sorted, so the same spec gives the same request.
+    names.sort();
+    names
+}
+
+fn capabilities(caps: &oci_spec::runtime::LinuxCapabilities) -> Capabilities {
+    Capabilities {
+        bounding: capability_set(caps.bounding().as_ref()),
+        effective: capability_set(caps.effective().as_ref()),
+        permitted: capability_set(caps.permitted().as_ref()),
+        inheritable: capability_set(caps.inheritable().as_ref()),
+        ambient: capability_set(caps.ambient().as_ref()),
+    }
+}
+
+/// The OCI `linux.seccomp` profile, names as OCI spells them.
+pub fn seccomp(spec: &oci_spec::runtime::Spec) -> Option<Seccomp> {
+    let profile = spec.linux().as_ref()?.seccomp().as_ref()?;
+    Some(Seccomp {
+        default_action: oci_name(&profile.default_action()),
+        default_errno_ret: profile.default_errno_ret(),
+        architectures: profile
+            .architectures()
+            .iter()
+            .flatten()
+            .map(oci_name)
+            .collect(),
+        flags: profile.flags().iter().flatten().map(oci_name).collect(),
+        syscalls: profile
+            .syscalls()
+            .iter()
+            .flatten()
+            .map(|rule| SeccompSyscall {
+                names: rule.names().clone(),
+                action: oci_name(&rule.action()),
+                errno_ret: rule.errno_ret(),
+                args: rule
+                    .args()
+                    .iter()
+                    .flatten()
+                    .map(|arg| SeccompArg {
+                        // Out of range is out of range for the agent too: it refuses it.
+                        index: u32::try_from(arg.index()).unwrap_or(u32::MAX),
+                        value: arg.value(),
+                        value_two: arg.value_two().unwrap_or(0),
+                        op: oci_name(&arg.op()),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+/// The pid/ipc/uts namespaces the container gets for itself. An entry with a path
+/// joins an existing namespace, under CRI the pause process's ("shared with the
+/// pod"), which in the guest is the guest's own: dropped, as are network, cgroup,
+/// user, mount and time (the VM is the pod's network and mount boundary; the agent
+/// refuses the rest).
+pub fn namespaces(spec: &oci_spec::runtime::Spec) -> Vec<Namespace> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.path().as_ref().is_none_or(|p| p.as_os_str().is_empty()))
+        .filter_map(|ns| {
+            let ns_type = match ns.typ() {
+                T::Pid => "pid",
+                T::Ipc => "ipc",
+                T::Uts => "uts",
+                _ => return None,
+            };
+            Some(Namespace {
+                ns_type: ns_type.to_owned(),
+                path: String::new(),
+            })
+        })
+        .collect()
 }
 
 /// The OCI mounts the guest can honour: kernel filesystems (proc, sysfs, tmpfs, devpts,
@@ -112,6 +215,8 @@ impl Sandbox {
                 .as_ref()
                 .and_then(|r| r.readonly())
                 .unwrap_or(false),
+            seccomp: seccomp(req.spec),
+            namespaces: namespaces(req.spec),
         };
         let creating = Instant::now();
         if let Err(e) = self.agent.create_container(&container_spec).await {
@@ -204,5 +309,166 @@ mod tests {
         assert_eq!(spec.cwd, "/work");
         assert!(spec.terminal);
         assert_eq!(spec.console_size, Some((24, 80)));
+        // No capabilities, no no-new-privileges, no umask in the spec.
+        assert_eq!(spec.capabilities, Capabilities::default());
+        assert!(!spec.no_new_privileges);
+        assert_eq!(spec.umask, None);
+    }
+
+    #[test]
+    fn process_security_translation() {
+        let process: oci_spec::runtime::Process = serde_json::from_value(serde_json::json!({
+            "args": ["sh"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0, "umask": 63},
+            "noNewPrivileges": true,
+            "capabilities": {
+                "bounding": ["CAP_SYS_ADMIN", "CAP_CHOWN", "CAP_KILL"],
+                "effective": ["CAP_KILL", "CAP_CHOWN"],
+                "permitted": ["CAP_KILL", "CAP_CHOWN"],
+                "ambient": []
+            }
+        }))
+        .expect("process");
+        let spec = process_spec(&process);
+        assert_eq!(spec.umask, Some(0o077));
+        assert!(spec.no_new_privileges);
+        assert_eq!(
+            spec.capabilities,
+            Capabilities {
+                bounding: vec![
+                    "CAP_CHOWN".into(),
+                    "CAP_KILL".into(),
+                    "CAP_SYS_ADMIN".into()
+                ],
+                effective: vec!["CAP_CHOWN".into(), "CAP_KILL".into()],
+                permitted: vec!["CAP_CHOWN".into(), "CAP_KILL".into()],
+                inheritable: vec![],
+                ambient: vec![],
+            }
+        );
+    }
+
+    fn linux_spec(linux: serde_json::Value) -> oci_spec::runtime::Spec {
+        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": linux}))
+            .expect("spec")
+    }
+
+    #[test]
+    fn seccomp_translation_keeps_oci_names() {
+        assert_eq!(seccomp(&linux_spec(serde_json::json!({}))), None);
+        let spec = linux_spec(serde_json::json!({"seccomp": {
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": 38,
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+            "syscalls": [
+                {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"},
+                          {"index": 0, "value": 4294967295u64, "valueTwo": 131080, "op": "SCMP_CMP_MASKED_EQ"}]},
+                {"names": ["kill"], "action": "SCMP_ACT_KILL_PROCESS"}
+            ]
+        }}));
+        let want = Seccomp {
+            default_action: "SCMP_ACT_ERRNO".into(),
+            default_errno_ret: Some(38),
+            architectures: vec![
+                "SCMP_ARCH_X86_64".into(),
+                "SCMP_ARCH_X86".into(),
+                "SCMP_ARCH_X32".into(),
+            ],
+            flags: vec![
+                "SECCOMP_FILTER_FLAG_LOG".into(),
+                "SECCOMP_FILTER_FLAG_SPEC_ALLOW".into(),
+            ],
+            syscalls: vec![
+                SeccompSyscall {
+                    names: vec!["read".into(), "write".into()],
+                    action: "SCMP_ACT_ALLOW".into(),
+                    errno_ret: None,
+                    args: vec![],
+                },
+                SeccompSyscall {
+                    names: vec!["mkdir".into()],
+                    action: "SCMP_ACT_ERRNO".into(),
+                    errno_ret: Some(1),
+                    args: vec![],
+                },
+                SeccompSyscall {
+                    names: vec!["personality".into()],
+                    action: "SCMP_ACT_ALLOW".into(),
+                    errno_ret: None,
+                    args: vec![
+                        SeccompArg {
+                            index: 0,
+                            value: 8,
+                            value_two: 0,
+                            op: "SCMP_CMP_EQ".into(),
+                        },
+                        SeccompArg {
+                            index: 0,
+                            value: 0xffff_ffff,
+                            value_two: 131080,
+                            op: "SCMP_CMP_MASKED_EQ".into(),
+                        },
+                    ],
+                },
+                SeccompSyscall {
+                    names: vec!["kill".into()],
+                    action: "SCMP_ACT_KILL_PROCESS".into(),
+                    errno_ret: None,
+                    args: vec![],
+                },
+            ],
+        };
+        assert_eq!(seccomp(&spec), Some(want));
+    }
+
+    #[test]
+    fn only_new_pid_ipc_uts_namespaces_reach_the_guest() {
+        let cases = [
+            (serde_json::json!({}), vec![]),
+            (
+                // containerd's CRI spec with pid per container: ipc/uts/net joined.
+                serde_json::json!({"namespaces": [
+                    {"type": "pid"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                    {"type": "uts", "path": "/proc/42/ns/uts"},
+                    {"type": "mount"},
+                    {"type": "network", "path": "/proc/42/ns/net"}
+                ]}),
+                vec!["pid"],
+            ),
+            (
+                serde_json::json!({"namespaces": [
+                    {"type": "pid", "path": ""},
+                    {"type": "ipc"},
+                    {"type": "uts"},
+                    {"type": "network"},
+                    {"type": "cgroup"},
+                    {"type": "user"},
+                    {"type": "mount"}
+                ]}),
+                vec!["pid", "ipc", "uts"],
+            ),
+            (
+                // The pod shares its pid namespace: nothing of its own.
+                serde_json::json!({"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}]}),
+                vec![],
+            ),
+        ];
+        for (linux, want) in cases {
+            let got = namespaces(&linux_spec(linux.clone()));
+            let want: Vec<Namespace> = want
+                .into_iter()
+                .map(|t| Namespace {
+                    ns_type: t.to_owned(),
+                    path: String::new(),
+                })
+                .collect();
+            assert_eq!(got, want, "{linux}");
+        }
     }
 }
