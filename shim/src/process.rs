@@ -319,7 +319,11 @@ mod tests {
         let other = WatchedProcess::spawn("other", sh, other).expect("spawn");
 
         let killed = kill_naming_dir(&dir);
-        assert_eq!(killed, vec![naming.pid()]);
+        // The shell's forked `sleep` child still carries the shell's argv until it
+        // execs, so it may be killed too (rightly: it names the dir). The other shell
+        // and its children never are.
+        assert!(killed.contains(&naming.pid()), "{killed:?}");
+        assert!(!killed.contains(&other.pid()), "{killed:?}");
         let exit = tokio::time::timeout(Duration::from_secs(5), naming.wait())
             .await
             .expect("killed");
