@@ -30,7 +30,6 @@ use crate::agent::{ProcessId, ProcessStats};
 use crate::error::{Error, Result};
 use crate::sandbox::{
     Checked, ContainerRequest, Exit, FailedResetLocks, NewContainer, Sandbox, Tasks, process_spec,
-    remove_rootfs,
 };
 use crate::state::{TaskAction, TaskState};
 use crate::stdio::StdioPaths;
@@ -304,12 +303,12 @@ impl Service {
         let Some(sandbox) = sandbox else {
             return;
         };
-        let mounts = self.inner.tasks.take_rootfs_mounts().await;
+        let mounts = self.inner.tasks.take_host_mounts().await;
         sandbox.stop(mounts, &self.inner.failed_reset_locks).await;
     }
 
     async fn save_state(&self, sandbox: &Sandbox) {
-        sandbox.save_state(self.inner.tasks.rootfs_mounts().await);
+        sandbox.save_state(self.inner.tasks.host_mounts().await);
     }
 
     async fn do_create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
@@ -322,7 +321,7 @@ impl Service {
             return Err(Error::AlreadyExists(format!("task {}", req.id)));
         }
         let sandbox = self.sandbox_for(&req, &sandbox_id, &annotations).await?;
-        let rootfs_mount = if pod_sandbox {
+        let share = if pod_sandbox {
             None
         } else {
             let container = ContainerRequest {
@@ -340,7 +339,7 @@ impl Service {
             is_pod_sandbox: pod_sandbox,
             stdio: stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal),
             pid,
-            rootfs_mount,
+            share,
         };
         self.inner.tasks.add_container(&req.id, container).await;
         self.save_state(&sandbox).await;
@@ -498,8 +497,8 @@ impl Service {
             self.inner.tasks.remove_exec(id, exec_id).await;
             return Ok((checked.pid, exit));
         }
-        if let Some(mount) = self.inner.tasks.remove_container(id).await {
-            remove_rootfs(&mount);
+        if let Some(share) = self.inner.tasks.remove_container(id).await {
+            share.remove();
         }
         // The task that created the sandbox owns the VM.
         match &sandbox {
@@ -862,7 +861,7 @@ pub(crate) mod tests {
             is_pod_sandbox: true,
             stdio: StdioPaths::default(),
             pid: 0,
-            rootfs_mount: None,
+            share: None,
         };
         service.inner.tasks.add_container(id, container).await;
     }

@@ -10,100 +10,20 @@
 //! container directory swapped for a symlink to a host directory that has a mount of
 //! its own, and a symlinked directory where the next container's rootfs goes.
 
-use std::collections::BTreeSet;
+mod common;
+
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use gpuvm_shim::hypervisor::VmRecord;
-use gpuvm_shim::persist::SandboxRecord;
-use gpuvm_shim::rootfs::{ShareDirs, mount_share};
-use gpuvm_testkit::Requirement;
-
-fn names(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
-fn is_mount_point(path: &Path) -> bool {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    mountinfo
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
-}
-
-fn mount_tmpfs(path: &Path) {
-    std::fs::create_dir_all(path).expect("mkdir");
-    nix::mount::mount(
-        Some("tmpfs"),
-        path,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .expect("mount tmpfs");
-}
-
-/// Detaches whatever a test left mounted under its temp dir, even when it failed
-/// half-way, so a failure leaves no mount on the machine.
-struct UnmountOnDrop(PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        for point in gpuvm_shim::rootfs::mounts_under(&self.0) {
-            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    gpuvm_testkit::skip(Requirement::Root, "mounting needs root");
-    false
-}
-
-/// The teardown `shim delete` runs for a VM with these rootfs mounts.
-fn clean_up(work: &Path, share: &ShareDirs, rootfs_mounts: &[PathBuf]) {
-    let mut mounts = rootfs_mounts.to_vec();
-    mounts.extend(share.mount_points());
-    SandboxRecord {
-        sandbox_id: "pod1".into(),
-        vm: VmRecord {
-            processes: Vec::new(),
-            work_dir: work.to_owned(),
-        },
-        mounts,
-        ..SandboxRecord::default()
-    }
-    .clean_up();
-}
-
-fn errno(result: std::io::Result<impl Sized>) -> Option<i32> {
-    result.err().and_then(|e| e.raw_os_error())
-}
+use common::share::{ShareFixture, errno, is_mount_point, mount_tmpfs};
 
 #[test]
 fn the_guest_sees_a_read_only_share_on_its_own_tmpfs_with_writable_rootfs() {
-    if !is_root() {
+    let Some(f) = ShareFixture::new() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _unmount = UnmountOnDrop(dir.path().to_owned());
-    let root_before = names(Path::new("/"));
-    let etc_before = names(Path::new("/etc"));
-    let bundle = dir.path().join("bundle");
-    std::fs::create_dir_all(bundle.join("rootfs/bin")).expect("mkdir");
-    std::fs::write(bundle.join("rootfs/bin/image-file"), "image data").expect("write");
-    let work = dir.path().join("vm");
-    let share = ShareDirs::of(&work);
-    mount_share(&share, 16 << 20).expect("share");
-    let rootfs = share.mounts.join("c1/rootfs");
-    gpuvm_shim::rootfs::mount(&[], &bundle, Path::new("rootfs"), &rootfs).expect("rootfs");
+    };
+    let share = &f.share;
+    let rootfs = f.mount_rootfs("c1");
 
     // Its own filesystem, of the configured size, not the host's /run.
     let fs = nix::sys::statfs::statfs(&share.root).expect("statfs");
@@ -137,42 +57,24 @@ fn the_guest_sees_a_read_only_share_on_its_own_tmpfs_with_writable_rootfs() {
         "the shim's side sees the write"
     );
 
-    clean_up(&work, &share, std::slice::from_ref(&rootfs));
-    assert!(!work.exists(), "work dir left behind");
-    assert!(gpuvm_shim::rootfs::mounts_under(&work).is_empty());
-    assert_eq!(
-        std::fs::read_to_string(bundle.join("rootfs/bin/image-file")).expect("image data"),
-        "image data"
-    );
-    assert_eq!(names(Path::new("/")), root_before);
-    assert_eq!(names(Path::new("/etc")), etc_before);
+    f.clean_up(std::slice::from_ref(&rootfs));
+    f.assert_host_untouched();
 }
 
 #[test]
 fn teardown_follows_no_symlink_the_guest_planted() {
-    if !is_root() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _unmount = UnmountOnDrop(dir.path().to_owned());
-    let root_before = names(Path::new("/"));
-    let etc_before = names(Path::new("/etc"));
-
     // The host side: a bundle with a rootfs (image data that must survive), a host
     // directory with a mount of its own, and the VM's work dir with its share.
-    let bundle = dir.path().join("bundle");
-    std::fs::create_dir_all(bundle.join("rootfs/bin")).expect("mkdir");
-    std::fs::write(bundle.join("rootfs/bin/image-file"), "image data").expect("write");
-    let host_dir = dir.path().join("host");
+    let Some(f) = ShareFixture::new() else {
+        return;
+    };
+    let bundle = &f.bundle;
+    let host_dir = f.dir.path().join("host");
     mount_tmpfs(&host_dir.join("rootfs"));
     std::fs::write(host_dir.join("rootfs/host-file"), "host data").expect("write");
-    let work = dir.path().join("vm");
-    let share = ShareDirs::of(&work);
-    mount_share(&share, 16 << 20).expect("share");
     // The shim's side of the share, as if the guest could write it.
-    let shared = share.mounts.clone();
-    let c1_rootfs = shared.join("c1/rootfs");
-    gpuvm_shim::rootfs::mount(&[], &bundle, Path::new("rootfs"), &c1_rootfs).expect("c1 rootfs");
+    let shared = f.share.mounts.clone();
+    let c1_rootfs = f.mount_rootfs("c1");
     assert!(c1_rootfs.join("bin/image-file").exists());
 
     // The guest plants its tree.
@@ -186,7 +88,7 @@ fn teardown_follows_no_symlink_the_guest_planted() {
 
     // The next container's rootfs would land in /etc: refused, nothing made there.
     let err =
-        gpuvm_shim::rootfs::mount(&[], &bundle, Path::new("rootfs"), &shared.join("c2/rootfs"))
+        gpuvm_shim::rootfs::mount(&[], bundle, Path::new("rootfs"), &shared.join("c2/rootfs"))
             .expect_err("a symlinked rootfs directory is refused");
     assert!(
         err.full_message().contains("is a symlink"),
@@ -196,7 +98,7 @@ fn teardown_follows_no_symlink_the_guest_planted() {
     assert!(!Path::new("/etc/rootfs").exists());
 
     // `shim delete`'s teardown with the mounts recorded at create time.
-    clean_up(&work, &share, std::slice::from_ref(&c1_rootfs));
+    f.clean_up(std::slice::from_ref(&c1_rootfs));
 
     // The host is untouched: the host mount the symlinked path named is still there
     // with its data, the image data survived, / and /etc hold what they held.
@@ -208,16 +110,8 @@ fn teardown_follows_no_symlink_the_guest_planted() {
         std::fs::read_to_string(host_dir.join("rootfs/host-file")).expect("host data"),
         "host data"
     );
-    assert_eq!(
-        std::fs::read_to_string(bundle.join("rootfs/bin/image-file")).expect("image data"),
-        "image data"
-    );
-    assert_eq!(names(Path::new("/")), root_before);
-    assert_eq!(names(Path::new("/etc")), etc_before);
     // And the VM's footprint is gone: the moved rootfs was found and unmounted.
-    assert!(!work.exists(), "work dir left behind");
-    let leftovers: Vec<PathBuf> = gpuvm_shim::rootfs::mounts_under(&work);
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    f.assert_host_untouched();
 
     nix::mount::umount2(&host_dir.join("rootfs"), nix::mount::MntFlags::MNT_DETACH)
         .expect("unmount the host tmpfs");

@@ -9,8 +9,8 @@ use containerd_shim::protos::types::mount::Mount as ContainerdMount;
 
 use super::Sandbox;
 use crate::agent::{
-    Capabilities, ContainerSpec, Mount as AgentMount, Namespace, ProcessId, ProcessSpec, Seccomp,
-    SeccompArg, SeccompSyscall,
+    Capabilities, ContainerSpec, Namespace, ProcessId, ProcessSpec, Seccomp, SeccompArg,
+    SeccompSyscall,
 };
 use crate::error::{Error, Result};
 use crate::persist::StartTimings;
@@ -134,34 +134,6 @@ pub fn namespaces(spec: &oci_spec::runtime::Spec) -> Vec<Namespace> {
         .collect()
 }
 
-/// The OCI mounts the guest can honour: kernel filesystems (proc, sysfs, tmpfs, devpts,
-/// mqueue…). Bind mounts name host paths the guest can't see and are left out.
-pub fn guest_mounts(spec: &oci_spec::runtime::Spec) -> Vec<AgentMount> {
-    spec.mounts()
-        .iter()
-        .flatten()
-        .filter(|m| {
-            let fs_type = m.typ().as_deref().unwrap_or("");
-            let bind = fs_type == "bind"
-                || m.options()
-                    .iter()
-                    .flatten()
-                    .any(|o| o == "bind" || o == "rbind");
-            !bind && !fs_type.is_empty() && !fs_type.starts_with("cgroup")
-        })
-        .map(|m| AgentMount {
-            destination: m.destination().display().to_string(),
-            fs_type: m.typ().clone().unwrap_or_default(),
-            source: m
-                .source()
-                .as_ref()
-                .map(|s| s.display().to_string())
-                .unwrap_or_default(),
-            options: m.options().clone().unwrap_or_default(),
-        })
-        .collect()
-}
-
 /// One app container to create: what containerd's Create carries.
 #[derive(Debug)]
 pub struct ContainerRequest<'a> {
@@ -177,38 +149,47 @@ pub struct ContainerRequest<'a> {
     pub terminal: bool,
 }
 
-/// Removes a container's rootfs mount and its directory.
-pub fn remove_rootfs(mount: &Path) {
-    crate::rootfs::unmount(mount);
-    if let Some(parent) = mount.parent() {
-        let _ = crate::host_path::remove_dir(parent);
+/// A container's footprint on the shim's side of the share: its directory
+/// (`mounts/<id>`) and the host mounts made in it (its volumes, then its rootfs: the
+/// order to unmount them in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerShare {
+    /// `mounts/<id>` in the share.
+    pub dir: PathBuf,
+    /// The mounts in it.
+    pub mounts: Vec<PathBuf>,
+}
+
+impl ContainerShare {
+    /// Unmounts everything in the container's directory and removes it.
+    pub fn remove(&self) {
+        super::volumes::remove_container_share(&self.dir);
     }
 }
 
 impl Sandbox {
-    /// Mounts the container's rootfs under the share and creates the container in the
-    /// guest (not started). Returns the rootfs mount; nothing is left on failure.
-    pub async fn create_container(&self, req: &ContainerRequest<'_>) -> Result<PathBuf> {
+    /// Mounts the container's rootfs and its volumes under the share and creates the
+    /// container in the guest (not started). Returns its footprint in the share;
+    /// nothing is left on failure.
+    pub async fn create_container(&self, req: &ContainerRequest<'_>) -> Result<ContainerShare> {
         let process = req
             .spec
             .process()
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("the OCI spec has no process".into()))?;
-        let target = self.rootfs_host(req.id);
-        let root_path = req
-            .spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        crate::rootfs::mount(req.rootfs, req.bundle, &root_path, &target)?;
+        let plan = super::volumes::plan_mounts(req.spec, &self.volumes_guest(req.id))?;
+        let dir = self.container_host(req.id);
+        let mut share = ContainerShare {
+            dir: dir.clone(),
+            mounts: Vec::new(),
+        };
         let mut process = process_spec(process);
         process.terminal = req.terminal || process.terminal;
         let container_spec = ContainerSpec {
             container_id: req.id.to_owned(),
             rootfs: self.rootfs_guest(req.id),
             process,
-            mounts: guest_mounts(req.spec),
+            mounts: plan.guest,
             readonly_rootfs: req
                 .spec
                 .root()
@@ -219,12 +200,41 @@ impl Sandbox {
             namespaces: namespaces(req.spec),
         };
         let creating = Instant::now();
-        if let Err(e) = self.agent.create_container(&container_spec).await {
-            crate::rootfs::unmount(&target);
+        let created = match self.mount_container(req, &plan.binds, &dir) {
+            Ok(mounts) => {
+                share.mounts = mounts;
+                self.agent.create_container(&container_spec).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = created {
+            share.remove();
             return Err(e);
         }
         self.count_container_time(creating, false);
-        Ok(target)
+        Ok(share)
+    }
+
+    /// Mounts the container's volumes and rootfs into its directory `dir` of the
+    /// share; returns the mounts, volumes first.
+    fn mount_container(
+        &self,
+        req: &ContainerRequest<'_>,
+        binds: &[super::volumes::HostBind],
+        dir: &Path,
+    ) -> Result<Vec<PathBuf>> {
+        let root_path = req
+            .spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let rootfs = dir.join("rootfs");
+        crate::rootfs::mount(req.rootfs, req.bundle, &root_path, &rootfs)?;
+        let forbidden = [self.vm.share.root.as_path(), Path::new(super::RUN_DIR)];
+        let mut mounts = super::volumes::share_volumes(binds, &dir.join("volumes"), &forbidden)?;
+        mounts.push(rootfs);
+        Ok(mounts)
     }
 
     /// Starts a created process in the guest and its stdio copy. Returns the copy and,
@@ -271,25 +281,6 @@ impl Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_kernel_filesystems_reach_the_guest() {
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
-                {"destination": "/etc/resolv.conf", "source": "/var/lib/x/resolv.conf", "options": ["bind", "ro"]},
-                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}
-            ]
-        }))
-        .expect("spec");
-        let mounts = guest_mounts(&spec);
-        let destinations: Vec<&str> = mounts.iter().map(|m| m.destination.as_str()).collect();
-        assert_eq!(destinations, vec!["/proc", "/dev"]);
-        assert_eq!(mounts[1].options, vec!["nosuid", "mode=755"]);
-    }
 
     #[test]
     fn oci_process_translation() {

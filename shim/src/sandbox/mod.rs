@@ -8,6 +8,7 @@
 mod container;
 mod spec;
 mod tasks;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use gpuvm_pci::{GroupLock, PciAddress, Sysfs};
 
-pub use container::{ContainerRequest, guest_mounts, process_spec, remove_rootfs};
+pub use container::{ContainerRequest, ContainerShare, process_spec};
 pub use spec::{RUN_DIR, vm_spec, work_dir};
 pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
 
@@ -425,14 +426,20 @@ impl Sandbox {
         self.vm.hypervisor.wait_exit().await
     }
 
-    /// Where container `id`'s rootfs goes on the host (under the virtio-fs share).
-    pub fn rootfs_host(&self, container_id: &str) -> PathBuf {
-        self.vm.share.mounts.join(container_id).join("rootfs")
+    /// Container `id`'s directory on the shim's side of the share (`mounts/<id>`): its
+    /// rootfs mount at `rootfs`, its volumes under `volumes/`.
+    pub fn container_host(&self, container_id: &str) -> PathBuf {
+        self.vm.share.mounts.join(container_id)
     }
 
     /// Where container `id`'s rootfs is in the guest.
     pub fn rootfs_guest(&self, container_id: &str) -> String {
         format!("{}/{container_id}/rootfs", self.shared_guest)
+    }
+
+    /// Where container `id`'s volumes are in the guest (each bind numbered in it).
+    pub fn volumes_guest(&self, container_id: &str) -> String {
+        format!("{}/{container_id}/volumes", self.shared_guest)
     }
 
     fn clock(&self) -> std::sync::MutexGuard<'_, StartClock> {
@@ -454,8 +461,8 @@ impl Sandbox {
         started.then_some(clock.timings)
     }
 
-    /// Updates the state file: the VM's processes, the container rootfs `mounts`, the
-    /// start timings. A failure is logged: the sandbox runs on.
+    /// Updates the state file: the VM's processes, the containers' host `mounts`
+    /// (volumes and rootfs), the start timings. A failure is logged: the sandbox runs on.
     pub fn save_state(&self, mounts: Vec<PathBuf>) {
         let timings = self.clock().timings;
         let record = self.vm.state(self.vm.hypervisor.record(), mounts, timings);

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{Mutex, watch};
 
+use super::ContainerShare;
 use crate::agent::ProcessId;
 use crate::error::{Error, Result};
 use crate::state::{TaskAction, TaskState};
@@ -49,7 +50,7 @@ impl Process {
     }
 }
 
-/// One container: its init process, its execs, its bundle and rootfs mount.
+/// One container: its init process, its execs, its bundle and its footprint in the share.
 #[derive(Debug)]
 struct Container {
     bundle: PathBuf,
@@ -57,7 +58,7 @@ struct Container {
     is_pod_sandbox: bool,
     init: Process,
     execs: HashMap<String, Process>,
-    rootfs_mount: Option<PathBuf>,
+    share: Option<ContainerShare>,
 }
 
 impl Container {
@@ -90,8 +91,8 @@ pub struct NewContainer {
     pub stdio: StdioPaths,
     /// The pid reported for it (the VMM's).
     pub pid: u32,
-    /// Its rootfs mount on the host, if it has one.
-    pub rootfs_mount: Option<PathBuf>,
+    /// Its rootfs and volumes in the share, if it has them (not the pod sandbox).
+    pub share: Option<ContainerShare>,
 }
 
 /// A process after a state check: the state the action leads to, its pid, and
@@ -143,14 +144,14 @@ impl Tasks {
             is_pod_sandbox: new.is_pod_sandbox,
             init: Process::new(new.stdio, new.pid),
             execs: HashMap::new(),
-            rootfs_mount: new.rootfs_mount,
+            share: new.share,
         };
         self.0.lock().await.insert(id.to_owned(), container);
     }
 
-    /// Removes container `id`; returns its rootfs mount.
-    pub async fn remove_container(&self, id: &str) -> Option<PathBuf> {
-        self.0.lock().await.remove(id).and_then(|c| c.rootfs_mount)
+    /// Removes container `id`; returns its footprint in the share.
+    pub async fn remove_container(&self, id: &str) -> Option<ContainerShare> {
+        self.0.lock().await.remove(id).and_then(|c| c.share)
     }
 
     /// Adds exec `exec_id` to container `id` (Created).
@@ -301,21 +302,23 @@ impl Tasks {
             .collect()
     }
 
-    /// The containers' rootfs mounts.
-    pub async fn rootfs_mounts(&self) -> Vec<PathBuf> {
+    /// The containers' host mounts (volumes and rootfs).
+    pub async fn host_mounts(&self) -> Vec<PathBuf> {
         let containers = self.0.lock().await;
         containers
             .values()
-            .filter_map(|c| c.rootfs_mount.clone())
+            .filter_map(|c| c.share.as_ref())
+            .flat_map(|s| s.mounts.iter().cloned())
             .collect()
     }
 
-    /// Takes the containers' rootfs mounts (for teardown: they go with the VM).
-    pub async fn take_rootfs_mounts(&self) -> Vec<PathBuf> {
+    /// Takes the containers' host mounts (for teardown: they go with the VM).
+    pub async fn take_host_mounts(&self) -> Vec<PathBuf> {
         let mut containers = self.0.lock().await;
         containers
             .values_mut()
-            .filter_map(|c| c.rootfs_mount.take())
+            .filter_map(|c| c.share.take())
+            .flat_map(|s| s.mounts)
             .collect()
     }
 }

@@ -12,6 +12,9 @@
 // Each test crate uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod cri;
+pub mod share;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
