@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::cri::{
     container_config, create_and_start, exec_sync, run_pod, sandbox_config, start_cri,
-    stop_and_remove_pod,
+    try_stop_and_remove_pod,
 };
 use common::share::{ShareFixture, errno, is_mount_point, mount_tmpfs};
 use common::{ShimSettings, test_dir};
@@ -499,7 +499,13 @@ async fn pod_volumes_reach_the_guest_and_a_killed_shim_leaves_no_mount() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    stop_and_remove_pod(&mut client, &containerd, &pod_id).await;
+    // CRI learns of the containers' exits from events a moment later; kubelet retries
+    // until the pod is removed, and so does the test.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = try_stop_and_remove_pod(&mut client, &pod_id).await {
+        assert!(Instant::now() < deadline, "{e}\n{}", containerd.log_tail());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     tokio::task::block_in_place(|| {
         containerd.assert_nothing_left_behind(&[&pod_id, &reader, &writer])
     });

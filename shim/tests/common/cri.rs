@@ -229,20 +229,27 @@ pub async fn stop_and_remove_pod(
     containerd: &Containerd,
     pod_id: &str,
 ) {
-    if let Err(e) = client
+    if let Err(e) = try_stop_and_remove_pod(client, pod_id).await {
+        panic!("{e}\n{}", containerd.log_tail());
+    }
+}
+
+/// StopPodSandbox + RemovePodSandbox; the first error, naming its call.
+pub async fn try_stop_and_remove_pod(
+    client: &mut RuntimeServiceClient<Channel>,
+    pod_id: &str,
+) -> Result<(), String> {
+    client
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod_id.to_owned(),
         })
         .await
-    {
-        panic!("StopPodSandbox: {e}\n{}", containerd.log_tail());
-    }
-    if let Err(e) = client
+        .map_err(|e| format!("StopPodSandbox: {e}"))?;
+    client
         .remove_pod_sandbox(RemovePodSandboxRequest {
             pod_sandbox_id: pod_id.to_owned(),
         })
         .await
-    {
-        panic!("RemovePodSandbox: {e}\n{}", containerd.log_tail());
-    }
+        .map_err(|e| format!("RemovePodSandbox: {e}"))?;
+    Ok(())
 }
