@@ -30,7 +30,8 @@ cluster and no GPU needed. It:
                  temp dir, inside `unshare --net`) with the gpuvm runtime configured
   5. image       builds a busybox OCI image by hand and imports it
   6. vm run      `ctr run --runtime io.containerd.gpuvm.v1 ...`: the container runs in a
-                 QEMU micro-VM with its own kernel and prints what it sees there
+                 QEMU micro-VM with its own kernel and prints what it sees there,
+                 including a host file bind-mounted read-only into it (virtio-fs)
   7. kubernetes  only when KUBECONFIG points at a reachable cluster: applies crds/ and a
                  sample GpuMachine in namespace gpuvm-demo, shows `kubectl get gm` and
                  `kubectl describe gm`, runs target/debug/gpuvm-operator for ~20 s when
@@ -115,7 +116,7 @@ SHIM_BIN="${GPUVM_DEMO_SHIM:-$REPO/target/debug/containerd-shim-gpuvm-v1}"
 IMAGE="docker.io/gpuvm/busybox:demo"
 VM_TIMEOUT="${GPUVM_DEMO_TIMEOUT:-300}"
 CTR=("$CONTAINERD_DIR/ctr" --address "$TMP/containerd.sock" --namespace default)
-QEMU_BIN="" VSOCK_BIN="" VIRTIOFSD_BIN="" BREAKDOWN="" VM_OUTPUT="" FAIL_MESSAGE="" LEFT_BEHIND=0
+QEMU_BIN="" VSOCK_BIN="" VIRTIOFSD_BIN="" HOST_FILE="" BREAKDOWN="" VM_OUTPUT="" FAIL_MESSAGE="" LEFT_BEHIND=0
 CONTAINERD_PID=""
 OPERATOR_PID=""
 K8S_NS_CREATED=0
@@ -323,15 +324,22 @@ echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "memory=$(awk "/^MemTotal/ { printf \"%d MiB\", \$2 / 1024 }" /proc/meminfo)"
 echo "pid1=$(cat /proc/1/comm)"
 echo "cmdline=$(cat /proc/cmdline)"
+echo "mounted=$(cat /mnt/from-host.txt)"
+if (echo overwritten >/mnt/from-host.txt) 2>/dev/null; then echo "mounted_ro=no"; else echo "mounted_ro=yes"; fi
 '
 
 stage_vm_run() {
     local rc=0
+    # A host file the container reads in the VM: bound (not copied) into the VM's
+    # virtio-fs share, read-only, as kubelet's files and volumes are.
+    HOST_FILE="$TMP/from-host.txt"
+    echo "written on the host $(hostname) at $(date -u +%H:%M:%S)" >"$HOST_FILE"
     echo "+ ctr run --rm --runtime io.containerd.gpuvm.v1 ... $IMAGE $CID" >>"$LOG"
     # The annotations size the guest, as the operator does for a GpuMachine's Pod.
     setsid timeout "$VM_TIMEOUT" "${CTR[@]}" run --rm \
         --runtime io.containerd.gpuvm.v1 --runtime-config-path "$TMP/shim.toml" \
         --annotation gpuvm.dev/cpus=1 --annotation gpuvm.dev/memory=512Mi \
+        --mount "type=bind,src=$HOST_FILE,dst=/mnt/from-host.txt,options=rbind:ro" \
         "$IMAGE" "$CID" /bin/sh -c "$VM_SCRIPT" \
         </dev/null >"$TMP/vm-output.txt" 2>>"$LOG" &
     CHILD_PID=$!
@@ -347,6 +355,9 @@ stage_vm_run() {
     fi
     grep -q 'hello from inside a gpuvm micro-VM' "$TMP/vm-output.txt" \
         || fail "the container ran but printed no greeting"
+    [ "$(vm_fact mounted)" = "$(cat "$HOST_FILE")" ] \
+        || fail "the container did not read the host file mounted at /mnt/from-host.txt"
+    [ "$(vm_fact mounted_ro)" = yes ] || fail "the read-only host file was writable in the VM"
     # The shim logs its start breakdown (shim / vmm / boot / agent / container).
     BREAKDOWN="$(grep -m1 'sandbox start timings' "$TMP/containerd.log" || true)"
 }

@@ -233,6 +233,7 @@ print_summary() {
     printf '  %-8s %-36s %s\n' "memory" "$host_mem" "$(vm_fact memory)"
     printf '  %-8s %-36s %s\n' "PID 1" "$(cat /proc/1/comm)" "$(vm_fact pid1) (the gpuvm agent is the guest's init)"
     echo "  guest kernel command line: $(vm_fact cmdline)"
+    printf '  %-8s %-36s %s\n' "file" "$HOST_FILE" "\"$(vm_fact mounted)\" (bound read-only: ro=$(vm_fact mounted_ro))"
     if [ -n "$BREAKDOWN" ]; then
         echo "  VM start, from the shim's log: $(breakdown_text)"
     fi

@@ -244,6 +244,75 @@ fn sources_the_shim_refuses() {
     f.assert_host_untouched();
 }
 
+/// `ctr run --mount` (what the demo does): a host file bound read-only and a host
+/// directory bound writable reach the container in the VM.
+#[test]
+fn ctr_run_mounts_reach_the_vm() {
+    let Some(s) = common::setup_or_skip() else {
+        return;
+    };
+    let dir = test_dir();
+    let image = common::busybox_image(dir.path());
+    let containerd = common::start_containerd(
+        &s,
+        dir.path(),
+        &ShimSettings::new(&s),
+        &common::Plugins::CtrOnly,
+    );
+    common::run(containerd.ctr().args(["images", "import"]).arg(&image));
+    let file = dir.path().join("from-host.txt");
+    std::fs::write(&file, "written on the host").expect("write");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    let id = format!("gpuvm-test-{}-mounts", std::process::id());
+    let out = containerd
+        .ctr()
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.gpuvm.v1",
+            "--runtime-config-path",
+        ])
+        .arg(&containerd.shim_config)
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/mnt/from-host.txt,options=rbind:ro",
+            file.display()
+        ))
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            out_dir.display()
+        ))
+        .args([common::IMAGE, &id, "/bin/sh", "-c"])
+        .arg("cat /mnt/from-host.txt; echo from-the-vm > /out/note; echo x > /mnt/from-host.txt")
+        .output()
+        .expect("ctr run");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let context = || {
+        format!(
+            "stdout: {stdout}\nstderr: {stderr}\n{}",
+            containerd.log_tail()
+        )
+    };
+    assert_eq!(stdout.trim(), "written on the host", "{}", context());
+    assert!(stderr.contains("Read-only file system"), "{}", context());
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("read"),
+        "written on the host"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("note")).expect("read"),
+        "from-the-vm\n"
+    );
+    containerd.assert_nothing_left_behind(&[&id]);
+}
+
 /// Waits until `cmd` in `container` prints `want` (trimmed); returns how long it took.
 async fn wait_for_output(
     client: &mut RuntimeServiceClient<Channel>,
