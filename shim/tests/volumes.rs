@@ -54,6 +54,16 @@ fn share(f: &ShareFixture, mounts: serde_json::Value) -> gpuvm_shim::Result<Path
     Ok(dir)
 }
 
+/// The one cleanup of container `c1`'s footprint in the share, then `shim delete`'s
+/// teardown: nothing of either is left, and the host is as it was.
+fn remove_c1_then_clean_up(f: &ShareFixture) {
+    let c1 = f.share.mounts.join("c1");
+    remove_container_share(&c1);
+    assert!(!c1.exists(), "the container's directory is left");
+    f.clean_up(&[]);
+    f.assert_host_untouched();
+}
+
 #[test]
 fn volumes_are_the_host_s_own_and_read_only_where_the_spec_says_so() {
     let Some(f) = ShareFixture::new() else {
@@ -141,8 +151,7 @@ fn volumes_are_the_host_s_own_and_read_only_where_the_spec_says_so() {
 
     // The one cleanup: nothing mounted under the container's directory, which is
     // gone; the host's data and its own mount inside the Secret stay.
-    remove_container_share(&f.share.mounts.join("c1"));
-    assert!(!f.share.mounts.join("c1").exists());
+    remove_c1_then_clean_up(&f);
     assert!(!rootfs.exists());
     assert!(
         is_mount_point(&secret.join("sub")),
@@ -156,8 +165,6 @@ fn volumes_are_the_host_s_own_and_read_only_where_the_spec_says_so() {
         std::fs::read_to_string(empty_dir.join("note")).expect("read"),
         "from the guest"
     );
-    f.clean_up(&[]);
-    f.assert_host_untouched();
 }
 
 #[test]
@@ -197,13 +204,11 @@ fn mounts_made_later_on_the_host_reach_an_rslave_volume_only() {
         "rprivate must not see it"
     );
 
-    remove_container_share(&f.share.mounts.join("c1"));
+    remove_c1_then_clean_up(&f);
     assert!(
         is_mount_point(&source.join("late")),
         "the host's mount was unmounted"
     );
-    f.clean_up(&[]);
-    f.assert_host_untouched();
 }
 
 #[test]
@@ -238,10 +243,7 @@ fn sources_the_shim_refuses() {
             err.full_message()
         );
     }
-    remove_container_share(&f.share.mounts.join("c1"));
-    assert!(!f.share.mounts.join("c1").exists());
-    f.clean_up(&[]);
-    f.assert_host_untouched();
+    remove_c1_then_clean_up(&f);
 }
 
 /// `ctr run --mount` (what the demo does): a host file bound read-only and a host
