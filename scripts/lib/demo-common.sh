@@ -221,7 +221,9 @@ print_summary() {
     echo
     echo "What the container printed inside the VM:"
     echo "  \$ ctr run --rm --runtime io.containerd.gpuvm.v1 --annotation gpuvm.dev/cpus=1 \\"
-    echo "      --annotation gpuvm.dev/memory=512Mi $IMAGE $CID /bin/sh -c '<uname -r; /proc/...>'"
+    echo "      --annotation gpuvm.dev/memory=512Mi \\"
+    echo "      --mount type=bind,src=$HOST_FILE,dst=/mnt/from-host.txt,options=rbind:ro \\"
+    echo "      $IMAGE $CID /bin/sh -c '<uname -r; /proc/...; cat /mnt/from-host.txt>'"
     printf '%s\n' "$VM_OUTPUT" | grep -v '=' | sed 's/^/  | /'
     echo
     host_cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
