@@ -162,8 +162,12 @@ pub fn plan_mounts(spec: &oci_spec::runtime::Spec, guest_volumes: &str) -> Resul
         };
         let name = plan.binds.len().to_string();
         let guest_source = format!("{guest_volumes}/{name}");
-        plan.binds.push(host_bind(mount, source, name));
-        plan.guest.push(agent_mount(mount, "bind", guest_source));
+        let bind = host_bind(mount, source, name);
+        // `type: rbind` carries the recursion the options may not spell out.
+        let guest_type = if bind.recursive { "rbind" } else { "bind" };
+        plan.binds.push(bind);
+        plan.guest
+            .push(agent_mount(mount, guest_type, guest_source));
     }
     Ok(plan)
 }
@@ -462,18 +466,22 @@ mod tests {
                     ("/dev/shm", "bind", "/dev/shm"),
                     (
                         "/dev/termination-log",
-                        "bind",
+                        "rbind",
                         "/run/gpuvm/shared/c1/volumes/0",
                     ),
-                    ("/etc/hosts", "bind", "/run/gpuvm/shared/c1/volumes/1"),
-                    ("/etc/resolv.conf", "bind", "/run/gpuvm/shared/c1/volumes/2"),
+                    ("/etc/hosts", "rbind", "/run/gpuvm/shared/c1/volumes/1"),
+                    (
+                        "/etc/resolv.conf",
+                        "rbind",
+                        "/run/gpuvm/shared/c1/volumes/2",
+                    ),
                     (
                         "/var/run/secrets/kubernetes.io/serviceaccount",
-                        "bind",
+                        "rbind",
                         "/run/gpuvm/shared/c1/volumes/3",
                     ),
-                    ("/cache", "bind", "/run/gpuvm/shared/c1/volumes/4"),
-                    ("/host", "bind", "/run/gpuvm/shared/c1/volumes/5"),
+                    ("/cache", "rbind", "/run/gpuvm/shared/c1/volumes/4"),
+                    ("/host", "rbind", "/run/gpuvm/shared/c1/volumes/5"),
                 ],
             ),
             (
@@ -493,10 +501,10 @@ mod tests {
                     bind("/srv/r", "3", true, true, Private),
                 ],
                 vec![
-                    ("/mnt/demo", "bind", "/run/gpuvm/shared/c1/volumes/0"),
+                    ("/mnt/demo", "rbind", "/run/gpuvm/shared/c1/volumes/0"),
                     ("/data", "bind", "/run/gpuvm/shared/c1/volumes/1"),
-                    ("/logs", "bind", "/run/gpuvm/shared/c1/volumes/2"),
-                    ("/r", "bind", "/run/gpuvm/shared/c1/volumes/3"),
+                    ("/logs", "rbind", "/run/gpuvm/shared/c1/volumes/2"),
+                    ("/r", "rbind", "/run/gpuvm/shared/c1/volumes/3"),
                 ],
             ),
             (serde_json::json!([]), vec![], vec![]),
