@@ -14,7 +14,8 @@
 //! guest; a Secret laid out by kubelet's atomic writer and swapped on the host is seen
 //! updated; an emptyDir written by one container is read by another (and is the
 //! host's directory); `/dev/termination-log` reaches the host; the pod's containers
-//! share the guest's `/dev/shm`. Then the shim is SIGKILLed, and after containerd's
+//! share the guest's `/dev/shm`; removing one container unmounts its volumes while
+//! the pod runs on. Then the shim is SIGKILLed, and after containerd's
 //! cleanup no mount, process or socket is left.
 
 mod common;
@@ -31,7 +32,9 @@ use common::share::{ShareFixture, errno, is_mount_point, mount_tmpfs};
 use common::{ShimSettings, test_dir};
 use gpuvm_shim::sandbox::volumes::{plan_mounts, remove_container_share, share_volumes};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{ContainerConfig, DnsConfig, Mount};
+use k8s_cri::v1::{
+    ContainerConfig, DnsConfig, Mount, RemoveContainerRequest, StopContainerRequest,
+};
 use tonic::transport::Channel;
 
 /// An OCI spec with these mounts.
@@ -545,6 +548,36 @@ async fn pod_volumes_reach_the_guest_and_a_killed_shim_leaves_no_mount() {
     swap_secret(&secret, "token-v2");
     let seen = wait_for_output(&mut client, &reader, &token, "token-v2").await;
     println!("SECRET_UPDATE_SEEN_AFTER_MS={}", seen.as_millis());
+
+    // A container's delete unmounts its volumes (and rootfs) while the pod runs on.
+    client
+        .stop_container(StopContainerRequest {
+            container_id: writer.clone(),
+            timeout: 0,
+        })
+        .await
+        .expect("StopContainer");
+    client
+        .remove_container(RemoveContainerRequest {
+            container_id: writer.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .contains(&format!("/{writer}/"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the removed container's mounts stay"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        output(&mut client, &reader, &["/bin/cat", "/cache/note"]).await,
+        "from-writer"
+    );
 
     // The shim dies (SIGKILL) with the volumes mounted; containerd's cleanup runs
     // `shim delete`, then kubelet stops and removes the pod.
