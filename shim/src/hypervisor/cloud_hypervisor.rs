@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 pub use super::ch_api::{ApiClient, GuestEnd};
 use super::ch_api::{EventReader, create_timeout, open_event_fifo};
-use super::{GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
+use super::{CONSOLE_LOG, GUEST_CID, SHARED_FS_TAG, SpawnHook, VmHost, VmSpec, Vmm};
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::WatchedProcess;
@@ -222,9 +222,13 @@ impl TryFrom<&VmSpec> for VmConfig {
                 cid: GUEST_CID,
                 socket: path_text("vsock socket", &spec.vsock_socket())?,
             },
+            // The serial port writes to the VMM's stdout, which the shim opened on the
+            // console log in append mode: a reset re-creates the VM's devices, and a
+            // `File` serial would be created anew (truncated), losing the output that
+            // led to the reset (a panic message, say).
             serial: ConsoleConfig {
-                mode: "File".into(),
-                file: Some(path_text("console log", &spec.console_log())?),
+                mode: "Tty".into(),
+                file: None,
             },
             console: ConsoleConfig {
                 mode: "Off".into(),
@@ -410,7 +414,7 @@ impl Vmm for CloudHypervisor {
             .arg("--event-monitor")
             .arg(format!("path={}", self.event_fifo().display()))
             .stdin(std::process::Stdio::null())
-            .stdout(self.host.log_file("cloud-hypervisor.log")?)
+            .stdout(self.host.log_file(CONSOLE_LOG)?)
             .stderr(self.host.log_file("cloud-hypervisor.log")?);
         let vmm = self.host.spawn_vmm(&self.binary, cmd, spawned)?;
         *lock(&self.event_watcher) = Some(tokio::spawn(watch_events(
@@ -481,7 +485,7 @@ mod tests {
                 "net": [{"tap": "tap0"}],
                 "devices": [{"path": "/sys/bus/pci/devices/0000:3b:00.0/", "id": "gpu0"}],
                 "vsock": {"cid": 3, "socket": "/run/gpuvm/sandbox1/vsock.sock"},
-                "serial": {"mode": "File", "file": "/run/gpuvm/sandbox1/console.log"},
+                "serial": {"mode": "Tty"},
                 "console": {"mode": "Off"},
                 "pvpanic": true
             })

@@ -27,6 +27,8 @@ use crate::error::Result;
 pub const SHARED_FS_TAG: &str = "gpuvm";
 /// Guest vsock CID (any value ≥ 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
+/// The guest's serial console log, in the VM's work dir.
+pub const CONSOLE_LOG: &str = "console.log";
 
 /// Everything a backend needs to start one VM. Built from the config and the pod's
 /// annotations; holds no I/O.
@@ -81,7 +83,7 @@ impl VmSpec {
     }
     /// Guest serial console log.
     pub fn console_log(&self) -> PathBuf {
-        self.work_dir.join("console.log")
+        self.work_dir.join(CONSOLE_LOG)
     }
 }
 
