@@ -9,6 +9,7 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub mod agent;
+pub mod cgroup;
 pub mod devices;
 pub mod gpu_check;
 pub mod host_path;

@@ -215,7 +215,7 @@ impl Service {
         &self,
         req: &api::CreateTaskRequest,
         sandbox_id: &str,
-        annotations: &HashMap<String, String>,
+        spec: &oci_spec::runtime::Spec,
     ) -> Result<Arc<Sandbox>> {
         // Not held across the boot: Connect and the other handlers stay answerable.
         let current = self.inner.sandbox.lock().await.clone();
@@ -242,7 +242,7 @@ impl Service {
             .and_then(|any| config_path_from_options(&any.type_url, &any.value));
         let bundle = Path::new(&req.bundle);
         let held = &self.inner.failed_reset_locks;
-        let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, annotations, option, held).await?);
+        let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, spec, option, held).await?);
         *self.inner.sandbox.lock().await = Some(sandbox.clone());
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
@@ -321,7 +321,7 @@ impl Service {
         if self.inner.tasks.contains(&req.id).await {
             return Err(Error::AlreadyExists(format!("task {}", req.id)));
         }
-        let sandbox = self.sandbox_for(&req, &sandbox_id, &annotations).await?;
+        let sandbox = self.sandbox_for(&req, &sandbox_id, &spec).await?;
         let rootfs_mount = if pod_sandbox {
             None
         } else {

@@ -119,6 +119,7 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
         taps,
         mmio64_size: None,
         memory: Default::default(),
+        cgroups: vec![],
     }
 }
 

@@ -17,124 +17,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
-    Capability, ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest,
-    ExecSyncResponse, ImageSpec, ImageStatusRequest, Int64Value, LinuxContainerConfig,
-    LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile,
-    StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
+use common::cri::{
+    Client, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod, sandbox_config,
+    start_cri, stop_and_remove_pod,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
-
-/// The CRI runtime handler naming the gpuvm runtime in containerd's config.
-const RUNTIME_HANDLER: &str = "gpuvm";
-
-async fn connect(socket: std::path::PathBuf) -> Channel {
-    Endpoint::try_from("http://[::]")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect to containerd's CRI")
-}
-
-/// Waits until containerd's CRI image store lists `image`: it learns of an imported
-/// image from an event, a moment after `ctr images import` returns, and until then a
-/// RunPodSandbox tries to pull the sandbox image (and fails: no registry here).
-async fn wait_for_cri_image(channel: Channel, image: &str) {
-    let mut images = ImageServiceClient::new(channel);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = images
-            .image_status(ImageStatusRequest {
-                image: Some(ImageSpec {
-                    image: image.to_owned(),
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await;
-        if status.is_ok_and(|s| s.into_inner().image.is_some()) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "CRI never listed {image}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// What the kubelet passes for a Pod whose containers request and are limited to one
-/// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
-/// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
-fn one_cpu_512mi() -> LinuxContainerResources {
-    LinuxContainerResources {
-        cpu_period: 100_000,
-        cpu_quota: 100_000,
-        cpu_shares: 1024,
-        memory_limit_in_bytes: 512 << 20,
-        ..Default::default()
-    }
-}
-
-fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_owned(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: name.to_owned(),
-        log_directory: log_dir.display().to_string(),
-        annotations: [
-            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
-            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
-        ]
-        .into(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                // The pod is on the "node" network (containerd's private netns): no CNI.
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node.into(),
-                    pid: NamespaceMode::Container.into(),
-                    ipc: NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            resources: Some(one_cpu_512mi()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.to_owned(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: common::IMAGE.to_owned(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sleep".to_owned()],
-        args: vec!["600".to_owned()],
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
-}
+use common::{ShimSettings, test_dir};
+use k8s_cri::v1::{
+    Capability, ContainerConfig, ExecSyncResponse, Int64Value, LinuxContainerConfig,
+    LinuxContainerSecurityContext, PodSandboxConfig, RunPodSandboxRequest, SecurityProfile,
+    security_profile::ProfileType,
+};
 
 /// `container_config(name)` with a container `securityContext`, the pod's namespace
 /// options copied in as kubelet does.
@@ -161,7 +53,7 @@ fn secured_container_config(
 }
 
 /// The `CapEff:` line of the exec's own /proc/self/status.
-async fn effective_caps(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> String {
+async fn effective_caps(client: &mut Client, container_id: &str) -> String {
     let out = exec_sync(
         client,
         container_id,
@@ -177,7 +69,7 @@ async fn effective_caps(client: &mut RuntimeServiceClient<Channel>, container_id
 }
 
 /// Exit code of mounting a tmpfs inside the container (the guest's busybox `mount`).
-async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> i32 {
+async fn mount_tmpfs(client: &mut Client, container_id: &str) -> i32 {
     let out = exec_sync(
         client,
         container_id,
@@ -192,61 +84,21 @@ async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &
     out.exit_code
 }
 
-async fn exec_sync(
-    client: &mut RuntimeServiceClient<Channel>,
-    container_id: &str,
-    cmd: &[&str],
-) -> ExecSyncResponse {
-    client
-        .exec_sync(ExecSyncRequest {
-            container_id: container_id.to_owned(),
-            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
-            timeout: 120,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     let Some(s) = common::setup_or_skip() else {
         return;
     };
     let dir = test_dir();
-    let image = busybox_image(dir.path());
-    let containerd = start_containerd(
-        &s,
-        dir.path(),
-        &ShimSettings::new(&s),
-        &Plugins::Cri {
-            sandbox_image: common::IMAGE.to_owned(),
-        },
-    );
-    run(containerd
-        .ctr_in("k8s.io")
-        .args(["images", "import"])
-        .arg(&image));
+    let (containerd, mut client) = start_cri(&s, dir.path(), &ShimSettings::new(&s)).await;
     let log_dir = dir.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir).expect("mkdir");
-    let channel = connect(containerd.socket.clone()).await;
-    wait_for_cri_image(channel.clone(), common::IMAGE).await;
-    let mut client = RuntimeServiceClient::new(channel);
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
     let config = sandbox_config(&pod_name, &log_dir);
     let started = Instant::now();
-    let pod_id = match client
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: RUNTIME_HANDLER.to_owned(),
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().pod_sandbox_id,
-        Err(e) => panic!("RunPodSandbox: {e}\n{}", context()),
-    };
+    let pod_id = run_pod(&mut client, &config, context).await;
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
     // A Localhost seccomp profile (a file on the node) that denies mkdir.
@@ -319,31 +171,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         ),
     ];
     for container in configs {
-        let name = container
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
-        let id = match client
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod_id.clone(),
-                config: Some(container),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().container_id,
-            Err(e) => panic!("CreateContainer {name}: {e}\n{}", context()),
-        };
-        if let Err(e) = client
-            .start_container(StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-        {
-            panic!("StartContainer {name}: {e}\n{}", context());
-        }
-        containers.push(id);
+        containers.push(create_and_start(&mut client, &pod_id, &config, container, context).await);
     }
     println!(
         "CRI: sandbox ready in {sandbox_ready:?}, six containers running after {:?}",
@@ -507,22 +335,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     }
 
     // Stop and remove the pod as kubelet does.
-    if let Err(e) = client
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-    {
-        panic!("StopPodSandbox: {e}\n{}", context());
-    }
-    if let Err(e) = client
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-    {
-        panic!("RemovePodSandbox: {e}\n{}", context());
-    }
+    stop_and_remove_pod(&mut client, &pod_id, context).await;
     println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
 
     // A Pod whose annotation asks for more CPUs than its resources account for is

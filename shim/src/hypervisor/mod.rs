@@ -57,6 +57,9 @@ pub struct VmSpec {
     pub mmio64_size: Option<u64>,
     /// How guest memory is backed.
     pub memory: MemoryOptions,
+    /// The pod's cgroup, one directory per hierarchy: every process started for the
+    /// VM joins them before exec. Empty: they stay in the shim's.
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// Guest memory backing, from the config's `[memory]` section.
@@ -261,6 +264,7 @@ pub(crate) mod tests {
             taps: vec!["tap0".into()],
             mmio64_size: None,
             memory: Default::default(),
+            cgroups: vec![],
         }
     }
 

@@ -25,7 +25,8 @@ use crate::agent::{Agent, GuestInfo, TtrpcAgent};
 use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
-use crate::hypervisor::{self, Hypervisor, VmRecord};
+use crate::cgroup::PodCgroup;
+use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::rootfs::ShareDirs;
 
@@ -168,6 +169,9 @@ pub struct Vm {
     /// Set once the VMM was asked to start: from then on it may have opened the
     /// devices, so they are reset before they go back.
     vmm_started: AtomicBool,
+    /// The pod's cgroup, which the VM's processes join; what the shim creates of it
+    /// goes at teardown.
+    cgroup: PodCgroup,
 }
 
 impl Vm {
@@ -188,7 +192,13 @@ impl Vm {
             hypervisor,
             devices,
             vmm_started: AtomicBool::new(false),
+            cgroup: PodCgroup::default(),
         }
+    }
+
+    /// The VM, its processes in `cgroup`.
+    fn with_cgroup(self, cgroup: PodCgroup) -> Vm {
+        Vm { cgroup, ..self }
     }
 
     /// The record for the state file: the VM's processes, then `mounts` (container
@@ -206,6 +216,7 @@ impl Vm {
             mounts,
             timings,
             devices: self.devices.record(),
+            cgroups: self.cgroup.to_create.clone(),
         }
     }
 
@@ -222,7 +233,9 @@ impl Vm {
     /// Starts the VM and waits for its agent: every step that can fail after the
     /// devices are locked. The caller undoes it with [`Vm::stop`] on failure.
     async fn bring_up(&self, config: &ShimConfig) -> Result<(Arc<dyn Agent>, GuestInfo, Phases)> {
+        // The state file names the cgroups before they exist: `shim delete` removes them.
         self.save_state()?;
+        self.cgroup.create()?;
         // Rootfs mounts made under the share later must reach virtiofsd's namespace.
         crate::rootfs::mount_share(&self.share, self.share_size)?;
         let vmm_starting = Instant::now();
@@ -292,6 +305,12 @@ impl Vm {
             crate::rootfs::unmount(&point);
         }
         self.hypervisor.cleanup().await;
+        let cgroups = self.cgroup.to_create.clone();
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || crate::cgroup::remove_created(&cgroups)).await
+        {
+            tracing::warn!(error = %e, "the cgroup removal panicked");
+        }
         // The VMM has exited: reset every device, then release its lock. A device
         // that fails its reset got a health record; its lock stays held until the
         // shim exits.
@@ -331,17 +350,20 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots the VM for sandbox `id` (bundle `bundle`) and connects to its agent. The
-    /// config comes from containerd's runtime option `config_option`, else the
-    /// environment, else the default path. Nothing is left behind on failure.
+    /// Boots the VM for sandbox `id` (bundle `bundle`, OCI spec `oci`) and connects to
+    /// its agent. The config comes from containerd's runtime option `config_option`,
+    /// else the environment, else the default path. Nothing is left behind on failure.
     pub async fn boot(
         id: &str,
         bundle: &Path,
-        annotations: &HashMap<String, String>,
+        oci: &oci_spec::runtime::Spec,
         config_option: Option<String>,
         held: &FailedResetLocks,
     ) -> Result<Sandbox> {
         let entered = Instant::now();
+        let annotations = &oci.annotations().clone().unwrap_or_default();
+        let cgroups_path = oci.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+        let cgroup = PodCgroup::plan(cgroups_path.as_deref().and_then(Path::to_str))?;
         let env = std::env::var(config::CONFIG_ENV).ok();
         let (path, explicit) = config::config_path(config_option.as_deref(), env.as_deref());
         let config = ShimConfig::load(&path, explicit)?;
@@ -352,10 +374,13 @@ impl Sandbox {
             &config.guest.initramfs,
         )?;
         let devices = Devices::claim(&config, annotations, id)?;
-        let spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
+        let spec = VmSpec {
+            cgroups: cgroup.join_dirs(),
+            ..vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?
+        };
         let hypervisor = hypervisor::new_hypervisor(&config, spec);
         let share_size = config.host.share_size_bytes()?;
-        let vm = Vm::new(id, bundle, hypervisor, devices, share_size);
+        let vm = Vm::new(id, bundle, hypervisor, devices, share_size).with_cgroup(cgroup);
         Sandbox::launch(vm, &config, annotations, held, entered).await
     }
 

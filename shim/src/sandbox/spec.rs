@@ -50,6 +50,8 @@ pub fn vm_spec(
             hugepages: config.memory.hugepages,
             hugepage_size,
         },
+        // The pod's cgroup, placed by the boot (it reads the host's mounts).
+        cgroups: Vec::new(),
     })
 }
 
@@ -99,6 +101,7 @@ mod tests {
             taps: Vec::new(),
             mmio64_size: None,
             memory: MemoryOptions::default(),
+            cgroups: Vec::new(),
         }
     }
 

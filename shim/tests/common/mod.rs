@@ -12,6 +12,8 @@
 // Each test crate uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod cri;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -131,6 +133,7 @@ pub fn bare_vm_spec(id: &str, work_dir: PathBuf, kernel: PathBuf, initramfs: Pat
         taps: vec![],
         mmio64_size: None,
         memory: Default::default(),
+        cgroups: vec![],
     }
 }
 

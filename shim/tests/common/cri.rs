@@ -1,0 +1,239 @@
+//! The CRI side of the real-containerd tests (`cri.rs`, `cgroups.rs`): containerd with
+//! its CRI plugin and the busybox image, a CRI v1 client (`k8s-cri`) on its socket,
+//! and the pod and container configs kubelet would send.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, ImageStatusRequest, LinuxContainerResources,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{Containerd, IMAGE, Plugins, Setup, ShimSettings, busybox_image, run};
+
+/// The CRI runtime handler naming the gpuvm runtime in containerd's config.
+pub const RUNTIME_HANDLER: &str = "gpuvm";
+
+/// A CRI client on containerd's socket.
+pub type Client = RuntimeServiceClient<Channel>;
+
+/// containerd with its CRI plugin, the busybox image imported into `k8s.io` (also the
+/// pinned sandbox image) and listed by CRI, and a CRI client.
+pub async fn start_cri(s: &Setup, dir: &Path, settings: &ShimSettings) -> (Containerd, Client) {
+    let image = busybox_image(dir);
+    let containerd = super::start_containerd(
+        s,
+        dir,
+        settings,
+        &Plugins::Cri {
+            sandbox_image: IMAGE.to_owned(),
+        },
+    );
+    run(containerd
+        .ctr_in("k8s.io")
+        .args(["images", "import"])
+        .arg(&image));
+    let channel = connect(containerd.socket.clone()).await;
+    wait_for_cri_image(channel.clone(), IMAGE).await;
+    (containerd, RuntimeServiceClient::new(channel))
+}
+
+/// A gRPC channel over containerd's unix socket.
+pub async fn connect(socket: std::path::PathBuf) -> Channel {
+    Endpoint::try_from("http://[::]")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to containerd's CRI")
+}
+
+/// Waits until containerd's CRI image store lists `image`: it learns of an imported
+/// image from an event, a moment after `ctr images import` returns, and until then a
+/// RunPodSandbox tries to pull the sandbox image (and fails: no registry here).
+pub async fn wait_for_cri_image(channel: Channel, image: &str) {
+    let mut images = ImageServiceClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = images
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await;
+        if status.is_ok_and(|s| s.into_inner().image.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRI never listed {image}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the kubelet passes for a Pod whose containers request and are limited to one
+/// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
+/// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
+pub fn one_cpu_512mi() -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        cpu_shares: 1024,
+        memory_limit_in_bytes: 512 << 20,
+        ..Default::default()
+    }
+}
+
+/// A pod of 1 CPU and 512Mi (resources and `gpuvm.dev/*` annotations) on the "node"
+/// network (containerd's private netns: no CNI), each container with its own pid
+/// namespace.
+pub fn sandbox_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        log_directory: log_dir.display().to_string(),
+        annotations: [
+            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
+            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
+        ]
+        .into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node.into(),
+                    pid: NamespaceMode::Container.into(),
+                    ipc: NamespaceMode::Pod.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            resources: Some(one_cpu_512mi()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `sleep 600`.
+pub fn container_config(name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.to_owned(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sleep".to_owned()],
+        args: vec!["600".to_owned()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// RunPodSandbox with the gpuvm handler; panics with `context()` on failure.
+pub async fn run_pod(
+    client: &mut Client,
+    config: &PodSandboxConfig,
+    context: impl Fn() -> String,
+) -> String {
+    match client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: RUNTIME_HANDLER.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().pod_sandbox_id,
+        Err(e) => panic!("RunPodSandbox: {e}\n{}", context()),
+    }
+}
+
+/// CreateContainer + StartContainer in `pod_id`; returns the container id.
+pub async fn create_and_start(
+    client: &mut Client,
+    pod_id: &str,
+    sandbox: &PodSandboxConfig,
+    container: ContainerConfig,
+    context: impl Fn() -> String,
+) -> String {
+    let name = container
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = match client
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+            config: Some(container),
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().container_id,
+        Err(e) => panic!("CreateContainer {name}: {e}\n{}", context()),
+    };
+    if let Err(e) = client
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+    {
+        panic!("StartContainer {name}: {e}\n{}", context());
+    }
+    id
+}
+
+/// StopPodSandbox + RemovePodSandbox, as kubelet does.
+pub async fn stop_and_remove_pod(client: &mut Client, pod_id: &str, context: impl Fn() -> String) {
+    if let Err(e) = client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+        })
+        .await
+    {
+        panic!("StopPodSandbox: {e}\n{}", context());
+    }
+    if let Err(e) = client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+        })
+        .await
+    {
+        panic!("RemovePodSandbox: {e}\n{}", context());
+    }
+}
+
+/// ExecSync of `cmd` in `container_id` (120 s timeout); panics if the call fails.
+pub async fn exec_sync(client: &mut Client, container_id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    client
+        .exec_sync(ExecSyncRequest {
+            container_id: container_id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 120,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
+        .into_inner()
+}
