@@ -92,7 +92,11 @@ fn systemd_path(raw: &str, slice: &str, prefix: &str, name: &str) -> Result<Path
     if !prefix.is_empty() {
         check_name(raw, prefix)?;
     }
-    let slice = if slice.is_empty() { DEFAULT_SLICE } else { slice };
+    let slice = if slice.is_empty() {
+        DEFAULT_SLICE
+    } else {
+        slice
+    };
     let mut path = expand_slice(raw, slice)?;
     let unit = if name.ends_with(".slice") {
         name.to_owned()
@@ -109,7 +113,10 @@ fn systemd_path(raw: &str, slice: &str, prefix: &str, name: &str) -> Result<Path
 fn expand_slice(raw: &str, slice: &str) -> Result<PathBuf> {
     check_name(raw, slice)?;
     let Some(stem) = slice.strip_suffix(".slice") else {
-        return Err(refuse(raw, &format!("has the slice {slice:?}, not *.slice")));
+        return Err(refuse(
+            raw,
+            &format!("has the slice {slice:?}, not *.slice"),
+        ));
     };
     if stem == "-" {
         return Ok(PathBuf::new());
@@ -521,8 +528,8 @@ mod tests {
                 .iter()
                 .any(|e| p == Path::new(e))
         };
-        let plan = PodCgroup::plan_in(&hierarchies(UNIFIED), "/kubepods/pod1/abc", exists)
-            .expect("plan");
+        let plan =
+            PodCgroup::plan_in(&hierarchies(UNIFIED), "/kubepods/pod1/abc", exists).expect("plan");
         assert_eq!(
             plan.join_dirs(),
             vec![PathBuf::from("/sys/fs/cgroup/kubepods/pod1/abc")]
@@ -534,8 +541,7 @@ mod tests {
                 PathBuf::from("/sys/fs/cgroup/kubepods/pod1/abc"),
             ]
         );
-        let plan = PodCgroup::plan_in(&hierarchies(HYBRID), "/kubepods/abc", exists)
-            .expect("plan");
+        let plan = PodCgroup::plan_in(&hierarchies(HYBRID), "/kubepods/abc", exists).expect("plan");
         assert_eq!(
             plan.join_dirs(),
             [
@@ -559,7 +565,10 @@ mod tests {
             vec![PathBuf::from("/sys/fs/cgroup/pod1/abc")]
         );
         let err = PodCgroup::plan_in(&inside, "/other/abc", |_| true).expect_err("outside");
-        assert!(err.to_string().contains("outside the cgroup /kubepods"), "{err}");
+        assert!(
+            err.to_string().contains("outside the cgroup /kubepods"),
+            "{err}"
+        );
         let err = PodCgroup::plan_in(&[], "/a", |_| true).expect_err("no hierarchy");
         assert!(err.to_string().contains("no cgroup hierarchy"), "{err}");
     }
@@ -582,7 +591,11 @@ mod tests {
         let plan = PodCgroup::plan_in(&tree, "/kubepods/abc", |p| p.exists()).expect("plan");
         assert_eq!(
             plan.to_create,
-            vec![v2.join("kubepods"), v2.join("kubepods/abc"), cpuset.join("kubepods/abc")]
+            vec![
+                v2.join("kubepods"),
+                v2.join("kubepods/abc"),
+                cpuset.join("kubepods/abc")
+            ]
         );
         // A real cpuset cgroup starts with empty files; here the test plants them.
         std::fs::create_dir(cpuset.join("kubepods/abc")).expect("mkdir");
@@ -605,7 +618,10 @@ mod tests {
         std::fs::write(v2.join("kubepods/keep"), "").expect("write");
         remove_created(&plan.to_create);
         assert!(!v2.join("kubepods/abc").exists());
-        assert!(v2.join("kubepods").exists(), "a non-empty cgroup was removed");
+        assert!(
+            v2.join("kubepods").exists(),
+            "a non-empty cgroup was removed"
+        );
         assert!(!cpuset.join("kubepods/abc").exists());
         assert!(cpuset.join("kubepods").exists(), "not ours");
     }

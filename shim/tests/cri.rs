@@ -18,8 +18,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    Client, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod, sandbox_config,
-    start_cri, stop_and_remove_pod,
+    Client, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod,
+    sandbox_config, start_cri, stop_and_remove_pod,
 };
 use common::{ShimSettings, test_dir};
 use k8s_cri::v1::{

@@ -9,8 +9,8 @@ use containerd_shim::protos::types::mount::Mount as ContainerdMount;
 
 use super::Sandbox;
 use crate::agent::{
-    Capabilities, ContainerSpec, Mount as AgentMount, Namespace, ProcessId, ProcessSpec,
-    Resources, Rlimit, Seccomp, SeccompArg, SeccompSyscall,
+    Capabilities, ContainerSpec, Mount as AgentMount, Namespace, ProcessId, ProcessSpec, Resources,
+    Rlimit, Seccomp, SeccompArg, SeccompSyscall,
 };
 use crate::error::{Error, Result};
 use crate::persist::StartTimings;
@@ -486,7 +486,9 @@ mod tests {
         );
         assert_eq!(resources(&linux_spec(serde_json::json!({}))), None);
         assert_eq!(
-            resources(&linux_spec(serde_json::json!({"resources": {"devices": []}}))),
+            resources(&linux_spec(
+                serde_json::json!({"resources": {"devices": []}})
+            )),
             None,
             "device rules are the VM's"
         );

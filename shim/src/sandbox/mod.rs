@@ -22,10 +22,10 @@ pub use spec::{RUN_DIR, vm_spec, work_dir};
 pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
 
 use crate::agent::{Agent, GuestInfo, TtrpcAgent};
+use crate::cgroup::PodCgroup;
 use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
-use crate::cgroup::PodCgroup;
 use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::rootfs::ShareDirs;
