@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    Client, container_config, create_and_start, exec_sync, run_pod, sandbox_config, start_cri,
+    Client, CriTest, container_config, create_and_start, exec_sync, run_pod, sandbox_config,
     stop_and_remove_pod,
 };
 use common::{ShimSettings, processes_mentioning, test_dir};
@@ -269,13 +269,10 @@ fn print_overhead(cgroup: &str, pod_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
-    let Some(s) = common::setup_or_skip() else {
+    let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let dir = test_dir();
-    let (containerd, mut client) = start_cri(&s, dir.path(), &ShimSettings::new(&s)).await;
-    let log_dir = dir.path().join("pod-logs");
-    std::fs::create_dir_all(&log_dir).expect("mkdir");
+    let (containerd, mut client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
     let context = || containerd.log_tail();
 
     // A cgroupfs parent, as kubelet's cgroupfs driver passes it.
@@ -391,13 +388,10 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
-    let Some(s) = common::setup_or_skip() else {
+    let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let dir = test_dir();
-    let (containerd, mut client) = start_cri(&s, dir.path(), &ShimSettings::new(&s)).await;
-    let log_dir = dir.path().join("pod-logs");
-    std::fs::create_dir_all(&log_dir).expect("mkdir");
+    let (containerd, mut client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
     let context = || containerd.log_tail();
 
     // kubelet's systemd driver passes a slice; containerd then writes

@@ -18,10 +18,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    Client, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod,
-    sandbox_config, start_cri, stop_and_remove_pod,
+    Client, CriTest, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod,
+    sandbox_config, stop_and_remove_pod,
 };
-use common::{ShimSettings, test_dir};
 use k8s_cri::v1::{
     Capability, ContainerConfig, ExecSyncResponse, Int64Value, LinuxContainerConfig,
     LinuxContainerSecurityContext, PodSandboxConfig, RunPodSandboxRequest, SecurityProfile,
@@ -86,13 +85,11 @@ async fn mount_tmpfs(client: &mut Client, container_id: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
-    let Some(s) = common::setup_or_skip() else {
+    let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let dir = test_dir();
-    let (containerd, mut client) = start_cri(&s, dir.path(), &ShimSettings::new(&s)).await;
-    let log_dir = dir.path().join("pod-logs");
-    std::fs::create_dir_all(&log_dir).expect("mkdir");
+    let (containerd, mut client, log_dir, dir) =
+        (&t.containerd, &mut t.client, &t.log_dir, t.dir.path());
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
@@ -102,7 +99,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
     // A Localhost seccomp profile (a file on the node) that denies mkdir.
-    let profile = dir.path().join("no-mkdir.json");
+    let profile = dir.join("no-mkdir.json");
     std::fs::write(
         &profile,
         serde_json::json!({

@@ -46,6 +46,36 @@ pub async fn start_cri(s: &Setup, dir: &Path, settings: &ShimSettings) -> (Conta
     (containerd, RuntimeServiceClient::new(channel))
 }
 
+/// A CRI test's world: containerd with CRI (default shim settings), a client, a
+/// directory for pod logs. Fields drop in order: containerd (and what its shims left)
+/// before the directory it lives in.
+pub struct CriTest {
+    pub containerd: Containerd,
+    pub client: Client,
+    /// Pods' `log_directory`.
+    pub log_dir: std::path::PathBuf,
+    pub setup: Setup,
+    pub dir: tempfile::TempDir,
+}
+
+impl CriTest {
+    /// Starts it, or `None` after printing SKIPPED (see [`super::setup_or_skip`]).
+    pub async fn start_or_skip() -> Option<CriTest> {
+        let setup = super::setup_or_skip()?;
+        let dir = super::test_dir();
+        let (containerd, client) = start_cri(&setup, dir.path(), &ShimSettings::new(&setup)).await;
+        let log_dir = dir.path().join("pod-logs");
+        std::fs::create_dir_all(&log_dir).expect("mkdir");
+        Some(CriTest {
+            containerd,
+            client,
+            log_dir,
+            setup,
+            dir,
+        })
+    }
+}
+
 /// A gRPC channel over containerd's unix socket.
 pub async fn connect(socket: std::path::PathBuf) -> Channel {
     Endpoint::try_from("http://[::]")
