@@ -272,14 +272,14 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
     let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let (containerd, mut client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
+    let (containerd, client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
     let context = || containerd.log_tail();
 
     // A cgroupfs parent, as kubelet's cgroupfs driver passes it.
     let top = format!("gpuvm-cgtest-{}", std::process::id());
     let parent = format!("/{top}/podtest");
-    let config = pod_in(&format!("cg-{}", std::process::id()), &log_dir, &parent);
-    let pod_id = run_pod(&mut client, &config, context).await;
+    let config = pod_in(&format!("cg-{}", std::process::id()), log_dir, &parent);
+    let pod_id = run_pod(client, &config, context).await;
     let cgroup = format!("{parent}/{pod_id}");
     assert_in_cgroup(&pod_id, &cgroup);
 
@@ -292,11 +292,11 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
         ..Default::default()
     };
     let sleeper = limited("limited", &["/bin/sleep", "600"], resources);
-    let limited_id = create_and_start(&mut client, &pod_id, &config, sleeper, context).await;
-    let reader = create_and_start(&mut client, &pod_id, &config, cgroup_reader(), context).await;
-    wait_for_reader(&mut client, &reader).await;
+    let limited_id = create_and_start(client, &pod_id, &config, sleeper, context).await;
+    let reader = create_and_start(client, &pod_id, &config, cgroup_reader(), context).await;
+    wait_for_reader(client, &reader).await;
     // An exec joins its container's cgroup, whose files carry the spec's limits.
-    let out = exec_sync(&mut client, &limited_id, &["/bin/cat", "/proc/self/cgroup"]).await;
+    let out = exec_sync(client, &limited_id, &["/bin/cat", "/proc/self/cgroup"]).await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("0::/gpuvm/{limited_id}")
@@ -309,7 +309,7 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
         ("cpu.weight", "59"),
     ] {
         assert_eq!(
-            guest_cgroup_file(&mut client, &reader, &limited_id, file).await,
+            guest_cgroup_file(client, &reader, &limited_id, file).await,
             want,
             "{file}"
         );
@@ -328,12 +328,12 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
         },
     );
     let started = Instant::now();
-    let hog_id = create_and_start(&mut client, &pod_id, &config, hog, context).await;
-    let (reason, code) = wait_exited(&mut client, &hog_id, context).await;
+    let hog_id = create_and_start(client, &pod_id, &config, hog, context).await;
+    let (reason, code) = wait_exited(client, &hog_id, context).await;
     println!("OOM case took {:.2?}", started.elapsed());
     assert_eq!((reason.as_str(), code), ("OOMKilled", 137), "{}", context());
     // The limited container and the VM lived through it.
-    let out = exec_sync(&mut client, &limited_id, &["/bin/true"]).await;
+    let out = exec_sync(client, &limited_id, &["/bin/true"]).await;
     assert_eq!(out.exit_code, 0);
 
     print_overhead(&cgroup, &pod_id);
@@ -391,15 +391,15 @@ async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
     let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let (containerd, mut client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
+    let (containerd, client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
     let context = || containerd.log_tail();
 
     // kubelet's systemd driver passes a slice; containerd then writes
     // `<slice>:cri-containerd:<id>`, which is this path in every hierarchy.
     let top = format!("gpuvmtest{}", std::process::id());
     let slice = format!("{top}-pod.slice");
-    let config = pod_in(&format!("cgsd-{}", std::process::id()), &log_dir, &slice);
-    let pod_id = run_pod(&mut client, &config, context).await;
+    let config = pod_in(&format!("cgsd-{}", std::process::id()), log_dir, &slice);
+    let pod_id = run_pod(client, &config, context).await;
     let spec: serde_json::Value = serde_json::from_slice(
         &std::fs::read(containerd.bundle("k8s.io", &pod_id).join("config.json")).expect("spec"),
     )
@@ -412,17 +412,10 @@ async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
         &pod_id,
         &format!("/{top}.slice/{slice}/cri-containerd-{pod_id}.scope"),
     );
-    let id = create_and_start(
-        &mut client,
-        &pod_id,
-        &config,
-        container_config("c"),
-        context,
-    )
-    .await;
-    let out = exec_sync(&mut client, &id, &["/bin/true"]).await;
+    let id = create_and_start(client, &pod_id, &config, container_config("c"), context).await;
+    let out = exec_sync(client, &id, &["/bin/true"]).await;
     assert_eq!(out.exit_code, 0);
-    stop_and_remove_pod(&mut client, &pod_id, context).await;
+    stop_and_remove_pod(client, &pod_id, context).await;
     tokio::task::block_in_place(|| {
         containerd.assert_nothing_left_behind(&[&pod_id, &id]);
         assert_cgroup_gone(&format!("{top}.slice"));

@@ -88,14 +88,14 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let (containerd, mut client, log_dir, dir) =
+    let (containerd, client, log_dir, dir) =
         (&t.containerd, &mut t.client, &t.log_dir, t.dir.path());
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
-    let config = sandbox_config(&pod_name, &log_dir);
+    let config = sandbox_config(&pod_name, log_dir);
     let started = Instant::now();
-    let pod_id = run_pod(&mut client, &config, context).await;
+    let pod_id = run_pod(client, &config, context).await;
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
     // A Localhost seccomp profile (a file on the node) that denies mkdir.
@@ -168,7 +168,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         ),
     ];
     for container in configs {
-        containers.push(create_and_start(&mut client, &pod_id, &config, container, context).await);
+        containers.push(create_and_start(client, &pod_id, &config, container, context).await);
     }
     println!(
         "CRI: sandbox ready in {sandbox_ready:?}, six containers running after {:?}",
@@ -177,7 +177,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
 
     // ExecSync: stdout, stderr and the exit code come back.
     let out = exec_sync(
-        &mut client,
+        client,
         &containers[0],
         &[
             "/bin/sh",
@@ -199,31 +199,31 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     // default capability set (no CAP_SYS_ADMIN, so no mount), CAP_SYS_ADMIN added
     // (mount works), ALL dropped (no capabilities, no mount), runAsUser.
     assert_eq!(
-        effective_caps(&mut client, &containers[0]).await,
+        effective_caps(client, &containers[0]).await,
         "00000000a80425fb",
         "containerd's default capabilities"
     );
-    assert_ne!(mount_tmpfs(&mut client, &containers[0]).await, 0);
+    assert_ne!(mount_tmpfs(client, &containers[0]).await, 0);
     assert_eq!(
-        mount_tmpfs(&mut client, &containers[1]).await,
+        mount_tmpfs(client, &containers[1]).await,
         0,
         "{}",
         context()
     );
     assert_eq!(
-        effective_caps(&mut client, &containers[2]).await,
+        effective_caps(client, &containers[2]).await,
         "0000000000000000",
         "drop: [ALL]"
     );
-    assert_ne!(mount_tmpfs(&mut client, &containers[2]).await, 0);
-    let out = exec_sync(&mut client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
+    assert_ne!(mount_tmpfs(client, &containers[2]).await, 0);
+    let out = exec_sync(client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
     // Seccomp: the Localhost profile's mkdir gets EPERM, where the unfiltered
     // container's succeeds; containerd's RuntimeDefault profile loads and filters.
     let mkdir = ["/bin/busybox", "mkdir", "/tmp/made"];
-    let out = exec_sync(&mut client, &containers[0], &mkdir).await;
+    let out = exec_sync(client, &containers[0], &mkdir).await;
     assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let out = exec_sync(&mut client, &containers[4], &mkdir).await;
+    let out = exec_sync(client, &containers[4], &mkdir).await;
     assert_ne!(out.exit_code, 0);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
@@ -232,7 +232,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     );
     for (c, want) in [(0, "0"), (4, "2"), (5, "2")] {
         let out = exec_sync(
-            &mut client,
+            client,
             &containers[c],
             &["/bin/busybox", "grep", "^Seccomp:", "/proc/self/status"],
         )
@@ -249,9 +249,9 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     // (its init is pid 1); one left at the CRI default (Pod) shares the pod's, the
     // guest's, where pid 1 is the agent.
     let init_comm = |out: ExecSyncResponse| String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let own = exec_sync(&mut client, &containers[1], &["/bin/cat", "/proc/1/comm"]).await;
+    let own = exec_sync(client, &containers[1], &["/bin/cat", "/proc/1/comm"]).await;
     assert_eq!(init_comm(own), "sleep");
-    let shared = exec_sync(&mut client, &containers[0], &["/bin/cat", "/proc/1/comm"]).await;
+    let shared = exec_sync(client, &containers[0], &["/bin/cat", "/proc/1/comm"]).await;
     assert_ne!(init_comm(shared), "sleep");
 
     // One VMM for the pod, and all containers in the same guest kernel.
@@ -264,12 +264,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     let boot_ids: Vec<String> = {
         let mut ids = Vec::new();
         for c in &containers {
-            let out = exec_sync(
-                &mut client,
-                c,
-                &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
-            )
-            .await;
+            let out = exec_sync(client, c, &["/bin/cat", "/proc/sys/kernel/random/boot_id"]).await;
             assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
             ids.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
         }
@@ -287,7 +282,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
 
     // The guest has the size the Pod's resources allow (1 CPU, at most 512Mi).
     let out = exec_sync(
-        &mut client,
+        client,
         &containers[0],
         &[
             "/bin/sh",
@@ -332,12 +327,12 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     }
 
     // Stop and remove the pod as kubelet does.
-    stop_and_remove_pod(&mut client, &pod_id, context).await;
+    stop_and_remove_pod(client, &pod_id, context).await;
     println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
 
     // A Pod whose annotation asks for more CPUs than its resources account for is
     // refused before anything starts, with the shim's sentence.
-    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), &log_dir);
+    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), log_dir);
     greedy
         .annotations
         .insert("gpuvm.dev/cpus".to_owned(), "2".to_owned());
