@@ -120,6 +120,7 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
         mmio64_size: None,
         memory: Default::default(),
         cgroups: vec![],
+        numa: None,
     }
 }
 

@@ -103,6 +103,9 @@ impl VmHost {
     ) -> Result<WatchedProcess> {
         let cgroups = JoinFds::open(&self.spec.cgroups)?;
         cgroups.join_before_exec(&mut command);
+        if let Some(numa) = &self.spec.numa {
+            crate::numa::bind_before_exec(numa, &mut command);
+        }
         let process = WatchedProcess::spawn(name, binary, command).map_err(|e| match e {
             // The child reports a failed join as the spawn's error: name the cgroup.
             Error::Io { context, source } if !self.spec.cgroups.is_empty() => Error::Io {

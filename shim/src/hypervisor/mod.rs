@@ -60,6 +60,9 @@ pub struct VmSpec {
     /// The pod's cgroup, one directory per hierarchy: every process started for the
     /// VM joins them before exec. Empty: they stay in the shim's.
     pub cgroups: Vec<PathBuf>,
+    /// The host NUMA node (and its CPUs) every process of the VM is bound to: its
+    /// GPUs' node on a multi-node host, else `None`.
+    pub numa: Option<crate::numa::NumaPlacement>,
 }
 
 /// Guest memory backing, from the config's `[memory]` section.
@@ -265,6 +268,7 @@ pub(crate) mod tests {
             mmio64_size: None,
             memory: Default::default(),
             cgroups: vec![],
+            numa: None,
         }
     }
 

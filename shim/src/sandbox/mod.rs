@@ -374,8 +374,14 @@ impl Sandbox {
             &config.guest.initramfs,
         )?;
         let devices = Devices::claim(&config, annotations, id)?;
+        let gpu_nodes: Vec<Option<u32>> = devices
+            .passthrough
+            .iter()
+            .flat_map(|set| set.gpus.iter().map(|gpu| gpu.numa_node))
+            .collect();
         let spec = VmSpec {
             cgroups: cgroup.join_dirs(),
+            numa: crate::numa::placement(&config.host.sysfs_root, &gpu_nodes)?,
             ..vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?
         };
         let hypervisor = hypervisor::new_hypervisor(&config, spec);

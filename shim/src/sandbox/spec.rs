@@ -52,6 +52,7 @@ pub fn vm_spec(
         },
         // The pod's cgroup, placed by the boot (it reads the host's mounts).
         cgroups: Vec::new(),
+        numa: None,
     })
 }
 
@@ -102,6 +103,7 @@ mod tests {
             mmio64_size: None,
             memory: MemoryOptions::default(),
             cgroups: Vec::new(),
+            numa: None,
         }
     }
 

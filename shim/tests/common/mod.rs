@@ -134,6 +134,7 @@ pub fn bare_vm_spec(id: &str, work_dir: PathBuf, kernel: PathBuf, initramfs: Pat
         mmio64_size: None,
         memory: Default::default(),
         cgroups: vec![],
+        numa: None,
     }
 }
 
