@@ -530,7 +530,8 @@ fn boots_the_guest_and_runs_a_container() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
+    // The shell creates the file before `echo` writes it: wait for the content.
+    while std::fs::read_to_string(&marker).ok().as_deref() != Some("written\n") {
         assert!(
             Instant::now() < deadline,
             "the long container never started"
