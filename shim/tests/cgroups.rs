@@ -423,7 +423,8 @@ async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
 }
 
 /// `ctr run` with a spec of its own: its `process.rlimits` hold in the guest (CRI
-/// passes none unless containerd's `base_runtime_spec` sets them).
+/// passes none unless containerd's `base_runtime_spec` sets them); a `cgroupsPath`
+/// with `..` is refused with the shim's sentence.
 #[test]
 fn a_specs_rlimits_hold_in_the_guest() {
     let Some(s) = common::setup_or_skip() else {
@@ -461,5 +462,31 @@ fn a_specs_rlimits_hold_in_the_guest() {
         containerd.log_tail()
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "321\n654\n");
-    containerd.assert_nothing_left_behind(&[&id]);
+
+    // A cgroupsPath that climbs out of the hierarchy is refused before anything runs.
+    let hostile = format!("{id}-hostile");
+    spec["linux"]["cgroupsPath"] = serde_json::json!("/kubepods/../../etc");
+    std::fs::write(&path, spec.to_string()).expect("write spec");
+    let out = containerd
+        .ctr()
+        .args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
+        .arg("--runtime-config-path")
+        .arg(&containerd.shim_config)
+        .arg("--config")
+        .arg(&path)
+        .arg(&hostile)
+        .output()
+        .expect("ctr run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(r#"linux.cgroupsPath "/kubepods/../../etc" has the component "..""#),
+        "{stderr}"
+    );
+    let _ = containerd
+        .ctr()
+        .args(["container", "delete", &hostile])
+        .output();
+    containerd.assert_nothing_left_behind(&[&id, &hostile]);
+    assert_cgroup_gone("etc");
 }
