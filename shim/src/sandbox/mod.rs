@@ -605,18 +605,20 @@ mod tests {
         }
     }
 
-    /// Launches a sleep VM for sandbox `pod1` under `dir`; returns the launch's error,
-    /// the VMM it started and the VM's work dir.
+    /// Launches a sleep VM for sandbox `pod1` under `dir`, its processes in `cgroup`;
+    /// returns the launch's error, the VMM it started and the VM's work dir.
     async fn failed_launch(
         dir: &Path,
         break_bundle: bool,
         config: &ShimConfig,
+        cgroup: PodCgroup,
     ) -> (Error, WatchedProcess, PathBuf) {
         let bundle = dir.join("bundle");
         std::fs::create_dir(&bundle).expect("bundle");
         let mut spec = sample_spec();
         spec.work_dir = dir.join("vm");
         spec.shared_dir = Some(ShareDirs::of(&spec.work_dir).shared);
+        spec.cgroups = cgroup.join_dirs();
         let work_dir = spec.work_dir.clone();
         let started = Arc::new(std::sync::Mutex::new(None));
         let vmm = SleepVmm {
@@ -630,7 +632,8 @@ mod tests {
             Box::new(vmm),
             Devices::none(config.host.clone()),
             16 << 20,
-        );
+        )
+        .with_cgroup(cgroup);
         let held = FailedResetLocks::default();
         let err = Sandbox::launch(vm, config, &HashMap::new(), &held, Instant::now())
             .await
@@ -659,7 +662,13 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let (err, vmm, work_dir) = failed_launch(dir.path(), true, &ShimConfig::default()).await;
+        let (err, vmm, work_dir) = failed_launch(
+            dir.path(),
+            true,
+            &ShimConfig::default(),
+            PodCgroup::default(),
+        )
+        .await;
         assert!(
             matches!(&err, Error::Io { context, .. } if context.contains("gpuvm-state.json")),
             "{err:?}"
@@ -680,7 +689,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = ShimConfig::default();
         config.timeouts.agent_connect_secs = 1;
-        let (err, vmm, work_dir) = failed_launch(dir.path(), false, &config).await;
+        let (err, vmm, work_dir) =
+            failed_launch(dir.path(), false, &config, PodCgroup::default()).await;
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
         assert!(
@@ -694,5 +704,26 @@ mod tests {
                 .is_none(),
             "state file left behind"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_removes_the_pod_cgroup_it_created() {
+        if !can_mount() {
+            return;
+        }
+        // The host's real hierarchies: the VMM joins them, the teardown removes them.
+        let top = format!("gpuvm-unit-{}", std::process::id());
+        let cgroup = PodCgroup::plan(Some(&format!("/{top}/pod1"))).expect("plan");
+        let created = cgroup.to_create.clone();
+        assert!(!created.is_empty());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = ShimConfig::default();
+        config.timeouts.agent_connect_secs = 1;
+        let (err, vmm, _) = failed_launch(dir.path(), false, &config, cgroup).await;
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
+        for dir in created {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
     }
 }
