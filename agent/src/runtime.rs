@@ -74,11 +74,17 @@ impl Runtime {
         if containers.contains_key(container_id) {
             return Err(Error::ContainerExists(container_id.to_string()));
         }
-        let cgroup = self
-            .cgroups
-            .as_ref()
-            .map(|cgroups| cgroups.create(container_id))
-            .transpose()?;
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => Some(Self::limited_cgroup(cgroups, container_id, &spec)?),
+            None => {
+                if !spec.limits.is_empty() {
+                    tracing::warn!(
+                        "No cgroups: the limits of container {container_id} are not applied"
+                    );
+                }
+                None
+            }
+        };
         containers.insert(
             container_id.to_string(),
             Container {
@@ -89,6 +95,23 @@ impl Runtime {
             },
         );
         Ok(())
+    }
+
+    /// Creates a container's group and writes its limits; removes it again if they
+    /// cannot be written.
+    fn limited_cgroup(
+        cgroups: &Cgroups,
+        container_id: &str,
+        spec: &ContainerSpec,
+    ) -> Result<PathBuf> {
+        let dir = cgroups.create(container_id)?;
+        if let Err(e) = cgroups.apply(&dir, &spec.limits) {
+            if let Err(removal) = cgroups.remove(&dir) {
+                tracing::warn!("{removal}");
+            }
+            return Err(e);
+        }
+        Ok(dir)
     }
 
     /// Registers an extra process in a container.

@@ -108,6 +108,8 @@ pub struct ContainerSpec {
     pub seccomp: Option<SeccompFilters>,
     /// Its pid, ipc and uts namespaces.
     pub namespaces: Namespaces,
+    /// What its cgroup's interface files get (OCI `linux.resources`).
+    pub limits: Vec<crate::cgroup::Limit>,
 }
 
 /// Mounts a container gets when the request names none.
@@ -168,6 +170,10 @@ pub fn container_spec(req: &agent::CreateProcessRequest) -> Result<(ContainerSpe
         .map(security::seccomp_filters)
         .transpose()?;
     let namespaces = security::namespaces(&req.namespaces)?;
+    let limits = match req.resources.as_ref() {
+        Some(resources) => crate::cgroup::limits(resources)?,
+        None => Vec::new(),
+    };
     Ok((
         ContainerSpec {
             rootfs,
@@ -175,6 +181,7 @@ pub fn container_spec(req: &agent::CreateProcessRequest) -> Result<(ContainerSpe
             mounts,
             seccomp,
             namespaces,
+            limits,
         },
         process,
     ))

@@ -8,57 +8,16 @@ mod common;
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use gpuvm_protocol::agent as pb;
-use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
 use protobuf::MessageField;
-
-struct Agent {
-    child: Child,
-    client: AgentServiceClient,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_agent() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let address = format!("unix://{}", socket.display());
-    let child = Command::new(env!("CARGO_BIN_EXE_gpuvm-agent"))
-        .args(["--listen", &address])
-        .spawn()
-        .unwrap();
-    // The socket file appears at bind(), a moment before listen(): retry.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let client = loop {
-        match ttrpc::Client::connect(&address) {
-            Ok(client) => break client,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "agent did not listen: {e:?}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    let client = AgentServiceClient::new(client);
-    Agent {
-        child,
-        client,
-        _dir: dir,
-    }
-}
 
 #[test]
 fn ping_and_guest_info() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let pong = agent.client.ping(ctx(), &pb::PingRequest::new()).unwrap();
     assert_eq!(pong.agent_version, env!("CARGO_PKG_VERSION"));
     let info = agent
@@ -76,7 +35,7 @@ fn ping_and_guest_info() {
 
 #[test]
 fn runs_a_process_with_exact_stdio_and_exit() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let before = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -100,7 +59,7 @@ fn runs_a_process_with_exact_stdio_and_exit() {
 
 #[test]
 fn cwd_uid_and_rlimits_apply() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let mut spec = process(&["sh", "-c", "pwd; id -u; id -g; ulimit -n"]);
     spec.cwd = "/tmp".into();
     spec.uid = 65534;
@@ -118,7 +77,7 @@ fn cwd_uid_and_rlimits_apply() {
 
 #[test]
 fn a_missing_command_is_a_clear_not_found() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let err =
         create_and_start(&agent.client, "c3", "", process(&["no-such-command-xyz"])).unwrap_err();
     let (code, message) = status_of(err);
@@ -135,7 +94,7 @@ fn a_missing_command_is_a_clear_not_found() {
 
 #[test]
 fn a_failed_setup_step_is_named() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     for round in 0..20 {
         let mut spec = process(&["true"]);
         spec.cwd = "/no/such/working/dir".into();
@@ -156,7 +115,7 @@ fn a_failed_setup_step_is_named() {
 
 #[test]
 fn stdin_reaches_the_process() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     create_and_start(&agent.client, "cat", "", process(&["cat"])).unwrap();
     let written = agent
         .client
@@ -186,7 +145,7 @@ fn stdin_reaches_the_process() {
 
 #[test]
 fn signals_stats_list_and_exec() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let pid = create_and_start(
         &agent.client,
         "sleeper",
@@ -231,29 +190,13 @@ fn signals_stats_list_and_exec() {
     );
 
     // An exec in the same container.
-    agent
-        .client
-        .exec_process(
-            ctx(),
-            &pb::ExecProcessRequest {
-                container_id: "sleeper".into(),
-                exec_id: "e1".into(),
-                process: MessageField::some(process(&["echo", "from exec"])),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    agent
-        .client
-        .start_process(
-            ctx(),
-            &pb::StartProcessRequest {
-                container_id: "sleeper".into(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    exec_and_start(
+        &agent.client,
+        "sleeper",
+        "e1",
+        process(&["echo", "from exec"]),
+    )
+    .unwrap();
     assert_eq!(
         read_all(&agent.client, "sleeper", "e1", true),
         b"from exec\n"
@@ -261,18 +204,7 @@ fn signals_stats_list_and_exec() {
     assert_eq!(wait(&agent.client, "sleeper", "e1").exit_status, 0);
 
     // Kill everything in the container; the shell dies of SIGKILL.
-    agent
-        .client
-        .signal_process(
-            ctx(),
-            &pb::SignalProcessRequest {
-                container_id: "sleeper".into(),
-                signal: 9,
-                all: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    signal(&agent.client, "sleeper", 9, true);
     let exit = wait(&agent.client, "sleeper", "");
     assert_eq!((exit.exit_status, exit.signal), (137, 9));
     let running = agent
@@ -286,7 +218,7 @@ fn signals_stats_list_and_exec() {
 
 #[test]
 fn a_terminal_process_gets_a_pty() {
-    let agent = start_agent();
+    let agent = spawn_agent();
     let mut spec = process(&["sh", "-c", "tty; stty size"]);
     spec.terminal = true;
     spec.console_size = MessageField::some(pb::ConsoleSize {
@@ -312,7 +244,7 @@ fn a_container_sees_its_own_root() {
         );
         return;
     }
-    let agent = start_agent();
+    let agent = spawn_agent();
     let rootfs = tempfile::tempdir().unwrap();
     let root = rootfs.path();
     std::fs::write(root.join("marker"), "inside the container\n").unwrap();
@@ -387,7 +319,7 @@ fn a_container_sees_its_own_root() {
 
 #[test]
 fn shutdown_stops_the_agent_and_its_processes() {
-    let mut agent = start_agent();
+    let mut agent = spawn_agent();
     let pid = create_and_start(&agent.client, "long", "", process(&["sleep", "60"])).unwrap();
     agent
         .client

@@ -10,27 +10,11 @@ mod common;
 
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
 use common::*;
 use gpuvm_protocol::agent as pb;
-use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
 use gpuvm_testkit::{Requirement, skip};
 use protobuf::MessageField;
-
-struct Agent {
-    child: Child,
-    client: AgentServiceClient,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The agent as root, or `None` after printing SKIPPED.
 fn start_agent() -> Option<Agent> {
@@ -41,28 +25,7 @@ fn start_agent() -> Option<Agent> {
         );
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let address = format!("unix://{}", socket.display());
-    let child = Command::new(env!("CARGO_BIN_EXE_gpuvm-agent"))
-        .args(["--listen", &address])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let client = loop {
-        match ttrpc::Client::connect(&address) {
-            Ok(client) => break client,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "agent did not listen: {e:?}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    Some(Agent {
-        child,
-        client: AgentServiceClient::new(client),
-        dir,
-    })
+    Some(spawn_agent())
 }
 
 fn bind(destination: &str, options: &[&str]) -> pb::Mount {
@@ -226,24 +189,7 @@ fn a_seccomp_profile_denies_its_syscalls_in_the_container_and_its_execs() {
     let mut exec = process(&["sh", "-c", &script]);
     exec.uid = 1000;
     exec.gid = 1000;
-    agent
-        .client
-        .exec_process(
-            ctx(),
-            &pb::ExecProcessRequest {
-                container_id: "seccomp-nnp".into(),
-                exec_id: "e1".into(),
-                process: MessageField::some(exec),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let start = pb::StartProcessRequest {
-        container_id: "seccomp-nnp".into(),
-        exec_id: "e1".into(),
-        ..Default::default()
-    };
-    agent.client.start_process(ctx(), &start).unwrap();
+    exec_and_start(&agent.client, "seccomp-nnp", "e1", exec).unwrap();
     let stdout = String::from_utf8(read_all(&agent.client, "seccomp-nnp", "e1", true)).unwrap();
     let stderr = String::from_utf8(read_all(&agent.client, "seccomp-nnp", "e1", false)).unwrap();
     wait(&agent.client, "seccomp-nnp", "e1");
@@ -251,18 +197,7 @@ fn a_seccomp_profile_denies_its_syscalls_in_the_container_and_its_execs() {
     assert!(!stdout.contains("MADE"), "{stdout}");
     assert!(stdout.contains("TOUCHED"), "{stdout}");
     assert!(stderr.contains("Operation not permitted"), "{stderr}");
-    agent
-        .client
-        .signal_process(
-            ctx(),
-            &pb::SignalProcessRequest {
-                container_id: "seccomp-nnp".into(),
-                signal: 9,
-                all: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    signal(&agent.client, "seccomp-nnp", 9, true);
     wait(&agent.client, "seccomp-nnp", "");
     delete(&agent.client, "seccomp-nnp", "");
 
@@ -312,44 +247,18 @@ fn containers_with_their_own_pid_namespace_do_not_see_each_other() {
     assert!(stdout.contains("sleep 4242"), "{stdout}");
 
     // An exec joins the sleeper's namespace: it sees the sleeper as pid 1.
-    agent
-        .client
-        .exec_process(
-            ctx(),
-            &pb::ExecProcessRequest {
-                container_id: "sleeper".into(),
-                exec_id: "look".into(),
-                process: MessageField::some(process(&["cat", "/proc/1/cmdline"])),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    agent
-        .client
-        .start_process(
-            ctx(),
-            &pb::StartProcessRequest {
-                container_id: "sleeper".into(),
-                exec_id: "look".into(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    exec_and_start(
+        &agent.client,
+        "sleeper",
+        "look",
+        process(&["cat", "/proc/1/cmdline"]),
+    )
+    .unwrap();
     let stdout = read_all(&agent.client, "sleeper", "look", true);
     wait(&agent.client, "sleeper", "look");
     assert_eq!(stdout, b"sleep\x004242\x00");
 
-    agent
-        .client
-        .signal_process(
-            ctx(),
-            &pb::SignalProcessRequest {
-                container_id: "sleeper".into(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    signal(&agent.client, "sleeper", 9, false);
     assert_eq!(wait(&agent.client, "sleeper", "").signal, 9);
     delete(&agent.client, "sleeper", "");
 }

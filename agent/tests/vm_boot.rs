@@ -530,7 +530,8 @@ fn boots_the_guest_and_runs_a_container() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
+    // The shell creates the file before `echo` writes it: wait for the content.
+    while std::fs::read_to_string(&marker).ok().as_deref() != Some("written\n") {
         assert!(
             Instant::now() < deadline,
             "the long container never started"
@@ -688,16 +689,7 @@ fn the_guest_applies_each_containers_process_security() {
     let (stdout, stderr, exit) = run_request(&with_mounts("shared", process(&["sh", "-c", list])));
     assert_eq!(exit.exit_status, 0, "{stderr}");
     assert!(stdout.contains("sleep 4242"), "{stdout}");
-    client
-        .signal_process(
-            ctx(),
-            &pb::SignalProcessRequest {
-                container_id: "sleeper".into(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    signal(client, "sleeper", 9, false);
     assert_eq!(wait(client, "sleeper", "").signal, 9);
     delete(client, "sleeper", "");
 

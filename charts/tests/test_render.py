@@ -386,7 +386,7 @@ def test_installer_change_rolls_the_daemonset(default, qemu):
 def test_runtime_class_default(default):
     rc = default.get("RuntimeClass", "gpuvm")
     assert rc["handler"] == "gpuvm"
-    assert rc["overhead"] == {"podFixed": {"memory": "48Mi", "cpu": "250m"}}
+    assert rc["overhead"] == {"podFixed": {"memory": "128Mi", "cpu": "250m"}}
     assert rc["scheduling"] == {
         "nodeSelector": {"gpuvm.dev/gpu-node": "true"},
         "tolerations": [{"key": "gpuvm.dev/gpu-node", "operator": "Exists", "effect": "NoSchedule"}],

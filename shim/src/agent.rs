@@ -57,6 +57,39 @@ pub struct ProcessSpec {
     pub no_new_privileges: bool,
     /// File-mode creation mask; `None` leaves the agent's default (0022, as runc).
     pub umask: Option<u32>,
+    /// Resource limits (OCI `process.rlimits`), set before exec.
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// One resource limit, by OCI name (`RLIMIT_NOFILE`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rlimit {
+    /// The OCI name.
+    pub resource: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// OCI `linux.resources` of a container, as OCI means them; the agent converts them
+/// for its cgroup (see the protocol's `Resources`). `None`: not set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Memory limit, bytes; -1 unlimited.
+    pub memory_limit: Option<i64>,
+    /// Memory reservation (soft limit), bytes.
+    pub memory_reservation: Option<i64>,
+    /// Memory plus swap, bytes; -1 unlimited.
+    pub memory_swap: Option<i64>,
+    /// CPU shares (relative weight).
+    pub cpu_shares: Option<u64>,
+    /// CPU time per period, µs; -1 unlimited.
+    pub cpu_quota: Option<i64>,
+    /// CPU period, µs.
+    pub cpu_period: Option<u64>,
+    /// Maximum number of tasks; 0 or -1 unlimited.
+    pub pids_limit: Option<i64>,
 }
 
 /// Linux capability sets by OCI name (`CAP_SYS_ADMIN`), each sorted.
@@ -155,6 +188,8 @@ pub struct ContainerSpec {
     pub seccomp: Option<Seccomp>,
     /// Namespaces of its own; a type not listed is shared with the pod.
     pub namespaces: Vec<Namespace>,
+    /// Limits of its cgroup in the guest.
+    pub resources: Option<Resources>,
 }
 
 /// How a process ended.
@@ -306,6 +341,16 @@ impl From<&ProcessSpec> for pb::ProcessSpec {
             }),
             no_new_privileges: spec.no_new_privileges,
             umask: spec.umask,
+            rlimits: spec
+                .rlimits
+                .iter()
+                .map(|r| pb::Rlimit {
+                    type_: r.resource.clone(),
+                    soft: r.soft,
+                    hard: r.hard,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         if let Some((rows, columns)) = spec.console_size {
@@ -383,6 +428,18 @@ fn create_request(spec: &ContainerSpec) -> pb::CreateProcessRequest {
     };
     if let Some(profile) = &spec.seccomp {
         req.seccomp = protobuf_some(pb::Seccomp::from(profile));
+    }
+    if let Some(r) = spec.resources {
+        req.resources = protobuf_some(pb::Resources {
+            memory_limit: r.memory_limit,
+            memory_reservation: r.memory_reservation,
+            memory_swap: r.memory_swap,
+            cpu_shares: r.cpu_shares,
+            cpu_quota: r.cpu_quota,
+            cpu_period: r.cpu_period,
+            pids_limit: r.pids_limit,
+            ..Default::default()
+        });
     }
     req
 }
@@ -697,6 +754,7 @@ mod tests {
             },
             no_new_privileges: true,
             umask: Some(0o027),
+            rlimits: vec![],
         };
         let pb = pb::ProcessSpec::from(&spec);
         assert_eq!(pb.args, spec.args);
@@ -734,9 +792,11 @@ mod tests {
             readonly_rootfs: false,
             seccomp: None,
             namespaces: vec![],
+            resources: None,
         };
         let req = create_request(&spec);
         assert!(req.seccomp.is_none(), "no profile, no filter");
+        assert!(req.resources.is_none(), "no resources, no limits");
         assert!(req.namespaces.is_empty());
         assert!(req.process.capabilities.is_some());
 
@@ -785,6 +845,51 @@ mod tests {
         assert_eq!(req.namespaces.len(), 1);
         assert_eq!(req.namespaces[0].type_, "pid");
         assert_eq!(req.namespaces[0].path, "");
+    }
+
+    #[test]
+    fn create_request_carries_resources_and_rlimits() {
+        let spec = ContainerSpec {
+            container_id: "c1".into(),
+            rootfs: String::new(),
+            process: ProcessSpec {
+                rlimits: vec![Rlimit {
+                    resource: "RLIMIT_NOFILE".into(),
+                    soft: 1024,
+                    hard: 4096,
+                }],
+                ..ProcessSpec::default()
+            },
+            mounts: vec![],
+            readonly_rootfs: false,
+            seccomp: None,
+            namespaces: vec![],
+            resources: Some(Resources {
+                memory_limit: Some(64 << 20),
+                memory_swap: Some(64 << 20),
+                cpu_shares: Some(512),
+                cpu_quota: Some(50_000),
+                cpu_period: Some(100_000),
+                pids_limit: Some(100),
+                ..Resources::default()
+            }),
+        };
+        let req = create_request(&spec);
+        let r = &req.resources;
+        assert_eq!(
+            (r.memory_limit, r.memory_swap, r.memory_reservation),
+            (Some(64 << 20), Some(64 << 20), None)
+        );
+        assert_eq!(
+            (r.cpu_shares, r.cpu_quota, r.cpu_period, r.pids_limit),
+            (Some(512), Some(50_000), Some(100_000), Some(100))
+        );
+        let rlimits = &req.process.rlimits;
+        assert_eq!(rlimits.len(), 1);
+        assert_eq!(
+            (rlimits[0].type_.as_str(), rlimits[0].soft, rlimits[0].hard),
+            ("RLIMIT_NOFILE", 1024, 4096)
+        );
     }
 
     #[test]

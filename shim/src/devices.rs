@@ -23,6 +23,8 @@ pub struct PassedGpu {
     pub address: PciAddress,
     /// Its PCI device id (for the model name).
     pub device_id: u16,
+    /// Its host NUMA node, if the host has NUMA.
+    pub numa_node: Option<u32>,
 }
 
 /// The devices of a sandbox, checked ready to pass.
@@ -128,6 +130,7 @@ pub fn check_devices(
             gpus.push(PassedGpu {
                 address: *address,
                 device_id: device.device,
+                numa_node: device.numa_node,
             });
         }
         bar64_sizes.extend(

@@ -9,10 +9,12 @@ pub mod state;
 
 pub use error::{Error, Result};
 pub mod agent;
+pub mod cgroup;
 pub mod devices;
 pub mod gpu_check;
 pub mod host_path;
 pub mod hypervisor;
+pub mod numa;
 pub mod persist;
 pub mod process;
 pub mod rootfs;

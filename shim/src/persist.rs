@@ -32,6 +32,10 @@ pub struct SandboxRecord {
     /// `shim delete` resets them after a killed shim before they can be locked again.
     #[serde(default)]
     pub devices: Option<DeviceRecord>,
+    /// The pod cgroup directories the shim created (parents first, one set per
+    /// hierarchy), removed with `rmdir` once the VM's processes are gone.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// The sandbox start broken down, in milliseconds. Each phase ends where the next
@@ -125,6 +129,7 @@ impl SandboxRecord {
         for mount in &self.mounts {
             crate::rootfs::unmount(mount);
         }
+        crate::cgroup::remove_created(&self.cgroups);
         if !self.vm.work_dir.as_os_str().is_empty() {
             crate::rootfs::remove_dir_if_unmounted(&self.vm.work_dir);
         }
@@ -174,6 +179,7 @@ mod tests {
                 lock_dir: "/run/gpuvm/devices".into(),
                 health_dir: "/run/gpuvm/health".into(),
             }),
+            cgroups: vec!["/sys/fs/cgroup/kubepods/pod1".into()],
         };
         record.save(dir.path()).expect("save");
         assert_eq!(SandboxRecord::load(dir.path()).expect("load"), Some(record));

@@ -187,7 +187,8 @@ fn mount_points(mountinfo: &str) -> impl Iterator<Item = String> + '_ {
         .map(unescape_octal)
 }
 
-fn unescape_octal(s: &str) -> String {
+/// Decodes mountinfo's octal escapes (`\040` for a space).
+pub(crate) fn unescape_octal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

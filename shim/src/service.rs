@@ -214,7 +214,7 @@ impl Service {
         &self,
         req: &api::CreateTaskRequest,
         sandbox_id: &str,
-        annotations: &HashMap<String, String>,
+        spec: &oci_spec::runtime::Spec,
     ) -> Result<Arc<Sandbox>> {
         // Not held across the boot: Connect and the other handlers stay answerable.
         let current = self.inner.sandbox.lock().await.clone();
@@ -241,7 +241,7 @@ impl Service {
             .and_then(|any| config_path_from_options(&any.type_url, &any.value));
         let bundle = Path::new(&req.bundle);
         let held = &self.inner.failed_reset_locks;
-        let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, annotations, option, held).await?);
+        let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, spec, option, held).await?);
         *self.inner.sandbox.lock().await = Some(sandbox.clone());
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
@@ -320,7 +320,7 @@ impl Service {
         if self.inner.tasks.contains(&req.id).await {
             return Err(Error::AlreadyExists(format!("task {}", req.id)));
         }
-        let sandbox = self.sandbox_for(&req, &sandbox_id, &annotations).await?;
+        let sandbox = self.sandbox_for(&req, &sandbox_id, &spec).await?;
         let share = if pod_sandbox {
             None
         } else {

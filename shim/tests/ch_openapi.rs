@@ -119,6 +119,8 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
         taps,
         mmio64_size: None,
         memory: Default::default(),
+        cgroups: vec![],
+        numa: None,
     }
 }
 

@@ -18,17 +18,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod, sandbox_config,
-    start_cri, stop_and_remove_pod,
+    Client, CriTest, RUNTIME_HANDLER, container_config, create_and_start, exec_sync, run_pod,
+    sandbox_config, stop_and_remove_pod,
 };
-use common::{ShimSettings, test_dir};
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     Capability, ContainerConfig, ExecSyncResponse, Int64Value, LinuxContainerConfig,
     LinuxContainerSecurityContext, PodSandboxConfig, RunPodSandboxRequest, SecurityProfile,
     security_profile::ProfileType,
 };
-use tonic::transport::Channel;
 
 /// `container_config(name)` with a container `securityContext`, the pod's namespace
 /// options copied in as kubelet does.
@@ -55,7 +52,7 @@ fn secured_container_config(
 }
 
 /// The `CapEff:` line of the exec's own /proc/self/status.
-async fn effective_caps(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> String {
+async fn effective_caps(client: &mut Client, container_id: &str) -> String {
     let out = exec_sync(
         client,
         container_id,
@@ -71,7 +68,7 @@ async fn effective_caps(client: &mut RuntimeServiceClient<Channel>, container_id
 }
 
 /// Exit code of mounting a tmpfs inside the container (the guest's busybox `mount`).
-async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &str) -> i32 {
+async fn mount_tmpfs(client: &mut Client, container_id: &str) -> i32 {
     let out = exec_sync(
         client,
         container_id,
@@ -88,23 +85,21 @@ async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
-    let Some(s) = common::setup_or_skip() else {
+    let Some(mut t) = CriTest::start_or_skip().await else {
         return;
     };
-    let dir = test_dir();
-    let (containerd, mut client) = start_cri(&s, dir.path(), &ShimSettings::new(&s)).await;
-    let log_dir = dir.path().join("pod-logs");
-    std::fs::create_dir_all(&log_dir).expect("mkdir");
+    let (containerd, client, log_dir, dir) =
+        (&t.containerd, &mut t.client, &t.log_dir, t.dir.path());
     let context = || containerd.log_tail();
 
     let pod_name = format!("gpuvm-cri-{}", std::process::id());
-    let config = sandbox_config(&pod_name, &log_dir);
+    let config = sandbox_config(&pod_name, log_dir);
     let started = Instant::now();
-    let pod_id = run_pod(&mut client, &containerd, &config).await;
+    let pod_id = run_pod(client, &config, context).await;
     let sandbox_ready = started.elapsed();
     let mut containers = Vec::new();
     // A Localhost seccomp profile (a file on the node) that denies mkdir.
-    let profile = dir.path().join("no-mkdir.json");
+    let profile = dir.join("no-mkdir.json");
     std::fs::write(
         &profile,
         serde_json::json!({
@@ -173,8 +168,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
         ),
     ];
     for container in configs {
-        containers
-            .push(create_and_start(&mut client, &containerd, &pod_id, &config, container).await);
+        containers.push(create_and_start(client, &pod_id, &config, container, context).await);
     }
     println!(
         "CRI: sandbox ready in {sandbox_ready:?}, six containers running after {:?}",
@@ -183,7 +177,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
 
     // ExecSync: stdout, stderr and the exit code come back.
     let out = exec_sync(
-        &mut client,
+        client,
         &containers[0],
         &[
             "/bin/sh",
@@ -205,31 +199,31 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     // default capability set (no CAP_SYS_ADMIN, so no mount), CAP_SYS_ADMIN added
     // (mount works), ALL dropped (no capabilities, no mount), runAsUser.
     assert_eq!(
-        effective_caps(&mut client, &containers[0]).await,
+        effective_caps(client, &containers[0]).await,
         "00000000a80425fb",
         "containerd's default capabilities"
     );
-    assert_ne!(mount_tmpfs(&mut client, &containers[0]).await, 0);
+    assert_ne!(mount_tmpfs(client, &containers[0]).await, 0);
     assert_eq!(
-        mount_tmpfs(&mut client, &containers[1]).await,
+        mount_tmpfs(client, &containers[1]).await,
         0,
         "{}",
         context()
     );
     assert_eq!(
-        effective_caps(&mut client, &containers[2]).await,
+        effective_caps(client, &containers[2]).await,
         "0000000000000000",
         "drop: [ALL]"
     );
-    assert_ne!(mount_tmpfs(&mut client, &containers[2]).await, 0);
-    let out = exec_sync(&mut client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
+    assert_ne!(mount_tmpfs(client, &containers[2]).await, 0);
+    let out = exec_sync(client, &containers[3], &["/bin/busybox", "id", "-u"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
     // Seccomp: the Localhost profile's mkdir gets EPERM, where the unfiltered
     // container's succeeds; containerd's RuntimeDefault profile loads and filters.
     let mkdir = ["/bin/busybox", "mkdir", "/tmp/made"];
-    let out = exec_sync(&mut client, &containers[0], &mkdir).await;
+    let out = exec_sync(client, &containers[0], &mkdir).await;
     assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let out = exec_sync(&mut client, &containers[4], &mkdir).await;
+    let out = exec_sync(client, &containers[4], &mkdir).await;
     assert_ne!(out.exit_code, 0);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
@@ -238,7 +232,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     );
     for (c, want) in [(0, "0"), (4, "2"), (5, "2")] {
         let out = exec_sync(
-            &mut client,
+            client,
             &containers[c],
             &["/bin/busybox", "grep", "^Seccomp:", "/proc/self/status"],
         )
@@ -255,9 +249,9 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     // (its init is pid 1); one left at the CRI default (Pod) shares the pod's, the
     // guest's, where pid 1 is the agent.
     let init_comm = |out: ExecSyncResponse| String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let own = exec_sync(&mut client, &containers[1], &["/bin/cat", "/proc/1/comm"]).await;
+    let own = exec_sync(client, &containers[1], &["/bin/cat", "/proc/1/comm"]).await;
     assert_eq!(init_comm(own), "sleep");
-    let shared = exec_sync(&mut client, &containers[0], &["/bin/cat", "/proc/1/comm"]).await;
+    let shared = exec_sync(client, &containers[0], &["/bin/cat", "/proc/1/comm"]).await;
     assert_ne!(init_comm(shared), "sleep");
 
     // One VMM for the pod, and all containers in the same guest kernel.
@@ -270,12 +264,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     let boot_ids: Vec<String> = {
         let mut ids = Vec::new();
         for c in &containers {
-            let out = exec_sync(
-                &mut client,
-                c,
-                &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
-            )
-            .await;
+            let out = exec_sync(client, c, &["/bin/cat", "/proc/sys/kernel/random/boot_id"]).await;
             assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
             ids.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
         }
@@ -293,7 +282,7 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
 
     // The guest has the size the Pod's resources allow (1 CPU, at most 512Mi).
     let out = exec_sync(
-        &mut client,
+        client,
         &containers[0],
         &[
             "/bin/sh",
@@ -338,12 +327,12 @@ async fn pod_lifecycle_through_cri_two_containers_share_one_vm() {
     }
 
     // Stop and remove the pod as kubelet does.
-    stop_and_remove_pod(&mut client, &containerd, &pod_id).await;
+    stop_and_remove_pod(client, &pod_id, context).await;
     println!("CRI: whole pod lifecycle took {:?}", started.elapsed());
 
     // A Pod whose annotation asks for more CPUs than its resources account for is
     // refused before anything starts, with the shim's sentence.
-    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), &log_dir);
+    let mut greedy = sandbox_config(&format!("{pod_name}-greedy"), log_dir);
     greedy
         .annotations
         .insert("gpuvm.dev/cpus".to_owned(), "2".to_owned());

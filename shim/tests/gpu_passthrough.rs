@@ -72,6 +72,8 @@ async fn a_vfio_gpu_passes_into_a_cloud_hypervisor_vm_and_is_reset_after() {
             prefault: true,
             ..MemoryOptions::default()
         },
+        cgroups: vec![],
+        numa: None,
     };
     let vm = CloudHypervisor::new(&config, spec);
     vm.start(&|_| {}).await.expect("the VM boots with the GPU");

@@ -452,7 +452,7 @@ async fn pod_volumes_reach_the_guest_and_a_killed_shim_leaves_no_mount() {
         searches: vec!["default.svc.cluster.local".to_owned()],
         options: vec!["ndots:5".to_owned()],
     });
-    let pod_id = run_pod(&mut client, &containerd, &config).await;
+    let pod_id = run_pod(&mut client, &config, || containerd.log_tail()).await;
     let reader = with_mounts(
         "reader",
         vec![
@@ -464,8 +464,14 @@ async fn pod_volumes_reach_the_guest_and_a_killed_shim_leaves_no_mount() {
         ],
     );
     let writer = with_mounts("writer", vec![mount("/cache", &empty_dir, false)]);
-    let reader = create_and_start(&mut client, &containerd, &pod_id, &config, reader).await;
-    let writer = create_and_start(&mut client, &containerd, &pod_id, &config, writer).await;
+    let reader = create_and_start(&mut client, &pod_id, &config, reader, || {
+        containerd.log_tail()
+    })
+    .await;
+    let writer = create_and_start(&mut client, &pod_id, &config, writer, || {
+        containerd.log_tail()
+    })
+    .await;
 
     // The files containerd and kubelet prepared, as they are on the host.
     let resolv = output(&mut client, &reader, &["/bin/cat", "/etc/resolv.conf"]).await;

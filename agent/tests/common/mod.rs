@@ -2,9 +2,55 @@
 
 #![allow(dead_code)]
 
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
 use gpuvm_protocol::agent as pb;
 use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
 use protobuf::MessageField;
+
+/// The real agent binary in process mode, serving on a unix socket in its own temp
+/// dir; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub client: AgentServiceClient,
+    /// Holds the socket; tests put their container roots here too.
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the agent (`--listen unix://…`) and connects to it.
+pub fn spawn_agent() -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let address = format!("unix://{}", socket.display());
+    let child = Command::new(env!("CARGO_BIN_EXE_gpuvm-agent"))
+        .args(["--listen", &address])
+        .spawn()
+        .expect("start the agent");
+    // The socket file appears at bind(), a moment before listen(): retry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        match ttrpc::Client::connect(&address) {
+            Ok(client) => break client,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "agent did not listen: {e:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    Agent {
+        child,
+        client: AgentServiceClient::new(client),
+        dir,
+    }
+}
 
 /// A context without a deadline (the calls below may block for a while).
 pub fn ctx() -> ttrpc::context::Context {
@@ -52,6 +98,34 @@ pub fn create_request_and_start(
             ctx(),
             &pb::StartProcessRequest {
                 container_id: req.container_id.clone(),
+                ..Default::default()
+            },
+        )?
+        .pid)
+}
+
+/// Registers an exec in a container and starts it; returns its pid.
+pub fn exec_and_start(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+    spec: pb::ProcessSpec,
+) -> ttrpc::Result<u32> {
+    client.exec_process(
+        ctx(),
+        &pb::ExecProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            process: MessageField::some(spec),
+            ..Default::default()
+        },
+    )?;
+    Ok(client
+        .start_process(
+            ctx(),
+            &pb::StartProcessRequest {
+                container_id: container_id.into(),
+                exec_id: exec_id.into(),
                 ..Default::default()
             },
         )?
@@ -106,6 +180,21 @@ pub fn wait(client: &AgentServiceClient, id: &str, exec_id: &str) -> pb::WaitPro
             },
         )
         .expect("wait")
+}
+
+/// Sends `signal` to a container's init process, or with `all` to all its processes.
+pub fn signal(client: &AgentServiceClient, container_id: &str, signal: u32, all: bool) {
+    client
+        .signal_process(
+            ctx(),
+            &pb::SignalProcessRequest {
+                container_id: container_id.into(),
+                signal,
+                all,
+                ..Default::default()
+            },
+        )
+        .expect("signal");
 }
 
 /// Deletes a process (or container).

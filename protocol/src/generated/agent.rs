@@ -2806,6 +2806,8 @@ pub struct CreateProcessRequest {
     pub seccomp: ::protobuf::MessageField<Seccomp>,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.namespaces)
     pub namespaces: ::std::vec::Vec<Namespace>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.resources)
+    pub resources: ::protobuf::MessageField<Resources>,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.CreateProcessRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -2823,7 +2825,7 @@ impl CreateProcessRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(7);
+        let mut fields = ::std::vec::Vec::with_capacity(8);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "container_id",
@@ -2859,6 +2861,11 @@ impl CreateProcessRequest {
             "namespaces",
             |m: &CreateProcessRequest| { &m.namespaces },
             |m: &mut CreateProcessRequest| { &mut m.namespaces },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_message_field_accessor::<_, Resources>(
+            "resources",
+            |m: &CreateProcessRequest| { &m.resources },
+            |m: &mut CreateProcessRequest| { &mut m.resources },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateProcessRequest>(
             "CreateProcessRequest",
@@ -2899,6 +2906,9 @@ impl ::protobuf::Message for CreateProcessRequest {
                 58 => {
                     self.namespaces.push(is.read_message()?);
                 },
+                66 => {
+                    ::protobuf::rt::read_singular_message_into_field(is, &mut self.resources)?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -2936,6 +2946,10 @@ impl ::protobuf::Message for CreateProcessRequest {
             let len = value.compute_size();
             my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
         };
+        if let Some(v) = self.resources.as_ref() {
+            let len = v.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -2963,6 +2977,9 @@ impl ::protobuf::Message for CreateProcessRequest {
         for v in &self.namespaces {
             ::protobuf::rt::write_message_field_with_cached_size(7, v, os)?;
         };
+        if let Some(v) = self.resources.as_ref() {
+            ::protobuf::rt::write_message_field_with_cached_size(8, v, os)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -2987,6 +3004,7 @@ impl ::protobuf::Message for CreateProcessRequest {
         self.readonly_rootfs = false;
         self.seccomp.clear();
         self.namespaces.clear();
+        self.resources.clear();
         self.special_fields.clear();
     }
 
@@ -2999,6 +3017,7 @@ impl ::protobuf::Message for CreateProcessRequest {
             readonly_rootfs: false,
             seccomp: ::protobuf::MessageField::none(),
             namespaces: ::std::vec::Vec::new(),
+            resources: ::protobuf::MessageField::none(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -3019,6 +3038,236 @@ impl ::std::fmt::Display for CreateProcessRequest {
 }
 
 impl ::protobuf::reflect::ProtobufValue for CreateProcessRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.Resources)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct Resources {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.memory_limit)
+    pub memory_limit: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.memory_reservation)
+    pub memory_reservation: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.memory_swap)
+    pub memory_swap: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.cpu_shares)
+    pub cpu_shares: ::std::option::Option<u64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.cpu_quota)
+    pub cpu_quota: ::std::option::Option<i64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.cpu_period)
+    pub cpu_period: ::std::option::Option<u64>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.Resources.pids_limit)
+    pub pids_limit: ::std::option::Option<i64>,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.Resources.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a Resources {
+    fn default() -> &'a Resources {
+        <Resources as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl Resources {
+    pub fn new() -> Resources {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(7);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_limit",
+            |m: &Resources| { &m.memory_limit },
+            |m: &mut Resources| { &mut m.memory_limit },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_reservation",
+            |m: &Resources| { &m.memory_reservation },
+            |m: &mut Resources| { &mut m.memory_reservation },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "memory_swap",
+            |m: &Resources| { &m.memory_swap },
+            |m: &mut Resources| { &mut m.memory_swap },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_shares",
+            |m: &Resources| { &m.cpu_shares },
+            |m: &mut Resources| { &mut m.cpu_shares },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_quota",
+            |m: &Resources| { &m.cpu_quota },
+            |m: &mut Resources| { &mut m.cpu_quota },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "cpu_period",
+            |m: &Resources| { &m.cpu_period },
+            |m: &mut Resources| { &mut m.cpu_period },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_option_accessor::<_, _>(
+            "pids_limit",
+            |m: &Resources| { &m.pids_limit },
+            |m: &mut Resources| { &mut m.pids_limit },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Resources>(
+            "Resources",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for Resources {
+    const NAME: &'static str = "Resources";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.memory_limit = ::std::option::Option::Some(is.read_int64()?);
+                },
+                16 => {
+                    self.memory_reservation = ::std::option::Option::Some(is.read_int64()?);
+                },
+                24 => {
+                    self.memory_swap = ::std::option::Option::Some(is.read_int64()?);
+                },
+                32 => {
+                    self.cpu_shares = ::std::option::Option::Some(is.read_uint64()?);
+                },
+                40 => {
+                    self.cpu_quota = ::std::option::Option::Some(is.read_int64()?);
+                },
+                48 => {
+                    self.cpu_period = ::std::option::Option::Some(is.read_uint64()?);
+                },
+                56 => {
+                    self.pids_limit = ::std::option::Option::Some(is.read_int64()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if let Some(v) = self.memory_limit {
+            my_size += ::protobuf::rt::int64_size(1, v);
+        }
+        if let Some(v) = self.memory_reservation {
+            my_size += ::protobuf::rt::int64_size(2, v);
+        }
+        if let Some(v) = self.memory_swap {
+            my_size += ::protobuf::rt::int64_size(3, v);
+        }
+        if let Some(v) = self.cpu_shares {
+            my_size += ::protobuf::rt::uint64_size(4, v);
+        }
+        if let Some(v) = self.cpu_quota {
+            my_size += ::protobuf::rt::int64_size(5, v);
+        }
+        if let Some(v) = self.cpu_period {
+            my_size += ::protobuf::rt::uint64_size(6, v);
+        }
+        if let Some(v) = self.pids_limit {
+            my_size += ::protobuf::rt::int64_size(7, v);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if let Some(v) = self.memory_limit {
+            os.write_int64(1, v)?;
+        }
+        if let Some(v) = self.memory_reservation {
+            os.write_int64(2, v)?;
+        }
+        if let Some(v) = self.memory_swap {
+            os.write_int64(3, v)?;
+        }
+        if let Some(v) = self.cpu_shares {
+            os.write_uint64(4, v)?;
+        }
+        if let Some(v) = self.cpu_quota {
+            os.write_int64(5, v)?;
+        }
+        if let Some(v) = self.cpu_period {
+            os.write_uint64(6, v)?;
+        }
+        if let Some(v) = self.pids_limit {
+            os.write_int64(7, v)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> Resources {
+        Resources::new()
+    }
+
+    fn clear(&mut self) {
+        self.memory_limit = ::std::option::Option::None;
+        self.memory_reservation = ::std::option::Option::None;
+        self.memory_swap = ::std::option::Option::None;
+        self.cpu_shares = ::std::option::Option::None;
+        self.cpu_quota = ::std::option::Option::None;
+        self.cpu_period = ::std::option::Option::None;
+        self.pids_limit = ::std::option::Option::None;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static Resources {
+        static instance: Resources = Resources {
+            memory_limit: ::std::option::Option::None,
+            memory_reservation: ::std::option::Option::None,
+            memory_swap: ::std::option::Option::None,
+            cpu_shares: ::std::option::Option::None,
+            cpu_quota: ::std::option::Option::None,
+            cpu_period: ::std::option::Option::None,
+            pids_limit: ::std::option::Option::None,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for Resources {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("Resources").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for Resources {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
@@ -7081,7 +7330,7 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x01(\rR\x05index\x12\x14\n\x05value\x18\x02\x20\x01(\x04R\x05value\x12\
     \x1b\n\tvalue_two\x18\x03\x20\x01(\x04R\x08valueTwo\x12\x0e\n\x02op\x18\
     \x04\x20\x01(\tR\x02op\"3\n\tNamespace\x12\x12\n\x04type\x18\x01\x20\x01\
-    (\tR\x04type\x12\x12\n\x04path\x18\x02\x20\x01(\tR\x04path\"\xce\x02\n\
+    (\tR\x04type\x12\x12\n\x04path\x18\x02\x20\x01(\tR\x04path\"\x87\x03\n\
     \x14CreateProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bc\
     ontainerId\x12\x16\n\x06rootfs\x18\x02\x20\x01(\tR\x06rootfs\x125\n\x07p\
     rocess\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\
@@ -7089,12 +7338,23 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     nts\x12'\n\x0freadonly_rootfs\x18\x05\x20\x01(\x08R\x0ereadonlyRootfs\
     \x121\n\x07seccomp\x18\x06\x20\x01(\x0b2\x17.gpuvm.agent.v1.SeccompR\x07\
     seccomp\x129\n\nnamespaces\x18\x07\x20\x03(\x0b2\x19.gpuvm.agent.v1.Name\
-    spaceR\nnamespaces\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12ExecP\
-    rocessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\
-    \x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07process\
-    \x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\
-    \n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontaine\
-    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    spaceR\nnamespaces\x127\n\tresources\x18\x08\x20\x01(\x0b2\x19.gpuvm.age\
+    nt.v1.ResourcesR\tresources\"\x8e\x03\n\tResources\x12&\n\x0cmemory_limi\
+    t\x18\x01\x20\x01(\x03H\0R\x0bmemoryLimit\x88\x01\x01\x122\n\x12memory_r\
+    eservation\x18\x02\x20\x01(\x03H\x01R\x11memoryReservation\x88\x01\x01\
+    \x12$\n\x0bmemory_swap\x18\x03\x20\x01(\x03H\x02R\nmemorySwap\x88\x01\
+    \x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\x04H\x03R\tcpuShares\x88\x01\
+    \x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\x88\x01\
+    \x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\x88\x01\
+    \x01\x12\"\n\npids_limit\x18\x07\x20\x01(\x03H\x06R\tpidsLimit\x88\x01\
+    \x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_reservationB\x0e\n\x0c_memo\
+    ry_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\r\n\
+    \x0b_pids_limit\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12ExecProc\
+    essRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07process\x18\
+    \x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\n\
+    \x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontainer_\
+    id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
     \x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\x03pid\x18\x01\
     \x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
     \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
@@ -7192,7 +7452,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(45);
+            let mut messages = ::std::vec::Vec::with_capacity(46);
             messages.push(PingRequest::generated_message_descriptor_data());
             messages.push(PingResponse::generated_message_descriptor_data());
             messages.push(GuestInfoRequest::generated_message_descriptor_data());
@@ -7210,6 +7470,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
             messages.push(SeccompArg::generated_message_descriptor_data());
             messages.push(Namespace::generated_message_descriptor_data());
             messages.push(CreateProcessRequest::generated_message_descriptor_data());
+            messages.push(Resources::generated_message_descriptor_data());
             messages.push(CreateProcessResponse::generated_message_descriptor_data());
             messages.push(ExecProcessRequest::generated_message_descriptor_data());
             messages.push(ExecProcessResponse::generated_message_descriptor_data());

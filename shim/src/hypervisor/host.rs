@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::{RecordedProcess, SpawnHook, VmExit, VmRecord, VmSpec};
+use crate::cgroup::JoinFds;
 use crate::config::ShimConfig;
 use crate::error::{Error, Result};
 use crate::process::{WatchedProcess, wait_for_socket};
@@ -89,17 +90,34 @@ impl VmHost {
         Ok(Stdio::from(file))
     }
 
-    /// Spawns a helper (or, under the VMM's name, the VMM), adds it to the process list
-    /// and calls `spawned` with the record so far. It is in the list before anything
-    /// can fail, so cleanup always finds it.
+    /// Spawns a helper (or, under the VMM's name, the VMM) in the pod's cgroup (joined
+    /// between fork and exec, so its memory is the pod's from the first page), adds it
+    /// to the process list and calls `spawned` with the record so far. It is in the
+    /// list before anything can fail, so cleanup always finds it.
     pub fn spawn(
         &self,
         name: &str,
         binary: &Path,
-        command: Command,
+        mut command: Command,
         spawned: &SpawnHook<'_>,
     ) -> Result<WatchedProcess> {
-        let process = WatchedProcess::spawn(name, binary, command)?;
+        let cgroups = JoinFds::open(&self.spec.cgroups)?;
+        cgroups.join_before_exec(&mut command);
+        if let Some(numa) = &self.spec.numa {
+            crate::numa::bind_before_exec(numa, &mut command);
+        }
+        let process = WatchedProcess::spawn(name, binary, command).map_err(|e| match e {
+            // The child reports a failed join as the spawn's error: name the cgroup.
+            Error::Io { context, source } if !self.spec.cgroups.is_empty() => Error::Io {
+                context: format!(
+                    "{context}, joining the pod's cgroup {} before exec",
+                    self.spec.cgroups[0].display()
+                ),
+                source,
+            },
+            other => other,
+        })?;
+        drop(cgroups);
         self.lock().push(process.clone());
         spawned(&self.record());
         Ok(process)

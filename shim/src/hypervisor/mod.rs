@@ -59,6 +59,12 @@ pub struct VmSpec {
     pub mmio64_size: Option<u64>,
     /// How guest memory is backed.
     pub memory: MemoryOptions,
+    /// The pod's cgroup, one directory per hierarchy: every process started for the
+    /// VM joins them before exec. Empty: they stay in the shim's.
+    pub cgroups: Vec<PathBuf>,
+    /// The host NUMA node (and its CPUs) every process of the VM is bound to: its
+    /// GPUs' node on a multi-node host, else `None`.
+    pub numa: Option<crate::numa::NumaPlacement>,
 }
 
 /// Guest memory backing, from the config's `[memory]` section.
@@ -263,6 +269,8 @@ pub(crate) mod tests {
             taps: vec!["tap0".into()],
             mmio64_size: None,
             memory: Default::default(),
+            cgroups: vec![],
+            numa: None,
         }
     }
 

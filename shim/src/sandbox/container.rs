@@ -9,8 +9,8 @@ use containerd_shim::protos::types::mount::Mount as ContainerdMount;
 
 use super::Sandbox;
 use crate::agent::{
-    Capabilities, ContainerSpec, Namespace, ProcessId, ProcessSpec, Seccomp, SeccompArg,
-    SeccompSyscall,
+    Capabilities, ContainerSpec, Namespace, ProcessId, ProcessSpec, Resources, Rlimit, Seccomp,
+    SeccompArg, SeccompSyscall,
 };
 use crate::error::{Error, Result};
 use crate::persist::StartTimings;
@@ -39,7 +39,36 @@ pub fn process_spec(process: &oci_spec::runtime::Process) -> ProcessSpec {
             .unwrap_or_default(),
         no_new_privileges: process.no_new_privileges().unwrap_or(false),
         umask: user.umask(),
+        rlimits: process
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| Rlimit {
+                resource: oci_name(&r.typ()),
+                soft: r.soft(),
+                hard: r.hard(),
+            })
+            .collect(),
     }
+}
+
+/// The OCI `linux.resources` the guest applies to the container's cgroup: memory,
+/// CPU and pids. Device rules, cpusets, hugepages, block I/O and the network are the
+/// VM's (its devices, vCPUs and memory), not the container's.
+pub fn resources(spec: &oci_spec::runtime::Spec) -> Option<Resources> {
+    let r = spec.linux().as_ref()?.resources().as_ref()?;
+    let memory = r.memory().as_ref();
+    let cpu = r.cpu().as_ref();
+    let out = Resources {
+        memory_limit: memory.and_then(|m| m.limit()),
+        memory_reservation: memory.and_then(|m| m.reservation()),
+        memory_swap: memory.and_then(|m| m.swap()),
+        cpu_shares: cpu.and_then(|c| c.shares()),
+        cpu_quota: cpu.and_then(|c| c.quota()),
+        cpu_period: cpu.and_then(|c| c.period()),
+        pids_limit: r.pids().as_ref().map(|p| p.limit()),
+    };
+    (out != Resources::default()).then_some(out)
 }
 
 /// The name OCI gives a spec enum (`SCMP_ACT_ERRNO`, `CAP_SYS_ADMIN`…): its serde
@@ -198,6 +227,7 @@ impl Sandbox {
                 .unwrap_or(false),
             seccomp: seccomp(req.spec),
             namespaces: namespaces(req.spec),
+            resources: resources(req.spec),
         };
         let creating = Instant::now();
         let created = match self.mount_container(req, &plan.binds, &dir) {
@@ -415,6 +445,63 @@ mod tests {
             ],
         };
         assert_eq!(seccomp(&spec), Some(want));
+    }
+
+    #[test]
+    fn rlimits_and_resources_translate() {
+        let process: oci_spec::runtime::Process = serde_json::from_value(serde_json::json!({
+            "args": ["sh"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 4096},
+                {"type": "RLIMIT_CORE", "soft": 0, "hard": 0}
+            ]
+        }))
+        .expect("process");
+        let rlimits = process_spec(&process).rlimits;
+        assert_eq!(
+            rlimits,
+            vec![
+                Rlimit {
+                    resource: "RLIMIT_NOFILE".into(),
+                    soft: 1024,
+                    hard: 4096
+                },
+                Rlimit {
+                    resource: "RLIMIT_CORE".into(),
+                    soft: 0,
+                    hard: 0
+                },
+            ]
+        );
+        assert_eq!(resources(&linux_spec(serde_json::json!({}))), None);
+        assert_eq!(
+            resources(&linux_spec(
+                serde_json::json!({"resources": {"devices": []}})
+            )),
+            None,
+            "device rules are the VM's"
+        );
+        // What containerd's CRI writes for a container limited to 64Mi and 500m.
+        let spec = linux_spec(serde_json::json!({"resources": {
+            "memory": {"limit": 67108864, "swap": 67108864},
+            "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0-3"},
+            "pids": {"limit": 100},
+            "hugepageLimits": []
+        }}));
+        assert_eq!(
+            resources(&spec),
+            Some(Resources {
+                memory_limit: Some(64 << 20),
+                memory_reservation: None,
+                memory_swap: Some(64 << 20),
+                cpu_shares: Some(512),
+                cpu_quota: Some(50_000),
+                cpu_period: Some(100_000),
+                pids_limit: Some(100),
+            })
+        );
     }
 
     #[test]

@@ -23,10 +23,11 @@ pub use spec::{RUN_DIR, vm_spec, work_dir};
 pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
 
 use crate::agent::{Agent, GuestInfo, TtrpcAgent};
+use crate::cgroup::PodCgroup;
 use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
-use crate::hypervisor::{self, Hypervisor, VmRecord};
+use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::rootfs::ShareDirs;
 
@@ -169,6 +170,9 @@ pub struct Vm {
     /// Set once the VMM was asked to start: from then on it may have opened the
     /// devices, so they are reset before they go back.
     vmm_started: AtomicBool,
+    /// The pod's cgroup, which the VM's processes join; what the shim creates of it
+    /// goes at teardown.
+    cgroup: PodCgroup,
 }
 
 impl Vm {
@@ -189,7 +193,13 @@ impl Vm {
             hypervisor,
             devices,
             vmm_started: AtomicBool::new(false),
+            cgroup: PodCgroup::default(),
         }
+    }
+
+    /// The VM, its processes in `cgroup`.
+    fn with_cgroup(self, cgroup: PodCgroup) -> Vm {
+        Vm { cgroup, ..self }
     }
 
     /// The record for the state file: the VM's processes, then `mounts` (container
@@ -207,6 +217,7 @@ impl Vm {
             mounts,
             timings,
             devices: self.devices.record(),
+            cgroups: self.cgroup.to_create.clone(),
         }
     }
 
@@ -223,7 +234,9 @@ impl Vm {
     /// Starts the VM and waits for its agent: every step that can fail after the
     /// devices are locked. The caller undoes it with [`Vm::stop`] on failure.
     async fn bring_up(&self, config: &ShimConfig) -> Result<(Arc<dyn Agent>, GuestInfo, Phases)> {
+        // The state file names the cgroups before they exist: `shim delete` removes them.
         self.save_state()?;
+        self.cgroup.create()?;
         // Rootfs mounts made under the share later must reach virtiofsd's namespace.
         crate::rootfs::mount_share(&self.share, self.share_size)?;
         let vmm_starting = Instant::now();
@@ -293,6 +306,12 @@ impl Vm {
             crate::rootfs::unmount(&point);
         }
         self.hypervisor.cleanup().await;
+        let cgroups = self.cgroup.to_create.clone();
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || crate::cgroup::remove_created(&cgroups)).await
+        {
+            tracing::warn!(error = %e, "the cgroup removal panicked");
+        }
         // The VMM has exited: reset every device, then release its lock. A device
         // that fails its reset got a health record; its lock stays held until the
         // shim exits.
@@ -332,17 +351,20 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots the VM for sandbox `id` (bundle `bundle`) and connects to its agent. The
-    /// config comes from containerd's runtime option `config_option`, else the
-    /// environment, else the default path. Nothing is left behind on failure.
+    /// Boots the VM for sandbox `id` (bundle `bundle`, OCI spec `oci`) and connects to
+    /// its agent. The config comes from containerd's runtime option `config_option`,
+    /// else the environment, else the default path. Nothing is left behind on failure.
     pub async fn boot(
         id: &str,
         bundle: &Path,
-        annotations: &HashMap<String, String>,
+        oci: &oci_spec::runtime::Spec,
         config_option: Option<String>,
         held: &FailedResetLocks,
     ) -> Result<Sandbox> {
         let entered = Instant::now();
+        let annotations = &oci.annotations().clone().unwrap_or_default();
+        let cgroups_path = oci.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+        let cgroup = PodCgroup::plan(cgroups_path.as_deref().and_then(Path::to_str))?;
         let env = std::env::var(config::CONFIG_ENV).ok();
         let (path, explicit) = config::config_path(config_option.as_deref(), env.as_deref());
         let config = ShimConfig::load(&path, explicit)?;
@@ -353,10 +375,19 @@ impl Sandbox {
             &config.guest.initramfs,
         )?;
         let devices = Devices::claim(&config, annotations, id)?;
-        let spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
+        let gpu_nodes: Vec<Option<u32>> = devices
+            .passthrough
+            .iter()
+            .flat_map(|set| set.gpus.iter().map(|gpu| gpu.numa_node))
+            .collect();
+        let spec = VmSpec {
+            cgroups: cgroup.join_dirs(),
+            numa: crate::numa::placement(&config.host.sysfs_root, &gpu_nodes)?,
+            ..vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?
+        };
         let hypervisor = hypervisor::new_hypervisor(&config, spec);
         let share_size = config.host.share_size_bytes()?;
-        let vm = Vm::new(id, bundle, hypervisor, devices, share_size);
+        let vm = Vm::new(id, bundle, hypervisor, devices, share_size).with_cgroup(cgroup);
         Sandbox::launch(vm, &config, annotations, held, entered).await
     }
 
@@ -581,18 +612,20 @@ mod tests {
         }
     }
 
-    /// Launches a sleep VM for sandbox `pod1` under `dir`; returns the launch's error,
-    /// the VMM it started and the VM's work dir.
+    /// Launches a sleep VM for sandbox `pod1` under `dir`, its processes in `cgroup`;
+    /// returns the launch's error, the VMM it started and the VM's work dir.
     async fn failed_launch(
         dir: &Path,
         break_bundle: bool,
         config: &ShimConfig,
+        cgroup: PodCgroup,
     ) -> (Error, WatchedProcess, PathBuf) {
         let bundle = dir.join("bundle");
         std::fs::create_dir(&bundle).expect("bundle");
         let mut spec = sample_spec();
         spec.work_dir = dir.join("vm");
         spec.shared_dir = Some(ShareDirs::of(&spec.work_dir).shared);
+        spec.cgroups = cgroup.join_dirs();
         let work_dir = spec.work_dir.clone();
         let started = Arc::new(std::sync::Mutex::new(None));
         let vmm = SleepVmm {
@@ -606,7 +639,8 @@ mod tests {
             Box::new(vmm),
             Devices::none(config.host.clone()),
             16 << 20,
-        );
+        )
+        .with_cgroup(cgroup);
         let held = FailedResetLocks::default();
         let err = Sandbox::launch(vm, config, &HashMap::new(), &held, Instant::now())
             .await
@@ -635,7 +669,13 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let (err, vmm, work_dir) = failed_launch(dir.path(), true, &ShimConfig::default()).await;
+        let (err, vmm, work_dir) = failed_launch(
+            dir.path(),
+            true,
+            &ShimConfig::default(),
+            PodCgroup::default(),
+        )
+        .await;
         assert!(
             matches!(&err, Error::Io { context, .. } if context.contains("gpuvm-state.json")),
             "{err:?}"
@@ -656,7 +696,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = ShimConfig::default();
         config.timeouts.agent_connect_secs = 1;
-        let (err, vmm, work_dir) = failed_launch(dir.path(), false, &config).await;
+        let (err, vmm, work_dir) =
+            failed_launch(dir.path(), false, &config, PodCgroup::default()).await;
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
         assert!(
@@ -670,5 +711,26 @@ mod tests {
                 .is_none(),
             "state file left behind"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_removes_the_pod_cgroup_it_created() {
+        if !can_mount() {
+            return;
+        }
+        // The host's real hierarchies: the VMM joins them, the teardown removes them.
+        let top = format!("gpuvm-unit-{}", std::process::id());
+        let cgroup = PodCgroup::plan(Some(&format!("/{top}/pod1"))).expect("plan");
+        let created = cgroup.to_create.clone();
+        assert!(!created.is_empty());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = ShimConfig::default();
+        config.timeouts.agent_connect_secs = 1;
+        let (err, vmm, _) = failed_launch(dir.path(), false, &config, cgroup).await;
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(vmm.exited().map(|e| e.code), Some(128 + libc::SIGTERM));
+        for dir in created {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
     }
 }

@@ -50,6 +50,9 @@ pub fn vm_spec(
             hugepages: config.memory.hugepages,
             hugepage_size,
         },
+        // The pod's cgroup, placed by the boot (it reads the host's mounts).
+        cgroups: Vec::new(),
+        numa: None,
     })
 }
 
@@ -99,6 +102,8 @@ mod tests {
             taps: Vec::new(),
             mmio64_size: None,
             memory: MemoryOptions::default(),
+            cgroups: Vec::new(),
+            numa: None,
         }
     }
 

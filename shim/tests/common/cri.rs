@@ -1,6 +1,6 @@
-//! The CRI side of the real-containerd tests: containerd with its CRI plugin and the
-//! `gpuvm` runtime handler, a CRI v1 client (`k8s-cri`) on its socket, and the pod and
-//! container configs kubelet would send.
+//! The CRI side of the real-containerd tests (`cri.rs`, `cgroups.rs`): containerd with
+//! its CRI plugin and the busybox image, a CRI v1 client (`k8s-cri`) on its socket,
+//! and the pod and container configs kubelet would send.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,12 +17,66 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{Containerd, Plugins, Setup, ShimSettings, busybox_image, run, start_containerd};
+use super::{Containerd, IMAGE, Plugins, Setup, ShimSettings, busybox_image, run};
 
 /// The CRI runtime handler naming the gpuvm runtime in containerd's config.
 pub const RUNTIME_HANDLER: &str = "gpuvm";
 
-/// A CRI v1 channel on containerd's socket.
+/// A CRI client on containerd's socket.
+pub type Client = RuntimeServiceClient<Channel>;
+
+/// containerd with its CRI plugin, the busybox image imported into `k8s.io` (also the
+/// pinned sandbox image) and listed by CRI, and a CRI client.
+pub async fn start_cri(s: &Setup, dir: &Path, settings: &ShimSettings) -> (Containerd, Client) {
+    let image = busybox_image(dir);
+    let containerd = super::start_containerd(
+        s,
+        dir,
+        settings,
+        &Plugins::Cri {
+            sandbox_image: IMAGE.to_owned(),
+        },
+    );
+    run(containerd
+        .ctr_in("k8s.io")
+        .args(["images", "import"])
+        .arg(&image));
+    let channel = connect(containerd.socket.clone()).await;
+    wait_for_cri_image(channel.clone(), IMAGE).await;
+    (containerd, RuntimeServiceClient::new(channel))
+}
+
+/// A CRI test's world: containerd with CRI (default shim settings), a client, a
+/// directory for pod logs. Fields drop in order: containerd (and what its shims left)
+/// before the directory it lives in.
+pub struct CriTest {
+    pub containerd: Containerd,
+    pub client: Client,
+    /// Pods' `log_directory`.
+    pub log_dir: std::path::PathBuf,
+    pub setup: Setup,
+    pub dir: tempfile::TempDir,
+}
+
+impl CriTest {
+    /// Starts it, or `None` after printing SKIPPED (see [`super::setup_or_skip`]).
+    pub async fn start_or_skip() -> Option<CriTest> {
+        let setup = super::setup_or_skip()?;
+        let dir = super::test_dir();
+        let (containerd, client) = start_cri(&setup, dir.path(), &ShimSettings::new(&setup)).await;
+        let log_dir = dir.path().join("pod-logs");
+        std::fs::create_dir_all(&log_dir).expect("mkdir");
+        Some(CriTest {
+            containerd,
+            client,
+            log_dir,
+            setup,
+            dir,
+        })
+    }
+}
+
+/// A gRPC channel over containerd's unix socket.
 pub async fn connect(socket: std::path::PathBuf) -> Channel {
     Endpoint::try_from("http://[::]")
         .expect("endpoint")
@@ -62,32 +116,6 @@ pub async fn wait_for_cri_image(channel: Channel, image: &str) {
     }
 }
 
-/// containerd with the CRI plugin on private dirs under `dir` (shim config from
-/// `settings`), the busybox image imported into `k8s.io` as the pinned sandbox image,
-/// and a CRI runtime client once CRI lists that image.
-pub async fn start_cri(
-    s: &Setup,
-    dir: &Path,
-    settings: &ShimSettings,
-) -> (Containerd, RuntimeServiceClient<Channel>) {
-    let image = busybox_image(dir);
-    let containerd = start_containerd(
-        s,
-        dir,
-        settings,
-        &Plugins::Cri {
-            sandbox_image: super::IMAGE.to_owned(),
-        },
-    );
-    run(containerd
-        .ctr_in("k8s.io")
-        .args(["images", "import"])
-        .arg(&image));
-    let channel = connect(containerd.socket.clone()).await;
-    wait_for_cri_image(channel.clone(), super::IMAGE).await;
-    (containerd, RuntimeServiceClient::new(channel))
-}
-
 /// What the kubelet passes for a Pod whose containers request and are limited to one
 /// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
 /// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
@@ -101,8 +129,9 @@ pub fn one_cpu_512mi() -> LinuxContainerResources {
     }
 }
 
-/// A pod of 1 CPU and 512Mi on the "node" network (containerd's private netns: no
-/// CNI), with a pid namespace per container.
+/// A pod of 1 CPU and 512Mi (resources and `gpuvm.dev/*` annotations) on the "node"
+/// network (containerd's private netns: no CNI), each container with its own pid
+/// namespace.
 pub fn sandbox_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -143,7 +172,7 @@ pub fn container_config(name: &str) -> ContainerConfig {
             attempt: 0,
         }),
         image: Some(ImageSpec {
-            image: super::IMAGE.to_owned(),
+            image: IMAGE.to_owned(),
             ..Default::default()
         }),
         command: vec!["/bin/sleep".to_owned()],
@@ -153,11 +182,11 @@ pub fn container_config(name: &str) -> ContainerConfig {
     }
 }
 
-/// RunPodSandbox with `config`; panics with containerd's log on failure.
+/// RunPodSandbox with the gpuvm handler; panics with `context()` on failure.
 pub async fn run_pod(
-    client: &mut RuntimeServiceClient<Channel>,
-    containerd: &Containerd,
+    client: &mut Client,
     config: &PodSandboxConfig,
+    context: impl Fn() -> String,
 ) -> String {
     match client
         .run_pod_sandbox(RunPodSandboxRequest {
@@ -167,17 +196,17 @@ pub async fn run_pod(
         .await
     {
         Ok(r) => r.into_inner().pod_sandbox_id,
-        Err(e) => panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()),
+        Err(e) => panic!("RunPodSandbox: {e}\n{}", context()),
     }
 }
 
-/// CreateContainer + StartContainer of `container` in pod `pod_id`; returns its id.
+/// CreateContainer + StartContainer in `pod_id`; returns the container id.
 pub async fn create_and_start(
-    client: &mut RuntimeServiceClient<Channel>,
-    containerd: &Containerd,
+    client: &mut Client,
     pod_id: &str,
     sandbox: &PodSandboxConfig,
     container: ContainerConfig,
+    context: impl Fn() -> String,
 ) -> String {
     let name = container
         .metadata
@@ -193,7 +222,7 @@ pub async fn create_and_start(
         .await
     {
         Ok(r) => r.into_inner().container_id,
-        Err(e) => panic!("CreateContainer {name}: {e}\n{}", containerd.log_tail()),
+        Err(e) => panic!("CreateContainer {name}: {e}\n{}", context()),
     };
     if let Err(e) = client
         .start_container(StartContainerRequest {
@@ -201,44 +230,20 @@ pub async fn create_and_start(
         })
         .await
     {
-        panic!("StartContainer {name}: {e}\n{}", containerd.log_tail());
+        panic!("StartContainer {name}: {e}\n{}", context());
     }
     id
 }
 
-/// ExecSync of `cmd` in `container_id` (120 s timeout).
-pub async fn exec_sync(
-    client: &mut RuntimeServiceClient<Channel>,
-    container_id: &str,
-    cmd: &[&str],
-) -> ExecSyncResponse {
-    client
-        .exec_sync(ExecSyncRequest {
-            container_id: container_id.to_owned(),
-            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
-            timeout: 120,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
-        .into_inner()
-}
-
 /// StopPodSandbox + RemovePodSandbox, as kubelet does.
-pub async fn stop_and_remove_pod(
-    client: &mut RuntimeServiceClient<Channel>,
-    containerd: &Containerd,
-    pod_id: &str,
-) {
+pub async fn stop_and_remove_pod(client: &mut Client, pod_id: &str, context: impl Fn() -> String) {
     if let Err(e) = try_stop_and_remove_pod(client, pod_id).await {
-        panic!("{e}\n{}", containerd.log_tail());
+        panic!("{e}\n{}", context());
     }
 }
 
 /// StopPodSandbox + RemovePodSandbox; the first error, naming its call.
-pub async fn try_stop_and_remove_pod(
-    client: &mut RuntimeServiceClient<Channel>,
-    pod_id: &str,
-) -> Result<(), String> {
+pub async fn try_stop_and_remove_pod(client: &mut Client, pod_id: &str) -> Result<(), String> {
     client
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod_id.to_owned(),
@@ -252,4 +257,17 @@ pub async fn try_stop_and_remove_pod(
         .await
         .map_err(|e| format!("RemovePodSandbox: {e}"))?;
     Ok(())
+}
+
+/// ExecSync of `cmd` in `container_id` (120 s timeout); panics if the call fails.
+pub async fn exec_sync(client: &mut Client, container_id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    client
+        .exec_sync(ExecSyncRequest {
+            container_id: container_id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: 120,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
+        .into_inner()
 }

@@ -134,6 +134,8 @@ pub fn bare_vm_spec(id: &str, work_dir: PathBuf, kernel: PathBuf, initramfs: Pat
         taps: vec![],
         mmio64_size: None,
         memory: Default::default(),
+        cgroups: vec![],
+        numa: None,
     }
 }
 
