@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
     ).message("spec.gpu and spec.guest cannot change once the machine is scheduled: delete it and create a new one"),
     validation = Rule::new(
         "!has(self.spec.volumeMounts) || self.spec.volumeMounts.all(m, has(self.spec.volumes) && self.spec.volumes.exists(v, v.name == m.name))"
-    ).message("every spec.volumeMounts entry must name a volume declared in spec.volumes")
+    ).message("every spec.volumeMounts entry must name a volume declared in spec.volumes").field_path(".spec.volumeMounts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuMachineSpec {

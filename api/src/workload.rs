@@ -42,6 +42,8 @@ pub const ALLOWED_VOLUME_TYPES: [&str; 7] = [
 pub const MAX_VOLUMES: u32 = 64;
 /// The most `envFrom` sources a machine may declare.
 pub const MAX_ENV_FROM: u32 = 32;
+/// The most sources one projected volume may have.
+pub const MAX_PROJECTED_SOURCES: u32 = 32;
 /// The longest mount path or sub-path accepted.
 pub const MAX_PATH: u32 = 4096;
 
@@ -232,6 +234,13 @@ pub fn volumes_schema(generator: &mut SchemaGenerator) -> Schema {
         cap_length(properties, "name", 63);
         // An ephemeral claim's metadata takes labels and annotations only (the Pod's
         // validation says so); its full ObjectMeta schema would double the CRD's size.
+        // Bounded, so that the CEL rule over the sources has an estimable cost.
+        if let Some(Value::Object(sources)) = properties
+            .get_mut("projected")
+            .and_then(|p| p.pointer_mut("/properties/sources"))
+        {
+            sources.insert("maxItems".to_owned(), json!(MAX_PROJECTED_SOURCES));
+        }
         let template = "/properties/volumeClaimTemplate/properties/metadata";
         if let Some(metadata) = properties
             .get_mut("ephemeral")

@@ -145,7 +145,7 @@ async fn the_pod_carries_the_machines_volumes_and_env_sources_and_rolls_out_thei
         return Ok(());
     };
     env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let op = env
+    let mut op = env
         .start_operator(OperatorOptions::single(&env.namespace))
         .await?;
     let result = async {
