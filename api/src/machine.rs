@@ -522,6 +522,76 @@ mod tests {
     }
 
     #[test]
+    fn volume_rules_admit_a_pods_volumes_and_refuse_the_rest() {
+        let mut spec = valid_spec();
+        spec["volumes"] = serde_json::json!([
+            {"name": "models", "persistentVolumeClaim": {"claimName": "llama"}},
+            {"name": "token", "secret": {"secretName": "hf"}},
+        ]);
+        spec["volumeMounts"] = serde_json::json!([
+            {"name": "models", "mountPath": "/models", "subPath": "llama-3"},
+            {"name": "token", "mountPath": "/run/secrets/hf"},
+        ]);
+        spec["env"] = serde_json::json!([
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ]);
+        spec["envFrom"] = serde_json::json!([{"configMapRef": {"name": "settings"}}]);
+        assert_eq!(
+            cel_errors(&machine(spec.clone()), None),
+            Vec::<String>::new()
+        );
+
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 6] = [
+            (
+                "two types",
+                |s| s["volumes"][0]["emptyDir"] = serde_json::json!({}),
+                "exactly one type",
+            ),
+            (
+                "bad name",
+                |s| s["volumes"][1]["name"] = serde_json::json!("Token"),
+                "DNS label",
+            ),
+            (
+                "undeclared",
+                |s| s["volumeMounts"][1]["name"] = serde_json::json!("cache"),
+                "declared in spec.volumes",
+            ),
+            (
+                "relative",
+                |s| s["volumeMounts"][0]["mountPath"] = serde_json::json!("models"),
+                "absolute path",
+            ),
+            (
+                "dot-dot",
+                |s| s["volumeMounts"][0]["subPath"] = serde_json::json!("../x"),
+                "relative path without",
+            ),
+            (
+                "value too",
+                |s| s["env"][0]["value"] = serde_json::json!("x"),
+                "value or valueFrom, not both",
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let mut bad = spec.clone();
+            edit(&mut bad);
+            let errors = cel_errors(&machine(bad), None);
+            assert!(
+                errors.iter().any(|e| e.contains(want)),
+                "{name}: want {want:?} in {errors:?}"
+            );
+        }
+        let mut host = spec.clone();
+        host["volumes"][1] = serde_json::json!({"name": "token", "hostPath": {"path": "/"}});
+        assert!(
+            !cel_errors(&machine(host), None).is_empty(),
+            "hostPath must be refused"
+        );
+    }
+
+    #[test]
     fn gpu_and_guest_are_frozen_once_scheduled() {
         let mut old = machine(valid_spec());
         let mut new = old.clone();

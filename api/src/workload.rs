@@ -80,9 +80,7 @@ pub enum WorkloadError {
     )]
     ServiceAccountToken(String),
     /// An ephemeral claim whose data source names another namespace.
-    #[error(
-        "volume {0}: an ephemeral claim's dataSourceRef may not name another namespace"
-    )]
+    #[error("volume {0}: an ephemeral claim's dataSourceRef may not name another namespace")]
     ForeignDataSource(String),
     /// A mount of a volume that `spec.volumes` does not declare.
     #[error("volumeMount {path} names volume {volume}, which spec.volumes does not declare")]
@@ -119,7 +117,11 @@ impl GpuMachineSpec {
 /// The types a volume sets (every field but its name).
 pub fn volume_types(volume: &Volume) -> Vec<String> {
     match serde_json::to_value(volume) {
-        Ok(Value::Object(fields)) => fields.into_iter().map(|(k, _)| k).filter(|k| k != "name").collect(),
+        Ok(Value::Object(fields)) => fields
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k != "name")
+            .collect(),
         // Unreachable for a derived Serialize; treated as a type nobody allows.
         _ => vec!["unknown".to_owned()],
     }
@@ -178,7 +180,10 @@ fn check_mount(mount: &VolumeMount, volumes: &[Volume]) -> Result<(), WorkloadEr
     if !path.starts_with('/') || has_dot_dot(path) {
         return Err(WorkloadError::MountPath(path.clone()));
     }
-    for sub in [&mount.sub_path, &mount.sub_path_expr].into_iter().flatten() {
+    for sub in [&mount.sub_path, &mount.sub_path_expr]
+        .into_iter()
+        .flatten()
+    {
         if sub.starts_with('/') || has_dot_dot(sub) {
             return Err(WorkloadError::SubPath {
                 path: path.clone(),
@@ -315,7 +320,9 @@ pub fn volumes_schema(generator: &mut SchemaGenerator) -> Schema {
 /// with absolute mount paths and relative sub-paths, none with `..`.
 pub fn volume_mounts_schema(generator: &mut SchemaGenerator) -> Schema {
     let relative = |field: &str| {
-        format!("!has(self.{field}) || (!self.{field}.startsWith('/') && !self.{field}.matches('{DOT_DOT}'))")
+        format!(
+            "!has(self.{field}) || (!self.{field}.startsWith('/') && !self.{field}.matches('{DOT_DOT}'))"
+        )
     };
     let rules = vec![
         rule(
@@ -357,8 +364,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
         EmptyDirVolumeSource, HostPathVolumeSource, PersistentVolumeClaimVolumeSource,
-        ProjectedVolumeSource, SecretVolumeSource, ServiceAccountTokenProjection,
-        VolumeProjection,
+        ProjectedVolumeSource, SecretVolumeSource, ServiceAccountTokenProjection, VolumeProjection,
     };
 
     fn spec(volumes: Vec<Volume>, mounts: Vec<VolumeMount>) -> GpuMachineSpec {
@@ -404,7 +410,10 @@ mod tests {
         };
         let mut sub = mount("models", "/models/llama");
         sub.sub_path = Some("llama-3/weights".into());
-        let s = spec(vec![pvc("models"), secret], vec![sub, mount("token", "/run/token")]);
+        let s = spec(
+            vec![pvc("models"), secret],
+            vec![sub, mount("token", "/run/token")],
+        );
         assert_eq!(s.check_workload(), Ok(()));
     }
 
@@ -438,8 +447,14 @@ mod tests {
         up.sub_path = Some("a/../../etc".into());
         let cases: Vec<(GpuMachineSpec, &str)> = vec![
             (spec(vec![host], vec![]), "volume root is of type hostPath"),
-            (spec(vec![two], vec![]), "volume two sets emptyDir, persistentVolumeClaim"),
-            (spec(vec![token], vec![]), "projects a service-account token"),
+            (
+                spec(vec![two], vec![]),
+                "volume two sets emptyDir, persistentVolumeClaim",
+            ),
+            (
+                spec(vec![token], vec![]),
+                "projects a service-account token",
+            ),
             (
                 spec(vec![pvc("models")], vec![mount("cache", "/cache")]),
                 "names volume cache, which spec.volumes does not declare",
@@ -452,7 +467,10 @@ mod tests {
                 spec(vec![pvc("models")], vec![mount("models", "/a/../etc")]),
                 "mountPath must be an absolute path without '..'",
             ),
-            (spec(vec![pvc("models")], vec![up]), "subPath a/../../etc must be"),
+            (
+                spec(vec![pvc("models")], vec![up]),
+                "subPath a/../../etc must be",
+            ),
         ];
         for (spec, want) in cases {
             let error = spec.check_workload().unwrap_err().to_string();
@@ -469,12 +487,22 @@ mod tests {
         let item = &schema.as_value()["items"];
         let properties = item["properties"].as_object().unwrap();
         assert!(properties["secret"]["properties"]["secretName"].is_object());
-        assert_eq!(properties["hostPath"]["x-kubernetes-preserve-unknown-fields"], true);
+        assert_eq!(
+            properties["hostPath"]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
         let rules = item["x-kubernetes-validations"].to_string();
-        for needle in ["has(self.hostPath) ? 'hostPath'", "has(self.nfs)", "has(self.csi)"] {
+        for needle in [
+            "has(self.hostPath) ? 'hostPath'",
+            "has(self.nfs)",
+            "has(self.csi)",
+        ] {
             assert!(rules.contains(needle), "{needle} not in {rules}");
         }
         assert!(!rules.contains("'secret' :"), "{rules}");
-        assert_eq!(schema.as_value()["x-kubernetes-list-map-keys"], json!(["name"]));
+        assert_eq!(
+            schema.as_value()["x-kubernetes-list-map-keys"],
+            json!(["name"])
+        );
     }
 }

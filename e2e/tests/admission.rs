@@ -420,11 +420,19 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
     ]))?;
     let mut volumes_pod = build_pod(&with_volumes)?;
     volumes_pod.metadata.name = Some("with-volumes".to_owned());
-    admitted(&operator, &volumes_pod, "the operator's Pod with a GpuMachine's volumes").await?;
+    admitted(
+        &operator,
+        &volumes_pod,
+        "the operator's Pod with a GpuMachine's volumes",
+    )
+    .await?;
     for (name, volume) in [
         ("host", json!({"hostPath": {"path": "/"}})),
         ("nfs", json!({"nfs": {"server": "10.0.0.1", "path": "/"}})),
-        ("api", json!({"projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}})),
+        (
+            "api",
+            json!({"projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}),
+        ),
     ] {
         let mut bad = pod.clone();
         bad.metadata.name = Some(format!("volume-{name}"));
@@ -436,7 +444,10 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
         refused(
             &operator,
             &bad,
-            &["may only have the volumes a GpuMachine may use", &format!("; volume {name} is not one")],
+            &[
+                "may only have the volumes a GpuMachine may use",
+                &format!("; volume {name} is not one"),
+            ],
             &format!("the operator's Pod with volume {name}"),
         )
         .await?;

@@ -70,14 +70,26 @@ fn check_pod(pod: &Pod, claim: &str) -> anyhow::Result<()> {
         pvc.claim_name == claim && pvc.read_only == Some(true),
         "models: {pvc:?}"
     );
-    let tls = volume(pod, "tls")?.secret.as_ref().context("tls is not a Secret")?;
-    ensure!(tls.secret_name.as_deref() == Some("server-tls"), "tls: {tls:?}");
-    let scratch = volume(pod, "scratch")?.empty_dir.as_ref().context("no emptyDir")?;
+    let tls = volume(pod, "tls")?
+        .secret
+        .as_ref()
+        .context("tls is not a Secret")?;
+    ensure!(
+        tls.secret_name.as_deref() == Some("server-tls"),
+        "tls: {tls:?}"
+    );
+    let scratch = volume(pod, "scratch")?
+        .empty_dir
+        .as_ref()
+        .context("no emptyDir")?;
     ensure!(
         scratch.size_limit.as_ref().map(|q| q.0.as_str()) == Some("8Gi"),
         "scratch: {scratch:?}"
     );
-    let c = spec.containers.first().context("the Pod has no container")?;
+    let c = spec
+        .containers
+        .first()
+        .context("the Pod has no container")?;
     let mounts = c.volume_mounts.as_deref().unwrap_or_default();
     let seen: Vec<(&str, &str, Option<bool>, Option<&str>)> = mounts
         .iter()
@@ -154,15 +166,24 @@ async fn the_pod_carries_the_machines_volumes_and_env_sources_and_rolls_out_thei
         let pod = env.wait_pod("server-vm", T).await?;
         check_pod(&pod, "llama-3-8b")?;
         ensure!(
-            pod.annotations().get(keys::ANNOTATION_SPEC_DIGEST) == Some(&spec_digest(&applied.spec)),
+            pod.annotations().get(keys::ANNOTATION_SPEC_DIGEST)
+                == Some(&spec_digest(&applied.spec)),
             "digest annotation {:?}",
             pod.annotations().get(keys::ANNOTATION_SPEC_DIGEST)
         );
         // The Pod as stored carries the API server's defaults (a Secret volume's
         // defaultMode, a fieldRef's apiVersion): still the machine's spec.
-        let stored_mode = volume(&pod, "tls")?.secret.as_ref().and_then(|s| s.default_mode);
-        note(&format!("e2e: volumes: the stored Secret volume has defaultMode {stored_mode:?}"));
-        ensure!(reflects_spec(&pod, &applied.spec), "the stored Pod does not reflect its spec");
+        let stored_mode = volume(&pod, "tls")?
+            .secret
+            .as_ref()
+            .and_then(|s| s.default_mode);
+        note(&format!(
+            "e2e: volumes: the stored Secret volume has defaultMode {stored_mode:?}"
+        ));
+        ensure!(
+            reflects_spec(&pod, &applied.spec),
+            "the stored Pod does not reflect its spec"
+        );
         env.wait_machine("server", "its generation observed", T, |m| {
             let s = m.status.as_ref().ok_or("no status")?;
             if s.observed_generation == m.metadata.generation {
@@ -190,7 +211,10 @@ async fn the_pod_carries_the_machines_volumes_and_env_sources_and_rolls_out_thei
         let message = rolled.status.and_then(|s| s.message).unwrap_or_default();
         note(&format!("e2e: volumes: after the claim changed: {message}"));
         ensure!(
-            env.pods().get_opt("server-vm").await?.is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+            env.pods()
+                .get_opt("server-vm")
+                .await?
+                .is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
             "the Pod of the old claim is still there"
         );
         Ok(())
@@ -211,9 +235,9 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
     };
     // No operator here: the API server alone validates.
     let base = inference_server(&env, "valid")?;
-    env.apply_json("valid", &base)
-        .await
-        .context("a machine with a claim, a Secret, a ConfigMap and an emptyDir must be accepted")?;
+    env.apply_json("valid", &base).await.context(
+        "a machine with a claim, a Secret, a ConfigMap and an emptyDir must be accepted",
+    )?;
     type Edit = fn(&mut Value);
     let cases: [(&str, Edit, &str); 10] = [
         (
@@ -223,7 +247,9 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
         ),
         (
             "nfs",
-            |s| s["volumes"][1] = json!({"name": "tls", "nfs": {"server": "10.0.0.1", "path": "/"}}),
+            |s| {
+                s["volumes"][1] = json!({"name": "tls", "nfs": {"server": "10.0.0.1", "path": "/"}})
+            },
             "volume tls: nfs volumes are not allowed in a GpuMachine",
         ),
         (
@@ -294,7 +320,11 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
         Ok(status) => failures.push(format!("update to hostPath: {:?}", status.message)),
         Err(e) => failures.push(format!("update to hostPath: {e:#}")),
     }
-    ensure!(failures.is_empty(), "validation:\n  {}", failures.join("\n  "));
+    ensure!(
+        failures.is_empty(),
+        "validation:\n  {}",
+        failures.join("\n  ")
+    );
     env.cleanup().await;
     Ok(())
 }

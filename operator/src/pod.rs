@@ -118,8 +118,10 @@ fn changed_parts(pod: &Pod, spec: &GpuMachineSpec) -> Vec<&'static str> {
     let parts = carried_parts(spec);
     match pod.annotations().get(keys::ANNOTATION_SPEC_DIGEST) {
         Some(recorded) => {
-            let recorded: BTreeMap<&str, &str> =
-                recorded.split(',').filter_map(|kv| kv.split_once('=')).collect();
+            let recorded: BTreeMap<&str, &str> = recorded
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
             parts
                 .iter()
                 .filter(|(part, digest)| recorded.get(part) != Some(&digest.as_str()))
@@ -210,11 +212,10 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
         .controller_owner_ref(&())
         .ok_or_else(|| PodError::NoOwner(name.clone()))?;
     let spec = &machine.spec;
-    spec.check_workload()
-        .map_err(|source| PodError::Refused {
-            name: name.clone(),
-            source,
-        })?;
+    spec.check_workload().map_err(|source| PodError::Refused {
+        name: name.clone(),
+        source,
+    })?;
     // The same parser the shim reads the annotation with: a machine the operator
     // builds a Pod for is one the shim can size (shim/tests/guest_size_contract.rs).
     gpuvm_api::quantity::parse_bytes(&spec.guest.memory).map_err(|source| PodError::BadMemory {
@@ -594,12 +595,30 @@ mod tests {
         assert_eq!(c.env_from.as_ref(), Some(&m.spec.env_from));
         let env = c.env.as_ref().unwrap();
         let token = &env[0];
-        assert_eq!((token.name.as_str(), token.value.as_deref()), ("HF_TOKEN", None));
-        let key = token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!(
+            (token.name.as_str(), token.value.as_deref()),
+            ("HF_TOKEN", None)
+        );
+        let key = token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
         assert_eq!((key.name.as_str(), key.key.as_str()), ("hf", "token"));
-        let field = env[1].value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        let field = env[1]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap();
         assert_eq!(field.field_path, "metadata.name");
-        assert_eq!((env[2].value.as_deref(), env[2].value_from.as_ref()), (Some("serve"), None));
+        assert_eq!(
+            (env[2].value.as_deref(), env[2].value_from.as_ref()),
+            (Some("serve"), None)
+        );
         // Still no API credentials in the VM.
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(
@@ -617,26 +636,58 @@ mod tests {
         let volumes = spec.volumes.as_mut().unwrap();
         volumes[1].secret.as_mut().unwrap().default_mode = Some(420);
         let env = spec.containers[0].env.as_mut().unwrap();
-        env[1].value_from.as_mut().unwrap().field_ref.as_mut().unwrap().api_version =
-            Some("v1".into());
+        env[1]
+            .value_from
+            .as_mut()
+            .unwrap()
+            .field_ref
+            .as_mut()
+            .unwrap()
+            .api_version = Some("v1".into());
         assert!(reflects_spec(&pod, &m.spec));
 
         type Change = fn(&mut GpuMachineSpec);
         let cases: [(&str, Change, &str); 5] = [
-            ("claim", |s| {
-                s.volumes[0].persistent_volume_claim.as_mut().unwrap().claim_name = "mistral".into()
-            }, "volumes"),
-            ("mount", |s| s.volume_mounts[0].mount_path = "/weights".into(), "volumeMounts"),
+            (
+                "claim",
+                |s| {
+                    s.volumes[0]
+                        .persistent_volume_claim
+                        .as_mut()
+                        .unwrap()
+                        .claim_name = "mistral".into()
+                },
+                "volumes",
+            ),
+            (
+                "mount",
+                |s| s.volume_mounts[0].mount_path = "/weights".into(),
+                "volumeMounts",
+            ),
             ("envFrom", |s| s.env_from[0].prefix = None, "envFrom"),
-            ("secret key", |s| {
-                s.env[0].value_from.as_mut().unwrap().secret_key_ref.as_mut().unwrap().key =
-                    "other".into()
-            }, "env"),
-            ("image and volumes", |s| {
-                s.image = "img:2".into();
-                s.volumes.pop();
-                s.volume_mounts.pop();
-            }, "image vllm/vllm-openai:v0.6.0 -> img:2, volumes, volumeMounts"),
+            (
+                "secret key",
+                |s| {
+                    s.env[0]
+                        .value_from
+                        .as_mut()
+                        .unwrap()
+                        .secret_key_ref
+                        .as_mut()
+                        .unwrap()
+                        .key = "other".into()
+                },
+                "env",
+            ),
+            (
+                "image and volumes",
+                |s| {
+                    s.image = "img:2".into();
+                    s.volumes.pop();
+                    s.volume_mounts.pop();
+                },
+                "image vllm/vllm-openai:v0.6.0 -> img:2, volumes, volumeMounts",
+            ),
         ];
         for (name, change, says) in cases {
             let mut spec = m.spec.clone();
@@ -677,6 +728,9 @@ mod tests {
             matches!(&error, PodError::Refused { name, .. } if name == "train"),
             "{error}"
         );
-        assert!(error.to_string().contains("volume tls is of type hostPath"), "{error}");
+        assert!(
+            error.to_string().contains("volume tls is of type hostPath"),
+            "{error}"
+        );
     }
 }

@@ -702,10 +702,9 @@ fn a_terminating_pod_is_waited_for() {
 
 #[test]
 fn a_refused_spec_gets_no_pod_and_says_why() {
-    let host_path: k8s_openapi::api::core::v1::Volume = serde_json::from_value(
-        serde_json::json!({"name": "root", "hostPath": {"path": "/"}}),
-    )
-    .unwrap();
+    let host_path: k8s_openapi::api::core::v1::Volume =
+        serde_json::from_value(serde_json::json!({"name": "root", "hostPath": {"path": "/"}}))
+            .unwrap();
     // No Pod yet: none is created, and Ready says why.
     let mut m = machine(RestartPolicy::Never, MachinePhase::Scheduled);
     m.spec.volumes = vec![host_path];
@@ -715,7 +714,10 @@ fn a_refused_spec_gets_no_pod_and_says_why() {
     assert_eq!(d.status.observed_generation, Some(3));
     assert_eq!(cond(&d, ConditionType::Ready), ("False", "SpecRefused"));
     let message = d.status.message.clone().unwrap_or_default();
-    assert!(message.contains("volume root is of type hostPath"), "{message}");
+    assert!(
+        message.contains("volume root is of type hostPath"),
+        "{message}"
+    );
     assert_eq!(d.notes.len(), 1, "{:?}", d.notes);
     assert_eq!(
         (d.notes[0].severity, d.notes[0].reason.as_str()),
@@ -744,7 +746,10 @@ fn a_refused_spec_gets_no_pod_and_says_why() {
     assert_eq!(d.status.phase, Some(MachinePhase::Running));
     assert_eq!(cond(&d, ConditionType::Ready), ("False", "SpecRefused"));
     let message = d.status.message.unwrap_or_default();
-    assert!(message.contains("Pod m-vm of an earlier generation keeps running"), "{message}");
+    assert!(
+        message.contains("Pod m-vm of an earlier generation keeps running"),
+        "{message}"
+    );
 }
 
 fn machine_volumes_with_host_path() -> Vec<k8s_openapi::api::core::v1::Volume> {
