@@ -542,7 +542,7 @@ mod tests {
         );
 
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str); 6] = [
+        let cases: [(&str, Edit, &str); 7] = [
             (
                 "two types",
                 |s| s["volumes"][0]["emptyDir"] = serde_json::json!({}),
@@ -572,6 +572,11 @@ mod tests {
                 "value too",
                 |s| s["env"][0]["value"] = serde_json::json!("x"),
                 "value or valueFrom, not both",
+            ),
+            (
+                "bidirectional",
+                |s| s["volumeMounts"][0]["mountPropagation"] = serde_json::json!("Bidirectional"),
+                "cannot be Bidirectional",
             ),
         ];
         for (name, edit, want) in cases {

@@ -341,6 +341,11 @@ pub fn volume_mounts_schema(generator: &mut SchemaGenerator) -> Schema {
             "!has(self.subPath) || !has(self.subPathExpr) || self.subPath == '' || self.subPathExpr == ''",
             "a volumeMount sets subPath or subPathExpr, not both",
         ),
+        // A Pod refuses it for a container that is not privileged, as the machine's is.
+        rule(
+            "!has(self.mountPropagation) || self.mountPropagation != 'Bidirectional'",
+            "a volumeMount's mountPropagation cannot be Bidirectional: the machine's container is not privileged",
+        ),
     ];
     list_of::<VolumeMount>(generator, MAX_VOLUMES, Some("mountPath"), rules, |p| {
         for field in ["name", "mountPath", "subPath", "subPathExpr"] {

@@ -239,7 +239,7 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
         "a machine with a claim, a Secret, a ConfigMap and an emptyDir must be accepted",
     )?;
     type Edit = fn(&mut Value);
-    let cases: [(&str, Edit, &str); 10] = [
+    let cases: [(&str, Edit, &str); 11] = [
         (
             "host-path",
             |s| s["volumes"][1] = json!({"name": "tls", "hostPath": {"path": "/etc/kubernetes"}}),
@@ -289,6 +289,11 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
             "value-and-value-from",
             |s| s["env"][0]["value"] = json!("literal"),
             "an env entry sets value or valueFrom, not both",
+        ),
+        (
+            "bidirectional",
+            |s| s["volumeMounts"][0]["mountPropagation"] = json!("Bidirectional"),
+            "mountPropagation cannot be Bidirectional",
         ),
         (
             "env-from-both",
