@@ -17,6 +17,10 @@ pub const ANNOTATION_GPU_MODELS: &str = "gpuvm.dev/gpu-models";
 pub const ANNOTATION_GPU_CHECK: &str = "gpuvm.dev/gpu-check";
 /// Pod annotation: the `metadata.generation` of the GpuMachine the Pod was built from.
 pub const ANNOTATION_GENERATION: &str = "gpuvm.dev/generation";
+/// Pod annotation: short digests of the machine's env, envFrom, volumes and volume
+/// mounts the Pod was built from (`env=<hex>,envFrom=<hex>,...`), so a change of any of
+/// them rolls out a new Pod without comparing fields the API server defaulted.
+pub const ANNOTATION_SPEC_DIGEST: &str = "gpuvm.dev/spec-digest";
 /// Pod label naming the owning GpuMachine, so the operator can map Pods back cheaply.
 pub const LABEL_MACHINE: &str = "gpuvm.dev/machine";
 /// Pod label carrying the machine's restart generation (0 for the first Pod).

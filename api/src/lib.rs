@@ -1,7 +1,8 @@
 //! gpuvm's Kubernetes API: the `GpuMachine`, `GpuNode` and `GpuAllocation` custom resources and the
 //! label, annotation and finalizer keys shared by the operator, the node agent and the
 //! containerd shim, the one Kubernetes quantity parser, and the in-guest GPU check
-//! record the shim writes for the node agent.
+//! record the shim writes for the node agent. [`workload`] says which volumes, Secrets
+//! and ConfigMaps a machine's container may use.
 //!
 //! This crate does no I/O. The CRD YAML in `crds/` is generated from these types by the
 //! operator's `crdgen` binary, so every field's doc comment becomes the description that
@@ -13,6 +14,7 @@ pub mod keys;
 pub mod machine;
 pub mod node;
 pub mod quantity;
+pub mod workload;
 
 pub use allocation::{Clash, DeviceOwner, GpuAllocation, GpuAllocationSpec, MachineRef};
 pub use machine::{

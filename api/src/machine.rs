@@ -1,6 +1,8 @@
-//! `GpuMachine`: what a user asks for (an image, a command, GPUs and a guest size) and
+//! `GpuMachine`: what a user asks for (an image, a command, GPUs and a guest size, and
+//! what the container takes from its namespace: volumes, Secrets and ConfigMaps) and
 //! what the operator reports back (placement, devices, phase, conditions).
 
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVarSource, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -11,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// as a Pod whose RuntimeClass boots the VM.
 // Several printcolumns share a `type_`, which clippy mistakes for a repeated attribute.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[cfg_attr(test, kube(cel))]
 #[kube(
     group = "gpuvm.dev",
@@ -46,7 +48,10 @@ use serde::{Deserialize, Serialize};
     ),
     validation = Rule::new(
         "!has(oldSelf.status) || !has(oldSelf.status.nodeName) || (self.spec.gpu == oldSelf.spec.gpu && self.spec.guest == oldSelf.spec.guest)"
-    ).message("spec.gpu and spec.guest cannot change once the machine is scheduled: delete it and create a new one")
+    ).message("spec.gpu and spec.guest cannot change once the machine is scheduled: delete it and create a new one"),
+    validation = Rule::new(
+        "!has(self.spec.volumeMounts) || self.spec.volumeMounts.all(m, has(self.spec.volumes) && self.spec.volumes.exists(v, v.name == m.name))"
+    ).message("every spec.volumeMounts entry must name a volume declared in spec.volumes").field_path(".spec.volumeMounts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuMachineSpec {
@@ -63,9 +68,32 @@ pub struct GpuMachineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
 
-    /// Environment variables set in the container.
+    /// Environment variables set in the container: a `value`, or a `valueFrom` reading a
+    /// key of a Secret or ConfigMap of the machine's namespace, or a field of its Pod,
+    /// as in a Pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+
+    /// Environment variables from every key of a ConfigMap or Secret of the machine's
+    /// namespace, as a Pod container's `envFrom` (at most 32 sources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::workload::env_from_schema")]
+    pub env_from: Vec<EnvFromSource>,
+
+    /// Volumes the container may mount, as in a Pod, of the types a tenant may use:
+    /// `configMap`, `secret`, `emptyDir`, `persistentVolumeClaim`, `projected` (without
+    /// service-account tokens), `downwardAPI` and `ephemeral`. `hostPath` and every other
+    /// node-level or driver volume is refused (at most 64 volumes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::workload::volumes_schema")]
+    pub volumes: Vec<Volume>,
+
+    /// Where the container mounts `volumes`, as a Pod container's `volumeMounts`: each
+    /// names a declared volume, at an absolute `mountPath` without `..`, with an optional
+    /// relative `subPath` (at most 64 mounts, one per path).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::workload::volume_mounts_schema")]
+    pub volume_mounts: Vec<VolumeMount>,
 
     /// The GPUs this machine needs: a model and how many.
     pub gpu: GpuRequest,
@@ -104,18 +132,26 @@ pub enum GpuCheckPolicy {
     Ignored,
 }
 
-/// One environment variable.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// One environment variable: a value, or where to read it from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.valueFrom) || !has(self.value) || self.value == ''").message("an env entry sets value or valueFrom, not both"))]
 pub struct EnvVar {
     /// Variable name.
     pub name: String,
     /// Variable value (empty when omitted).
     #[serde(default)]
     pub value: String,
+    /// Where the value comes from instead, as in a Pod: exactly one of `secretKeyRef`
+    /// or `configMapKeyRef` (a key of an object in the machine's namespace), `fieldRef`
+    /// (a field of the machine's Pod) or `resourceFieldRef` (the container's resources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0) == 1").message("an env valueFrom names exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef"))]
+    pub value_from: Option<EnvVarSource>,
 }
 
 /// The GPUs a machine asks for.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
 pub struct GpuRequest {
     /// GPU model as published by the node agent, e.g. `h100-80gb`, `a100-40gb`, `l40s`,
     /// or `any` for whatever is free.
@@ -130,7 +166,7 @@ pub struct GpuRequest {
 }
 
 /// The guest VM's size.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
 pub struct GuestResources {
     /// Virtual CPUs of the guest, 1 to 256.
     #[x_kube(validation = Rule::new("self >= 1 && self <= 256").message("spec.guest.cpus must be between 1 and 256"))]
@@ -483,6 +519,81 @@ mod tests {
                 "{name}: want {want:?} in {errors:?}"
             );
         }
+    }
+
+    #[test]
+    fn volume_rules_admit_a_pods_volumes_and_refuse_the_rest() {
+        let mut spec = valid_spec();
+        spec["volumes"] = serde_json::json!([
+            {"name": "models", "persistentVolumeClaim": {"claimName": "llama"}},
+            {"name": "token", "secret": {"secretName": "hf"}},
+        ]);
+        spec["volumeMounts"] = serde_json::json!([
+            {"name": "models", "mountPath": "/models", "subPath": "llama-3"},
+            {"name": "token", "mountPath": "/run/secrets/hf"},
+        ]);
+        spec["env"] = serde_json::json!([
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ]);
+        spec["envFrom"] = serde_json::json!([{"configMapRef": {"name": "settings"}}]);
+        assert_eq!(
+            cel_errors(&machine(spec.clone()), None),
+            Vec::<String>::new()
+        );
+
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 7] = [
+            (
+                "two types",
+                |s| s["volumes"][0]["emptyDir"] = serde_json::json!({}),
+                "exactly one type",
+            ),
+            (
+                "bad name",
+                |s| s["volumes"][1]["name"] = serde_json::json!("Token"),
+                "DNS label",
+            ),
+            (
+                "undeclared",
+                |s| s["volumeMounts"][1]["name"] = serde_json::json!("cache"),
+                "declared in spec.volumes",
+            ),
+            (
+                "relative",
+                |s| s["volumeMounts"][0]["mountPath"] = serde_json::json!("models"),
+                "absolute path",
+            ),
+            (
+                "dot-dot",
+                |s| s["volumeMounts"][0]["subPath"] = serde_json::json!("../x"),
+                "relative path without",
+            ),
+            (
+                "value too",
+                |s| s["env"][0]["value"] = serde_json::json!("x"),
+                "value or valueFrom, not both",
+            ),
+            (
+                "bidirectional",
+                |s| s["volumeMounts"][0]["mountPropagation"] = serde_json::json!("Bidirectional"),
+                "cannot be Bidirectional",
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let mut bad = spec.clone();
+            edit(&mut bad);
+            let errors = cel_errors(&machine(bad), None);
+            assert!(
+                errors.iter().any(|e| e.contains(want)),
+                "{name}: want {want:?} in {errors:?}"
+            );
+        }
+        let mut host = spec.clone();
+        host["volumes"][1] = serde_json::json!({"name": "token", "hostPath": {"path": "/"}});
+        assert!(
+            !cel_errors(&machine(host), None).is_empty(),
+            "hostPath must be refused"
+        );
     }
 
     #[test]

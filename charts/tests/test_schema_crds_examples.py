@@ -112,9 +112,10 @@ def gpumachine_schema():
 QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti)?$")
 
 
-@pytest.mark.parametrize("name", ["inference-1gpu.yaml", "training-8gpu.yaml"])
+@pytest.mark.parametrize("name", ["inference-1gpu.yaml", "inference-server.yaml", "training-8gpu.yaml"])
 def test_example_machines_are_valid(name):
-    obj = yaml.safe_load((REPO / "examples" / name).read_text())
+    docs = yaml.safe_load_all((REPO / "examples" / name).read_text())
+    obj = next(d for d in docs if d and d.get("kind") == "GpuMachine")
     assert obj["apiVersion"] == "gpuvm.dev/v1alpha1" and obj["kind"] == "GpuMachine"
     jsonschema.validate(obj["spec"], gpumachine_schema()["properties"]["spec"])
     # The CEL rules of the CRD, by hand (no API server here).
@@ -126,6 +127,15 @@ def test_example_machines_are_valid(name):
     scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
     assert int(m.group(1)) * scale >= 128 * 2**20
     assert obj["spec"]["image"].strip()
+    # The volume rules (api/src/workload.rs), by hand.
+    allowed = {"configMap", "secret", "emptyDir", "persistentVolumeClaim", "projected",
+               "downwardAPI", "ephemeral"}
+    volumes = {v["name"]: v for v in obj["spec"].get("volumes", [])}
+    for v in volumes.values():
+        assert set(v) - {"name"} <= allowed, v
+    for mount in obj["spec"].get("volumeMounts", []):
+        assert mount["name"] in volumes, mount
+        assert mount["mountPath"].startswith("/") and ".." not in mount["mountPath"].split("/")
 
 
 # The shim's quantity suffixes (shim/src/config.rs, parse_memory_mib).

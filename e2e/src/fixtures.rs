@@ -236,6 +236,7 @@ pub fn machine(namespace: &str, name: &str, model: &str, count: i32, run: &str) 
             env: vec![EnvVar {
                 name: "NCCL_DEBUG".to_owned(),
                 value: "INFO".to_owned(),
+                ..Default::default()
             }],
             gpu: GpuRequest {
                 model: model.to_owned(),
@@ -249,6 +250,7 @@ pub fn machine(namespace: &str, name: &str, model: &str, count: i32, run: &str) 
             node_selector: BTreeMap::from([(LABEL_RUN.to_owned(), run.to_owned())]),
             placement: PlacementStrategy::BinPack,
             gpu_check: gpuvm_api::GpuCheckPolicy::Required,
+            ..Default::default()
         },
     );
     m.metadata.namespace = Some(namespace.to_owned());

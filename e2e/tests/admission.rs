@@ -404,6 +404,55 @@ async fn only_the_operator_creates_gpuvm_pods_and_only_as_allocated() -> anyhow:
         .await
         .context("the operator's Pod for its allocation must be admitted")?;
 
+    // The operator's Pod with every volume type a GpuMachine may use: admitted; one
+    // with a hostPath or a projected service-account token (which the operator never
+    // builds): refused.
+    let mut with_volumes = setup.machine_a.clone();
+    with_volumes.spec.volumes = serde_json::from_value(json!([
+        {"name": "models", "persistentVolumeClaim": {"claimName": "llama"}},
+        {"name": "token", "secret": {"secretName": "hf"}},
+        {"name": "settings", "configMap": {"name": "server"}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "info", "downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+        {"name": "both", "projected": {"sources": [{"secret": {"name": "hf"}}, {"configMap": {"name": "server"}}]}},
+        {"name": "cache", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}},
+    ]))?;
+    let mut volumes_pod = build_pod(&with_volumes)?;
+    volumes_pod.metadata.name = Some("with-volumes".to_owned());
+    admitted(
+        &operator,
+        &volumes_pod,
+        "the operator's Pod with a GpuMachine's volumes",
+    )
+    .await?;
+    for (name, volume) in [
+        ("host", json!({"hostPath": {"path": "/"}})),
+        ("nfs", json!({"nfs": {"server": "10.0.0.1", "path": "/"}})),
+        (
+            "api",
+            json!({"projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}),
+        ),
+    ] {
+        let mut bad = pod.clone();
+        bad.metadata.name = Some(format!("volume-{name}"));
+        let mut volume = volume;
+        volume["name"] = json!(name);
+        if let Some(spec) = bad.spec.as_mut() {
+            spec.volumes = Some(vec![serde_json::from_value(volume)?]);
+        }
+        refused(
+            &operator,
+            &bad,
+            &[
+                "may only have the volumes a GpuMachine may use",
+                &format!("; volume {name} is not one"),
+            ],
+            &format!("the operator's Pod with volume {name}"),
+        )
+        .await?;
+    }
+
     // The operator's Pod that does not match the allocation: refused.
     let machine = format!("{}/train-a", setup.env.namespace);
     let mut partial = pod.clone();

@@ -404,6 +404,7 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
     train.spec.env.push(EnvVar {
         name: "EPOCHS".to_owned(),
         value: "3".to_owned(),
+        ..Default::default()
     });
     train.spec.guest = GuestResources {
         cpus: 16,

@@ -193,6 +193,7 @@ mod tests {
                 node_selector: BTreeMap::new(),
                 placement: Default::default(),
                 gpu_check: Default::default(),
+                ..Default::default()
             },
         );
         m.metadata.namespace = Some("ns".into());

@@ -162,6 +162,7 @@ fn machine(selector: &[(&str, &str)], lost: Option<(&str, &str)>) -> GpuMachine 
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             placement: Default::default(),
+            ..Default::default()
         },
     );
     let mut status = GpuMachineStatus {

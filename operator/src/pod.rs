@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
 
 /// Why no Pod can be built for a machine.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,6 +21,16 @@ pub enum PodError {
     /// The machine object lacks what an owner reference needs (uid, name).
     #[error("machine {0} has no uid, so it cannot own a Pod")]
     NoOwner(String),
+    /// The spec asks its namespace for what a GpuMachine may not use (a `hostPath`
+    /// volume, say): the CRD's rules refuse it, so only an object stored without them
+    /// gets here.
+    #[error("machine {name}: {source}")]
+    Refused {
+        /// Machine name.
+        name: String,
+        /// What is refused.
+        source: gpuvm_api::workload::WorkloadError,
+    },
     /// The guest memory is not a usable quantity: the CRD rule catches non-quantities,
     /// but not values past Kubernetes' largest (2^63-1), which the API server caps.
     #[error("machine {name}: {source}")]
@@ -70,32 +81,108 @@ pub fn owned_by(pod: &Pod, uid: &str) -> bool {
         .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
-/// Whether the Pod's container runs what the spec asks for now: image, command, args
-/// and env. A Pod that does not is replaced (a spec roll-out).
-pub fn reflects_spec(pod: &Pod, spec: &GpuMachineSpec) -> bool {
-    let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
-        return false;
-    };
-    let env: Vec<(&str, &str)> = c
-        .env
+/// The parts of a spec a Pod carries beyond image, command and args, each with a short
+/// digest of its value as the machine states it. The API server fills defaults into
+/// what a Pod stores (a Secret volume's `defaultMode`, a `fieldRef`'s `apiVersion`), so
+/// the Pod records these digests (`gpuvm.dev/spec-digest`) instead of being compared
+/// field by field, which would see a change where there is none.
+fn carried_parts(spec: &GpuMachineSpec) -> [(&'static str, String); 4] {
+    fn digest(value: &impl serde::Serialize) -> String {
+        // Serializing these derived types cannot fail; an empty digest just differs.
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        let sum = Sha256::digest(&bytes);
+        sum[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+    [
+        ("env", digest(&spec.env)),
+        ("envFrom", digest(&spec.env_from)),
+        ("volumes", digest(&spec.volumes)),
+        ("volumeMounts", digest(&spec.volume_mounts)),
+    ]
+}
+
+/// The `gpuvm.dev/spec-digest` annotation of a Pod built from `spec`:
+/// `env=<hex>,envFrom=<hex>,volumes=<hex>,volumeMounts=<hex>`.
+pub fn spec_digest(spec: &GpuMachineSpec) -> String {
+    carried_parts(spec)
         .iter()
+        .map(|(part, digest)| format!("{part}={digest}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The carried parts whose digest in the Pod differs from the spec's. A Pod built
+/// before the digest existed carried plain env values only: it differs in `env` when
+/// those differ, and in every other part the spec sets.
+fn changed_parts(pod: &Pod, spec: &GpuMachineSpec) -> Vec<&'static str> {
+    let parts = carried_parts(spec);
+    match pod.annotations().get(keys::ANNOTATION_SPEC_DIGEST) {
+        Some(recorded) => {
+            let recorded: BTreeMap<&str, &str> = recorded
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
+            parts
+                .iter()
+                .filter(|(part, digest)| recorded.get(part) != Some(&digest.as_str()))
+                .map(|(part, _)| *part)
+                .collect()
+        }
+        None => {
+            let mut changed = Vec::new();
+            if !legacy_env_matches(pod, spec) {
+                changed.push("env");
+            }
+            if !spec.env_from.is_empty() {
+                changed.push("envFrom");
+            }
+            if !spec.volumes.is_empty() {
+                changed.push("volumes");
+            }
+            if !spec.volume_mounts.is_empty() {
+                changed.push("volumeMounts");
+            }
+            changed
+        }
+    }
+}
+
+/// Whether a Pod without a digest has the spec's env: the same names and plain values.
+fn legacy_env_matches(pod: &Pod, spec: &GpuMachineSpec) -> bool {
+    let env: Vec<(&str, &str)> = container(pod)
+        .and_then(|c| c.env.as_ref())
+        .into_iter()
         .flatten()
         .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or_default()))
         .collect();
-    let want_env: Vec<(&str, &str)> = spec
+    let want: Vec<(&str, &str)> = spec
         .env
         .iter()
         .map(|e| (e.name.as_str(), e.value.as_str()))
         .collect();
+    env == want && spec.env.iter().all(|e| e.value_from.is_none())
+}
+
+fn container(pod: &Pod) -> Option<&Container> {
+    pod.spec.as_ref().and_then(|s| s.containers.first())
+}
+
+/// Whether the Pod's container runs what the spec asks for now: image, command, args,
+/// env, envFrom, volumes and volume mounts. A Pod that does not is replaced (a spec
+/// roll-out).
+pub fn reflects_spec(pod: &Pod, spec: &GpuMachineSpec) -> bool {
+    let Some(c) = container(pod) else {
+        return false;
+    };
     c.image.as_deref() == Some(spec.image.as_str())
         && c.command.as_deref().unwrap_or_default() == spec.command.as_slice()
         && c.args.as_deref().unwrap_or_default() == spec.args.as_slice()
-        && env == want_env
+        && changed_parts(pod, spec).is_empty()
 }
 
-/// What differs between the Pod's container and the spec, for messages: `image a -> b`.
+/// What differs between the Pod and the spec, for messages: `image a -> b`, `volumes`.
 pub fn spec_change(pod: &Pod, spec: &GpuMachineSpec) -> String {
-    let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+    let c = container(pod);
     let mut changed = Vec::new();
     let image = c.and_then(|c| c.image.clone()).unwrap_or_default();
     if image != spec.image {
@@ -107,9 +194,7 @@ pub fn spec_change(pod: &Pod, spec: &GpuMachineSpec) -> String {
     if c.and_then(|c| c.args.clone()).unwrap_or_default() != spec.args {
         changed.push("args".to_owned());
     }
-    if changed.is_empty() {
-        changed.push("env".to_owned());
-    }
+    changed.extend(changed_parts(pod, spec).into_iter().map(str::to_owned));
     changed.join(", ")
 }
 
@@ -127,6 +212,10 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
         .controller_owner_ref(&())
         .ok_or_else(|| PodError::NoOwner(name.clone()))?;
     let spec = &machine.spec;
+    spec.check_workload().map_err(|source| PodError::Refused {
+        name: name.clone(),
+        source,
+    })?;
     // The same parser the shim reads the annotation with: a machine the operator
     // builds a Pod for is one the shim can size (shim/tests/guest_size_contract.rs).
     gpuvm_api::quantity::parse_bytes(&spec.guest.memory).map_err(|source| PodError::BadMemory {
@@ -153,6 +242,7 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
             keys::ANNOTATION_GENERATION.to_owned(),
             machine.metadata.generation.unwrap_or_default().to_string(),
         ),
+        (keys::ANNOTATION_SPEC_DIGEST.to_owned(), spec_digest(spec)),
     ]);
     let labels = BTreeMap::from([
         (keys::LABEL_MACHINE.to_owned(), name.clone()),
@@ -171,16 +261,9 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
         image: Some(spec.image.clone()),
         command: (!spec.command.is_empty()).then(|| spec.command.clone()),
         args: (!spec.args.is_empty()).then(|| spec.args.clone()),
-        env: (!spec.env.is_empty()).then(|| {
-            spec.env
-                .iter()
-                .map(|e| EnvVar {
-                    name: e.name.clone(),
-                    value: Some(e.value.clone()),
-                    ..EnvVar::default()
-                })
-                .collect()
-        }),
+        env: (!spec.env.is_empty()).then(|| spec.env.iter().map(env_var).collect()),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
+        volume_mounts: (!spec.volume_mounts.is_empty()).then(|| spec.volume_mounts.clone()),
         resources: Some(ResourceRequirements {
             requests: Some(resources.clone()),
             limits: Some(resources),
@@ -234,10 +317,21 @@ pub fn build_pod(machine: &GpuMachine) -> Result<Pod, PodError> {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             containers: vec![container],
+            volumes: (!spec.volumes.is_empty()).then(|| spec.volumes.clone()),
             ..PodSpec::default()
         }),
         status: None,
     })
+}
+
+/// A machine's env entry as a Pod's: its value, or where the value comes from.
+fn env_var(e: &gpuvm_api::EnvVar) -> EnvVar {
+    EnvVar {
+        name: e.name.clone(),
+        // A Pod refuses a value next to a valueFrom, even an empty one.
+        value: e.value_from.is_none().then(|| e.value.clone()),
+        value_from: e.value_from.clone(),
+    }
 }
 
 /// The node a Pod is pinned to by its required node affinity
@@ -293,6 +387,7 @@ mod tests {
                 env: vec![gpuvm_api::EnvVar {
                     name: "EPOCHS".into(),
                     value: "3".into(),
+                    ..Default::default()
                 }],
                 gpu: GpuRequest {
                     model: "l40s".into(),
@@ -306,6 +401,7 @@ mod tests {
                 node_selector: Default::default(),
                 placement: Default::default(),
                 gpu_check: Default::default(),
+                ..Default::default()
             },
         );
         m.metadata.namespace = Some("ml".into());
@@ -458,5 +554,183 @@ mod tests {
             change(&mut other);
             assert!(!matches_allocation(&pod, &other), "{name}");
         }
+    }
+
+    /// A machine reading a model from a claim, a token from a Secret and settings from
+    /// a ConfigMap.
+    fn with_volumes() -> GpuMachine {
+        let mut m = placed();
+        let spec: GpuMachineSpec = serde_json::from_value(serde_json::json!({
+            "image": "vllm/vllm-openai:v0.6.0",
+            "gpu": {"model": "l40s", "count": 1},
+            "guest": {"cpus": 8, "memory": "32Gi"},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "MODE", "value": "serve"},
+            ],
+            "envFrom": [{"configMapRef": {"name": "server-settings"}, "prefix": "VLLM_"}],
+            "volumes": [
+                {"name": "models", "persistentVolumeClaim": {"claimName": "llama", "readOnly": true}},
+                {"name": "tls", "secret": {"secretName": "server-tls"}},
+            ],
+            "volumeMounts": [
+                {"name": "models", "mountPath": "/models", "readOnly": true},
+                {"name": "tls", "mountPath": "/etc/tls", "subPath": "certs"},
+            ],
+        }))
+        .unwrap();
+        m.spec = spec;
+        m
+    }
+
+    #[test]
+    fn the_pod_carries_volumes_mounts_and_env_sources() {
+        let m = with_volumes();
+        let pod = build_pod(&m).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.volumes.as_ref(), Some(&m.spec.volumes));
+        let c = &spec.containers[0];
+        assert_eq!(c.volume_mounts.as_ref(), Some(&m.spec.volume_mounts));
+        assert_eq!(c.env_from.as_ref(), Some(&m.spec.env_from));
+        let env = c.env.as_ref().unwrap();
+        let token = &env[0];
+        assert_eq!(
+            (token.name.as_str(), token.value.as_deref()),
+            ("HF_TOKEN", None)
+        );
+        let key = token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((key.name.as_str(), key.key.as_str()), ("hf", "token"));
+        let field = env[1]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(field.field_path, "metadata.name");
+        assert_eq!(
+            (env[2].value.as_deref(), env[2].value_from.as_ref()),
+            (Some("serve"), None)
+        );
+        // Still no API credentials in the VM.
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.annotations()[keys::ANNOTATION_SPEC_DIGEST],
+            spec_digest(&m.spec)
+        );
+    }
+
+    #[test]
+    fn a_pod_as_the_api_server_stores_it_still_reflects_its_spec() {
+        let m = with_volumes();
+        let mut pod = build_pod(&m).unwrap();
+        // Defaults the API server fills in must not read as a spec change.
+        let spec = pod.spec.as_mut().unwrap();
+        let volumes = spec.volumes.as_mut().unwrap();
+        volumes[1].secret.as_mut().unwrap().default_mode = Some(420);
+        let env = spec.containers[0].env.as_mut().unwrap();
+        env[1]
+            .value_from
+            .as_mut()
+            .unwrap()
+            .field_ref
+            .as_mut()
+            .unwrap()
+            .api_version = Some("v1".into());
+        assert!(reflects_spec(&pod, &m.spec));
+
+        type Change = fn(&mut GpuMachineSpec);
+        let cases: [(&str, Change, &str); 5] = [
+            (
+                "claim",
+                |s| {
+                    s.volumes[0]
+                        .persistent_volume_claim
+                        .as_mut()
+                        .unwrap()
+                        .claim_name = "mistral".into()
+                },
+                "volumes",
+            ),
+            (
+                "mount",
+                |s| s.volume_mounts[0].mount_path = "/weights".into(),
+                "volumeMounts",
+            ),
+            ("envFrom", |s| s.env_from[0].prefix = None, "envFrom"),
+            (
+                "secret key",
+                |s| {
+                    s.env[0]
+                        .value_from
+                        .as_mut()
+                        .unwrap()
+                        .secret_key_ref
+                        .as_mut()
+                        .unwrap()
+                        .key = "other".into()
+                },
+                "env",
+            ),
+            (
+                "image and volumes",
+                |s| {
+                    s.image = "img:2".into();
+                    s.volumes.pop();
+                    s.volume_mounts.pop();
+                },
+                "image vllm/vllm-openai:v0.6.0 -> img:2, volumes, volumeMounts",
+            ),
+        ];
+        for (name, change, says) in cases {
+            let mut spec = m.spec.clone();
+            change(&mut spec);
+            assert!(!reflects_spec(&pod, &spec), "{name}");
+            assert_eq!(spec_change(&pod, &spec), says, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_pod_built_before_the_digest_reflects_a_spec_without_the_new_fields() {
+        let m = placed();
+        let mut pod = build_pod(&m).unwrap();
+        pod.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(keys::ANNOTATION_SPEC_DIGEST);
+        // No roll-out of every running machine when the operator is upgraded.
+        assert!(reflects_spec(&pod, &m.spec));
+        let mut spec = m.spec.clone();
+        spec.env[0].value = "4".into();
+        assert_eq!(spec_change(&pod, &spec), "env");
+        let spec = with_volumes().spec;
+        assert!(!reflects_spec(&pod, &spec));
+        assert!(spec_change(&pod, &spec).ends_with("env, envFrom, volumes, volumeMounts"));
+    }
+
+    #[test]
+    fn no_pod_for_a_refused_spec() {
+        let mut m = with_volumes();
+        m.spec.volumes[1] = serde_json::from_value(
+            serde_json::json!({"name": "tls", "hostPath": {"path": "/etc/kubernetes"}}),
+        )
+        .unwrap();
+        let error = build_pod(&m).unwrap_err();
+        assert!(
+            matches!(&error, PodError::Refused { name, .. } if name == "train"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("volume tls is of type hostPath"),
+            "{error}"
+        );
     }
 }

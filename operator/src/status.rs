@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use gpuvm_api::gpu_check::GpuCheck;
+use gpuvm_api::workload::WorkloadError;
 use gpuvm_api::{
     ConditionType, GpuCheckPolicy, GpuMachine, GpuMachineStatus, MachinePhase, RestartPolicy,
     Termination, keys,
@@ -220,12 +221,19 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
 
     let phase = current.phase.unwrap_or_default();
     let uid = machine.uid().unwrap_or_default();
+    // A spec that asks its namespace for what a GpuMachine may not use gets no Pod.
+    let refused = machine.spec.check_workload().err();
     match pod {
         None if phase.is_terminal() => {
             // The ended Pod is gone: its VM, and so its GPUs, are released. Nothing
             // runs again, so the status describes every generation.
             status.pod_name = None;
             status.next_restart_time = None;
+            status.observed_generation = Some(generation);
+        }
+        None if refused.is_some() => {
+            status.pod_name = None;
+            status.phase = Some(MachinePhase::Scheduled);
             status.observed_generation = Some(generation);
         }
         None => {
@@ -298,7 +306,7 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
             }
             let pod_phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
             let ended = matches!(pod_phase, Some("Succeeded" | "Failed"));
-            if !reflects && !ended {
+            if !reflects && !ended && refused.is_none() {
                 roll_out(machine, pod, &mut status, generation, now);
                 action = PodAction::Replace;
                 notes.push(Note {
@@ -318,6 +326,12 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
                 );
             }
         }
+    }
+
+    if let Some(error) = &refused
+        && !phase.is_terminal()
+    {
+        refuse(&current, &mut status, error, &mut notes, generation, now);
     }
 
     let new_phase = status.phase.unwrap_or_default();
@@ -346,6 +360,47 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
         notes,
         wait,
     }
+}
+
+/// A spec the operator builds no Pod for ([`GpuMachineSpec::check_workload`]): no Pod
+/// is created or replaced (a Pod of an earlier generation keeps running), and
+/// `Ready=False` with reason `SpecRefused` says why until the spec changes.
+///
+/// [`GpuMachineSpec::check_workload`]: gpuvm_api::GpuMachineSpec::check_workload
+fn refuse(
+    current: &GpuMachineStatus,
+    status: &mut GpuMachineStatus,
+    error: &WorkloadError,
+    notes: &mut Vec<Note>,
+    generation: i64,
+    now: &Time,
+) {
+    let running = status
+        .pod_name
+        .as_ref()
+        .map(|pod| format!("; Pod {pod} of an earlier generation keeps running"))
+        .unwrap_or_default();
+    let message = format!("the operator refuses this spec: {error}{running}");
+    let was = current
+        .condition(ConditionType::Ready)
+        .map(|c| c.reason.as_str());
+    if was != Some("SpecRefused") {
+        notes.push(Note {
+            severity: Severity::Warning,
+            reason: "SpecRefused".to_owned(),
+            message: message.clone(),
+        });
+    }
+    status.message = Some(message.clone());
+    set_condition(
+        &mut status.conditions,
+        ConditionType::Ready,
+        "False",
+        "SpecRefused",
+        &message,
+        generation,
+        now,
+    );
 }
 
 /// A Pod that runs an older spec is replaced by one of the next Pod index, on the same

@@ -201,6 +201,7 @@ fn machine() -> impl Strategy<Value = GpuMachine> {
                     env: vec![EnvVar {
                         name: "A".into(),
                         value: "b".into(),
+                        ..Default::default()
                     }],
                     gpu: GpuRequest { model, count },
                     guest: GuestResources { cpus, memory },
@@ -208,6 +209,7 @@ fn machine() -> impl Strategy<Value = GpuMachine> {
                     node_selector: selector,
                     placement,
                     gpu_check: Default::default(),
+                    ..Default::default()
                 },
             );
             m.metadata.namespace = Some("ns".into());

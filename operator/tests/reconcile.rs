@@ -143,6 +143,7 @@ fn machine(name: &str) -> GpuMachine {
             node_selector: BTreeMap::new(),
             placement: Default::default(),
             gpu_check: Default::default(),
+            ..Default::default()
         },
     );
     m.metadata.namespace = Some("default".into());
