@@ -386,4 +386,21 @@ impl agent_ttrpc::AgentService for AgentService {
         });
         Ok(pb::ShutdownResponse::default())
     }
+
+    #[tracing::instrument(skip_all)]
+    fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ConfigureNetworkRequest,
+    ) -> Reply<pb::ConfigureNetworkResponse> {
+        let config = crate::network::validate(&req)?;
+        crate::network::apply(&config)?;
+        tracing::info!(
+            interfaces = config.interfaces.len(),
+            routes = config.routes.len(),
+            hostname = config.hostname.as_deref().unwrap_or(""),
+            "network configured"
+        );
+        Ok(pb::ConfigureNetworkResponse::default())
+    }
 }

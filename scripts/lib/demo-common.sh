@@ -233,6 +233,8 @@ print_summary() {
     printf '  %-8s %-36s %s\n' "memory" "$host_mem" "$(vm_fact memory)"
     printf '  %-8s %-36s %s\n' "PID 1" "$(cat /proc/1/comm)" "$(vm_fact pid1) (the gpuvm agent is the guest's init)"
     echo "  guest kernel command line: $(vm_fact cmdline)"
+    echo "  pod network: the VM's eth0 is $(vm_fact eth0) (the pod namespace's veth, through a tap)"
+    echo "  HTTP from the host to $POD_IP:$HTTP_PORT: $HTTP_ANSWER"
     if [ -n "$BREAKDOWN" ]; then
         echo "  VM start, from the shim's log: $(breakdown_text)"
     fi

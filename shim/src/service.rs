@@ -29,8 +29,8 @@ use tracing::instrument;
 use crate::agent::{ProcessId, ProcessStats};
 use crate::error::{Error, Result};
 use crate::sandbox::{
-    Checked, ContainerRequest, Exit, FailedResetLocks, NewContainer, Sandbox, Tasks, process_spec,
-    remove_rootfs,
+    Checked, ContainerRequest, Exit, FailedResetLocks, NewContainer, Sandbox, SandboxNet, Tasks,
+    process_spec, remove_rootfs,
 };
 use crate::state::{TaskAction, TaskState};
 use crate::stdio::StdioPaths;
@@ -216,6 +216,7 @@ impl Service {
         req: &api::CreateTaskRequest,
         sandbox_id: &str,
         annotations: &HashMap<String, String>,
+        net: &SandboxNet,
     ) -> Result<Arc<Sandbox>> {
         // Not held across the boot: Connect and the other handlers stay answerable.
         let current = self.inner.sandbox.lock().await.clone();
@@ -242,7 +243,8 @@ impl Service {
             .and_then(|any| config_path_from_options(&any.type_url, &any.value));
         let bundle = Path::new(&req.bundle);
         let held = &self.inner.failed_reset_locks;
-        let sandbox = Arc::new(Sandbox::boot(sandbox_id, bundle, annotations, option, held).await?);
+        let sandbox =
+            Arc::new(Sandbox::boot(sandbox_id, bundle, annotations, net, option, held).await?);
         *self.inner.sandbox.lock().await = Some(sandbox.clone());
         self.watch_vm(sandbox.clone());
         Ok(sandbox)
@@ -321,7 +323,10 @@ impl Service {
         if self.inner.tasks.contains(&req.id).await {
             return Err(Error::AlreadyExists(format!("task {}", req.id)));
         }
-        let sandbox = self.sandbox_for(&req, &sandbox_id, &annotations).await?;
+        let net = SandboxNet::of(&spec);
+        let sandbox = self
+            .sandbox_for(&req, &sandbox_id, &annotations, &net)
+            .await?;
         let rootfs_mount = if pod_sandbox {
             None
         } else {

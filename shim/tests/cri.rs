@@ -17,74 +17,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::cri::{RUNTIME_HANDLER, connect, exec_sync, one_cpu_512mi, wait_for_cri_image};
 use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    Capability, ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest,
-    ExecSyncResponse, ImageSpec, ImageStatusRequest, Int64Value, LinuxContainerConfig,
-    LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile,
-    StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
+    Capability, ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncResponse,
+    ImageSpec, Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    SecurityProfile, StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
-
-/// The CRI runtime handler naming the gpuvm runtime in containerd's config.
-const RUNTIME_HANDLER: &str = "gpuvm";
-
-async fn connect(socket: std::path::PathBuf) -> Channel {
-    Endpoint::try_from("http://[::]")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect to containerd's CRI")
-}
-
-/// Waits until containerd's CRI image store lists `image`: it learns of an imported
-/// image from an event, a moment after `ctr images import` returns, and until then a
-/// RunPodSandbox tries to pull the sandbox image (and fails: no registry here).
-async fn wait_for_cri_image(channel: Channel, image: &str) {
-    let mut images = ImageServiceClient::new(channel);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = images
-            .image_status(ImageStatusRequest {
-                image: Some(ImageSpec {
-                    image: image.to_owned(),
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await;
-        if status.is_ok_and(|s| s.into_inner().image.is_some()) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "CRI never listed {image}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// What the kubelet passes for a Pod whose containers request and are limited to one
-/// CPU and 512Mi (`calculateSandboxResources`; containerd copies it onto the sandbox's
-/// spec as the `io.kubernetes.cri.sandbox-cpu-*` / `-memory` annotations).
-fn one_cpu_512mi() -> LinuxContainerResources {
-    LinuxContainerResources {
-        cpu_period: 100_000,
-        cpu_quota: 100_000,
-        cpu_shares: 1024,
-        memory_limit_in_bytes: 512 << 20,
-        ..Default::default()
-    }
-}
+use tonic::transport::Channel;
 
 fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
     PodSandboxConfig {
@@ -190,22 +133,6 @@ async fn mount_tmpfs(client: &mut RuntimeServiceClient<Channel>, container_id: &
         String::from_utf8_lossy(&out.stderr).trim()
     );
     out.exit_code
-}
-
-async fn exec_sync(
-    client: &mut RuntimeServiceClient<Channel>,
-    container_id: &str,
-    cmd: &[&str],
-) -> ExecSyncResponse {
-    client
-        .exec_sync(ExecSyncRequest {
-            container_id: container_id.to_owned(),
-            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
-            timeout: 120,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
 use crate::hypervisor::{self, Hypervisor, VmRecord};
+use crate::network::PodNetwork;
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::rootfs::ShareDirs;
 
@@ -153,8 +154,29 @@ async fn reset_devices(host: HostPaths, devices: Vec<PciAddress>) -> bool {
     }
 }
 
+/// The sandbox's network as its OCI spec gives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxNet {
+    /// The pod's network namespace (`linux.namespaces` network path); `None` for the
+    /// host's network.
+    pub netns: Option<PathBuf>,
+    /// The pod's hostname (the spec's `hostname`).
+    pub hostname: String,
+}
+
+impl SandboxNet {
+    /// The network of the sandbox whose OCI spec is `spec`.
+    pub fn of(spec: &oci_spec::runtime::Spec) -> SandboxNet {
+        SandboxNet {
+            netns: crate::network::netns_path(spec),
+            hostname: spec.hostname().clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// Everything a sandbox's VM holds on the host: the VMM and its helpers, the shared
-/// directory's mount, the state file, the devices and their lock.
+/// directory's mount, the taps in the pod's network namespace, the state file, the
+/// devices and their lock.
 #[derive(Debug)]
 pub struct Vm {
     id: String,
@@ -165,6 +187,9 @@ pub struct Vm {
     /// The share's size limit in bytes (`host.share_size`).
     share_size: u64,
     devices: Devices,
+    /// The pod network the VM joins (taps made in `bring_up`), and the hostname.
+    network: Option<PodNetwork>,
+    hostname: String,
     /// Set once the VMM was asked to start: from then on it may have opened the
     /// devices, so they are reset before they go back.
     vmm_started: AtomicBool,
@@ -187,8 +212,17 @@ impl Vm {
             share_size,
             hypervisor,
             devices,
+            network: None,
+            hostname: String::new(),
             vmm_started: AtomicBool::new(false),
         }
+    }
+
+    /// The VM joins `network` (its taps are made before the VMM starts, in it).
+    fn with_network(mut self, network: Option<PodNetwork>, hostname: &str) -> Vm {
+        self.network = network;
+        hostname.clone_into(&mut self.hostname);
+        self
     }
 
     /// The record for the state file: the VM's processes, then `mounts` (container
@@ -206,6 +240,7 @@ impl Vm {
             mounts,
             timings,
             devices: self.devices.record(),
+            network: self.network.as_ref().map(PodNetwork::record),
         }
     }
 
@@ -236,12 +271,21 @@ impl Vm {
         // leaves `shim delete` what it needs to reset them.
         self.vmm_started.store(true, Ordering::SeqCst);
         self.devices.mark_reset_pending(&self.id)?;
+        // The state file names the taps already: a failure part way is undone too.
+        if let Some(network) = self.network.clone() {
+            blocking(move || network.attach()).await?;
+        }
         self.hypervisor.start(&persist).await?;
         let vmm_started = Instant::now();
         self.save_state()?;
         let agent = self.connect_agent(config).await?;
         let connected = Instant::now();
         let info = agent.guest_info().await?;
+        if let Some(network) = &self.network {
+            agent
+                .configure_network(&network.guest(&self.hostname))
+                .await?;
+        }
         let phases = Phases {
             vmm_starting,
             vmm_started,
@@ -292,6 +336,14 @@ impl Vm {
             crate::rootfs::unmount(&point);
         }
         self.hypervisor.cleanup().await;
+        // The VMM is gone: its taps and the redirects go.
+        if let Some(record) = self.network.as_ref().map(PodNetwork::record) {
+            let _ = blocking(move || {
+                record.detach();
+                Ok(())
+            })
+            .await;
+        }
         // The VMM has exited: reset every device, then release its lock. A device
         // that fails its reset got a health record; its lock stays held until the
         // shim exits.
@@ -338,6 +390,7 @@ impl Sandbox {
         id: &str,
         bundle: &Path,
         annotations: &HashMap<String, String>,
+        net: &SandboxNet,
         config_option: Option<String>,
         held: &FailedResetLocks,
     ) -> Result<Sandbox> {
@@ -351,11 +404,20 @@ impl Sandbox {
             "guest.initramfs",
             &config.guest.initramfs,
         )?;
+        let network = match net.netns.clone() {
+            Some(netns) => blocking(move || PodNetwork::scan(&netns)).await?,
+            None => None,
+        };
         let devices = Devices::claim(&config, annotations, id)?;
-        let spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
+        let mut spec = vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?;
+        if let Some(network) = &network {
+            spec.nics = network.nics();
+            spec.netns = Some(network.netns.clone());
+        }
         let hypervisor = hypervisor::new_hypervisor(&config, spec);
         let share_size = config.host.share_size_bytes()?;
-        let vm = Vm::new(id, bundle, hypervisor, devices, share_size);
+        let vm = Vm::new(id, bundle, hypervisor, devices, share_size)
+            .with_network(network, &net.hostname);
         Sandbox::launch(vm, &config, annotations, held, entered).await
     }
 
@@ -470,6 +532,15 @@ impl Sandbox {
         self.vm.stop(mounts, held).await;
         tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
     }
+}
+
+/// Runs blocking `work` (netlink in another namespace) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Hypervisor(format!("a blocking task failed: {e}")))?
 }
 
 /// Checks that a configured file exists, so a typo names the setting rather than

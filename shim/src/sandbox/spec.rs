@@ -43,7 +43,8 @@ pub fn vm_spec(
         shared_dir: Some(crate::rootfs::ShareDirs::of(&work_dir).shared),
         work_dir,
         devices: devices.map(Passthrough::device_names).unwrap_or_default(),
-        taps: Vec::new(),
+        nics: Vec::new(),
+        netns: None,
         mmio64_size: devices.and_then(|set| crate::devices::mmio64_window(&set.bar64_sizes)),
         memory: MemoryOptions {
             prefault: config.memory.prefault,
@@ -96,7 +97,8 @@ mod tests {
             },
             shared_dir: Some(PathBuf::from("/run/gpuvm/pod1/share/shared")),
             devices: Vec::new(),
-            taps: Vec::new(),
+            nics: Vec::new(),
+            netns: None,
             mmio64_size: None,
             memory: MemoryOptions::default(),
         }
