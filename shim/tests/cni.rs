@@ -3,21 +3,20 @@
 //! `containernetworking-plugins` (bridge + host-local IPAM + loopback) in `<dir>/cni`.
 //! RunPodSandbox on the pod network: the shim carries the CNI's veth into the VM (a tap
 //! and tc redirects in the pod's netns), the agent gives the guest NIC the pod's
-//! address, routes and hostname; busybox `httpd` in a container of the VM answers a
-//! `wget` from containerd's namespace (the "host" side of the bridge) at the pod IP
+//! address, routes and hostname; busybox `httpd` in a container of the VM answers an
+//! HTTP GET from containerd's namespace (the "host" side of the bridge) at the pod IP
 //! that PodSandboxStatus reports. Then the shim is killed (SIGKILL): containerd's
 //! `shim delete` must leave no tap and no tc qdisc or filter in the pod's namespace,
 //! and the pod is stopped and removed with nothing left behind.
 //!
 //! Needs what `common` lists plus the CNI plugins (`scripts/cni-deps.sh`,
-//! `GPUVM_CNI_DIR`, default `/opt/gpuvm-cni/usr/lib/cni`) and `nsenter`; prints
+//! `GPUVM_CNI_DIR`, default `/opt/gpuvm-cni/usr/lib/cni`); prints
 //! `SKIPPED: <reason>` and passes when something is missing (fails under
 //! `GPUVM_REQUIRE=cni`).
 
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cri::{RUNTIME_HANDLER, connect, exec_sync, one_cpu_512mi, wait_for_cri_image};
@@ -28,7 +27,7 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -50,9 +49,6 @@ fn cni_plugins() -> Result<PathBuf, String> {
                 dir.display()
             ));
         }
-    }
-    if common::find_binary("NSENTER_BIN", "nsenter").is_none() {
-        return Err("nsenter (util-linux) not found".into());
     }
     Ok(dir)
 }
@@ -150,26 +146,47 @@ fn pod_netns(containerd: &Containerd, pod_id: &str) -> PathBuf {
     gpuvm_shim::network::netns_path(&spec).expect("the pod sandbox has a network namespace")
 }
 
-/// GETs `http://<ip>:<port>/` from containerd's network namespace (the bridge's side)
-/// with busybox wget, retrying for up to 60 s; the body.
+/// One `GET /` over HTTP/1.0 to `ip:HTTP_PORT` from the network namespace `netns`
+/// (a thread enters it); the response's body.
+fn http_get_in(netns: &Path, ip: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let namespace = std::fs::File::open(netns)?;
+    let address: std::net::SocketAddr = format!("{ip}:{HTTP_PORT}")
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let request = format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+    std::thread::spawn(move || {
+        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+                Ok(body.to_owned())
+            }
+            _ => Err(std::io::Error::other(format!("bad response {response:?}"))),
+        }
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the HTTP client thread panicked"))?
+}
+
+/// GETs the pod's page from containerd's network namespace (the bridge's side),
+/// retrying for up to 60 s; the body.
 fn fetch_from_the_host(containerd: &Containerd, ip: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let url = format!("http://{ip}:{HTTP_PORT}/");
+    let netns = PathBuf::from(format!("/proc/{}/ns/net", containerd.pid()));
     loop {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/proc/{}/ns/net", containerd.pid()))
-            .args(["/bin/busybox", "wget", "-q", "-T", "5", "-O", "-", &url])
-            .output()
-            .expect("run nsenter");
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
+        match http_get_in(&netns, ip) {
+            Ok(body) => return body,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "GET http://{ip}:{HTTP_PORT}/ from the host failed: {e}\n{}",
+                containerd.log_tail()
+            ),
         }
-        assert!(
-            Instant::now() < deadline,
-            "GET {url} from the host failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            containerd.log_tail()
-        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -334,18 +351,40 @@ async fn a_vm_pod_serves_http_on_its_cni_pod_ip_and_a_killed_shim_leaves_no_tap(
         started.elapsed()
     );
 
-    // SIGKILL the shim: containerd's `shim delete` must remove the tap and the tc
-    // redirects from the pod's (still existing) namespace.
+    // SIGKILL the shim while the VM runs (the web container stopped first: CRI keeps a
+    // container of a killed shared shim "running"): containerd's `shim delete` must
+    // remove the tap and the tc redirects from the pod's (still existing) namespace.
+    if let Err(e) = client
+        .stop_container(StopContainerRequest {
+            container_id: web.clone(),
+            timeout: 5,
+        })
+        .await
+    {
+        panic!("StopContainer: {e}\n{}", containerd.log_tail());
+    }
+    assert_eq!(containerd.netns_leftovers().len(), 3, "the VM still runs");
     let pid = shim_pid(&pod_id);
     // SAFETY: kill(2) on the pid of the shim this test started; no memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     tokio::task::block_in_place(|| wait_network_detached(&containerd));
 
-    let _ = client
+    // containerd notices the dead shim's tasks as exited a moment later.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = client
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod_id.clone(),
         })
-        .await;
+        .await
+    {
+        println!("StopPodSandbox after the killed shim: {e}");
+        assert!(
+            Instant::now() < deadline,
+            "StopPodSandbox: {e}\n{}",
+            containerd.log_tail()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     if let Err(e) = client
         .remove_pod_sandbox(RemovePodSandboxRequest {
             pod_sandbox_id: pod_id.clone(),
