@@ -544,17 +544,17 @@ impl NetworkRecord {
         let outcome = in_netns(&self.netns, move |handle| async move {
             let mut failures = Vec::new();
             for tap in &record.taps {
-                if let Some(index) = link_index(&handle, tap).await? {
-                    if let Err(e) = handle.link().del(index).execute().await {
-                        failures.push(netlink(format!("removing the tap {tap}"))(e));
-                    }
+                if let Some(index) = link_index(&handle, tap).await?
+                    && let Err(e) = handle.link().del(index).execute().await
+                {
+                    failures.push(netlink(format!("removing the tap {tap}"))(e));
                 }
             }
             for link in &record.links {
-                if let Some(index) = link_index(&handle, link).await? {
-                    if let Err(e) = remove_ingress(&handle, index, link).await {
-                        failures.push(e);
-                    }
+                if let Some(index) = link_index(&handle, link).await?
+                    && let Err(e) = remove_ingress(&handle, index, link).await
+                {
+                    failures.push(e);
                 }
             }
             match failures.into_iter().next() {
