@@ -361,7 +361,7 @@ addr="$(/bin/busybox ip -4 -o addr show eth0 | awk "{ print \$4 }")"
 echo "eth0=$addr"
 cat >/tmp/reply.sh <<EOF
 #!/bin/sh
-read -r request
+while read -r line && [ -n "\${line%?}" ]; do :; done
 printf "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
 echo "hello over HTTP from the micro-VM (kernel $(uname -r)) at $addr"
 EOF
@@ -374,8 +374,12 @@ fetch_pod_http() {
     local i
     for ((i = 0; i < 240; i++)); do
         kill -0 "$CHILD_PID" 2>/dev/null || return 0
-        if HTTP_ANSWER="$(nsenter --net="/proc/$CONTAINERD_PID/ns/net" \
-            busybox wget -q -T 3 -O - "http://$POD_IP:$HTTP_PORT/" 2>>"$LOG")"; then
+        # bash's /dev/tcp: no HTTP client needed (busybox-static's wget crashes
+        # resolving addresses here).
+        # shellcheck disable=SC2016
+        if HTTP_ANSWER="$(nsenter --net="/proc/$CONTAINERD_PID/ns/net" timeout 5 bash -c \
+            'exec 3<>"/dev/tcp/$0/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && cat <&3' \
+            "$POD_IP" "$HTTP_PORT" 2>>"$LOG" | tr -d '\r' | sed '1,/^$/d')" && [ -n "$HTTP_ANSWER" ]; then
             printf 'HTTP answer from %s: %s\n' "$POD_IP" "$HTTP_ANSWER" >>"$LOG"
             return 0
         fi
