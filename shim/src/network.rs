@@ -91,7 +91,7 @@ pub struct PodRoute {
 pub struct PodNetwork {
     /// The namespace's path (from the OCI spec).
     pub netns: PathBuf,
-    /// Its interfaces, each with the tap of the same position in `taps`.
+    /// Its interfaces; the one at position N gets the tap [`tap_name`]`(N)`.
     pub interfaces: Vec<PodInterface>,
     /// Its routes.
     pub routes: Vec<PodRoute>,
