@@ -191,6 +191,36 @@ where
         .map_err(|_| Error::Hypervisor("the network namespace thread panicked".into()))?
 }
 
+/// What a link message says of the link.
+#[derive(Debug, Default)]
+struct LinkFacts {
+    name: String,
+    /// An Ethernet MAC, if it has one.
+    mac: Option<[u8; 6]>,
+    mtu: u32,
+    /// A tun or tap device.
+    tun: bool,
+}
+
+fn link_facts(link: &LinkMessage) -> LinkFacts {
+    let mut facts = LinkFacts {
+        mtu: 1500,
+        ..LinkFacts::default()
+    };
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => facts.name.clone_from(n),
+            LinkAttribute::Address(a) => facts.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            LinkAttribute::Mtu(m) => facts.mtu = *m,
+            LinkAttribute::LinkInfo(infos) => {
+                facts.tun |= infos.contains(&LinkInfo::Kind(InfoKind::Tun));
+            }
+            _ => {}
+        }
+    }
+    facts
+}
+
 /// The interfaces of a namespace worth a guest NIC (pure): not loopback, not a tap
 /// (ours or anyone's), with an Ethernet MAC; with their global addresses.
 pub fn pod_interfaces(links: &[LinkMessage], addresses: &[AddressMessage]) -> Vec<PodInterface> {
@@ -199,19 +229,13 @@ pub fn pod_interfaces(links: &[LinkMessage], addresses: &[AddressMessage]) -> Ve
         if link.header.flags.contains(LinkFlags::Loopback) {
             continue;
         }
-        let (mut name, mut mac, mut mtu, mut tun) = (None, None, 1500, false);
-        for attr in &link.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => name = Some(n.clone()),
-                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
-                LinkAttribute::Mtu(m) => mtu = *m,
-                LinkAttribute::LinkInfo(infos) => {
-                    tun |= infos.contains(&LinkInfo::Kind(InfoKind::Tun));
-                }
-                _ => {}
-            }
-        }
-        let (Some(name), Some(mac), false) = (name, mac, tun) else {
+        let LinkFacts {
+            name,
+            mac: Some(mac),
+            mtu,
+            tun: false,
+        } = link_facts(link)
+        else {
             continue;
         };
         let index = link.header.index;
@@ -584,21 +608,11 @@ pub fn taps_and_qdiscs(netns: &Path) -> Result<Vec<String>> {
         let mut names = HashMap::new();
         let mut found = Vec::new();
         for link in &links {
-            let mut name = String::new();
-            let mut tun = false;
-            for attr in &link.attributes {
-                match attr {
-                    LinkAttribute::IfName(n) => name = n.clone(),
-                    LinkAttribute::LinkInfo(infos) => {
-                        tun |= infos.contains(&LinkInfo::Kind(InfoKind::Tun));
-                    }
-                    _ => {}
-                }
+            let facts = link_facts(link);
+            if facts.tun {
+                found.push(format!("tap {}", facts.name));
             }
-            if tun {
-                found.push(format!("tap {name}"));
-            }
-            names.insert(link.header.index, name);
+            names.insert(link.header.index, facts.name);
         }
         let qdiscs: Vec<TcMessage> = handle
             .qdisc()

@@ -19,15 +19,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cri::{RUNTIME_HANDLER, connect, exec_sync, one_cpu_512mi, wait_for_cri_image};
+use common::cri::{RUNTIME_HANDLER, connect, exec_sync, wait_for_cri_image};
 use common::{Containerd, Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
 use gpuvm_testkit::Requirement;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -81,36 +80,17 @@ fn write_cni(dir: &Path, plugins: &Path) {
 }
 
 fn sandbox_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_owned(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: name.to_owned(),
-        log_directory: log_dir.display().to_string(),
-        annotations: [
-            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
-            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
-        ]
-        .into(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                // The pod network: containerd makes a netns and calls the CNI.
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod.into(),
-                    pid: NamespaceMode::Pod.into(),
-                    ipc: NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            resources: Some(one_cpu_512mi()),
+    // The pod network: containerd makes a netns and calls the CNI.
+    common::cri::pod_config(
+        name,
+        log_dir,
+        NamespaceOption {
+            network: NamespaceMode::Pod.into(),
+            pid: NamespaceMode::Pod.into(),
+            ipc: NamespaceMode::Pod.into(),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 /// A container serving `/tmp/www` (an index naming the guest's hostname) with

@@ -17,49 +17,29 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cri::{RUNTIME_HANDLER, connect, exec_sync, one_cpu_512mi, wait_for_cri_image};
+use common::cri::{RUNTIME_HANDLER, connect, exec_sync, wait_for_cri_image};
 use common::{Plugins, ShimSettings, busybox_image, run, start_containerd, test_dir};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     Capability, ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncResponse,
-    ImageSpec, Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    ImageSpec, Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, RemovePodSandboxRequest, RunPodSandboxRequest,
     SecurityProfile, StartContainerRequest, StopPodSandboxRequest, security_profile::ProfileType,
 };
 use tonic::transport::Channel;
 
 fn sandbox_config(name: &str, log_dir: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.to_owned(),
-            uid: format!("uid-{name}"),
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: name.to_owned(),
-        log_directory: log_dir.display().to_string(),
-        annotations: [
-            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
-            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
-        ]
-        .into(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                // The pod is on the "node" network (containerd's private netns): no CNI.
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node.into(),
-                    pid: NamespaceMode::Container.into(),
-                    ipc: NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            resources: Some(one_cpu_512mi()),
+    // The pod is on the "node" network (containerd's private netns): no CNI.
+    common::cri::pod_config(
+        name,
+        log_dir,
+        NamespaceOption {
+            network: NamespaceMode::Node.into(),
+            pid: NamespaceMode::Container.into(),
+            ipc: NamespaceMode::Pod.into(),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 fn container_config(name: &str) -> ContainerConfig {

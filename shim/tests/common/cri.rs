@@ -9,6 +9,8 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest, LinuxContainerResources,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -83,4 +85,37 @@ pub async fn exec_sync(
         .await
         .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {container_id}: {e}"))
         .into_inner()
+}
+
+/// A pod `name` in namespace `default` with hostname `name`, logs in `log_dir`, one
+/// CPU and 512Mi (resources and `gpuvm.dev/*` annotations) and `namespaces`.
+pub fn pod_config(
+    name: &str,
+    log_dir: &std::path::Path,
+    namespaces: NamespaceOption,
+) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        log_directory: log_dir.display().to_string(),
+        annotations: [
+            ("gpuvm.dev/cpus".to_owned(), "1".to_owned()),
+            ("gpuvm.dev/memory".to_owned(), "512Mi".to_owned()),
+        ]
+        .into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(namespaces),
+                ..Default::default()
+            }),
+            resources: Some(one_cpu_512mi()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
