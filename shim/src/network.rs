@@ -371,6 +371,17 @@ impl PodNetwork {
         if is_own_netns(netns)? {
             return Ok(None);
         }
+        // What teardown removes must be the shim's own: refuse a namespace that has a
+        // tap or an ingress qdisc already (another tc user, or a leftover).
+        let taken = taps_and_qdiscs(netns)?;
+        if !taken.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "the pod's network namespace {} already has {}; gpuvm carries the pod's \
+                 interfaces into the VM with taps and ingress qdiscs of its own",
+                netns.display(),
+                taken.join(", ")
+            )));
+        }
         let (links, addresses, routes) = in_netns(netns, read_namespace)?;
         let interfaces = pod_interfaces(&links, &addresses);
         let routes = pod_routes(&routes, &interfaces);
@@ -849,6 +860,88 @@ mod tests {
             netns_path(&spec(serde_json::json!([{"type": "pid"}]))),
             None
         );
+    }
+
+    /// A network namespace of its own, held by a parked thread; its path.
+    struct TestNetns {
+        path: PathBuf,
+        _release: std::sync::mpsc::Sender<()>,
+    }
+
+    /// A new netns with a veth pair `veth0`/`veth1` (both ends in it, up), or `None`
+    /// (printed SKIPPED) without root.
+    fn netns_with_veth() -> Option<TestNetns> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            gpuvm_testkit::skip(
+                gpuvm_testkit::Requirement::Root,
+                "network namespaces need root",
+            );
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (path_tx, path_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            let path = PathBuf::from(format!("/proc/{}/task/{tid}/ns/net", std::process::id()));
+            path_tx.send(path).expect("send");
+            let _ = rx.recv();
+        });
+        let path = path_rx.recv().expect("the netns path");
+        in_netns(&path, |handle| async move {
+            handle
+                .link()
+                .add(rtnetlink::LinkVeth::new("veth0", "veth1").up().build())
+                .execute()
+                .await
+                .map_err(netlink("adding a veth".into()))?;
+            let peer = link_index(&handle, "veth1").await?.expect("veth1");
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(peer).up().build())
+                .execute()
+                .await
+                .map_err(netlink("setting veth1 up".into()))
+        })
+        .expect("the veth pair");
+        Some(TestNetns { path, _release: tx })
+    }
+
+    #[test]
+    fn attach_redirects_each_interface_through_a_tap_and_detach_removes_it_all() {
+        let Some(ns) = netns_with_veth() else { return };
+        let network = PodNetwork::scan(&ns.path)
+            .expect("scan")
+            .expect("not the host's");
+        let mut names: Vec<&str> = network.interfaces.iter().map(|i| i.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["veth0", "veth1"]);
+        network.attach().expect("attach");
+        let mut attached = taps_and_qdiscs(&ns.path).expect("inspect");
+        attached.sort();
+        let first = &network.interfaces[0].name;
+        let second = &network.interfaces[1].name;
+        let mut want = vec![
+            format!("ingress qdisc on {first}"),
+            format!("ingress qdisc on {second}"),
+            "ingress qdisc on tap0_gpuvm".to_owned(),
+            "ingress qdisc on tap1_gpuvm".to_owned(),
+            "tap tap0_gpuvm".to_owned(),
+            "tap tap1_gpuvm".to_owned(),
+        ];
+        want.sort();
+        assert_eq!(attached, want);
+        // A second sandbox in the same namespace is refused: the taps are taken.
+        let err = PodNetwork::scan(&ns.path).expect_err("taken");
+        assert!(err.to_string().contains("already has"), "{err}");
+        network.record().detach();
+        assert_eq!(
+            taps_and_qdiscs(&ns.path).expect("inspect"),
+            Vec::<String>::new()
+        );
+        network.record().detach();
     }
 
     #[test]
