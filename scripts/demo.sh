@@ -29,17 +29,22 @@ cluster and no GPU needed. It:
   4. containerd  starts a PRIVATE containerd (own config, root, state and socket in a
                  temp dir, inside `unshare --net`) with the gpuvm runtime configured
   5. image       builds a busybox OCI image by hand and imports it
-  6. vm run      `ctr run --runtime io.containerd.gpuvm.v1 ...`: the container runs in a
-                 QEMU micro-VM with its own kernel and prints what it sees there,
-                 including a host file bind-mounted read-only into it (virtio-fs)
-  7. kubernetes  only when KUBECONFIG points at a reachable cluster: applies crds/ and a
+  6. pod net     a pod network namespace with a veth (10.99.0.2/24, its peer 10.99.0.1
+                 in containerd's private namespace), as a CNI plugin would make it
+  7. vm run      `ctr run --runtime io.containerd.gpuvm.v1 --with-ns network:<pod netns>`:
+                 the container runs in a QEMU micro-VM with its own kernel, prints what it
+                 sees there, including a host file bind-mounted read-only into it
+                 (virtio-fs), and answers one HTTP request on the pod IP, which the demo
+                 sends from containerd's namespace (the host side of the veth)
+  8. kubernetes  only when KUBECONFIG points at a reachable cluster: applies crds/ and a
                  sample GpuMachine in namespace gpuvm-demo, shows `kubectl get gm` and
                  `kubectl describe gm`, runs target/debug/gpuvm-operator for ~20 s when
                  built, then deletes what it created
-  8. cleanup     stops containerd, the shim and the VM it started, unmounts, removes
+  9. cleanup     stops containerd, the shim and the VM it started, unmounts, removes
                  the temp dir (also on failure and Ctrl-C)
 
-Then it prints the guest kernel next to the host's and how long each stage took.
+Then it prints the guest kernel next to the host's, the mounted file and the HTTP
+answer from the VM, and how long each stage took.
 Installed packages and build outputs (target/, .work/guest) stay for the next run,
 which is much faster. Details go to a log file under .work/demo/ (path printed).
 
@@ -118,6 +123,12 @@ VM_TIMEOUT="${GPUVM_DEMO_TIMEOUT:-300}"
 CTR=("$CONTAINERD_DIR/ctr" --address "$TMP/containerd.sock" --namespace default)
 QEMU_BIN="" VSOCK_BIN="" VIRTIOFSD_BIN="" HOST_FILE="" BREAKDOWN="" VM_OUTPUT="" FAIL_MESSAGE="" LEFT_BEHIND=0
 CONTAINERD_PID=""
+# The pod's network namespace (/run/netns/<name>), its IP and the VM's HTTP answer.
+POD_NETNS="gpuvm-demo-${TMP##*.}"
+POD_IP="10.99.0.2"
+POD_NETNS_CREATED=0
+HTTP_PORT=8080
+HTTP_ANSWER=""
 OPERATOR_PID=""
 K8S_NS_CREATED=0
 K8S_CRDS_CREATED=0
@@ -159,6 +170,10 @@ cleanup() {
     # The VM's helpers (qemu, virtiofsd, vhost-device-vsock name /run/gpuvm/<id>/).
     kill_mentioning "/run/gpuvm/$CID/"
     unmount_under "$TMP" "/run/gpuvm/$CID"
+    # The pod netns (the shim removed its tap and tc redirects; the veth goes with it).
+    if [ "$POD_NETNS_CREATED" = 1 ]; then
+        ip netns delete "$POD_NETNS" 2>>"$LOG" || true
+    fi
     [ -d "/run/gpuvm/$CID" ] && rm -rf "/run/gpuvm/$CID"
     local sock
     for sock in $(shim_sockets); do
@@ -225,6 +240,7 @@ stage_deps() {
     local need=()
     dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
     command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
     if [ "${#need[@]}" -gt 0 ]; then
         run_logged env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
@@ -316,7 +332,23 @@ stage_image() {
     run_logged "${CTR[@]}" images import "$tarball"
 }
 
-# The sample machine's command: what the container sees inside the VM (expanded there).
+# A pod network namespace as a CNI bridge plugin would leave it: eth0 (a veth) with
+# the pod IP and a default route; the veth's peer sits in containerd's private
+# namespace, the "host" the demo fetches from. The shim carries eth0 into the VM.
+stage_pod_net() {
+    local host_ns="/proc/$CONTAINERD_PID/ns/net"
+    run_logged ip netns add "$POD_NETNS"
+    POD_NETNS_CREATED=1
+    run_logged nsenter --net="$host_ns" ip link add gvdemo0 type veth peer name eth0 netns "$POD_NETNS"
+    run_logged nsenter --net="$host_ns" ip addr add 10.99.0.1/24 dev gvdemo0
+    run_logged nsenter --net="$host_ns" ip link set gvdemo0 up
+    run_logged ip -n "$POD_NETNS" addr add "$POD_IP/24" dev eth0
+    run_logged ip -n "$POD_NETNS" link set eth0 up
+    run_logged ip -n "$POD_NETNS" route add default via 10.99.0.1
+}
+
+# The sample machine's command: what the container sees inside the VM (expanded there),
+# then one HTTP answer on the pod IP (busybox nc runs the reply for one connection).
 # shellcheck disable=SC2016
 VM_SCRIPT='
 echo "hello from inside a gpuvm micro-VM"
@@ -328,7 +360,35 @@ echo "pid1=$(cat /proc/1/comm)"
 echo "cmdline=$(cat /proc/cmdline)"
 echo "mounted=$(cat /mnt/from-host.txt)"
 if (echo overwritten >/mnt/from-host.txt) 2>/dev/null; then echo "mounted_ro=no"; else echo "mounted_ro=yes"; fi
+addr="$(/bin/busybox ip -4 -o addr show eth0 | awk "{ print \$4 }")"
+echo "eth0=$addr"
+cat >/tmp/reply.sh <<EOF
+#!/bin/sh
+while read -r line && [ -n "\${line%?}" ]; do :; done
+printf "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+echo "hello over HTTP from the micro-VM (kernel $(uname -r)) at $addr"
+EOF
+/bin/busybox chmod +x /tmp/reply.sh
+/bin/busybox timeout 120 /bin/busybox nc -l -p 8080 -e /tmp/reply.sh
 '
+
+# GETs the VM's page at the pod IP from containerd's namespace while `ctr run` runs.
+fetch_pod_http() {
+    local i
+    for ((i = 0; i < 240; i++)); do
+        kill -0 "$CHILD_PID" 2>/dev/null || return 0
+        # bash's /dev/tcp: no HTTP client needed (busybox-static's wget crashes
+        # resolving addresses here).
+        # shellcheck disable=SC2016
+        if HTTP_ANSWER="$(nsenter --net="/proc/$CONTAINERD_PID/ns/net" timeout 5 bash -c \
+            'exec 3<>"/dev/tcp/$0/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && cat <&3' \
+            "$POD_IP" "$HTTP_PORT" 2>>"$LOG" | tr -d '\r' | sed '1,/^$/d')" && [ -n "$HTTP_ANSWER" ]; then
+            printf 'HTTP answer from %s: %s\n' "$POD_IP" "$HTTP_ANSWER" >>"$LOG"
+            return 0
+        fi
+        sleep 0.5
+    done
+}
 
 stage_vm_run() {
     local rc=0
@@ -342,9 +402,11 @@ stage_vm_run() {
         --runtime io.containerd.gpuvm.v1 --runtime-config-path "$TMP/shim.toml" \
         --annotation gpuvm.dev/cpus=1 --annotation gpuvm.dev/memory=512Mi \
         --mount "type=bind,src=$HOST_FILE,dst=/mnt/from-host.txt,options=rbind:ro" \
+        --with-ns "network:/run/netns/$POD_NETNS" \
         "$IMAGE" "$CID" /bin/sh -c "$VM_SCRIPT" \
         </dev/null >"$TMP/vm-output.txt" 2>>"$LOG" &
     CHILD_PID=$!
+    fetch_pod_http
     wait "$CHILD_PID" || rc=$?
     CHILD_PID=""
     VM_OUTPUT="$(cat "$TMP/vm-output.txt")"
@@ -360,6 +422,10 @@ stage_vm_run() {
     [ "$(vm_fact mounted)" = "$(cat "$HOST_FILE")" ] \
         || fail "the container did not read the host file mounted at /mnt/from-host.txt"
     [ "$(vm_fact mounted_ro)" = yes ] || fail "the read-only host file was writable in the VM"
+    case "$HTTP_ANSWER" in
+        *"hello over HTTP"*) ;;
+        *) fail "the VM did not answer HTTP on the pod IP $POD_IP:$HTTP_PORT" ;;
+    esac
     # The shim logs its start breakdown (shim / vmm / boot / agent / container).
     BREAKDOWN="$(grep -m1 'sandbox start timings' "$TMP/containerd.log" || true)"
 }
@@ -385,6 +451,7 @@ main() {
     run_stage guest "guest/build.sh: kernel + initramfs with the agent" stage_guest
     run_stage containerd "private containerd in the temp dir, unshare --net" stage_containerd
     run_stage image "busybox OCI image, built by hand, imported" stage_image
+    run_stage "pod net" "pod netns + veth ($POD_IP), peer in containerd's netns" stage_pod_net
     run_stage "vm run" "ctr run --runtime io.containerd.gpuvm.v1 (QEMU VM)" stage_vm_run
     k8s_stage
     run_stage cleanup "stop containerd, shim, VM; unmount; remove temp dir" stage_cleanup

@@ -77,6 +77,9 @@ pub enum Error {
     /// An NVML query failed after initialisation.
     #[error("Querying NVML failed")]
     Nvml(#[source] nvml_wrapper::error::NvmlError),
+    /// The call only makes sense in the guest (PID 1), not in process mode on a host.
+    #[error("{0} only runs in the guest (as PID 1); in process mode it would change the host")]
+    NotInGuest(&'static str),
     /// A system call or file operation failed.
     #[error("{context} failed")]
     Io {
@@ -110,7 +113,7 @@ impl Error {
             Self::ContainerNotFound(_) | Self::ProcessNotFound { .. } => Code::NOT_FOUND,
             Self::ExecutableNotFound { .. } => Code::NOT_FOUND,
             Self::WrongState { .. } => Code::FAILED_PRECONDITION,
-            Self::NoGpuDriver(_) => Code::FAILED_PRECONDITION,
+            Self::NoGpuDriver(_) | Self::NotInGuest(_) => Code::FAILED_PRECONDITION,
             Self::Spawn { .. } | Self::ContainerSetup { .. } | Self::Nvml(_) | Self::Io { .. } => {
                 Code::INTERNAL
             }

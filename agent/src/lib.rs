@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod error;
 pub mod gpu;
 pub mod mounts;
+pub mod network;
 pub mod process;
 pub mod procfs;
 pub mod runtime;

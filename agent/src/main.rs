@@ -142,6 +142,7 @@ fn run_as_init(started: Instant) -> anyhow::Result<()> {
     let facts = GuestFacts {
         loaded_modules,
         shared_dir: shared_dir.clone(),
+        in_guest: true,
         ..GuestFacts::default()
     };
     let listening = Arc::clone(&facts.listening_uptime_ns);

@@ -30,6 +30,9 @@ pub struct GuestFacts {
     pub shared_dir: Option<PathBuf>,
     /// Guest uptime when the agent began serving; 0 until then (and outside a VM).
     pub listening_uptime_ns: Arc<AtomicU64>,
+    /// The agent is the guest's PID 1 (not process mode on a host): calls that change
+    /// the whole system (the network) are allowed.
+    pub in_guest: bool,
 }
 
 /// The service implementation.
@@ -385,5 +388,25 @@ impl agent_ttrpc::AgentService for AgentService {
             let _ = shutdown.send(());
         });
         Ok(pb::ShutdownResponse::default())
+    }
+
+    #[tracing::instrument(skip_all)]
+    fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ConfigureNetworkRequest,
+    ) -> Reply<pb::ConfigureNetworkResponse> {
+        let config = crate::network::validate(&req)?;
+        if !self.facts.in_guest {
+            return Err(Error::NotInGuest("ConfigureNetwork").into());
+        }
+        crate::network::apply(&config)?;
+        tracing::info!(
+            interfaces = config.interfaces.len(),
+            routes = config.routes.len(),
+            hostname = config.hostname.as_deref().unwrap_or(""),
+            "network configured"
+        );
+        Ok(pb::ConfigureNetworkResponse::default())
     }
 }

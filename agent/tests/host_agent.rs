@@ -76,6 +76,33 @@ fn cwd_uid_and_rlimits_apply() {
 }
 
 #[test]
+fn configure_network_checks_its_input_and_never_touches_the_host() {
+    let agent = spawn_agent();
+    let mut request = pb::ConfigureNetworkRequest {
+        hostname: "pod-a".into(),
+        ..Default::default()
+    };
+    request.interfaces.push(pb::NetworkInterface {
+        mac: "02:42:0a:58:00".into(),
+        name: "eth0".into(),
+        ..Default::default()
+    });
+    let err = agent.client.configure_network(ctx(), &request).unwrap_err();
+    let (code, message) = status_of(err);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(
+        message.contains("MAC address \"02:42:0a:58:00\""),
+        "{message}"
+    );
+    // A valid request in process mode is refused: it would reconfigure the host.
+    request.interfaces[0].mac = "02:42:0a:58:00:05".into();
+    let err = agent.client.configure_network(ctx(), &request).unwrap_err();
+    let (code, message) = status_of(err);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(message.contains("only runs in the guest"), "{message}");
+}
+
+#[test]
 fn a_missing_command_is_a_clear_not_found() {
     let agent = spawn_agent();
     let err =

@@ -187,6 +187,7 @@ check_nothing_left() {
         [ -e "$sock" ] && found+=("shim socket $sock")
     done
     [ -e "/run/gpuvm/$CID" ] && found+=("VM work dir /run/gpuvm/$CID")
+    [ -e "/run/netns/$POD_NETNS" ] && found+=("pod network namespace /run/netns/$POD_NETNS")
     [ "$KEEP" = 1 ] || { [ -e "$TMP" ] && found+=("temp dir $TMP"); }
     if [ "${#found[@]}" -gt 0 ]; then
         echo "left behind (a bug: please report it with $LOG):"
@@ -195,7 +196,7 @@ check_nothing_left() {
         CURRENT_STAGE="leftover check"
         FAIL_MESSAGE="the run left ${#found[@]} thing(s) behind (listed above)"
     else
-        echo "nothing left behind: no process, mount, socket or VM dir of this run remains (ps, /proc/self/mountinfo checked)"
+        echo "nothing left behind: no process, mount, socket, VM dir or pod netns of this run remains (ps, /proc/self/mountinfo checked)"
         LEFT_BEHIND=0
     fi
 }

@@ -249,6 +249,45 @@ pub struct GpuInfo {
     pub pci_bus_id: String,
 }
 
+/// One guest NIC for `ConfigureNetwork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestInterface {
+    /// The MAC the VMM gave the NIC (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+    /// The pod's name for it.
+    pub name: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Addresses with their prefix length.
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
+}
+
+/// One route for `ConfigureNetwork` (addresses as text, empty for none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestRoute {
+    /// CIDR; empty for the default route.
+    pub destination: String,
+    /// Next hop.
+    pub gateway: String,
+    /// Interface name.
+    pub device: String,
+    /// Preferred source.
+    pub source: String,
+    /// Priority.
+    pub metric: u32,
+}
+
+/// The pod network and hostname the guest gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestNetwork {
+    /// NICs.
+    pub interfaces: Vec<GuestInterface>,
+    /// Routes, in order.
+    pub routes: Vec<GuestRoute>,
+    /// Hostname; empty keeps the guest's.
+    pub hostname: String,
+}
+
 /// What the shim needs from the guest agent.
 #[async_trait]
 pub trait Agent: Send + Sync + std::fmt::Debug {
@@ -284,6 +323,8 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
     async fn process_stats(&self, id: &ProcessId) -> Result<ProcessStats>;
     /// Kills everything and powers the guest off.
     async fn shutdown(&self) -> Result<()>;
+    /// Configures the guest's NICs, routes and hostname.
+    async fn configure_network(&self, network: &GuestNetwork) -> Result<()>;
 }
 
 /// [`Agent`] over ttrpc on a hybrid-vsock stream.
@@ -703,6 +744,53 @@ impl Agent for TtrpcAgent {
             .await
             .map_err(|e| agent_error("Shutdown", e))?;
         Ok(())
+    }
+
+    async fn configure_network(&self, network: &GuestNetwork) -> Result<()> {
+        self.client
+            .configure_network(self.ctx(), &network_request(network))
+            .await
+            .map_err(|e| agent_error("ConfigureNetwork", e))?;
+        Ok(())
+    }
+}
+
+/// The `ConfigureNetwork` request for `network`.
+fn network_request(network: &GuestNetwork) -> pb::ConfigureNetworkRequest {
+    pb::ConfigureNetworkRequest {
+        interfaces: network
+            .interfaces
+            .iter()
+            .map(|i| pb::NetworkInterface {
+                mac: i.mac.clone(),
+                name: i.name.clone(),
+                mtu: i.mtu,
+                addresses: i
+                    .addresses
+                    .iter()
+                    .map(|(address, prefix)| pb::IpAddress {
+                        address: address.to_string(),
+                        prefix_len: u32::from(*prefix),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        routes: network
+            .routes
+            .iter()
+            .map(|r| pb::NetworkRoute {
+                destination: r.destination.clone(),
+                gateway: r.gateway.clone(),
+                device: r.device.clone(),
+                source: r.source.clone(),
+                metric: r.metric,
+                ..Default::default()
+            })
+            .collect(),
+        hostname: network.hostname.clone(),
+        ..Default::default()
     }
 }
 

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod gpu_check;
 pub mod host_path;
 pub mod hypervisor;
+pub mod network;
 pub mod numa;
 pub mod persist;
 pub mod process;

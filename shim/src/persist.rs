@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::devices::DeviceRecord;
 use crate::error::{Error, Result};
 use crate::hypervisor::VmRecord;
+use crate::network::NetworkRecord;
 
 /// File name of the state file inside the bundle.
 pub const STATE_FILE: &str = "gpuvm-state.json";
@@ -36,6 +37,9 @@ pub struct SandboxRecord {
     /// hierarchy), removed with `rmdir` once the VM's processes are gone.
     #[serde(default)]
     pub cgroups: Vec<PathBuf>,
+    /// The taps and tc qdiscs the shim added to the pod's network namespace.
+    #[serde(default)]
+    pub network: Option<NetworkRecord>,
 }
 
 /// The sandbox start broken down, in milliseconds. Each phase ends where the next
@@ -105,7 +109,8 @@ impl SandboxRecord {
     /// Cleans up after a crashed shim: kills the recorded processes (only if their pid
     /// still runs the recorded binary) and any process naming the VM's work dir, waits
     /// until they are gone (the VMM holds the devices open until it is), unmounts the
-    /// rootfs mounts, removes the VM's work dir, and resets the devices before their
+    /// rootfs mounts, removes the taps and tc redirects from the pod's network namespace,
+    /// removes the VM's work dir, and resets the devices before their
     /// locks can be taken again ([`crate::devices::reset_after_crash`]). Best effort
     /// and idempotent.
     pub fn clean_up(&self) {
@@ -125,6 +130,10 @@ impl SandboxRecord {
         let left = crate::process::wait_gone(&killed, KILLED_EXIT_WAIT);
         if !left.is_empty() {
             tracing::error!(pids = ?left, "killed processes still run");
+        }
+        // The VMM is gone (it held the taps open): remove them and the redirects.
+        if let Some(network) = &self.network {
+            network.detach();
         }
         for mount in &self.mounts {
             crate::rootfs::unmount(mount);
@@ -180,6 +189,11 @@ mod tests {
                 health_dir: "/run/gpuvm/health".into(),
             }),
             cgroups: vec!["/sys/fs/cgroup/kubepods/pod1".into()],
+            network: Some(NetworkRecord {
+                netns: "/var/run/netns/cni-1".into(),
+                taps: vec!["tap0_gpuvm".into()],
+                links: vec!["eth0".into()],
+            }),
         };
         record.save(dir.path()).expect("save");
         assert_eq!(SandboxRecord::load(dir.path()).expect("load"), Some(record));

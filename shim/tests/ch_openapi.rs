@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use gpuvm_shim::config::GuestSize;
 use gpuvm_shim::hypervisor::cloud_hypervisor::{API_CALLS, VmConfig};
-use gpuvm_shim::hypervisor::{MemoryOptions, VmSpec};
+use gpuvm_shim::hypervisor::{MemoryOptions, Nic, VmSpec};
 use gpuvm_testkit::{Requirement, skip};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -104,6 +104,13 @@ fn errors(validator: &jsonschema::Validator, body: &Value) -> Vec<String> {
 }
 
 fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
+    let nics = taps
+        .into_iter()
+        .map(|tap| Nic {
+            tap,
+            mac: "02:42:0a:58:00:05".into(),
+        })
+        .collect();
     VmSpec {
         id: "3f1c".into(),
         work_dir: PathBuf::from("/run/gpuvm/3f1c"),
@@ -116,7 +123,8 @@ fn spec(devices: Vec<String>, taps: Vec<String>) -> VmSpec {
         },
         shared_dir: Some(PathBuf::from("/run/gpuvm/3f1c/shared")),
         devices,
-        taps,
+        nics,
+        netns: None,
         mmio64_size: None,
         memory: Default::default(),
         cgroups: vec![],

@@ -66,7 +66,8 @@ async fn a_vfio_gpu_passes_into_a_cloud_hypervisor_vm_and_is_reset_after() {
         },
         shared_dir: None,
         devices: set.device_names(),
-        taps: vec![],
+        nics: vec![],
+        netns: None,
         mmio64_size: window,
         memory: MemoryOptions {
             prefault: true,

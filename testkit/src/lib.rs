@@ -33,11 +33,13 @@ pub enum Requirement {
     Containerd,
     /// Root (mount namespaces, loop devices, containerd).
     Root,
+    /// The CNI plugins bridge, host-local and loopback (`scripts/cni-deps.sh`).
+    Cni,
 }
 
 impl Requirement {
     /// Every requirement, in the order `--help` texts list them.
-    pub const ALL: [Requirement; 9] = [
+    pub const ALL: [Requirement; 10] = [
         Requirement::ApiServer,
         Requirement::ControllerManager,
         Requirement::Kvm,
@@ -47,6 +49,7 @@ impl Requirement {
         Requirement::Qemu,
         Requirement::Containerd,
         Requirement::Root,
+        Requirement::Cni,
     ];
 
     /// The name used in `GPUVM_REQUIRE`.
@@ -61,6 +64,7 @@ impl Requirement {
             Requirement::Qemu => "qemu",
             Requirement::Containerd => "containerd",
             Requirement::Root => "root",
+            Requirement::Cni => "cni",
         }
     }
 

@@ -7202,6 +7202,780 @@ impl ::protobuf::reflect::ProtobufValue for ShutdownResponse {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:gpuvm.agent.v1.IpAddress)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct IpAddress {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.IpAddress.address)
+    pub address: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.IpAddress.prefix_len)
+    pub prefix_len: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.IpAddress.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a IpAddress {
+    fn default() -> &'a IpAddress {
+        <IpAddress as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl IpAddress {
+    pub fn new() -> IpAddress {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(2);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "address",
+            |m: &IpAddress| { &m.address },
+            |m: &mut IpAddress| { &mut m.address },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "prefix_len",
+            |m: &IpAddress| { &m.prefix_len },
+            |m: &mut IpAddress| { &mut m.prefix_len },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<IpAddress>(
+            "IpAddress",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for IpAddress {
+    const NAME: &'static str = "IpAddress";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.address = is.read_string()?;
+                },
+                16 => {
+                    self.prefix_len = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.address.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.address);
+        }
+        if self.prefix_len != 0 {
+            my_size += ::protobuf::rt::uint32_size(2, self.prefix_len);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.address.is_empty() {
+            os.write_string(1, &self.address)?;
+        }
+        if self.prefix_len != 0 {
+            os.write_uint32(2, self.prefix_len)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> IpAddress {
+        IpAddress::new()
+    }
+
+    fn clear(&mut self) {
+        self.address.clear();
+        self.prefix_len = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static IpAddress {
+        static instance: IpAddress = IpAddress {
+            address: ::std::string::String::new(),
+            prefix_len: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for IpAddress {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("IpAddress").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for IpAddress {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for IpAddress {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.NetworkInterface)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct NetworkInterface {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkInterface.mac)
+    pub mac: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkInterface.name)
+    pub name: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkInterface.mtu)
+    pub mtu: u32,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkInterface.addresses)
+    pub addresses: ::std::vec::Vec<IpAddress>,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.NetworkInterface.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a NetworkInterface {
+    fn default() -> &'a NetworkInterface {
+        <NetworkInterface as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl NetworkInterface {
+    pub fn new() -> NetworkInterface {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "mac",
+            |m: &NetworkInterface| { &m.mac },
+            |m: &mut NetworkInterface| { &mut m.mac },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "name",
+            |m: &NetworkInterface| { &m.name },
+            |m: &mut NetworkInterface| { &mut m.name },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "mtu",
+            |m: &NetworkInterface| { &m.mtu },
+            |m: &mut NetworkInterface| { &mut m.mtu },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "addresses",
+            |m: &NetworkInterface| { &m.addresses },
+            |m: &mut NetworkInterface| { &mut m.addresses },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<NetworkInterface>(
+            "NetworkInterface",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for NetworkInterface {
+    const NAME: &'static str = "NetworkInterface";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.mac = is.read_string()?;
+                },
+                18 => {
+                    self.name = is.read_string()?;
+                },
+                24 => {
+                    self.mtu = is.read_uint32()?;
+                },
+                34 => {
+                    self.addresses.push(is.read_message()?);
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.mac.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.mac);
+        }
+        if !self.name.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.name);
+        }
+        if self.mtu != 0 {
+            my_size += ::protobuf::rt::uint32_size(3, self.mtu);
+        }
+        for value in &self.addresses {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.mac.is_empty() {
+            os.write_string(1, &self.mac)?;
+        }
+        if !self.name.is_empty() {
+            os.write_string(2, &self.name)?;
+        }
+        if self.mtu != 0 {
+            os.write_uint32(3, self.mtu)?;
+        }
+        for v in &self.addresses {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        };
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> NetworkInterface {
+        NetworkInterface::new()
+    }
+
+    fn clear(&mut self) {
+        self.mac.clear();
+        self.name.clear();
+        self.mtu = 0;
+        self.addresses.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static NetworkInterface {
+        static instance: NetworkInterface = NetworkInterface {
+            mac: ::std::string::String::new(),
+            name: ::std::string::String::new(),
+            mtu: 0,
+            addresses: ::std::vec::Vec::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for NetworkInterface {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("NetworkInterface").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for NetworkInterface {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for NetworkInterface {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.NetworkRoute)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct NetworkRoute {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkRoute.destination)
+    pub destination: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkRoute.gateway)
+    pub gateway: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkRoute.device)
+    pub device: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkRoute.source)
+    pub source: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.NetworkRoute.metric)
+    pub metric: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.NetworkRoute.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a NetworkRoute {
+    fn default() -> &'a NetworkRoute {
+        <NetworkRoute as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl NetworkRoute {
+    pub fn new() -> NetworkRoute {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "destination",
+            |m: &NetworkRoute| { &m.destination },
+            |m: &mut NetworkRoute| { &mut m.destination },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "gateway",
+            |m: &NetworkRoute| { &m.gateway },
+            |m: &mut NetworkRoute| { &mut m.gateway },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "device",
+            |m: &NetworkRoute| { &m.device },
+            |m: &mut NetworkRoute| { &mut m.device },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "source",
+            |m: &NetworkRoute| { &m.source },
+            |m: &mut NetworkRoute| { &mut m.source },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "metric",
+            |m: &NetworkRoute| { &m.metric },
+            |m: &mut NetworkRoute| { &mut m.metric },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<NetworkRoute>(
+            "NetworkRoute",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for NetworkRoute {
+    const NAME: &'static str = "NetworkRoute";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.destination = is.read_string()?;
+                },
+                18 => {
+                    self.gateway = is.read_string()?;
+                },
+                26 => {
+                    self.device = is.read_string()?;
+                },
+                34 => {
+                    self.source = is.read_string()?;
+                },
+                40 => {
+                    self.metric = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.destination.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.destination);
+        }
+        if !self.gateway.is_empty() {
+            my_size += ::protobuf::rt::string_size(2, &self.gateway);
+        }
+        if !self.device.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.device);
+        }
+        if !self.source.is_empty() {
+            my_size += ::protobuf::rt::string_size(4, &self.source);
+        }
+        if self.metric != 0 {
+            my_size += ::protobuf::rt::uint32_size(5, self.metric);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.destination.is_empty() {
+            os.write_string(1, &self.destination)?;
+        }
+        if !self.gateway.is_empty() {
+            os.write_string(2, &self.gateway)?;
+        }
+        if !self.device.is_empty() {
+            os.write_string(3, &self.device)?;
+        }
+        if !self.source.is_empty() {
+            os.write_string(4, &self.source)?;
+        }
+        if self.metric != 0 {
+            os.write_uint32(5, self.metric)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> NetworkRoute {
+        NetworkRoute::new()
+    }
+
+    fn clear(&mut self) {
+        self.destination.clear();
+        self.gateway.clear();
+        self.device.clear();
+        self.source.clear();
+        self.metric = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static NetworkRoute {
+        static instance: NetworkRoute = NetworkRoute {
+            destination: ::std::string::String::new(),
+            gateway: ::std::string::String::new(),
+            device: ::std::string::String::new(),
+            source: ::std::string::String::new(),
+            metric: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for NetworkRoute {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("NetworkRoute").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for NetworkRoute {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for NetworkRoute {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.ConfigureNetworkRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ConfigureNetworkRequest {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ConfigureNetworkRequest.interfaces)
+    pub interfaces: ::std::vec::Vec<NetworkInterface>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ConfigureNetworkRequest.routes)
+    pub routes: ::std::vec::Vec<NetworkRoute>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.ConfigureNetworkRequest.hostname)
+    pub hostname: ::std::string::String,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.ConfigureNetworkRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ConfigureNetworkRequest {
+    fn default() -> &'a ConfigureNetworkRequest {
+        <ConfigureNetworkRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ConfigureNetworkRequest {
+    pub fn new() -> ConfigureNetworkRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "interfaces",
+            |m: &ConfigureNetworkRequest| { &m.interfaces },
+            |m: &mut ConfigureNetworkRequest| { &mut m.interfaces },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "routes",
+            |m: &ConfigureNetworkRequest| { &m.routes },
+            |m: &mut ConfigureNetworkRequest| { &mut m.routes },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "hostname",
+            |m: &ConfigureNetworkRequest| { &m.hostname },
+            |m: &mut ConfigureNetworkRequest| { &mut m.hostname },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ConfigureNetworkRequest>(
+            "ConfigureNetworkRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ConfigureNetworkRequest {
+    const NAME: &'static str = "ConfigureNetworkRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.interfaces.push(is.read_message()?);
+                },
+                18 => {
+                    self.routes.push(is.read_message()?);
+                },
+                26 => {
+                    self.hostname = is.read_string()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        for value in &self.interfaces {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        for value in &self.routes {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        if !self.hostname.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.hostname);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        for v in &self.interfaces {
+            ::protobuf::rt::write_message_field_with_cached_size(1, v, os)?;
+        };
+        for v in &self.routes {
+            ::protobuf::rt::write_message_field_with_cached_size(2, v, os)?;
+        };
+        if !self.hostname.is_empty() {
+            os.write_string(3, &self.hostname)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ConfigureNetworkRequest {
+        ConfigureNetworkRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.interfaces.clear();
+        self.routes.clear();
+        self.hostname.clear();
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ConfigureNetworkRequest {
+        static instance: ConfigureNetworkRequest = ConfigureNetworkRequest {
+            interfaces: ::std::vec::Vec::new(),
+            routes: ::std::vec::Vec::new(),
+            hostname: ::std::string::String::new(),
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ConfigureNetworkRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ConfigureNetworkRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ConfigureNetworkRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ConfigureNetworkRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
+// @@protoc_insertion_point(message:gpuvm.agent.v1.ConfigureNetworkResponse)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct ConfigureNetworkResponse {
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.ConfigureNetworkResponse.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a ConfigureNetworkResponse {
+    fn default() -> &'a ConfigureNetworkResponse {
+        <ConfigureNetworkResponse as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl ConfigureNetworkResponse {
+    pub fn new() -> ConfigureNetworkResponse {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(0);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ConfigureNetworkResponse>(
+            "ConfigureNetworkResponse",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for ConfigureNetworkResponse {
+    const NAME: &'static str = "ConfigureNetworkResponse";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> ConfigureNetworkResponse {
+        ConfigureNetworkResponse::new()
+    }
+
+    fn clear(&mut self) {
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static ConfigureNetworkResponse {
+        static instance: ConfigureNetworkResponse = ConfigureNetworkResponse {
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for ConfigureNetworkResponse {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("ConfigureNetworkResponse").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for ConfigureNetworkResponse {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for ConfigureNetworkResponse {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 #[derive(Clone,Copy,PartialEq,Eq,Debug,Hash)]
 // @@protoc_insertion_point(enum:gpuvm.agent.v1.ProcessState)
 pub enum ProcessState {
@@ -7405,36 +8179,51 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     ad1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\x20\
     \x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\x01(\r\
     R\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\x04R\ra\
-    gentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse*}\n\
-    \x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\x19\n\
-    \x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\
-    \x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\x97\x0c\n\x0cAgentServic\
-    e\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.agent.\
-    v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfoReques\
-    t\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.gpuvm.\
-    agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\\\n\r\
-    CreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.agent.\
-    v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v1.Exec\
-    ProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cStartPr\
-    ocess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.StartP\
-    rocessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalProcessR\
-    equest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitProcess\
-    \x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitProcess\
-    Response\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessRequest\
-    \x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.gpuvm\
-    .agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\
-    \n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v\
-    1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteStdinRe\
-    quest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\x12!.gp\
-    uvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinResponse\
-    \x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalRequest\x1a&\
-    .gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$.gpuvm\
-    .agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesResponse\
-    \x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\x1a$.gpu\
-    vm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.agent.v1.\
-    StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shutdown\x12\
-    \x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.ShutdownRespo\
-    nseb\x06proto3\
+    gentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"D\n\
+    \tIpAddress\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\
+    \n\nprefix_len\x18\x02\x20\x01(\rR\tprefixLen\"\x83\x01\n\x10NetworkInte\
+    rface\x12\x10\n\x03mac\x18\x01\x20\x01(\tR\x03mac\x12\x12\n\x04name\x18\
+    \x02\x20\x01(\tR\x04name\x12\x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x12\
+    7\n\taddresses\x18\x04\x20\x03(\x0b2\x19.gpuvm.agent.v1.IpAddressR\taddr\
+    esses\"\x92\x01\n\x0cNetworkRoute\x12\x20\n\x0bdestination\x18\x01\x20\
+    \x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01(\tR\x07gate\
+    way\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\x16\n\x06sourc\
+    e\x18\x04\x20\x01(\tR\x06source\x12\x16\n\x06metric\x18\x05\x20\x01(\rR\
+    \x06metric\"\xad\x01\n\x17ConfigureNetworkRequest\x12@\n\ninterfaces\x18\
+    \x01\x20\x03(\x0b2\x20.gpuvm.agent.v1.NetworkInterfaceR\ninterfaces\x124\
+    \n\x06routes\x18\x02\x20\x03(\x0b2\x1c.gpuvm.agent.v1.NetworkRouteR\x06r\
+    outes\x12\x1a\n\x08hostname\x18\x03\x20\x01(\tR\x08hostname\"\x1a\n\x18C\
+    onfigureNetworkResponse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_U\
+    NSPECIFIED\x10\0\x12\x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\
+    \x15PROCESS_STATE_RUNNING\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\
+    \x032\xfe\x0c\n\x0cAgentService\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.Pi\
+    ngRequest\x1a\x1c.gpuvm.agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.\
+    gpuvm.agent.v1.GuestInfoRequest\x1a!.gpuvm.agent.v1.GuestInfoResponse\
+    \x12J\n\x07GpuInfo\x12\x1e.gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.a\
+    gent.v1.GpuInfoResponse\x12\\\n\rCreateProcess\x12$.gpuvm.agent.v1.Creat\
+    eProcessRequest\x1a%.gpuvm.agent.v1.CreateProcessResponse\x12V\n\x0bExec\
+    Process\x12\".gpuvm.agent.v1.ExecProcessRequest\x1a#.gpuvm.agent.v1.Exec\
+    ProcessResponse\x12Y\n\x0cStartProcess\x12#.gpuvm.agent.v1.StartProcessR\
+    equest\x1a$.gpuvm.agent.v1.StartProcessResponse\x12\\\n\rSignalProcess\
+    \x12$.gpuvm.agent.v1.SignalProcessRequest\x1a%.gpuvm.agent.v1.SignalProc\
+    essResponse\x12V\n\x0bWaitProcess\x12\".gpuvm.agent.v1.WaitProcessReques\
+    t\x1a#.gpuvm.agent.v1.WaitProcessResponse\x12\\\n\rDeleteProcess\x12$.gp\
+    uvm.agent.v1.DeleteProcessRequest\x1a%.gpuvm.agent.v1.DeleteProcessRespo\
+    nse\x12S\n\nReadStdout\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm\
+    .agent.v1.ReadStreamResponse\x12S\n\nReadStderr\x12!.gpuvm.agent.v1.Read\
+    StreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\n\nWriteStdin\
+    \x12!.gpuvm.agent.v1.WriteStdinRequest\x1a\".gpuvm.agent.v1.WriteStdinRe\
+    sponse\x12S\n\nCloseStdin\x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gp\
+    uvm.agent.v1.CloseStdinResponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agen\
+    t.v1.ResizeTerminalRequest\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\
+    \x12\\\n\rListProcesses\x12$.gpuvm.agent.v1.ListProcessesRequest\x1a%.gp\
+    uvm.agent.v1.ListProcessesResponse\x12Y\n\x0cProcessStats\x12#.gpuvm.age\
+    nt.v1.ProcessStatsRequest\x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\
+    \n\x05Stats\x12\x1c.gpuvm.agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.S\
+    tatsResponse\x12M\n\x08Shutdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\
+    \x1a\x20.gpuvm.agent.v1.ShutdownResponse\x12e\n\x10ConfigureNetwork\x12'\
+    .gpuvm.agent.v1.ConfigureNetworkRequest\x1a(.gpuvm.agent.v1.ConfigureNet\
+    workResponseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -7452,7 +8241,7 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(46);
+            let mut messages = ::std::vec::Vec::with_capacity(51);
             messages.push(PingRequest::generated_message_descriptor_data());
             messages.push(PingResponse::generated_message_descriptor_data());
             messages.push(GuestInfoRequest::generated_message_descriptor_data());
@@ -7499,6 +8288,11 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
             messages.push(StatsResponse::generated_message_descriptor_data());
             messages.push(ShutdownRequest::generated_message_descriptor_data());
             messages.push(ShutdownResponse::generated_message_descriptor_data());
+            messages.push(IpAddress::generated_message_descriptor_data());
+            messages.push(NetworkInterface::generated_message_descriptor_data());
+            messages.push(NetworkRoute::generated_message_descriptor_data());
+            messages.push(ConfigureNetworkRequest::generated_message_descriptor_data());
+            messages.push(ConfigureNetworkResponse::generated_message_descriptor_data());
             let mut enums = ::std::vec::Vec::with_capacity(1);
             enums.push(ProcessState::generated_enum_descriptor_data());
             ::protobuf::reflect::GeneratedFileDescriptor::new_generated(

@@ -137,6 +137,12 @@ impl AgentServiceClient {
         ::ttrpc::client_request!(self, ctx, req, "gpuvm.agent.v1.AgentService", "Shutdown", cres);
         Ok(cres)
     }
+
+    pub fn configure_network(&self, ctx: ttrpc::context::Context, req: &super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::ConfigureNetworkResponse> {
+        let mut cres = super::agent::ConfigureNetworkResponse::new();
+        ::ttrpc::client_request!(self, ctx, req, "gpuvm.agent.v1.AgentService", "ConfigureNetwork", cres);
+        Ok(cres)
+    }
 }
 
 struct PingMethod {
@@ -337,6 +343,17 @@ impl ::ttrpc::MethodHandler for ShutdownMethod {
     }
 }
 
+struct ConfigureNetworkMethod {
+    service: Arc<dyn AgentService + Send + Sync>,
+}
+
+impl ::ttrpc::MethodHandler for ConfigureNetworkMethod {
+    fn handler(&self, ctx: ::ttrpc::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<()> {
+        ::ttrpc::request_handler!(self, ctx, req, agent, ConfigureNetworkRequest, configure_network);
+        Ok(())
+    }
+}
+
 pub trait AgentService {
     fn ping(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::PingRequest) -> ::ttrpc::Result<super::agent::PingResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/gpuvm.agent.v1.AgentService/Ping is not supported".to_string())))
@@ -391,6 +408,9 @@ pub trait AgentService {
     }
     fn shutdown(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ShutdownRequest) -> ::ttrpc::Result<super::agent::ShutdownResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/gpuvm.agent.v1.AgentService/Shutdown is not supported".to_string())))
+    }
+    fn configure_network(&self, _ctx: &::ttrpc::TtrpcContext, _: super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::ConfigureNetworkResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/gpuvm.agent.v1.AgentService/ConfigureNetwork is not supported".to_string())))
     }
 }
 
@@ -450,6 +470,9 @@ pub fn create_agent_service(service: Arc<dyn AgentService + Send + Sync>) -> Has
 
     methods.insert("/gpuvm.agent.v1.AgentService/Shutdown".to_string(),
                     Box::new(ShutdownMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
+
+    methods.insert("/gpuvm.agent.v1.AgentService/ConfigureNetwork".to_string(),
+                    Box::new(ConfigureNetworkMethod{service: service.clone()}) as Box<dyn ::ttrpc::MethodHandler + Send + Sync>);
 
     methods
 }

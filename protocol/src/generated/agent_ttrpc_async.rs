@@ -120,6 +120,11 @@ impl AgentServiceClient {
         let mut cres = super::agent::ShutdownResponse::new();
         ::ttrpc::async_client_request!(self, ctx, req, "gpuvm.agent.v1.AgentService", "Shutdown", cres);
     }
+
+    pub async fn configure_network(&self, ctx: ttrpc::context::Context, req: &super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::ConfigureNetworkResponse> {
+        let mut cres = super::agent::ConfigureNetworkResponse::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "gpuvm.agent.v1.AgentService", "ConfigureNetwork", cres);
+    }
 }
 
 struct PingMethod {
@@ -320,6 +325,17 @@ impl ::ttrpc::r#async::MethodHandler for ShutdownMethod {
     }
 }
 
+struct ConfigureNetworkMethod {
+    service: Arc<dyn AgentService + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for ConfigureNetworkMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ConfigureNetworkRequest, configure_network);
+    }
+}
+
 #[async_trait]
 pub trait AgentService: Sync {
     async fn ping(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::PingRequest) -> ::ttrpc::Result<super::agent::PingResponse> {
@@ -375,6 +391,9 @@ pub trait AgentService: Sync {
     }
     async fn shutdown(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ShutdownRequest) -> ::ttrpc::Result<super::agent::ShutdownResponse> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/gpuvm.agent.v1.AgentService/Shutdown is not supported".to_string())))
+    }
+    async fn configure_network(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ConfigureNetworkRequest) -> ::ttrpc::Result<super::agent::ConfigureNetworkResponse> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/gpuvm.agent.v1.AgentService/ConfigureNetwork is not supported".to_string())))
     }
 }
 
@@ -436,6 +455,9 @@ pub fn create_agent_service(service: Arc<dyn AgentService + Send + Sync>) -> Has
 
     methods.insert("Shutdown".to_string(),
                     Box::new(ShutdownMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("ConfigureNetwork".to_string(),
+                    Box::new(ConfigureNetworkMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     ret.insert("gpuvm.agent.v1.AgentService".to_string(), ::ttrpc::r#async::Service{ methods, streams });
     ret

@@ -117,8 +117,11 @@ pub struct FsConfig {
 /// `NetConfig` (tap only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetConfig {
-    /// Host tap device name.
+    /// Tap device name (Cloud Hypervisor runs in the pod's network namespace and opens
+    /// the shim's tap by name: `vm.create` ignores fds in the body).
     pub tap: String,
+    /// The guest NIC's MAC.
+    pub mac: String,
 }
 
 /// `DeviceConfig` (VFIO).
@@ -213,9 +216,12 @@ impl TryFrom<&VmSpec> for VmConfig {
                 None => Vec::new(),
             },
             net: spec
-                .taps
+                .nics
                 .iter()
-                .map(|tap| NetConfig { tap: tap.clone() })
+                .map(|nic| NetConfig {
+                    tap: nic.tap.clone(),
+                    mac: nic.mac.clone(),
+                })
                 .collect(),
             devices,
             vsock: VsockConfig {
@@ -482,7 +488,7 @@ mod tests {
                 },
                 "fs": [{"tag": "gpuvm", "socket": "/run/gpuvm/sandbox1/virtiofs.sock",
                         "num_queues": 1, "queue_size": 1024}],
-                "net": [{"tap": "tap0"}],
+                "net": [{"tap": "tap0", "mac": "02:42:0a:58:00:05"}],
                 "devices": [{"path": "/sys/bus/pci/devices/0000:3b:00.0/", "id": "gpu0"}],
                 "vsock": {"cid": 3, "socket": "/run/gpuvm/sandbox1/vsock.sock"},
                 "serial": {"mode": "Tty"},
@@ -531,7 +537,7 @@ mod tests {
     fn empty_lists_are_left_out() {
         let mut spec = sample_spec();
         spec.devices.clear();
-        spec.taps.clear();
+        spec.nics.clear();
         spec.shared_dir = None;
         let json = serde_json::to_value(VmConfig::try_from(&spec).expect("valid")).expect("json");
         assert!(json.get("devices").is_none());

@@ -123,13 +123,17 @@ impl VmHost {
         Ok(process)
     }
 
-    /// Spawns the VMM (see [`VmHost::spawn`]).
+    /// Spawns the VMM (see [`VmHost::spawn`]), inside the VM's network namespace
+    /// when it has one: the taps are there, and the VMM sees no host interface.
     pub fn spawn_vmm(
         &self,
         binary: &Path,
-        command: Command,
+        mut command: Command,
         spawned: &SpawnHook<'_>,
     ) -> Result<WatchedProcess> {
+        if let Some(netns) = &self.spec.netns {
+            enter_netns_at_exec(&mut command, netns)?;
+        }
         self.spawn(self.vmm_name, binary, command, spawned)
     }
 
@@ -208,6 +212,25 @@ impl VmHost {
     fn snapshot(&self) -> Vec<WatchedProcess> {
         self.lock().clone()
     }
+}
+
+/// Makes `command`'s child enter the network namespace at `netns` before it execs.
+fn enter_netns_at_exec(command: &mut Command, netns: &Path) -> Result<()> {
+    let file = std::fs::File::open(netns).map_err(Error::io(format!(
+        "opening the pod's network namespace {}",
+        netns.display()
+    )))?;
+    let namespace = std::os::fd::OwnedFd::from(file);
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // setns(2), which is async-signal-safe; the fd it uses is owned by the closure
+    // (close-on-exec, so the VMM does not inherit it).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

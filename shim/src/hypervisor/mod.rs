@@ -52,8 +52,11 @@ pub struct VmSpec {
     pub shared_dir: Option<PathBuf>,
     /// PCI addresses of the VFIO devices passed to the guest.
     pub devices: Vec<String>,
-    /// Host tap devices, one virtio-net each.
-    pub taps: Vec<String>,
+    /// virtio-net devices, each on a tap in `netns`.
+    pub nics: Vec<Nic>,
+    /// The pod's network namespace: the VMM is started inside it (its taps are
+    /// there); `None` keeps the shim's.
+    pub netns: Option<PathBuf>,
     /// Size of the guest's 64-bit PCI MMIO window in bytes, from the passed devices'
     /// BARs ([`crate::devices::mmio64_window`]); `None` keeps the VMM's default.
     pub mmio64_size: Option<u64>,
@@ -65,6 +68,15 @@ pub struct VmSpec {
     /// The host NUMA node (and its CPUs) every process of the VM is bound to: its
     /// GPUs' node on a multi-node host, else `None`.
     pub numa: Option<crate::numa::NumaPlacement>,
+}
+
+/// A virtio-net device of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap it is backed by (in the VM's network namespace).
+    pub tap: String,
+    /// The guest NIC's MAC (`aa:bb:cc:dd:ee:ff`): the pod interface's.
+    pub mac: String,
 }
 
 /// Guest memory backing, from the config's `[memory]` section.
@@ -266,7 +278,11 @@ pub(crate) mod tests {
             },
             shared_dir: Some(PathBuf::from("/run/gpuvm/sandbox1/shared")),
             devices: vec!["0000:3b:00.0".into()],
-            taps: vec!["tap0".into()],
+            nics: vec![Nic {
+                tap: "tap0".into(),
+                mac: "02:42:0a:58:00:05".into(),
+            }],
+            netns: None,
             mmio64_size: None,
             memory: Default::default(),
             cgroups: vec![],

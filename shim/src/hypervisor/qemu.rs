@@ -94,13 +94,15 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel) -> Result<Vec<String>> {
         args.push("-device".into());
         args.push(format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"));
     }
-    for (i, tap) in spec.taps.iter().enumerate() {
+    for (i, nic) in spec.nics.iter().enumerate() {
+        // QEMU runs in the pod's network namespace and opens the shim's tap by name.
         args.push("-netdev".into());
         args.push(format!(
-            "tap,id=net{i},ifname={tap},script=no,downscript=no"
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            nic.tap
         ));
         args.push("-device".into());
-        args.push(format!("virtio-net-pci,netdev=net{i}"));
+        args.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
     }
     if let Some(window) = spec.mmio64_size.filter(|_| !spec.devices.is_empty()) {
         // Room for the GPUs' large 64-bit BARs (q35's default hole is 32 GiB).
@@ -276,7 +278,7 @@ mod tests {
             "-netdev",
             "tap,id=net0,ifname=tap0,script=no,downscript=no",
             "-device",
-            "virtio-net-pci,netdev=net0",
+            "virtio-net-pci,netdev=net0,mac=02:42:0a:58:00:05",
             "-device",
             "vfio-pci,host=0000:3b:00.0",
         ];
@@ -286,7 +288,7 @@ mod tests {
     #[test]
     fn qemu_argv_with_gpus_large_bars_hugepages_and_prefault() {
         let mut spec = sample_spec();
-        spec.taps.clear();
+        spec.nics.clear();
         spec.shared_dir = None;
         spec.devices = vec!["0000:18:00.0".into(), "0000:19:00.0".into()];
         spec.mmio64_size =

@@ -28,6 +28,7 @@ use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
 use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
+use crate::network::PodNetwork;
 use crate::persist::{SandboxRecord, StartTimings};
 use crate::rootfs::ShareDirs;
 
@@ -155,8 +156,29 @@ async fn reset_devices(host: HostPaths, devices: Vec<PciAddress>) -> bool {
     }
 }
 
+/// The sandbox's network as its OCI spec gives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxNet {
+    /// The pod's network namespace (`linux.namespaces` network path); `None` for the
+    /// host's network.
+    pub netns: Option<PathBuf>,
+    /// The pod's hostname (the spec's `hostname`).
+    pub hostname: String,
+}
+
+impl SandboxNet {
+    /// The network of the sandbox whose OCI spec is `spec`.
+    pub fn of(spec: &oci_spec::runtime::Spec) -> SandboxNet {
+        SandboxNet {
+            netns: crate::network::netns_path(spec),
+            hostname: spec.hostname().clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// Everything a sandbox's VM holds on the host: the VMM and its helpers, the shared
-/// directory's mount, the state file, the devices and their lock.
+/// directory's mount, the taps in the pod's network namespace, the state file, the
+/// devices and their lock.
 #[derive(Debug)]
 pub struct Vm {
     id: String,
@@ -167,6 +189,9 @@ pub struct Vm {
     /// The share's size limit in bytes (`host.share_size`).
     share_size: u64,
     devices: Devices,
+    /// The pod network the VM joins (taps made in `bring_up`), and the hostname.
+    network: Option<PodNetwork>,
+    hostname: String,
     /// Set once the VMM was asked to start: from then on it may have opened the
     /// devices, so they are reset before they go back.
     vmm_started: AtomicBool,
@@ -192,6 +217,8 @@ impl Vm {
             share_size,
             hypervisor,
             devices,
+            network: None,
+            hostname: String::new(),
             vmm_started: AtomicBool::new(false),
             cgroup: PodCgroup::default(),
         }
@@ -200,6 +227,13 @@ impl Vm {
     /// The VM, its processes in `cgroup`.
     fn with_cgroup(self, cgroup: PodCgroup) -> Vm {
         Vm { cgroup, ..self }
+    }
+
+    /// The VM joins `network` (its taps are made before the VMM starts, in it).
+    fn with_network(mut self, network: Option<PodNetwork>, hostname: &str) -> Vm {
+        self.network = network;
+        hostname.clone_into(&mut self.hostname);
+        self
     }
 
     /// The record for the state file: the VM's processes, then `mounts` (container
@@ -218,6 +252,7 @@ impl Vm {
             timings,
             devices: self.devices.record(),
             cgroups: self.cgroup.to_create.clone(),
+            network: self.network.as_ref().map(PodNetwork::record),
         }
     }
 
@@ -250,12 +285,21 @@ impl Vm {
         // leaves `shim delete` what it needs to reset them.
         self.vmm_started.store(true, Ordering::SeqCst);
         self.devices.mark_reset_pending(&self.id)?;
+        // The state file names the taps already: a failure part way is undone too.
+        if let Some(network) = self.network.clone() {
+            blocking(move || network.attach()).await?;
+        }
         self.hypervisor.start(&persist).await?;
         let vmm_started = Instant::now();
         self.save_state()?;
         let agent = self.connect_agent(config).await?;
         let connected = Instant::now();
         let info = agent.guest_info().await?;
+        if let Some(network) = &self.network {
+            agent
+                .configure_network(&network.guest(&self.hostname))
+                .await?;
+        }
         let phases = Phases {
             vmm_starting,
             vmm_started,
@@ -306,6 +350,14 @@ impl Vm {
             crate::rootfs::unmount(&point);
         }
         self.hypervisor.cleanup().await;
+        // The VMM is gone: its taps and the redirects go.
+        if let Some(record) = self.network.as_ref().map(PodNetwork::record) {
+            let _ = blocking(move || {
+                record.detach();
+                Ok(())
+            })
+            .await;
+        }
         let cgroups = self.cgroup.to_create.clone();
         if let Err(e) =
             tokio::task::spawn_blocking(move || crate::cgroup::remove_created(&cgroups)).await
@@ -363,6 +415,7 @@ impl Sandbox {
     ) -> Result<Sandbox> {
         let entered = Instant::now();
         let annotations = &oci.annotations().clone().unwrap_or_default();
+        let net = SandboxNet::of(oci);
         let cgroups_path = oci.linux().as_ref().and_then(|l| l.cgroups_path().clone());
         let cgroup = PodCgroup::plan(cgroups_path.as_deref().and_then(Path::to_str))?;
         let env = std::env::var(config::CONFIG_ENV).ok();
@@ -374,20 +427,30 @@ impl Sandbox {
             "guest.initramfs",
             &config.guest.initramfs,
         )?;
+        let network = match net.netns.clone() {
+            Some(netns) => blocking(move || PodNetwork::scan(&netns)).await?,
+            None => None,
+        };
         let devices = Devices::claim(&config, annotations, id)?;
         let gpu_nodes: Vec<Option<u32>> = devices
             .passthrough
             .iter()
             .flat_map(|set| set.gpus.iter().map(|gpu| gpu.numa_node))
             .collect();
-        let spec = VmSpec {
+        let mut spec = VmSpec {
             cgroups: cgroup.join_dirs(),
             numa: crate::numa::placement(&config.host.sysfs_root, &gpu_nodes)?,
             ..vm_spec(&config, annotations, devices.passthrough.as_ref(), id)?
         };
+        if let Some(network) = &network {
+            spec.nics = network.nics();
+            spec.netns = Some(network.netns.clone());
+        }
         let hypervisor = hypervisor::new_hypervisor(&config, spec);
         let share_size = config.host.share_size_bytes()?;
-        let vm = Vm::new(id, bundle, hypervisor, devices, share_size).with_cgroup(cgroup);
+        let vm = Vm::new(id, bundle, hypervisor, devices, share_size)
+            .with_cgroup(cgroup)
+            .with_network(network, &net.hostname);
         Sandbox::launch(vm, &config, annotations, held, entered).await
     }
 
@@ -508,6 +571,15 @@ impl Sandbox {
         self.vm.stop(mounts, held).await;
         tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
     }
+}
+
+/// Runs blocking `work` (netlink in another namespace) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Hypervisor(format!("a blocking task failed: {e}")))?
 }
 
 /// Checks that a configured file exists, so a typo names the setting rather than

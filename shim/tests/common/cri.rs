@@ -133,6 +133,21 @@ pub fn one_cpu_512mi() -> LinuxContainerResources {
 /// network (containerd's private netns: no CNI), each container with its own pid
 /// namespace.
 pub fn sandbox_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    pod_config(
+        name,
+        log_dir,
+        NamespaceOption {
+            network: NamespaceMode::Node.into(),
+            pid: NamespaceMode::Container.into(),
+            ipc: NamespaceMode::Pod.into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// A pod `name` in namespace `default` with hostname `name`, logs in `log_dir`, one
+/// CPU and 512Mi (resources and `gpuvm.dev/*` annotations) and `namespaces`.
+pub fn pod_config(name: &str, log_dir: &Path, namespaces: NamespaceOption) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.to_owned(),
@@ -149,12 +164,7 @@ pub fn sandbox_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
         .into(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node.into(),
-                    pid: NamespaceMode::Container.into(),
-                    ipc: NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespaces),
                 ..Default::default()
             }),
             resources: Some(one_cpu_512mi()),

@@ -131,7 +131,8 @@ pub fn bare_vm_spec(id: &str, work_dir: PathBuf, kernel: PathBuf, initramfs: Pat
         },
         shared_dir: None,
         devices: vec![],
-        taps: vec![],
+        nics: vec![],
+        netns: None,
         mmio64_size: None,
         memory: Default::default(),
         cgroups: vec![],
@@ -423,6 +424,9 @@ pub struct Containerd {
     pub dir: PathBuf,
     /// containerd's state dir (holds the task bundles).
     pub state_dir: PathBuf,
+    /// Pod network namespaces whose taps and tc qdiscs [`Containerd::leftovers`]
+    /// checks (see [`Containerd::watch_netns`]).
+    pod_netns: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 /// The containerd namespaces the tests use.
@@ -578,6 +582,32 @@ impl Containerd {
                 found.push(format!("socket {}", socket.display()));
             }
         }
+        found.extend(self.netns_leftovers());
+        found
+    }
+
+    /// Makes [`Containerd::leftovers`] check the pod network namespace `netns` (while
+    /// it exists) for taps and ingress qdiscs (the shim's tc redirects hang from them).
+    pub fn watch_netns(&self, netns: &Path) {
+        if let Ok(mut watched) = self.pod_netns.lock() {
+            watched.push(netns.to_owned());
+        }
+    }
+
+    /// Taps and ingress qdiscs in the watched pod network namespaces.
+    pub fn netns_leftovers(&self) -> Vec<String> {
+        let watched = self.pod_netns.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut found = Vec::new();
+        for netns in watched {
+            match gpuvm_shim::network::taps_and_qdiscs(&netns) {
+                Ok(items) => found.extend(
+                    items
+                        .into_iter()
+                        .map(|item| format!("{item} in {}", netns.display())),
+                ),
+                Err(e) => found.push(format!("cannot inspect {}: {e}", netns.display())),
+            }
+        }
         found
     }
 
@@ -717,6 +747,7 @@ state = "{state}"
         shim_config,
         dir: dir.to_owned(),
         state_dir: dir.join("state"),
+        pod_netns: std::sync::Mutex::new(Vec::new()),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !containerd.socket.exists() {
