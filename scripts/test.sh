@@ -22,7 +22,7 @@
 #   GPUVM_REQUIRE=LIST   strict mode (crate gpuvm-testkit, and charts/tests for Python):
 #                        a test whose requirement is in the comma LIST fails instead of
 #                        printing SKIPPED. Names: apiserver, controller-manager, kvm, gpu,
-#                        cloud-hypervisor, ch-openapi, qemu, containerd, root, or `all`; an
+#                        cloud-hypervisor, ch-openapi, qemu, containerd, cni, root, or `all`; an
 #                        unknown name is an error. `.ci/run` sets it to what CI can run.
 #   KUBECONFIG, KUBEBUILDER_ASSETS, KUBE_APISERVER + ETCD, CLOUD_HYPERVISOR_BIN
 #                        when set, win over what scripts/kube-deps.sh finds
@@ -76,6 +76,7 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     fi
     scripts/vm-deps.sh
     scripts/containerd-deps.sh
+    scripts/cni-deps.sh
     stage "building the guest image (kernel + initramfs with the agent)"
     guest/build.sh
 fi
