@@ -14,7 +14,7 @@ use gpuvm_api::{
 };
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU};
 use gpuvm_e2e::invariants::pinned_node;
-use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, note};
+use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, bench, note};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -908,21 +908,13 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         .start_operator(OperatorOptions::single(&env.namespace))
         .await?;
     let machines: Vec<GpuMachine> = (0..machines_count)
-        .map(|i| env.machine(&format!("t{i:03}"), "h100-80gb", 1))
+        .map(|i| env.machine(&format!("t{i:05}"), "h100-80gb", 1))
         .collect();
 
-    let started = Instant::now();
     let result = async {
-        env.apply_all(&machines).await?;
-        let applied = started.elapsed();
-        env.wait_pod_count(machines_count, Duration::from_secs(300)).await?;
-        let done = started.elapsed();
-        note(&format!(
-            "THROUGHPUT: {machines_count} machines over {nodes} GpuNodes: applied in {:.1} s, all Pods in {:.1} s: {:.1} machines/s",
-            applied.as_secs_f64(),
-            done.as_secs_f64(),
-            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / done.as_secs_f64()
-        ));
+        let run = bench::place_all(&env, &machines, 16, Duration::from_secs(600), Duration::from_secs(10), |_| {})
+            .await?;
+        note(&format!("THROUGHPUT: over {nodes} GpuNodes: {run}"));
         let placed = check_all(&env).await?;
         ensure!(placed == machines_count, "{placed} of {machines_count} placed");
         if let Some((rss, peak)) = op.memory_kib() {
@@ -932,18 +924,26 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         }
         // The API server's own limit on this machine, for comparison: as many plain Pods
         // created by a client, 64 requests at a time.
-        let plain = Instant::now();
-        plain_pods(&env, machines_count).await?;
-        let secs = plain.elapsed().as_secs_f64();
+        let secs = bench::plain_pods(&env, machines_count, 64).await?.as_secs_f64();
         note(&format!(
             "THROUGHPUT: API server alone: {machines_count} plain Pods created in {secs:.1} s: {:.1} Pods/s",
             f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / secs
         ));
-        if let Ok(metrics) = op.metrics().await {
-            for line in metrics.lines().filter(|l| l.contains("placement_seconds_sum") || l.contains("placement_seconds_count")) {
-                note(&format!("THROUGHPUT: operator {line}"));
-            }
+        for line in bench::timing_lines(&op.metrics().await?) {
+            note(&format!("THROUGHPUT: operator {line}"));
         }
+        // And the applies alone: as many GpuMachines with no operator to place them.
+        op.kill();
+        let more: Vec<GpuMachine> = (0..machines_count)
+            .map(|i| env.machine(&format!("b{i:05}"), "h100-80gb", 1))
+            .collect();
+        let started = Instant::now();
+        bench::apply_timed(&env, &more, 16).await?;
+        let secs = started.elapsed().as_secs_f64();
+        note(&format!(
+            "THROUGHPUT: API server alone: {machines_count} GpuMachines applied (16 at a time, no operator) in {secs:.1} s: {:.1} applies/s",
+            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / secs
+        ));
         Ok(())
     }
     .await;
@@ -951,29 +951,5 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         bail!("{e:#}\n--- operator ---\n{}", op.describe());
     }
     env.cleanup().await;
-    Ok(())
-}
-
-/// Creates `n` plain Pods (no machine, no runtime class) in the test's namespace, 64 at
-/// a time, as fast as the API server takes them.
-async fn plain_pods(env: &TestEnv, n: usize) -> anyhow::Result<()> {
-    use futures::{StreamExt as _, TryStreamExt as _};
-    let pods = env.pods();
-    futures::stream::iter((0..n).map(|i| {
-        let pods = pods.clone();
-        async move {
-            let pod: Pod = serde_json::from_value(json!({
-                "metadata": {"name": format!("plain-{i:05}"), "labels": {"gpuvm.dev/e2e-plain": "true"}},
-                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
-            }))?;
-            pods.create(&kube::api::PostParams::default(), &pod)
-                .await
-                .with_context(|| format!("creating plain Pod {i}"))?;
-            anyhow::Ok(())
-        }
-    }))
-    .buffer_unordered(64)
-    .try_collect::<Vec<_>>()
-    .await?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use gpuvm_api::{GpuAllocation, GpuMachine, GpuNode};
+use gpuvm_api::{ConditionType, GpuAllocation, GpuMachine, GpuNode};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -56,6 +56,16 @@ pub fn node_views<'a>(
 pub fn holds_gpus(machine: &GpuMachine) -> bool {
     machine.status.as_ref().is_some_and(|s| {
         s.is_placed() && !(s.phase.is_some_and(|p| p.is_terminal()) && s.pod_name.is_none())
+    })
+}
+
+/// Whether a machine waits for GPUs to become free: unplaced, and refused by placement
+/// (`Scheduled=False`: no node could take it, or its node was lost).
+pub fn waits_for_gpus(machine: &GpuMachine) -> bool {
+    machine.status.as_ref().is_some_and(|s| {
+        !s.is_placed()
+            && s.condition(ConditionType::Scheduled)
+                .is_some_and(|c| c.status == "False")
     })
 }
 
@@ -238,6 +248,27 @@ mod tests {
             Some("02-vm")
         )));
         assert!(!holds_gpus(&machine("03", MachinePhase::Succeeded, None)));
+    }
+
+    #[test]
+    fn only_machines_placement_refused_wait_for_gpus() {
+        let now = Time(Timestamp::from_second(0).unwrap());
+        let placed = machine("01", MachinePhase::Running, Some("01-vm"));
+        let mut fresh = placed.clone();
+        fresh.status = None;
+        let mut refused = fresh.clone();
+        refused.status = Some(crate::status::unschedulable(
+            &fresh,
+            "Unschedulable",
+            "no node has 1 free l40s",
+            &now,
+        ));
+        assert!(!waits_for_gpus(&placed));
+        assert!(
+            !waits_for_gpus(&fresh),
+            "a new machine has its own watch event"
+        );
+        assert!(waits_for_gpus(&refused));
     }
 
     #[test]
