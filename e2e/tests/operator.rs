@@ -391,14 +391,12 @@ fn check_pod(pod: &Pod, m: &GpuMachine) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("pods-and-status").await? else {
+    let Some((mut env, hgx, mut op)) =
+        TestEnv::with_operator("pods-and-status", HostKind::HgxH100, 2).await?
+    else {
         return Ok(());
     };
-    let hgx = env.add_hosts(HostKind::HgxH100, 2).await?;
     let ws = env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
 
     let mut train = env.machine("train", "h100-80gb", 2);
     train.spec.env.push(EnvVar {
@@ -571,11 +569,7 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 /// The harness's invariants plus the records: every placed machine's status mirrors
@@ -737,14 +731,7 @@ async fn kill_restart_round() -> anyhow::Result<bool> {
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- first operator ---\n{}\n--- second operator ---\n{}",
-            first.describe(),
-            second.describe()
-        );
-    }
-    env.cleanup().await;
+    env.finish(result, &mut [&mut first, &mut second]).await?;
     Ok(true)
 }
 
@@ -805,15 +792,7 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- op-a ---\n{}\n--- op-b ---\n{}",
-            a.describe(),
-            b.describe()
-        );
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut a, &mut b]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,14 +823,7 @@ async fn racing_round() -> anyhow::Result<bool> {
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- a ---\n{}\n--- b ---\n{}",
-            a.describe(),
-            b.describe()
-        );
-    }
-    env.cleanup().await;
+    env.finish(result, &mut [&mut a, &mut b]).await?;
     Ok(true)
 }
 
@@ -890,9 +862,6 @@ async fn garbage_collector_removes_the_pod_of_a_machine_deleted_behind_the_opera
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("throughput").await? else {
-        return Ok(());
-    };
     // The benchmark is 1,000 machines over 125 GpuNodes (GPUVM_E2E_BENCH_MACHINES=1000
     // GPUVM_E2E_BENCH_NODES=125); the default keeps the suite quick.
     let size = |var: &str, default: usize| {
@@ -903,10 +872,11 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     };
     let nodes: usize = size("GPUVM_E2E_BENCH_NODES", 25);
     let machines_count: usize = size("GPUVM_E2E_BENCH_MACHINES", 200);
-    env.add_hosts(HostKind::HgxH100, nodes).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
+    let Some((env, _, mut op)) =
+        TestEnv::with_operator("throughput", HostKind::HgxH100, nodes).await?
+    else {
+        return Ok(());
+    };
     let machines: Vec<GpuMachine> = (0..machines_count)
         .map(|i| env.machine(&format!("t{i:05}"), "h100-80gb", 1))
         .collect();
@@ -947,9 +917,5 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }

@@ -80,9 +80,5 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }

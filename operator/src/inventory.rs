@@ -105,10 +105,7 @@ pub fn machine_key(m: &GpuMachine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuvm_api::{
-        AllocatedGpu, GpuMachineSpec, GpuMachineStatus, GpuNodeSpec, GpuNodeStatus, GpuRequest,
-        GuestResources, MachinePhase,
-    };
+    use gpuvm_api::{GpuNodeSpec, GpuNodeStatus, MachinePhase};
     use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -184,41 +181,16 @@ mod tests {
     }
 
     fn machine(name: &str, phase: MachinePhase, pod: Option<&str>) -> GpuMachine {
-        let mut m = GpuMachine::new(
-            name,
-            GpuMachineSpec {
-                image: "x".into(),
-                command: vec![],
-                args: vec![],
-                env: vec![],
-                gpu: GpuRequest {
-                    model: "l40s".into(),
-                    count: 1,
-                },
-                guest: GuestResources {
-                    cpus: 1,
-                    memory: "1Gi".into(),
-                },
-                restart_policy: Default::default(),
-                node_selector: BTreeMap::new(),
-                placement: Default::default(),
-                gpu_check: Default::default(),
-            },
+        let gpu = crate::fixtures::l40s(
+            &format!("0000:{name}:00.0"),
+            &[&format!("0000:{name}:00.1")],
         );
+        let mut m = crate::fixtures::placed(name, vec![gpu]);
         m.metadata.namespace = Some("ns".into());
-        m.status = Some(GpuMachineStatus {
-            phase: Some(phase),
-            node_name: Some("n1".into()),
-            pod_name: pod.map(str::to_owned),
-            gpus: vec![AllocatedGpu {
-                pci_address: format!("0000:{name}:00.0"),
-                model: "l40s".into(),
-                iommu_group: None,
-                numa_node: None,
-                companions: vec![format!("0000:{name}:00.1")],
-            }],
-            ..GpuMachineStatus::default()
-        });
+        if let Some(s) = m.status.as_mut() {
+            s.phase = Some(phase);
+            s.pod_name = pod.map(str::to_owned);
+        }
         m
     }
 
