@@ -1,7 +1,7 @@
 //! Table tests: one row per Pod state, asserting phase, action and conditions.
 
 use super::*;
-use gpuvm_api::{AllocatedGpu, GpuMachineSpec, GpuRequest, GuestResources};
+use gpuvm_api::{AllocatedGpu, GuestResources};
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, PodSpec, PodStatus,
@@ -16,42 +16,24 @@ fn now() -> Time {
 }
 
 fn machine(policy: RestartPolicy, phase: MachinePhase) -> GpuMachine {
-    let mut m = GpuMachine::new(
-        "m",
-        GpuMachineSpec {
-            image: "busybox".into(),
-            command: vec![],
-            args: vec![],
-            env: vec![],
-            gpu: GpuRequest {
-                model: "l40s".into(),
-                count: 1,
-            },
-            guest: GuestResources {
-                cpus: 2,
-                memory: "4Gi".into(),
-            },
-            restart_policy: policy,
-            node_selector: BTreeMap::new(),
-            placement: Default::default(),
-            gpu_check: Default::default(),
-        },
-    );
+    let gpu = AllocatedGpu {
+        iommu_group: Some(1),
+        numa_node: Some(0),
+        ..crate::fixtures::l40s("0000:01:00.0", &[])
+    };
+    let mut m = crate::fixtures::placed("m", vec![gpu]);
+    m.spec.image = "busybox".into();
+    m.spec.guest = GuestResources {
+        cpus: 2,
+        memory: "4Gi".into(),
+    };
+    m.spec.restart_policy = policy;
     m.metadata.generation = Some(3);
     m.metadata.uid = Some("uid-m".into());
-    m.status = Some(GpuMachineStatus {
-        phase: Some(phase),
-        node_name: Some("n1".into()),
-        pod_name: Some("m-vm".into()),
-        gpus: vec![AllocatedGpu {
-            pci_address: "0000:01:00.0".into(),
-            model: "l40s".into(),
-            iommu_group: Some(1),
-            numa_node: Some(0),
-            companions: vec![],
-        }],
-        ..Default::default()
-    });
+    if let Some(s) = m.status.as_mut() {
+        s.phase = Some(phase);
+        s.pod_name = Some("m-vm".into());
+    }
     m
 }
 

@@ -318,15 +318,22 @@ async fn finish(
         .expect("the reconcile task panicked")
 }
 
-#[tokio::test]
-async fn a_new_machine_gets_the_finalizer_and_is_placed_in_the_same_reconcile() {
+type Reconcile = tokio::task::JoinHandle<Result<kube::runtime::controller::Action, Error>>;
+
+/// Starts reconciling machine `m` without the finalizer; returns its first request.
+async fn reconcile_new_machine() -> (GpuMachine, Server, Reconcile, Call) {
     let mut m = machine("m");
     m.metadata.finalizers = None;
     let (ctx, mut server) = context(vec![m.clone()]);
     let task = run(m.clone(), &ctx).await;
-
-    // A merge patch of the finalizers carrying the version read.
     let call = server.next().await;
+    (m, server, task, call)
+}
+
+#[tokio::test]
+async fn a_new_machine_gets_the_finalizer_and_is_placed_in_the_same_reconcile() {
+    let (m, mut server, task, call) = reconcile_new_machine().await;
+    // A merge patch of the finalizers carrying the version read.
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
         (Method::PATCH, &*format!("{MACHINES}/m"))
@@ -362,13 +369,8 @@ async fn a_new_machine_gets_the_finalizer_and_is_placed_in_the_same_reconcile() 
 
 #[tokio::test]
 async fn a_stale_copy_without_the_finalizer_is_retried_at_once() {
-    let mut m = machine("m");
-    m.metadata.finalizers = None;
-    let (ctx, mut server) = context(vec![m.clone()]);
-    let task = run(m.clone(), &ctx).await;
-
+    let (_, mut server, task, call) = reconcile_new_machine().await;
     // The server has moved on (our own earlier patch, say): the precondition fails.
-    let call = server.next().await;
     assert_eq!(call.method, Method::PATCH);
     call.error(409, "Conflict");
     let error = finish(task).await.unwrap_err();
