@@ -1145,7 +1145,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let synced = Arc::new(Synced::default());
     let alloc_stream = reflector(
         alloc_writer,
-        watcher(allocations_api, watcher::Config::default()),
+        watcher(allocations_api, watcher::Config::default()).modify(inventory::trim_managed_fields),
     )
     .inspect(synced.marker(Cache::GpuAllocation))
     .default_backoff()
@@ -1153,7 +1153,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let (nodes, node_writer) = reflector::store::<Node>();
     let gn_stream = reflector(
         gn_writer,
-        watcher(gpu_nodes_api, watcher::Config::default()),
+        watcher(gpu_nodes_api, watcher::Config::default()).modify(inventory::trim_managed_fields),
     )
     .inspect(synced.marker(Cache::GpuNode))
     .default_backoff()

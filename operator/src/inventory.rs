@@ -90,11 +90,24 @@ pub fn taken<'a>(
 }
 
 /// Drops what the machine cache never reads: `managedFields`, in their parsed form
-/// several times the rest of a machine, and most of the cache's memory at 10,000
-/// machines. Status writes already send the object without them, and the finalizer
-/// patches only `metadata.finalizers`.
+/// several times the rest of a machine, and the copy of the whole object that a
+/// client-side `kubectl apply` keeps in an annotation. Status writes send only the
+/// status (the server ignores the rest), and the finalizer patches only
+/// `metadata.finalizers`.
 pub fn trim_machine(machine: &mut GpuMachine) {
     machine.metadata.managed_fields = None;
+    if let Some(annotations) = machine.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// The annotation in which client-side `kubectl apply` keeps the applied object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops the `managedFields` of a cached object the operator only reads, or writes back
+/// with an update (the server keeps the stored `managedFields` when an update has none).
+pub fn trim_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// `namespace/name`, the key machines are tracked by.
@@ -199,9 +212,17 @@ mod tests {
         let mut m = machine("01", MachinePhase::Running, Some("01-vm"));
         m.metadata.managed_fields = Some(vec![Default::default()]);
         m.metadata.finalizers = Some(vec!["gpuvm.dev/release-gpus".into()]);
+        m.metadata.annotations = Some(BTreeMap::from([
+            (LAST_APPLIED.to_owned(), "{...}".to_owned()),
+            ("team".to_owned(), "ml".to_owned()),
+        ]));
         let before = m.clone();
         trim_machine(&mut m);
         assert!(m.metadata.managed_fields.is_none());
+        assert_eq!(
+            m.metadata.annotations,
+            Some(BTreeMap::from([("team".to_owned(), "ml".to_owned())]))
+        );
         assert_eq!(m.metadata.finalizers, before.metadata.finalizers);
         assert_eq!(m.status, before.status);
         assert_eq!(m.spec, before.spec);
