@@ -294,6 +294,45 @@ impl TestEnv {
             .remove(&(name.to_owned(), beat));
     }
 
+    /// The frame most operator tests share: the environment, `count` hosts of `kind`
+    /// (their names come back) and one operator replica without leader election. `None`
+    /// (after `SKIPPED: <reason>`) when there is no API server.
+    pub async fn with_operator(
+        test: &str,
+        kind: HostKind,
+        count: usize,
+    ) -> anyhow::Result<Option<(TestEnv, Vec<String>, Operator)>> {
+        let Some(mut env) = TestEnv::start(test).await? else {
+            return Ok(None);
+        };
+        let hosts = env.add_hosts(kind, count).await?;
+        let op = env
+            .start_operator(OperatorOptions::single(&env.namespace))
+            .await?;
+        Ok(Some((env, hosts, op)))
+    }
+
+    /// Ends a test: a failed `result` comes back with each operator's state and the
+    /// tail of its log; a passed one tidies up ([`TestEnv::cleanup`]).
+    pub async fn finish(
+        self,
+        result: anyhow::Result<()>,
+        operators: &mut [&mut Operator],
+    ) -> anyhow::Result<()> {
+        if let Err(e) = result {
+            let logs: Vec<String> = operators
+                .iter_mut()
+                .map(|op| {
+                    let identity = op.identity().to_owned();
+                    format!("--- operator {identity} ---\n{}", op.describe())
+                })
+                .collect();
+            bail!("{e:#}\n{}", logs.join("\n"));
+        }
+        self.cleanup().await;
+        Ok(())
+    }
+
     /// Starts an operator replica against this control plane.
     pub async fn start_operator(&self, options: OperatorOptions) -> anyhow::Result<Operator> {
         Operator::start(self.cp.kubeconfig_path(), options, self.cp.work_dir()).await

@@ -9,6 +9,7 @@
 //! starts (processes, temp dirs) is torn down on drop, panics included.
 
 pub mod assets;
+pub mod bench;
 pub mod chart;
 pub mod cluster;
 pub mod control_plane;

@@ -10,12 +10,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use gpuvm_api::{
     ConditionType, GpuAllocation, GpuCheckPolicy, GpuMachine, MachinePhase, RestartPolicy, keys,
 };
 use gpuvm_e2e::fixtures::{binding, pod_ended_patch, pod_running_patch};
-use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, eventually, note};
+use gpuvm_e2e::{Check, HostKind, TestEnv, eventually, note};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -192,13 +192,11 @@ fn status_of(m: &GpuMachine) -> anyhow::Result<&gpuvm_api::GpuMachineStatus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_change_replaces_the_pod_on_the_same_gpus_once_the_old_one_is_gone()
 -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("rollout").await? else {
+    let Some((env, ws, mut op)) =
+        TestEnv::with_operator("rollout", HostKind::L40sWorkstation, 1).await?
+    else {
         return Ok(());
     };
-    let ws = env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
     let kubelet = Kubelet { env: &env };
     let result = async {
         let mut m = env.machine("m", "l40s", 1);
@@ -301,23 +299,17 @@ async fn a_spec_change_replaces_the_pod_on_the_same_gpus_once_the_old_one_is_gon
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_back_off_and_wait_for_the_old_pod_after_the_bookkeeping_is_written()
 -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("backoff").await? else {
+    let Some((env, ws, mut op)) =
+        TestEnv::with_operator("backoff", HostKind::L40sWorkstation, 1).await?
+    else {
         return Ok(());
     };
-    let ws = env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
     let kubelet = Kubelet { env: &env };
     let result = async {
         let mut m = env.machine("m", "l40s", 1);
@@ -429,23 +421,17 @@ async fn restarts_back_off_and_wait_for_the_old_pod_after_the_bookkeeping_is_wri
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_under_the_machines_pod_name_that_it_does_not_own_is_not_adopted()
 -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("adoption").await? else {
+    let Some((env, _, mut op)) =
+        TestEnv::with_operator("adoption", HostKind::L40sWorkstation, 1).await?
+    else {
         return Ok(());
     };
-    env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
     let result = async {
         // Someone else's Pod, with the machine's label and its Pod's name.
         let foreign = Pod {
@@ -522,23 +508,17 @@ async fn a_pod_under_the_machines_pod_name_that_it_does_not_own_is_not_adopted()
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_machine_keeps_its_exit_code_and_log_tail_and_frees_its_gpus()
 -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("evidence").await? else {
+    let Some((env, ws, mut op)) =
+        TestEnv::with_operator("evidence", HostKind::L40sWorkstation, 1).await?
+    else {
         return Ok(());
     };
-    let ws = env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
     let kubelet = Kubelet { env: &env };
     let result = async {
         let m = env.machine("m", "l40s", 1);
@@ -592,23 +572,17 @@ async fn a_finished_machine_keeps_its_exit_code_and_log_tail_and_frees_its_gpus(
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_waits_for_the_guest_to_see_its_gpus_unless_the_check_is_ignored()
 -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("gpu-ready").await? else {
+    let Some((env, _, mut op)) =
+        TestEnv::with_operator("gpu-ready", HostKind::L40sWorkstation, 2).await?
+    else {
         return Ok(());
     };
-    env.add_hosts(HostKind::L40sWorkstation, 2).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
     let kubelet = Kubelet { env: &env };
     let result = async {
         let strict = env.machine("strict", "l40s", 1);
@@ -680,9 +654,5 @@ async fn ready_waits_for_the_guest_to_see_its_gpus_unless_the_check_is_ignored()
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use gpuvm_api::{GpuAllocation, GpuMachine, keys};
 use gpuvm_e2e::invariants::pinned_node;
 use gpuvm_e2e::{Beat, Check, HostKind, OperatorOptions, TestEnv, note};
@@ -306,9 +306,5 @@ async fn machines_on_lost_nodes_move_and_pinned_ones_wait() -> anyhow::Result<()
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }

@@ -14,7 +14,7 @@ use gpuvm_api::{
 };
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU};
 use gpuvm_e2e::invariants::pinned_node;
-use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, note};
+use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, bench, note};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -391,14 +391,12 @@ fn check_pod(pod: &Pod, m: &GpuMachine) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("pods-and-status").await? else {
+    let Some((mut env, hgx, mut op)) =
+        TestEnv::with_operator("pods-and-status", HostKind::HgxH100, 2).await?
+    else {
         return Ok(());
     };
-    let hgx = env.add_hosts(HostKind::HgxH100, 2).await?;
     let ws = env.add_hosts(HostKind::L40sWorkstation, 1).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
 
     let mut train = env.machine("train", "h100-80gb", 2);
     train.spec.env.push(EnvVar {
@@ -572,11 +570,7 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }
 
 /// The harness's invariants plus the records: every placed machine's status mirrors
@@ -738,14 +732,7 @@ async fn kill_restart_round() -> anyhow::Result<bool> {
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- first operator ---\n{}\n--- second operator ---\n{}",
-            first.describe(),
-            second.describe()
-        );
-    }
-    env.cleanup().await;
+    env.finish(result, &mut [&mut first, &mut second]).await?;
     Ok(true)
 }
 
@@ -806,15 +793,7 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- op-a ---\n{}\n--- op-b ---\n{}",
-            a.describe(),
-            b.describe()
-        );
-    }
-    env.cleanup().await;
-    Ok(())
+    env.finish(result, &mut [&mut a, &mut b]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -845,14 +824,7 @@ async fn racing_round() -> anyhow::Result<bool> {
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!(
-            "{e:#}\n--- a ---\n{}\n--- b ---\n{}",
-            a.describe(),
-            b.describe()
-        );
-    }
-    env.cleanup().await;
+    env.finish(result, &mut [&mut a, &mut b]).await?;
     Ok(true)
 }
 
@@ -891,9 +863,6 @@ async fn garbage_collector_removes_the_pod_of_a_machine_deleted_behind_the_opera
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> anyhow::Result<()> {
-    let Some(mut env) = TestEnv::start("throughput").await? else {
-        return Ok(());
-    };
     // The benchmark is 1,000 machines over 125 GpuNodes (GPUVM_E2E_BENCH_MACHINES=1000
     // GPUVM_E2E_BENCH_NODES=125); the default keeps the suite quick.
     let size = |var: &str, default: usize| {
@@ -904,26 +873,19 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     };
     let nodes: usize = size("GPUVM_E2E_BENCH_NODES", 25);
     let machines_count: usize = size("GPUVM_E2E_BENCH_MACHINES", 200);
-    env.add_hosts(HostKind::HgxH100, nodes).await?;
-    let mut op = env
-        .start_operator(OperatorOptions::single(&env.namespace))
-        .await?;
+    let Some((env, _, mut op)) =
+        TestEnv::with_operator("throughput", HostKind::HgxH100, nodes).await?
+    else {
+        return Ok(());
+    };
     let machines: Vec<GpuMachine> = (0..machines_count)
-        .map(|i| env.machine(&format!("t{i:03}"), "h100-80gb", 1))
+        .map(|i| env.machine(&format!("t{i:05}"), "h100-80gb", 1))
         .collect();
 
-    let started = Instant::now();
     let result = async {
-        env.apply_all(&machines).await?;
-        let applied = started.elapsed();
-        env.wait_pod_count(machines_count, Duration::from_secs(300)).await?;
-        let done = started.elapsed();
-        note(&format!(
-            "THROUGHPUT: {machines_count} machines over {nodes} GpuNodes: applied in {:.1} s, all Pods in {:.1} s: {:.1} machines/s",
-            applied.as_secs_f64(),
-            done.as_secs_f64(),
-            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / done.as_secs_f64()
-        ));
+        let run = bench::place_all(&env, &machines, 16, Duration::from_secs(600), Duration::from_secs(10), |_| {})
+            .await?;
+        note(&format!("THROUGHPUT: over {nodes} GpuNodes: {run}"));
         let placed = check_all(&env).await?;
         ensure!(placed == machines_count, "{placed} of {machines_count} placed");
         if let Some((rss, peak)) = op.memory_kib() {
@@ -933,48 +895,28 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         }
         // The API server's own limit on this machine, for comparison: as many plain Pods
         // created by a client, 64 requests at a time.
-        let plain = Instant::now();
-        plain_pods(&env, machines_count).await?;
-        let secs = plain.elapsed().as_secs_f64();
+        let secs = bench::plain_pods(&env, machines_count, 64).await?.as_secs_f64();
         note(&format!(
             "THROUGHPUT: API server alone: {machines_count} plain Pods created in {secs:.1} s: {:.1} Pods/s",
             f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / secs
         ));
-        if let Ok(metrics) = op.metrics().await {
-            for line in metrics.lines().filter(|l| l.contains("placement_seconds_sum") || l.contains("placement_seconds_count")) {
-                note(&format!("THROUGHPUT: operator {line}"));
-            }
+        for line in bench::timing_lines(&op.metrics().await?) {
+            note(&format!("THROUGHPUT: operator {line}"));
         }
+        // And the applies alone: as many GpuMachines with no operator to place them.
+        op.kill();
+        let more: Vec<GpuMachine> = (0..machines_count)
+            .map(|i| env.machine(&format!("b{i:05}"), "h100-80gb", 1))
+            .collect();
+        let started = Instant::now();
+        bench::apply_timed(&env, &more, 16).await?;
+        let secs = started.elapsed().as_secs_f64();
+        note(&format!(
+            "THROUGHPUT: API server alone: {machines_count} GpuMachines applied (16 at a time, no operator) in {secs:.1} s: {:.1} applies/s",
+            f64::from(u32::try_from(machines_count).unwrap_or(u32::MAX)) / secs
+        ));
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        bail!("{e:#}\n--- operator ---\n{}", op.describe());
-    }
-    env.cleanup().await;
-    Ok(())
-}
-
-/// Creates `n` plain Pods (no machine, no runtime class) in the test's namespace, 64 at
-/// a time, as fast as the API server takes them.
-async fn plain_pods(env: &TestEnv, n: usize) -> anyhow::Result<()> {
-    use futures::{StreamExt as _, TryStreamExt as _};
-    let pods = env.pods();
-    futures::stream::iter((0..n).map(|i| {
-        let pods = pods.clone();
-        async move {
-            let pod: Pod = serde_json::from_value(json!({
-                "metadata": {"name": format!("plain-{i:05}"), "labels": {"gpuvm.dev/e2e-plain": "true"}},
-                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
-            }))?;
-            pods.create(&kube::api::PostParams::default(), &pod)
-                .await
-                .with_context(|| format!("creating plain Pod {i}"))?;
-            anyhow::Ok(())
-        }
-    }))
-    .buffer_unordered(64)
-    .try_collect::<Vec<_>>()
-    .await?;
-    Ok(())
+    env.finish(result, &mut [&mut op]).await
 }

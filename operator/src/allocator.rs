@@ -93,7 +93,7 @@ struct Slot {
     /// Held while writing; holds the newest version of the record this process knows.
     latest: Mutex<Option<GpuAllocation>>,
     /// A copy of `latest` after each write, readable while the next write is in flight.
-    snapshot: StdMutex<Option<GpuAllocation>>,
+    snapshot: StdMutex<Option<Arc<GpuAllocation>>>,
 }
 
 /// Commits claims and releases to the GpuAllocation records, batched per node.
@@ -126,7 +126,7 @@ impl Committer {
 
     /// The newest record of each node this process wrote or read (a write in flight
     /// does not hide the last one).
-    pub fn newest(&self) -> Vec<GpuAllocation> {
+    pub fn newest(&self) -> Vec<Arc<GpuAllocation>> {
         let slots: Vec<Arc<Slot>> = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.values().cloned().collect()
@@ -153,7 +153,7 @@ impl Committer {
         }
         let batch = std::mem::take(&mut *slot.queue.lock().unwrap_or_else(|e| e.into_inner()));
         self.write(node, &mut latest, batch).await;
-        *slot.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = latest.clone();
+        *slot.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = latest.clone().map(Arc::new);
         drop(latest);
         rx.await
             .unwrap_or_else(|_| Err(CommitError::Abandoned(node.to_owned())))
@@ -282,12 +282,13 @@ pub fn version(r: &GpuAllocation) -> u64 {
         .unwrap_or(0)
 }
 
-/// Per node, the newer of the cached record and the one this process last wrote.
+/// Per node, the newer of the cached record and the one this process last wrote. Shared,
+/// not copied: placement looks at every record for every machine.
 pub fn newest_records(
-    cached: impl IntoIterator<Item = GpuAllocation>,
-    written: impl IntoIterator<Item = GpuAllocation>,
-) -> HashMap<String, GpuAllocation> {
-    let mut out: HashMap<String, GpuAllocation> = HashMap::new();
+    cached: impl IntoIterator<Item = Arc<GpuAllocation>>,
+    written: impl IntoIterator<Item = Arc<GpuAllocation>>,
+) -> HashMap<String, Arc<GpuAllocation>> {
+    let mut out: HashMap<String, Arc<GpuAllocation>> = HashMap::new();
     for r in cached.into_iter().chain(written) {
         let name = r.name_any();
         match out.get(&name) {
@@ -333,8 +334,8 @@ mod tests {
 
     #[test]
     fn the_newer_copy_of_each_record_wins() {
-        let cached = vec![record("a", "10", "m1", "x"), record("b", "30", "m2", "y")];
-        let written = vec![record("a", "12", "m3", "z"), record("b", "20", "m4", "w")];
+        let cached = [record("a", "10", "m1", "x"), record("b", "30", "m2", "y")].map(Arc::new);
+        let written = [record("a", "12", "m3", "z"), record("b", "20", "m4", "w")].map(Arc::new);
         let got = newest_records(cached, written);
         assert_eq!(version(&got["a"]), 12);
         assert_eq!(version(&got["b"]), 30);

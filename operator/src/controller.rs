@@ -26,7 +26,7 @@ use gpuvm_api::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -118,6 +118,8 @@ impl Error {
             // A Pod that can't be built won't be buildable until the spec changes.
             Error::Pod(_) => Duration::from_secs(300),
             Error::NoUid(_) => Duration::from_secs(1),
+            // An overloaded or briefly unreachable API server: soon, but not at once.
+            Error::Kube(e) if is_transient(e) => jitter(Duration::from_secs(1)),
             _ => Duration::from_secs(10),
         }
     }
@@ -147,6 +149,8 @@ pub struct Settings {
     pub restart_backoff: Backoff,
     /// When a node counts as lost and its machines are moved ([`crate::node_loss`]).
     pub node_loss: crate::node_loss::Policy,
+    /// How many machines are reconciled at once (0: no limit).
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -157,9 +161,15 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             restart_backoff: Backoff::default(),
             node_loss: crate::node_loss::Policy::default(),
+            concurrency: DEFAULT_CONCURRENCY,
         }
     }
 }
+
+/// Default bound on concurrent reconciles. Unbounded, a bulk apply put every machine's
+/// requests on the wire at once: the API server queued them all (seconds per call), and
+/// kube's HTTP/1.1 client opened a TLS connection per request in flight.
+pub const DEFAULT_CONCURRENCY: u16 = 128;
 
 /// A dirty index is rebuilt no more often than this: heartbeats arrive constantly on a
 /// large fleet, and a second-old view of readiness is good enough to rank nodes (it is
@@ -237,8 +247,11 @@ pub struct Context {
     pub allocations: Store<GpuAllocation>,
     /// Writes the records.
     pub committer: Committer,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Who publishes Events. Each Event goes through a fresh [`Recorder`]: a shared one
+    /// caches every Event it sent for six minutes (to count repeats) and scans that cache
+    /// on every publish, which at 10,000 machines is megabytes and a quadratic cost for a
+    /// count that only repeated warnings would use.
+    pub reporter: Reporter,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Tunables.
@@ -277,13 +290,10 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: keys::FIELD_MANAGER.to_owned(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let reporter = Reporter {
+            controller: keys::FIELD_MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Context {
             committer: Committer::new(client.clone(), allocations.clone()),
             client,
@@ -291,7 +301,7 @@ impl Context {
             gpu_nodes,
             nodes,
             allocations,
-            recorder,
+            reporter,
             metrics,
             settings,
             placer: Mutex::new(Placer::default()),
@@ -361,7 +371,7 @@ impl Context {
             action: "Reconcile".to_owned(),
             secondary: None,
         };
-        let recorder = self.recorder.clone();
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         let reference = machine.object_ref(&());
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
@@ -371,11 +381,8 @@ impl Context {
     }
 
     /// The newest known copy of every node's allocation record.
-    fn known_records(&self) -> HashMap<String, GpuAllocation> {
-        allocator::newest_records(
-            self.allocations.state().iter().map(|r| (**r).clone()),
-            self.committer.newest(),
-        )
+    fn known_records(&self) -> HashMap<String, Arc<GpuAllocation>> {
+        allocator::newest_records(self.allocations.state(), self.committer.newest())
     }
 
     /// Submits a release of everything `uid` holds on `node`, and wakes waiting machines.
@@ -400,16 +407,24 @@ fn now() -> Time {
 /// Reconciles one machine: finalizer, placement, Pod, status.
 #[instrument(skip(machine, ctx), fields(machine = %machine_key(&machine)))]
 pub async fn reconcile(machine: Arc<GpuMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ctx.is_stale(&machine) {
+        // Our own newer write is on its way through the watch, which triggers the
+        // reconcile that matters; acting on this copy would only meet a conflict.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let ns = machine.namespace().unwrap_or_default();
     let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, keys::FINALIZER, machine, |event| async {
-        match event {
-            Finalizer::Apply(m) => apply(&m, &ctx).await,
-            Finalizer::Cleanup(m) => cleanup(&m, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = match add_finalizer(&api, machine, &ctx).await {
+        Ok(machine) => finalizer(&api, keys::FINALIZER, machine, |event| async {
+            match event {
+                Finalizer::Apply(m) => apply(&m, &ctx).await,
+                Finalizer::Cleanup(m) => cleanup(&m, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e))),
+        Err(e) => Err(e),
+    };
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .reconciles
@@ -450,12 +465,42 @@ fn rv_number(machine: &GpuMachine) -> Option<u64> {
     machine.resource_version()?.parse().ok()
 }
 
-async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
-    if ctx.is_stale(machine) {
-        // Our own newer write is on its way through the watch, which triggers the
-        // reconcile that matters; acting on this copy would only meet a conflict.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+/// Adds the finalizer to a live machine that lacks it and returns the machine as
+/// written, so that placement goes on in this same reconcile instead of after the watch
+/// brings the change back. The patch carries the resourceVersion read: a stale copy
+/// gets a 409 (a conflict, retried at once) rather than the 422 of kube's `finalizer`
+/// helper's JSON-patch test, which counted as a failed call and waited 10 s.
+async fn add_finalizer(
+    api: &Api<GpuMachine>,
+    machine: Arc<GpuMachine>,
+    ctx: &Context,
+) -> Result<Arc<GpuMachine>, Error> {
+    let present = machine.finalizers().iter().any(|f| f == keys::FINALIZER);
+    if present || machine.metadata.deletion_timestamp.is_some() {
+        return Ok(machine);
     }
+    let mut finalizers = machine.finalizers().to_vec();
+    finalizers.push(keys::FINALIZER.to_owned());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": machine.resource_version()},
+    });
+    let mut written = ctx
+        .metrics
+        .timed(
+            "finalizer",
+            api.patch(
+                &machine.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await?;
+    ctx.remember_write(&written);
+    inventory::trim_machine(&mut written);
+    Ok(Arc::new(written))
+}
+
+async fn apply(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let placed = machine
         .status
         .as_ref()
@@ -487,7 +532,9 @@ async fn run_placed(
     let pod = if just_committed {
         None
     } else {
-        pods.get_opt(&pod_name).await?
+        ctx.metrics
+            .timed("pod_get", pods.get_opt(&pod_name))
+            .await?
     };
     if let Some(p) = &pod
         && owned_by(p, &me.uid)
@@ -516,12 +563,21 @@ async fn run_placed(
             if !just_committed {
                 // The GPUs are free only once every Pod this one replaces is gone (its
                 // VM holds them): two VMs never wait for one device.
-                let old = replaced_pods(&pods, machine, &me.uid, &pod_name).await?;
+                let old = ctx
+                    .metrics
+                    .timed(
+                        "pod_list",
+                        replaced_pods(&pods, machine, &me.uid, &pod_name),
+                    )
+                    .await?;
                 if !old.is_empty() {
                     return wait_for_replaced(machine, &decision.status, &pods, &old, ctx).await;
                 }
                 // Only an allocation the record still holds gets a Pod (a quorum read).
-                let held = ctx.committer.fresh_holdings(&node, &me.uid).await?;
+                let held = ctx
+                    .metrics
+                    .timed("record_read", ctx.committer.fresh_holdings(&node, &me.uid))
+                    .await?;
                 if AllocatedGpu::devices(&held) != status.devices() {
                     return mirror(machine, &node, held, ctx).await;
                 }
@@ -530,18 +586,7 @@ async fn run_placed(
                 status: Some(decision.status.clone()),
                 ..machine.clone()
             })?;
-            match pods.create(&PostParams::default(), &pod).await {
-                Ok(_) => {
-                    // No Event: `Scheduled` and the phase Events that follow say it, and
-                    // each Event is one more write on the API server's busiest path.
-                    info!(pod = %pod.name_any(), "created Pod");
-                }
-                Err(kube::Error::Api(s)) if s.is_already_exists() => {
-                    // Ours from an earlier pass, or someone else's: a look decides.
-                    wait = Some(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e.into()),
-            }
+            wait = create_pod(&pods, &pod, ctx).await?.or(wait);
         }
         action if action.deletes() => {
             // Crash-safe bookkeeping: the next Pod's name, the restart count and the
@@ -578,9 +623,31 @@ async fn run_placed(
         _ if wait.is_some() => Action::requeue(wait.unwrap_or_default()),
         Some(p) if p.is_terminal() && decision.status.pod_name.is_none() => Action::await_change(),
         Some(MachinePhase::Running) => Action::requeue(ctx.settings.resync),
-        // Pods move on their own; the Pod watch wakes us, this is a safety net.
-        _ => Action::requeue(Duration::from_secs(30)),
+        _ => Action::requeue(POD_SAFETY_NET),
     })
+}
+
+/// Pods move on their own and the Pod watch wakes their machine: a look this often is a
+/// safety net.
+const POD_SAFETY_NET: Duration = Duration::from_secs(30);
+
+/// Creates a machine's Pod; `Some(wait)` when one of that name exists already (ours
+/// from an earlier pass, or someone else's: a look after `wait` decides).
+async fn create_pod(pods: &Api<Pod>, pod: &Pod, ctx: &Context) -> Result<Option<Duration>, Error> {
+    let created = ctx
+        .metrics
+        .timed("pod_create", pods.create(&PostParams::default(), pod))
+        .await;
+    match created {
+        Ok(_) => {
+            // No Event: `Scheduled` and the phase Events that follow say it, and each
+            // Event is one more write on the API server's busiest path.
+            info!(pod = %pod.name_any(), "created Pod");
+            Ok(None)
+        }
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(Some(Duration::from_secs(1))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn publish_notes(machine: &GpuMachine, notes: &[status::Note], ctx: &Context) {
@@ -701,15 +768,13 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     };
 
     // The compare-and-swap on the node's record decides.
+    let claim = Op::Claim {
+        owner: me.clone(),
+        gpus: placement.gpus.clone(),
+    };
     let outcome = ctx
-        .committer
-        .submit(
-            &placement.node,
-            Op::Claim {
-                owner: me.clone(),
-                gpus: placement.gpus.clone(),
-            },
-        )
+        .metrics
+        .timed("commit", ctx.committer.submit(&placement.node, claim))
         .await;
     {
         let mut placer = ctx.placer.lock().await;
@@ -767,7 +832,7 @@ fn refresh_index<'a>(placer: &'a mut Placer, ctx: &Context) -> &'a mut Inventory
             ctx.settings.heartbeat_timeout,
         );
         let records = ctx.known_records();
-        let allocations = inventory::taken(records.values(), pending.values());
+        let allocations = inventory::taken(records.values().map(AsRef::as_ref), pending.values());
         (Inventory::build(&views, &allocations), Instant::now())
     });
     inv
@@ -818,23 +883,38 @@ async fn mirror(
         generation,
         &now(),
     );
-    // The Pod's name goes into the same write (one status write per placement): until
-    // the Pod exists, a later reconcile finds it missing and creates it.
-    let decided = status::decide(
-        &GpuMachine {
-            status: Some(status.clone()),
-            ..machine.clone()
-        },
-        None,
-        &ctx.settings.restart_backoff,
-        &now(),
-    );
-    let status = decided.status;
+    // The Pod's name goes into the same write: until the Pod exists, a later reconcile
+    // finds it missing and creates it.
+    let with = |status: &GpuMachineStatus| GpuMachine {
+        status: Some(status.clone()),
+        ..machine.clone()
+    };
+    let backoff = &ctx.settings.restart_backoff;
+    let decided = status::decide(&with(&status), None, backoff, &now());
+    // The Pod is built first and the status written as the Pod will make it (Booting):
+    // one status write per placement instead of one before the Pod and one after, which
+    // also cost a read of the Pod. Should the create fail, the next pass finds no Pod
+    // and says so.
+    let pod = match decided.action {
+        PodAction::Create => Some(build_pod(&with(&decided.status))?),
+        _ => None,
+    };
+    let status = match &pod {
+        Some(p) => status::decide(&with(&decided.status), Some(p), backoff, &now()).status,
+        None => decided.status,
+    };
     match write_status(machine, &status, ctx).await {
         Ok(written) => {
             info!(%node, ?devices, "allocated GPUs");
             ctx.publish(machine, Severity::Normal, "Scheduled", &message);
-            Box::pin(run_placed(&written, ctx, true)).await
+            match pod {
+                Some(pod) => {
+                    let pods = Api::namespaced(ctx.client.clone(), &me.namespace);
+                    let wait = create_pod(&pods, &pod, ctx).await?;
+                    Ok(Action::requeue(wait.unwrap_or(POD_SAFETY_NET)))
+                }
+                None => Box::pin(run_placed(&written, ctx, true)).await,
+            }
         }
         Err(Error::Conflict(_)) => {
             // The machine changed since we read it: look at it afresh.
@@ -886,8 +966,12 @@ pub(crate) async fn write_status(
     };
     // Only the status and the version travel; the rest of the object is ignored there.
     object.metadata.managed_fields = None;
-    let written = api
-        .replace_status(&machine.name_any(), &PostParams::default(), &object)
+    let written = ctx
+        .metrics
+        .timed(
+            "status",
+            api.replace_status(&machine.name_any(), &PostParams::default(), &object),
+        )
         .await?;
     ctx.remember_write(&written);
     Ok(written)
@@ -1030,6 +1114,16 @@ pub async fn collect_garbage(ctx: &Context) -> Result<usize, Error> {
     Ok(released)
 }
 
+/// Whether a failed call is worth retrying soon: the server was overloaded (429, 5xx)
+/// or the connection failed, rather than the request being wrong.
+fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        kube::Error::Service(_) | kube::Error::HyperError(_) => true,
+        _ => false,
+    }
+}
+
 fn jitter(base: Duration) -> Duration {
     // Enough randomness to break lock-step retries between replicas, without a crate.
     let nanos = std::time::SystemTime::now()
@@ -1044,7 +1138,6 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let machines_api: Api<GpuMachine> = Api::all(client.clone());
     let gpu_nodes_api: Api<GpuNode> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let pods_api: Api<Pod> = Api::all(client.clone());
     let allocations_api: Api<GpuAllocation> = Api::all(client.clone());
 
     let (gpu_nodes, gn_writer) = reflector::store::<GpuNode>();
@@ -1052,7 +1145,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let synced = Arc::new(Synced::default());
     let alloc_stream = reflector(
         alloc_writer,
-        watcher(allocations_api, watcher::Config::default()),
+        watcher(allocations_api, watcher::Config::default()).modify(inventory::trim_managed_fields),
     )
     .inspect(synced.marker(Cache::GpuAllocation))
     .default_backoff()
@@ -1060,7 +1153,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     let (nodes, node_writer) = reflector::store::<Node>();
     let gn_stream = reflector(
         gn_writer,
-        watcher(gpu_nodes_api, watcher::Config::default()),
+        watcher(gpu_nodes_api, watcher::Config::default()).modify(inventory::trim_managed_fields),
     )
     .inspect(synced.marker(Cache::GpuNode))
     .default_backoff()
@@ -1088,7 +1181,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     .inspect(synced.marker(Cache::GpuMachine))
     .default_backoff()
     .touched_objects();
-    let controller = Controller::for_stream(machine_stream, machines.clone());
+    let controller = Controller::for_stream(machine_stream, machines.clone()).with_config(
+        kube::runtime::controller::Config::default().concurrency(settings.concurrency),
+    );
     let (released_tx, released_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(
         Context::new(
@@ -1104,14 +1199,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         .with_synced(synced.clone()),
     );
 
-    // Inventory changes (a GpuNode or Node) wake every machine still waiting for GPUs.
+    // Inventory changes (a GpuNode, Node or record) wake the machines waiting for GPUs:
+    // those placement refused (`Scheduled=False`). A machine not yet tried is reconciled
+    // by its own watch event; waking it on every record write as well (one per batch of
+    // placements) multiplied the reconciles of a bulk apply by the number of nodes.
     let waiting = |store: Store<GpuMachine>, ctx: Arc<Context>| {
         move || {
             ctx.inventory_dirty.store(true, Ordering::Relaxed);
             store
                 .state()
                 .into_iter()
-                .filter(|m| !m.status.as_ref().is_some_and(GpuMachineStatus::is_placed))
+                .filter(|m| inventory::waits_for_gpus(m))
                 .map(|m| ObjectRef::from_obj(m.as_ref()))
                 .collect::<Vec<_>>()
         }
@@ -1166,8 +1264,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     tokio::spawn(garbage.instrument(tracing::info_span!("allocation_gc")));
 
     controller
+        // Only the owner reference matters here: metadata alone, not whole Pods.
         .owns(
-            pods_api,
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(keys::LABEL_MACHINE),
         )
         .watches_stream(gn_stream, move |_: GpuNode| on_gpu_node())

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use gpuvm_api::{GpuAllocation, GpuMachine, GpuNode};
+use gpuvm_api::{ConditionType, GpuAllocation, GpuMachine, GpuNode};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -59,6 +59,16 @@ pub fn holds_gpus(machine: &GpuMachine) -> bool {
     })
 }
 
+/// Whether a machine waits for GPUs to become free: unplaced, and refused by placement
+/// (`Scheduled=False`: no node could take it, or its node was lost).
+pub fn waits_for_gpus(machine: &GpuMachine) -> bool {
+    machine.status.as_ref().is_some_and(|s| {
+        !s.is_placed()
+            && s.condition(ConditionType::Scheduled)
+                .is_some_and(|c| c.status == "False")
+    })
+}
+
 /// The allocation map: node → PCI addresses taken, from the allocation records (the
 /// source of truth) plus claims this process has in flight (`pending`: node and devices).
 pub fn taken<'a>(
@@ -80,11 +90,24 @@ pub fn taken<'a>(
 }
 
 /// Drops what the machine cache never reads: `managedFields`, in their parsed form
-/// several times the rest of a machine, and most of the cache's memory at 10,000
-/// machines. Status writes already send the object without them, and the finalizer
-/// patches only `metadata.finalizers`.
+/// several times the rest of a machine, and the copy of the whole object that a
+/// client-side `kubectl apply` keeps in an annotation. Status writes send only the
+/// status (the server ignores the rest), and the finalizer patches only
+/// `metadata.finalizers`.
 pub fn trim_machine(machine: &mut GpuMachine) {
     machine.metadata.managed_fields = None;
+    if let Some(annotations) = machine.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// The annotation in which client-side `kubectl apply` keeps the applied object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops the `managedFields` of a cached object the operator only reads, or writes back
+/// with an update (the server keeps the stored `managedFields` when an update has none).
+pub fn trim_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// `namespace/name`, the key machines are tracked by.
@@ -95,10 +118,7 @@ pub fn machine_key(m: &GpuMachine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuvm_api::{
-        AllocatedGpu, GpuMachineSpec, GpuMachineStatus, GpuNodeSpec, GpuNodeStatus, GpuRequest,
-        GuestResources, MachinePhase,
-    };
+    use gpuvm_api::{GpuNodeSpec, GpuNodeStatus, MachinePhase};
     use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -174,42 +194,16 @@ mod tests {
     }
 
     fn machine(name: &str, phase: MachinePhase, pod: Option<&str>) -> GpuMachine {
-        let mut m = GpuMachine::new(
-            name,
-            GpuMachineSpec {
-                image: "x".into(),
-                command: vec![],
-                args: vec![],
-                env: vec![],
-                gpu: GpuRequest {
-                    model: "l40s".into(),
-                    count: 1,
-                },
-                guest: GuestResources {
-                    cpus: 1,
-                    memory: "1Gi".into(),
-                },
-                restart_policy: Default::default(),
-                node_selector: BTreeMap::new(),
-                placement: Default::default(),
-                gpu_check: Default::default(),
-                ..Default::default()
-            },
+        let gpu = crate::fixtures::l40s(
+            &format!("0000:{name}:00.0"),
+            &[&format!("0000:{name}:00.1")],
         );
+        let mut m = crate::fixtures::placed(name, vec![gpu]);
         m.metadata.namespace = Some("ns".into());
-        m.status = Some(GpuMachineStatus {
-            phase: Some(phase),
-            node_name: Some("n1".into()),
-            pod_name: pod.map(str::to_owned),
-            gpus: vec![AllocatedGpu {
-                pci_address: format!("0000:{name}:00.0"),
-                model: "l40s".into(),
-                iommu_group: None,
-                numa_node: None,
-                companions: vec![format!("0000:{name}:00.1")],
-            }],
-            ..GpuMachineStatus::default()
-        });
+        if let Some(s) = m.status.as_mut() {
+            s.phase = Some(phase);
+            s.pod_name = pod.map(str::to_owned);
+        }
         m
     }
 
@@ -218,9 +212,17 @@ mod tests {
         let mut m = machine("01", MachinePhase::Running, Some("01-vm"));
         m.metadata.managed_fields = Some(vec![Default::default()]);
         m.metadata.finalizers = Some(vec!["gpuvm.dev/release-gpus".into()]);
+        m.metadata.annotations = Some(BTreeMap::from([
+            (LAST_APPLIED.to_owned(), "{...}".to_owned()),
+            ("team".to_owned(), "ml".to_owned()),
+        ]));
         let before = m.clone();
         trim_machine(&mut m);
         assert!(m.metadata.managed_fields.is_none());
+        assert_eq!(
+            m.metadata.annotations,
+            Some(BTreeMap::from([("team".to_owned(), "ml".to_owned())]))
+        );
         assert_eq!(m.metadata.finalizers, before.metadata.finalizers);
         assert_eq!(m.status, before.status);
         assert_eq!(m.spec, before.spec);
@@ -239,6 +241,27 @@ mod tests {
             Some("02-vm")
         )));
         assert!(!holds_gpus(&machine("03", MachinePhase::Succeeded, None)));
+    }
+
+    #[test]
+    fn only_machines_placement_refused_wait_for_gpus() {
+        let now = Time(Timestamp::from_second(0).unwrap());
+        let placed = machine("01", MachinePhase::Running, Some("01-vm"));
+        let mut fresh = placed.clone();
+        fresh.status = None;
+        let mut refused = fresh.clone();
+        refused.status = Some(crate::status::unschedulable(
+            &fresh,
+            "Unschedulable",
+            "no node has 1 free l40s",
+            &now,
+        ));
+        assert!(!waits_for_gpus(&placed));
+        assert!(
+            !waits_for_gpus(&fresh),
+            "a new machine has its own watch event"
+        );
+        assert!(waits_for_gpus(&refused));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 pub mod allocator;
 pub mod controller;
 pub mod crds;
+#[cfg(test)]
+mod fixtures;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;

@@ -64,6 +64,9 @@ struct Args {
     /// The longest wait between restarts.
     #[arg(long, default_value_t = 300)]
     restart_backoff_max_seconds: u64,
+    /// How many machines are reconciled at once (0: no limit).
+    #[arg(long, env = "GPUVM_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
 }
 
 #[tokio::main]
@@ -98,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
             ),
             ..Default::default()
         },
+        concurrency: args.concurrency,
         ..Settings::default()
     };
     if !args.leader_elect {

@@ -23,6 +23,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label set with one `call` label: which API call on a machine's path was timed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    /// `finalizer`, `commit`, `status`, `pod_get`, `pod_list`, `pod_create`, `record_read`.
+    pub call: String,
+}
+
 /// Label set with one `model` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
@@ -39,6 +46,8 @@ pub struct Metrics {
     pub errors: Family<KindLabel, Counter>,
     /// Seconds from "machine is unplaced" to "allocation written".
     pub placement_seconds: Histogram,
+    /// Seconds per API call on a machine's path, by call: where a placement's time goes.
+    pub api_seconds: Family<CallLabel, Histogram, fn() -> Histogram>,
     /// Free GPUs on ready nodes, by model.
     pub gpus_free: Family<ModelLabel, Gauge>,
     /// Allocated GPUs, by model.
@@ -67,6 +76,13 @@ impl Metrics {
         let placement_seconds = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(1e-4, 2.0, 16),
         );
+        let api_seconds: Family<CallLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| {
+                // 1 ms .. ~30 s: a write on a loaded API server can take seconds.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1e-3, 2.0, 16,
+                ))
+            });
         let gpus_free = Family::<ModelLabel, Gauge>::default();
         let gpus_allocated = Family::<ModelLabel, Gauge>::default();
         let unschedulable = Gauge::default();
@@ -85,6 +101,11 @@ impl Metrics {
             "placement_seconds",
             "Time to choose GPUs and record the allocation",
             placement_seconds.clone(),
+        );
+        registry.register(
+            "api_seconds",
+            "Seconds per API call on a machine's path, by call",
+            api_seconds.clone(),
         );
         registry.register(
             "gpus_free",
@@ -106,6 +127,7 @@ impl Metrics {
             reconciles,
             errors,
             placement_seconds,
+            api_seconds,
             gpus_free,
             gpus_allocated,
             unschedulable,
@@ -131,6 +153,16 @@ impl Metrics {
     /// Whether `/readyz` answers 200.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Awaits `call` and records how long it took under `api_seconds{call}`.
+    pub async fn timed<T>(&self, call: &str, fut: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = fut.await;
+        self.api_seconds
+            .get_or_create(&CallLabel { call: call.into() })
+            .observe(started.elapsed().as_secs_f64());
+        out
     }
 
     /// Sets the per-model GPU gauges from `(free, allocated)` counts.
@@ -222,6 +254,12 @@ mod tests {
         );
         assert!(
             body.contains("gpuvm_operator_placement_seconds_bucket"),
+            "{body}"
+        );
+        metrics.timed("status", async {}).await;
+        let body = get("/metrics").await;
+        assert!(
+            body.contains("gpuvm_operator_api_seconds_count{call=\"status\"} 1"),
             "{body}"
         );
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));

@@ -1,7 +1,5 @@
 use super::*;
-use gpuvm_api::{
-    AllocatedGpu, GpuMachineSpec, GpuNodeSpec, GpuNodeStatus, GpuRequest, GuestResources,
-};
+use gpuvm_api::{GpuNodeSpec, GpuNodeStatus};
 use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
 
 fn t(s: i64) -> Timestamp {
@@ -140,46 +138,14 @@ fn a_node_is_lost_when_deleted_not_ready_past_grace_or_silent_past_timeout_and_g
 }
 
 fn machine(selector: &[(&str, &str)], lost: Option<(&str, &str)>) -> GpuMachine {
-    let mut m = GpuMachine::new(
-        "m",
-        GpuMachineSpec {
-            gpu_check: Default::default(),
-            image: "x".into(),
-            command: vec![],
-            args: vec![],
-            env: vec![],
-            gpu: GpuRequest {
-                model: "l40s".into(),
-                count: 1,
-            },
-            guest: GuestResources {
-                cpus: 1,
-                memory: "1Gi".into(),
-            },
-            restart_policy: Default::default(),
-            node_selector: selector
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            placement: Default::default(),
-            ..Default::default()
-        },
-    );
-    let mut status = GpuMachineStatus {
-        node_name: Some("n1".into()),
-        gpus: vec![AllocatedGpu {
-            pci_address: "0000:01:00.0".into(),
-            model: "l40s".into(),
-            iommu_group: None,
-            numa_node: None,
-            companions: vec![],
-        }],
-        ..GpuMachineStatus::default()
-    };
-    if let Some((state, reason)) = lost {
-        set_node_lost(&mut status, state, reason, "m", 1, &Time(t(0)));
+    let mut m = crate::fixtures::placed("m", vec![crate::fixtures::l40s("0000:01:00.0", &[])]);
+    m.spec.node_selector = selector
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    if let (Some((state, reason)), Some(status)) = (lost, m.status.as_mut()) {
+        set_node_lost(status, state, reason, "m", 1, &Time(t(0)));
     }
-    m.status = Some(status);
     m
 }
 

@@ -1,7 +1,7 @@
 //! Table tests: one row per Pod state, asserting phase, action and conditions.
 
 use super::*;
-use gpuvm_api::{AllocatedGpu, GpuMachineSpec, GpuRequest, GuestResources};
+use gpuvm_api::{AllocatedGpu, GuestResources};
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, PodSpec, PodStatus,
@@ -16,43 +16,24 @@ fn now() -> Time {
 }
 
 fn machine(policy: RestartPolicy, phase: MachinePhase) -> GpuMachine {
-    let mut m = GpuMachine::new(
-        "m",
-        GpuMachineSpec {
-            image: "busybox".into(),
-            command: vec![],
-            args: vec![],
-            env: vec![],
-            gpu: GpuRequest {
-                model: "l40s".into(),
-                count: 1,
-            },
-            guest: GuestResources {
-                cpus: 2,
-                memory: "4Gi".into(),
-            },
-            restart_policy: policy,
-            node_selector: BTreeMap::new(),
-            placement: Default::default(),
-            gpu_check: Default::default(),
-            ..Default::default()
-        },
-    );
+    let gpu = AllocatedGpu {
+        iommu_group: Some(1),
+        numa_node: Some(0),
+        ..crate::fixtures::l40s("0000:01:00.0", &[])
+    };
+    let mut m = crate::fixtures::placed("m", vec![gpu]);
+    m.spec.image = "busybox".into();
+    m.spec.guest = GuestResources {
+        cpus: 2,
+        memory: "4Gi".into(),
+    };
+    m.spec.restart_policy = policy;
     m.metadata.generation = Some(3);
     m.metadata.uid = Some("uid-m".into());
-    m.status = Some(GpuMachineStatus {
-        phase: Some(phase),
-        node_name: Some("n1".into()),
-        pod_name: Some("m-vm".into()),
-        gpus: vec![AllocatedGpu {
-            pci_address: "0000:01:00.0".into(),
-            model: "l40s".into(),
-            iommu_group: Some(1),
-            numa_node: Some(0),
-            companions: vec![],
-        }],
-        ..Default::default()
-    });
+    if let Some(s) = m.status.as_mut() {
+        s.phase = Some(phase);
+        s.pod_name = Some("m-vm".into());
+    }
     m
 }
 
@@ -698,64 +679,4 @@ fn a_terminating_pod_is_waited_for() {
     let d = decide(&m, Some(&p), &Backoff::default(), &now());
     assert_eq!(d.action, PodAction::Nothing);
     assert!(d.status.message.as_deref().unwrap().contains("terminate"));
-}
-
-#[test]
-fn a_refused_spec_gets_no_pod_and_says_why() {
-    let host_path: k8s_openapi::api::core::v1::Volume =
-        serde_json::from_value(serde_json::json!({"name": "root", "hostPath": {"path": "/"}}))
-            .unwrap();
-    // No Pod yet: none is created, and Ready says why.
-    let mut m = machine(RestartPolicy::Never, MachinePhase::Scheduled);
-    m.spec.volumes = vec![host_path];
-    let d = decide(&m, None, &Backoff::default(), &now());
-    assert_eq!(d.action, PodAction::Nothing);
-    assert_eq!(d.status.pod_name, None);
-    assert_eq!(d.status.observed_generation, Some(3));
-    assert_eq!(cond(&d, ConditionType::Ready), ("False", "SpecRefused"));
-    let message = d.status.message.clone().unwrap_or_default();
-    assert!(
-        message.contains("volume root is of type hostPath"),
-        "{message}"
-    );
-    assert_eq!(d.notes.len(), 1, "{:?}", d.notes);
-    assert_eq!(
-        (d.notes[0].severity, d.notes[0].reason.as_str()),
-        (Severity::Warning, "SpecRefused")
-    );
-    // Refused again: no second Event.
-    let mut again = m.clone();
-    again.status = Some(d.status.clone());
-    let d = decide(&again, None, &Backoff::default(), &now());
-    assert!(d.notes.is_empty(), "{:?}", d.notes);
-
-    // A running Pod of the previous spec is not replaced by a refused one.
-    let running = Some(ContainerState {
-        running: Some(ContainerStateRunning::default()),
-        ..ContainerState::default()
-    });
-    let mut m = machine(RestartPolicy::Never, MachinePhase::Running);
-    m.spec.volumes = machine_volumes_with_host_path();
-    let d = decide(
-        &m,
-        Some(&pod("Running", running, true)),
-        &Backoff::default(),
-        &now(),
-    );
-    assert_eq!(d.action, PodAction::Nothing);
-    assert_eq!(d.status.phase, Some(MachinePhase::Running));
-    assert_eq!(cond(&d, ConditionType::Ready), ("False", "SpecRefused"));
-    let message = d.status.message.unwrap_or_default();
-    assert!(
-        message.contains("Pod m-vm of an earlier generation keeps running"),
-        "{message}"
-    );
-}
-
-fn machine_volumes_with_host_path() -> Vec<k8s_openapi::api::core::v1::Volume> {
-    serde_json::from_value(serde_json::json!([
-        {"name": "data", "emptyDir": {}},
-        {"name": "host", "hostPath": {"path": "/var/lib"}},
-    ]))
-    .unwrap()
 }

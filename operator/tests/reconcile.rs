@@ -319,25 +319,64 @@ async fn finish(
         .expect("the reconcile task panicked")
 }
 
-#[tokio::test]
-async fn a_new_machine_first_gets_the_finalizer() {
+type Reconcile = tokio::task::JoinHandle<Result<kube::runtime::controller::Action, Error>>;
+
+/// Starts reconciling machine `m` without the finalizer; returns its first request.
+async fn reconcile_new_machine() -> (GpuMachine, Server, Reconcile, Call) {
     let mut m = machine("m");
     m.metadata.finalizers = None;
     let (ctx, mut server) = context(vec![m.clone()]);
     let task = run(m.clone(), &ctx).await;
-
     let call = server.next().await;
+    (m, server, task, call)
+}
+
+#[tokio::test]
+async fn a_new_machine_gets_the_finalizer_and_is_placed_in_the_same_reconcile() {
+    let (m, mut server, task, call) = reconcile_new_machine().await;
+    // A merge patch of the finalizers carrying the version read.
     assert_eq!(
         (call.method.clone(), call.path.as_str()),
         (Method::PATCH, &*format!("{MACHINES}/m"))
     );
-    let ops = call.body.to_string();
-    assert!(ops.contains(keys::FINALIZER), "finalizer patch: {ops}");
+    assert_eq!(
+        call.body,
+        json!({"metadata": {"finalizers": [keys::FINALIZER], "resourceVersion": "1"}})
+    );
     let mut with = m.clone();
     with.metadata.finalizers = Some(vec![keys::FINALIZER.into()]);
+    with.metadata.resource_version = Some("2".into());
     call.ok(&with);
 
-    finish(task).await.unwrap();
+    // Placement follows at once, on the version the patch returned: the record...
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::GET, &*format!("{RECORDS}/ws"))
+    );
+    call.error(404, "NotFound");
+    let call = server.next().await;
+    assert_eq!(call.method, Method::POST);
+    let reply = stored(&call.body, "5");
+    call.respond(StatusCode::CREATED, &reply);
+    // ... and the status, written with the patched version.
+    let call = server.next().await;
+    assert_eq!(call.path, format!("{MACHINES}/m/status"));
+    assert_eq!(call.body["metadata"]["resourceVersion"], "2");
+    call.error(500, "InternalError");
+    assert!(finish(task).await.is_err());
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_stale_copy_without_the_finalizer_is_retried_at_once() {
+    let (_, mut server, task, call) = reconcile_new_machine().await;
+    // The server has moved on (our own earlier patch, say): the precondition fails.
+    assert_eq!(call.method, Method::PATCH);
+    call.error(409, "Conflict");
+    let error = finish(task).await.unwrap_err();
+    assert_eq!(error.metric_label(), "conflict");
+    assert!(error.backoff() < Duration::from_millis(200), "{error}");
     server.done().await;
 }
 
@@ -376,7 +415,8 @@ async fn the_record_commits_before_the_status_and_the_pod() {
     assert_eq!(call.body["metadata"]["resourceVersion"], "1");
     let status = &call.body["status"];
     assert_eq!(status["nodeName"], "ws");
-    assert_eq!(status["phase"], "Scheduled");
+    // Written as the Pod about to be created makes it: one status write per placement.
+    assert_eq!(status["phase"], "Booting");
     assert_eq!(status["gpus"][0]["pciAddress"], "0000:01:00.0");
     assert_eq!(status["gpus"][0]["companions"][0], "0000:01:00.1");
     assert_eq!(status["conditions"][0]["type"], "Scheduled");
