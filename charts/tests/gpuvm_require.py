@@ -25,6 +25,7 @@ REQUIREMENTS = (
     "qemu",
     "containerd",
     "root",
+    "cni",
 )
 
 
