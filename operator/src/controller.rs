@@ -713,6 +713,25 @@ fn record_holds(ctx: &Context, node: &str, uid: &str) -> bool {
 
 /// Chooses GPUs for an unplaced machine, commits them to the node's record, mirrors the
 /// record into the machine's status and creates the Pod.
+/// Says in status (condition `Scheduled=False` with `reason`) and in a Warning Event
+/// (`event`) why a machine is not placed, once per message.
+async fn report_unplaced(
+    machine: &GpuMachine,
+    reason: &str,
+    event: &str,
+    message: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let changed = machine.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message);
+    if changed {
+        let status = status::unschedulable(machine, reason, message, &now());
+        write_status(machine, &status, ctx).await?;
+        info!(%message, "machine is not placed");
+        ctx.publish(machine, Severity::Warning, event, message);
+    }
+    Ok(())
+}
+
 async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     let started = Instant::now();
     let me = owner(machine)?;
@@ -733,6 +752,13 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
     if let Some((node, gpus)) = held.into_iter().next() {
         info!(%node, "the record already gives this machine GPUs; mirroring them");
         return mirror(machine, &node, gpus, ctx).await;
+    }
+    // A spec the operator would build no Pod for (stored before the CRD's rules
+    // refused it) takes no GPUs: it waits, unplaced, for a spec that passes.
+    if let Err(refused) = machine.spec.check_workload() {
+        let message = format!("the operator refuses this spec: {refused}");
+        report_unplaced(machine, "SpecRefused", "SpecRefused", &message, ctx).await?;
+        return Ok(Action::await_change());
     }
 
     let picked = {
@@ -755,14 +781,7 @@ async fn place(machine: &GpuMachine, ctx: &Context) -> Result<Action, Error> {
         Ok(p) => p,
         Err(why) => {
             let message = why.to_string();
-            let status = status::unschedulable(machine, why.reason(), &message, &now());
-            let changed = machine.status.as_ref().and_then(|s| s.message.as_deref())
-                != Some(message.as_str());
-            if changed {
-                write_status(machine, &status, ctx).await?;
-                info!(%message, "machine is unschedulable");
-                ctx.publish(machine, Severity::Warning, "FailedScheduling", &message);
-            }
+            report_unplaced(machine, why.reason(), "FailedScheduling", &message, ctx).await?;
             return Ok(Action::requeue(ctx.settings.unschedulable_retry));
         }
     };

@@ -381,6 +381,59 @@ async fn a_stale_copy_without_the_finalizer_is_retried_at_once() {
 }
 
 #[tokio::test]
+async fn a_stored_spec_the_operator_refuses_takes_no_gpu() {
+    // Stored before the CRD's rules refused it: a hostPath volume.
+    let mut m = machine("m");
+    m.spec.volumes = vec![k8s_openapi::api::core::v1::Volume {
+        name: "host".into(),
+        host_path: Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+            path: "/etc".into(),
+            type_: None,
+        }),
+        ..Default::default()
+    }];
+    let (ctx, mut server) = context(vec![m.clone()]);
+    let task = run(m.clone(), &ctx).await;
+    // The only write is the status: no record is read or claimed.
+    let call = server.next().await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (Method::PUT, &*format!("{MACHINES}/m/status"))
+    );
+    let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
+    assert_eq!(status.phase, Some(MachinePhase::Pending));
+    assert!(
+        status.gpus.is_empty() && status.node_name.is_none(),
+        "{status:?}"
+    );
+    let scheduled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Scheduled")
+        .expect("a Scheduled condition");
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_str()),
+        ("False", "SpecRefused")
+    );
+    assert!(
+        scheduled.message.contains("hostPath"),
+        "{}",
+        scheduled.message
+    );
+    let reply = stored(&call.body, "2");
+    call.ok(&reply);
+    finish(task)
+        .await
+        .expect("the reconcile ends, waiting for a new spec");
+    server.done().await;
+    // Told once: the same refusal again writes nothing.
+    let again = with_status(m, &reply, "2");
+    let task = run(again, &ctx).await;
+    finish(task).await.expect("nothing to write");
+    server.done().await;
+}
+
+#[tokio::test]
 async fn the_record_commits_before_the_status_and_the_pod() {
     let m = machine("m");
     let (ctx, mut server) = context(vec![m.clone()]);
