@@ -273,26 +273,7 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
                 "Pod {} exists but is not controlled by this machine (uid {uid}); it is not adopted: delete it to let this machine run",
                 pod.name_any()
             );
-            let was = current
-                .condition(ConditionType::Ready)
-                .map(|c| c.reason.as_str());
-            if was != Some("PodNotOwned") {
-                notes.push(Note {
-                    severity: Severity::Warning,
-                    reason: "PodNotOwned".to_owned(),
-                    message: message.clone(),
-                });
-            }
-            status.message = Some(message.clone());
-            set_condition(
-                &mut status.conditions,
-                ConditionType::Ready,
-                "False",
-                "PodNotOwned",
-                &message,
-                generation,
-                now,
-            );
+            not_ready(&current, &mut status, &mut notes, "PodNotOwned", message, generation, now);
             wait = Some(NOT_OWNED_RETRY);
         }
         Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
@@ -381,26 +362,40 @@ fn refuse(
         .map(|pod| format!("; Pod {pod} of an earlier generation keeps running"))
         .unwrap_or_default();
     let message = format!("the operator refuses this spec: {error}{running}");
+    not_ready(current, status, notes, "SpecRefused", message, generation, now);
+}
+
+/// `Ready=False` with `reason` and `message` (also the status message), and a Warning
+/// Event with the same reason when `Ready` did not already say it.
+fn not_ready(
+    current: &GpuMachineStatus,
+    status: &mut GpuMachineStatus,
+    notes: &mut Vec<Note>,
+    reason: &str,
+    message: String,
+    generation: i64,
+    now: &Time,
+) {
     let was = current
         .condition(ConditionType::Ready)
         .map(|c| c.reason.as_str());
-    if was != Some("SpecRefused") {
+    if was != Some(reason) {
         notes.push(Note {
             severity: Severity::Warning,
-            reason: "SpecRefused".to_owned(),
+            reason: reason.to_owned(),
             message: message.clone(),
         });
     }
-    status.message = Some(message.clone());
     set_condition(
         &mut status.conditions,
         ConditionType::Ready,
         "False",
-        "SpecRefused",
+        reason,
         &message,
         generation,
         now,
     );
+    status.message = Some(message);
 }
 
 /// A Pod that runs an older spec is replaced by one of the next Pod index, on the same
