@@ -365,6 +365,41 @@ impl TestEnv {
             .await
     }
 
+    /// The API server's refusal of applying `manifest` as `name`; an error when it
+    /// was accepted or failed otherwise.
+    pub async fn apply_rejected(
+        &self,
+        name: &str,
+        manifest: &serde_json::Value,
+    ) -> anyhow::Result<Box<kube::core::Status>> {
+        match self.apply_json(name, manifest).await {
+            Err(kube::Error::Api(status)) => Ok(status),
+            Err(e) => Err(e).context("expected a validation error from the API server"),
+            Ok(m) => bail!("{} was accepted but must be rejected", m.name_any()),
+        }
+    }
+
+    /// Applies `manifest` as `name` expecting a 422 whose message contains `want`
+    /// (noted); otherwise a sentence saying what came instead.
+    pub async fn expect_invalid(
+        &self,
+        name: &str,
+        manifest: &serde_json::Value,
+        want: &str,
+    ) -> Result<(), String> {
+        match self.apply_rejected(name, manifest).await {
+            Ok(status) if status.code == 422 && status.message.contains(want) => {
+                note(&format!("e2e: {name}: rejected: {}", status.message));
+                Ok(())
+            }
+            Ok(status) => Err(format!(
+                "{name}: want 422 with {want:?}, got {} {:?}",
+                status.code, status.message
+            )),
+            Err(e) => Err(format!("{name}: {e:#}")),
+        }
+    }
+
     /// Applies many machines, 16 requests at a time.
     pub async fn apply_all(&self, machines: &[GpuMachine]) -> anyhow::Result<()> {
         use futures::{StreamExt as _, TryStreamExt as _};

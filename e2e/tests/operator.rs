@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use gpuvm_api::{
     ConditionType, EnvVar, GpuAllocation, GpuMachine, GuestResources, MachinePhase, RestartPolicy,
     keys,
@@ -45,15 +45,6 @@ fn scheduled_false(m: &GpuMachine) -> Check<()> {
     match condition(m, ConditionType::Scheduled) {
         Some(c) if c.status == "False" => Ok(()),
         other => Err(format!("Scheduled condition {other:?}")),
-    }
-}
-
-/// The API's rejection of an apply, or an error when it was accepted.
-fn rejection(result: Result<GpuMachine, kube::Error>) -> anyhow::Result<Box<kube::core::Status>> {
-    match result {
-        Err(kube::Error::Api(status)) => Ok(status),
-        Err(e) => Err(e).context("expected a validation error from the API server"),
-        Ok(m) => bail!("{} was accepted but must be rejected", m.name_any()),
     }
 }
 
@@ -154,15 +145,8 @@ async fn invalid_machines_are_rejected_with_the_cel_message() -> anyhow::Result<
         } else {
             set(&mut manifest, path, value);
         }
-        match rejection(env.apply_json(name, &manifest).await) {
-            Ok(status) if status.code == 422 && status.message.contains(want) => {
-                note(&format!("e2e: {name}: rejected: {}", status.message));
-            }
-            Ok(status) => failures.push(format!(
-                "{name}: want 422 with {want:?}, got {} {:?}",
-                status.code, status.message
-            )),
-            Err(e) => failures.push(format!("{name}: {e:#}")),
+        if let Err(failure) = env.expect_invalid(name, &manifest, want).await {
+            failures.push(failure);
         }
         if env.machines().get_opt(name).await?.is_some() {
             failures.push(format!("{name}: exists after its rejection"));
@@ -198,9 +182,12 @@ async fn invalid_machines_are_rejected_with_the_cel_message() -> anyhow::Result<
     ] {
         let mut changed = resized.clone();
         set(&mut changed, path, value.clone());
-        let status = rejection(env.apply_json("valid", &changed).await).with_context(|| {
-            format!("changing spec.{} to {value} once scheduled", path.join("."))
-        })?;
+        let status = env
+            .apply_rejected("valid", &changed)
+            .await
+            .with_context(|| {
+                format!("changing spec.{} to {value} once scheduled", path.join("."))
+            })?;
         ensure!(
             status.message.contains(frozen),
             "changing spec.{}: want {frozen:?}, got {:?}",

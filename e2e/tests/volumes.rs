@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use gpuvm_api::{GpuMachine, keys};
+use gpuvm_api::keys;
 use gpuvm_e2e::{HostKind, OperatorOptions, TestEnv, note};
 use gpuvm_operator::pod::{reflects_spec, spec_digest};
 use k8s_openapi::api::core::v1::{Pod, Volume};
@@ -41,14 +41,6 @@ fn inference_server(env: &TestEnv, name: &str) -> anyhow::Result<Value> {
         {"name": "scratch", "mountPath": "/scratch"},
     ]);
     Ok(manifest)
-}
-
-fn rejection(result: Result<GpuMachine, kube::Error>) -> anyhow::Result<Box<kube::core::Status>> {
-    match result {
-        Err(kube::Error::Api(status)) => Ok(status),
-        Err(e) => Err(e).context("expected a validation error from the API server"),
-        Ok(m) => bail!("{} was accepted but must be rejected", m.name_any()),
-    }
 }
 
 fn volume<'a>(pod: &'a Pod, name: &str) -> anyhow::Result<&'a Volume> {
@@ -306,21 +298,14 @@ async fn the_api_server_refuses_what_a_machine_may_not_take_from_its_node_or_nam
         let mut manifest = base.clone();
         manifest["metadata"]["name"] = json!(name);
         edit(&mut manifest["spec"]);
-        match rejection(env.apply_json(name, &manifest).await) {
-            Ok(status) if status.code == 422 && status.message.contains(want) => {
-                note(&format!("e2e: {name}: rejected: {}", status.message));
-            }
-            Ok(status) => failures.push(format!(
-                "{name}: want 422 with {want:?}, got {} {:?}",
-                status.code, status.message
-            )),
-            Err(e) => failures.push(format!("{name}: {e:#}")),
+        if let Err(failure) = env.expect_invalid(name, &manifest, want).await {
+            failures.push(failure);
         }
     }
     // A change of an existing machine is held to the same rules.
     let mut changed = base.clone();
     changed["spec"]["volumes"][2] = json!({"name": "scratch", "hostPath": {"path": "/"}});
-    match rejection(env.apply_json("valid", &changed).await) {
+    match env.apply_rejected("valid", &changed).await {
         Ok(status) if status.message.contains("hostPath") => {}
         Ok(status) => failures.push(format!("update to hostPath: {:?}", status.message)),
         Err(e) => failures.push(format!("update to hostPath: {e:#}")),

@@ -273,7 +273,15 @@ pub fn decide(machine: &GpuMachine, pod: Option<&Pod>, backoff: &Backoff, now: &
                 "Pod {} exists but is not controlled by this machine (uid {uid}); it is not adopted: delete it to let this machine run",
                 pod.name_any()
             );
-            not_ready(&current, &mut status, &mut notes, "PodNotOwned", message, generation, now);
+            not_ready(
+                &current,
+                &mut status,
+                &mut notes,
+                "PodNotOwned",
+                message,
+                generation,
+                now,
+            );
             wait = Some(NOT_OWNED_RETRY);
         }
         Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
@@ -362,7 +370,15 @@ fn refuse(
         .map(|pod| format!("; Pod {pod} of an earlier generation keeps running"))
         .unwrap_or_default();
     let message = format!("the operator refuses this spec: {error}{running}");
-    not_ready(current, status, notes, "SpecRefused", message, generation, now);
+    not_ready(
+        current,
+        status,
+        notes,
+        "SpecRefused",
+        message,
+        generation,
+        now,
+    );
 }
 
 /// `Ready=False` with `reason` and `message` (also the status message), and a Warning
