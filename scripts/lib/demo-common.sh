@@ -224,6 +224,7 @@ print_summary() {
     echo "  \$ ctr run --rm --runtime io.containerd.gpuvm.v1 --annotation gpuvm.dev/cpus=1 \\"
     echo "      --annotation gpuvm.dev/memory=512Mi \\"
     echo "      --mount type=bind,src=$HOST_FILE,dst=/mnt/from-host.txt,options=rbind:ro \\"
+    echo "      --with-ns network:/run/netns/$POD_NETNS \\"
     echo "      $IMAGE $CID /bin/sh -c '<uname -r; /proc/...; cat /mnt/from-host.txt>'"
     printf '%s\n' "$VM_OUTPUT" | grep -v '=' | sed 's/^/  | /'
     echo
@@ -234,9 +235,11 @@ print_summary() {
     printf '  %-8s %-36s %s\n' "cpu" "${host_cpu:0:36}" "$(vm_fact cpu)"
     printf '  %-8s %-36s %s\n' "cpus" "$(nproc)" "$(vm_fact cpus)"
     printf '  %-8s %-36s %s\n' "memory" "$host_mem" "$(vm_fact memory)"
-    printf '  %-8s %-36s %s\n' "PID 1" "$(cat /proc/1/comm)" "$(vm_fact pid1) (the gpuvm agent is the guest's init)"
+    printf '  %-8s %-36s %s\n' "PID 1" "$(cat /proc/1/comm)" "$(vm_fact pid1) (the container's own pid namespace; the agent is the guest's init)"
     echo "  guest kernel command line: $(vm_fact cmdline)"
     printf '  %-8s %-36s %s\n' "file" "$HOST_FILE" "\"$(vm_fact mounted)\" (bound read-only: ro=$(vm_fact mounted_ro))"
+    echo "  pod network: the VM's eth0 is $(vm_fact eth0) (the pod namespace's veth, through a tap)"
+    echo "  HTTP from the host to $POD_IP:$HTTP_PORT: $HTTP_ANSWER"
     if [ -n "$BREAKDOWN" ]; then
         echo "  VM start, from the shim's log: $(breakdown_text)"
     fi
