@@ -110,6 +110,13 @@ impl Server {
             .expect("the client hung up")
     }
 
+    /// The next request, asserted to be `method` on `path`.
+    async fn expect(&mut self, method: Method, path: &str) -> Call {
+        let call = self.next().await;
+        assert_eq!((call.method.clone(), call.path.as_str()), (method, path));
+        call
+    }
+
     /// Asserts that no request other than Events is pending.
     async fn done(&mut self) {
         if let Ok(Some(call)) =
@@ -349,11 +356,7 @@ async fn a_new_machine_gets_the_finalizer_and_is_placed_in_the_same_reconcile() 
     call.ok(&with);
 
     // Placement follows at once, on the version the patch returned: the record...
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::GET, &format!("{RECORDS}/ws")).await;
     call.error(404, "NotFound");
     let call = server.next().await;
     assert_eq!(call.method, Method::POST);
@@ -395,11 +398,9 @@ async fn a_stored_spec_the_operator_refuses_takes_no_gpu() {
     let (ctx, mut server) = context(vec![m.clone()]);
     let task = run(m.clone(), &ctx).await;
     // The only write is the status: no record is read or claimed.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{MACHINES}/m/status"))
-    );
+    let call = server
+        .expect(Method::PUT, &format!("{MACHINES}/m/status"))
+        .await;
     let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
     assert_eq!(status.phase, Some(MachinePhase::Pending));
     assert!(
@@ -440,17 +441,9 @@ async fn the_record_commits_before_the_status_and_the_pod() {
     let task = run(m.clone(), &ctx).await;
 
     // 1. No record in the cache: a quorum read finds none, so it is created.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::GET, &format!("{RECORDS}/ws")).await;
     call.error(404, "NotFound");
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::POST, RECORDS)
-    );
+    let call = server.expect(Method::POST, RECORDS).await;
     let devices = &call.body["spec"]["devices"];
     assert_eq!(devices["0000:01:00.0"]["uid"], "uid-m");
     assert_eq!(devices["0000:01:00.0"]["gpu"], "0000:01:00.0");
@@ -460,11 +453,9 @@ async fn the_record_commits_before_the_status_and_the_pod() {
 
     // 2. The status mirrors the record: an update of the status carrying the machine's
     // version.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{MACHINES}/m/status"))
-    );
+    let call = server
+        .expect(Method::PUT, &format!("{MACHINES}/m/status"))
+        .await;
     assert_eq!(call.body["metadata"]["resourceVersion"], "1");
     let status = &call.body["status"];
     assert_eq!(status["nodeName"], "ws");
@@ -480,11 +471,9 @@ async fn the_record_commits_before_the_status_and_the_pod() {
     call.ok(&after);
 
     // 3. In the same reconcile (the commit is as fresh as a read): the Pod.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::POST, "/api/v1/namespaces/default/pods")
-    );
+    let call = server
+        .expect(Method::POST, "/api/v1/namespaces/default/pods")
+        .await;
     let pod: Pod = serde_json::from_value(call.body.clone()).unwrap();
     let ann = pod.metadata.annotations.clone().unwrap();
     assert_eq!(ann["gpuvm.dev/devices"], "0000:01:00.0,0000:01:00.1");
@@ -518,20 +507,12 @@ async fn of_two_writers_for_one_gpu_the_loser_takes_nothing() {
     let task = run(a.clone(), &ctx).await;
 
     // The claim goes out as an update carrying version 5: the server says 409.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::PUT, &format!("{RECORDS}/ws")).await;
     assert_eq!(call.body["metadata"]["resourceVersion"], "5");
     assert_eq!(call.body["spec"]["devices"]["0000:01:00.0"]["uid"], "uid-a");
     call.error(409, "Conflict");
     // A quorum read shows `b` holding it: `a` is refused, writes nothing, and retries.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::GET, &format!("{RECORDS}/ws")).await;
     call.ok(&record("6", &[&b]));
     let action = finish(task).await.unwrap();
     assert!(
@@ -575,20 +556,12 @@ async fn a_writer_whose_mirror_loses_gives_its_claim_back() {
     let call = server.next().await;
     assert_eq!(call.path, format!("{MACHINES}/a/status"));
     call.error(409, "Conflict");
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, &*format!("{MACHINES}/a"))
-    );
+    let call = server.expect(Method::GET, &format!("{MACHINES}/a")).await;
     let mut elsewhere = placed("a");
     elsewhere.status.as_mut().unwrap().node_name = Some("other".into());
     call.ok(&elsewhere);
     // ... so our entries on `ws` go back, as an update on the version we wrote.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::PUT, &format!("{RECORDS}/ws")).await;
     assert_eq!(call.body["metadata"]["resourceVersion"], "6");
     assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
     let reply = stored(&call.body, "7");
@@ -640,11 +613,9 @@ async fn a_pod_that_disagrees_with_the_allocation_is_deleted() {
     other.status.as_mut().unwrap().gpus[0].pci_address = "0000:02:00.0".into();
     let stray = gpuvm_operator::pod::build_pod(&other).unwrap();
     server.next().await.ok(&stray);
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
-    );
+    let call = server
+        .expect(Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+        .await;
     call.ok(&stray);
     finish(task).await.unwrap();
     server.done().await;
@@ -727,11 +698,9 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
     server.next().await.ok(&pod("Failed", failed, false));
     // Crash-safe order: the restart count, the next Pod's name and the evidence are
     // written (carrying the machine's resourceVersion) before the old Pod is deleted.
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{MACHINES}/m/status"))
-    );
+    let call = server
+        .expect(Method::PUT, &format!("{MACHINES}/m/status"))
+        .await;
     assert_eq!(call.body["metadata"]["resourceVersion"], "1");
     let status: GpuMachineStatus = serde_json::from_value(call.body["status"].clone()).unwrap();
     assert_eq!(status.restarts, 1);
@@ -745,11 +714,9 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
     assert_eq!(status.gpus, m.status.as_ref().unwrap().gpus);
     let mut next = with_status(m, &call.body, "9");
     call.ok(&next);
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
-    );
+    let call = server
+        .expect(Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+        .await;
     call.ok(&pod("Failed", ContainerState::default(), false));
     finish(task).await.unwrap();
     server.done().await;
@@ -760,11 +727,9 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
     let call = server.next().await;
     assert_eq!(call.path, "/api/v1/namespaces/default/pods/m-vm-1");
     call.error(404, "NotFound");
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, "/api/v1/namespaces/default/pods")
-    );
+    let call = server
+        .expect(Method::GET, "/api/v1/namespaces/default/pods")
+        .await;
     let mut old = pod("Failed", ContainerState::default(), false);
     old.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
     call.ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [old]}));
@@ -793,11 +758,7 @@ async fn a_failed_pod_is_replaced_on_the_same_gpus_under_on_failure() {
         .next()
         .await
         .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::GET, &format!("{RECORDS}/ws")).await;
     call.ok(&record("9", &[&next]));
     let call = server.next().await;
     assert_eq!(call.method, Method::POST);
@@ -829,11 +790,9 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
 
     // First pass: the Pod exists -> Terminating, delete it, and keep the finalizer.
     let task = run(m.clone(), &ctx).await;
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::GET, "/api/v1/namespaces/default/pods")
-    );
+    let call = server
+        .expect(Method::GET, "/api/v1/namespaces/default/pods")
+        .await;
     assert!(
         call.query.contains("labelSelector=gpuvm.dev%2Fmachine%3Dm"),
         "{}",
@@ -846,11 +805,9 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
     assert_eq!(call.body["status"]["phase"], "Terminating");
     let terminating = with_status(m.clone(), &call.body, "10");
     call.ok(&terminating);
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
-    );
+    let call = server
+        .expect(Method::DELETE, "/api/v1/namespaces/default/pods/m-vm")
+        .await;
     call.ok(&running);
     let err = finish(task).await.unwrap_err();
     assert_eq!(err.metric_label(), "pods_terminating", "{err}");
@@ -867,20 +824,12 @@ async fn deletion_waits_for_the_pod_before_releasing_the_gpus() {
         .next()
         .await
         .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PUT, &*format!("{RECORDS}/ws"))
-    );
+    let call = server.expect(Method::PUT, &format!("{RECORDS}/ws")).await;
     assert_eq!(call.body["metadata"]["resourceVersion"], "5");
     assert!(call.body["spec"].get("devices").is_none(), "{}", call.body);
     let reply = stored(&call.body, "6");
     call.ok(&reply);
-    let call = server.next().await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (Method::PATCH, &*format!("{MACHINES}/m"))
-    );
+    let call = server.expect(Method::PATCH, &format!("{MACHINES}/m")).await;
     assert!(call.body.to_string().contains("remove"), "{}", call.body);
     let mut gone = terminating;
     gone.metadata.finalizers = None;
