@@ -26,6 +26,7 @@ REQUIREMENTS = (
     "containerd",
     "root",
     "cni",
+    "gpu-image",
 )
 
 

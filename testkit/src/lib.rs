@@ -35,11 +35,14 @@ pub enum Requirement {
     Root,
     /// The CNI plugins bridge, host-local and loopback (`scripts/cni-deps.sh`).
     Cni,
+    /// The GPU flavour of the guest image (`guest/build.sh --gpu`): NVIDIA's open
+    /// kernel modules and user-space driver, booted under QEMU without a GPU.
+    GpuImage,
 }
 
 impl Requirement {
     /// Every requirement, in the order `--help` texts list them.
-    pub const ALL: [Requirement; 10] = [
+    pub const ALL: [Requirement; 11] = [
         Requirement::ApiServer,
         Requirement::ControllerManager,
         Requirement::Kvm,
@@ -50,6 +53,7 @@ impl Requirement {
         Requirement::Containerd,
         Requirement::Root,
         Requirement::Cni,
+        Requirement::GpuImage,
     ];
 
     /// The name used in `GPUVM_REQUIRE`.
@@ -65,6 +69,7 @@ impl Requirement {
             Requirement::Containerd => "containerd",
             Requirement::Root => "root",
             Requirement::Cni => "cni",
+            Requirement::GpuImage => "gpu-image",
         }
     }
 

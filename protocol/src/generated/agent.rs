@@ -951,6 +951,182 @@ impl ::protobuf::reflect::ProtobufValue for Gpu {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:gpuvm.agent.v1.XidEvent)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct XidEvent {
+    // message fields
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.XidEvent.pci_bus_id)
+    pub pci_bus_id: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.XidEvent.code)
+    pub code: u32,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.XidEvent.message)
+    pub message: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.XidEvent.uptime_us)
+    pub uptime_us: u64,
+    // special fields
+    // @@protoc_insertion_point(special_field:gpuvm.agent.v1.XidEvent.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a XidEvent {
+    fn default() -> &'a XidEvent {
+        <XidEvent as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl XidEvent {
+    pub fn new() -> XidEvent {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "pci_bus_id",
+            |m: &XidEvent| { &m.pci_bus_id },
+            |m: &mut XidEvent| { &mut m.pci_bus_id },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "code",
+            |m: &XidEvent| { &m.code },
+            |m: &mut XidEvent| { &mut m.code },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "message",
+            |m: &XidEvent| { &m.message },
+            |m: &mut XidEvent| { &mut m.message },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "uptime_us",
+            |m: &XidEvent| { &m.uptime_us },
+            |m: &mut XidEvent| { &mut m.uptime_us },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<XidEvent>(
+            "XidEvent",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for XidEvent {
+    const NAME: &'static str = "XidEvent";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                10 => {
+                    self.pci_bus_id = is.read_string()?;
+                },
+                16 => {
+                    self.code = is.read_uint32()?;
+                },
+                26 => {
+                    self.message = is.read_string()?;
+                },
+                32 => {
+                    self.uptime_us = is.read_uint64()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if !self.pci_bus_id.is_empty() {
+            my_size += ::protobuf::rt::string_size(1, &self.pci_bus_id);
+        }
+        if self.code != 0 {
+            my_size += ::protobuf::rt::uint32_size(2, self.code);
+        }
+        if !self.message.is_empty() {
+            my_size += ::protobuf::rt::string_size(3, &self.message);
+        }
+        if self.uptime_us != 0 {
+            my_size += ::protobuf::rt::uint64_size(4, self.uptime_us);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if !self.pci_bus_id.is_empty() {
+            os.write_string(1, &self.pci_bus_id)?;
+        }
+        if self.code != 0 {
+            os.write_uint32(2, self.code)?;
+        }
+        if !self.message.is_empty() {
+            os.write_string(3, &self.message)?;
+        }
+        if self.uptime_us != 0 {
+            os.write_uint64(4, self.uptime_us)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> XidEvent {
+        XidEvent::new()
+    }
+
+    fn clear(&mut self) {
+        self.pci_bus_id.clear();
+        self.code = 0;
+        self.message.clear();
+        self.uptime_us = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static XidEvent {
+        static instance: XidEvent = XidEvent {
+            pci_bus_id: ::std::string::String::new(),
+            code: 0,
+            message: ::std::string::String::new(),
+            uptime_us: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for XidEvent {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("XidEvent").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for XidEvent {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for XidEvent {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 // @@protoc_insertion_point(message:gpuvm.agent.v1.GpuInfoResponse)
 #[derive(PartialEq,Clone,Default,Debug)]
 pub struct GpuInfoResponse {
@@ -961,6 +1137,14 @@ pub struct GpuInfoResponse {
     pub cuda_driver_version: i32,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.GpuInfoResponse.gpus)
     pub gpus: ::std::vec::Vec<Gpu>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.GpuInfoResponse.xid_events)
+    pub xid_events: ::std::vec::Vec<XidEvent>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.GpuInfoResponse.modules)
+    pub modules: ::std::vec::Vec<::std::string::String>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.GpuInfoResponse.driver_error)
+    pub driver_error: ::std::string::String,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.GpuInfoResponse.device_nodes)
+    pub device_nodes: ::std::vec::Vec<::std::string::String>,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.GpuInfoResponse.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -978,7 +1162,7 @@ impl GpuInfoResponse {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut fields = ::std::vec::Vec::with_capacity(7);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "driver_version",
@@ -994,6 +1178,26 @@ impl GpuInfoResponse {
             "gpus",
             |m: &GpuInfoResponse| { &m.gpus },
             |m: &mut GpuInfoResponse| { &mut m.gpus },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "xid_events",
+            |m: &GpuInfoResponse| { &m.xid_events },
+            |m: &mut GpuInfoResponse| { &mut m.xid_events },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "modules",
+            |m: &GpuInfoResponse| { &m.modules },
+            |m: &mut GpuInfoResponse| { &mut m.modules },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "driver_error",
+            |m: &GpuInfoResponse| { &m.driver_error },
+            |m: &mut GpuInfoResponse| { &mut m.driver_error },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
+            "device_nodes",
+            |m: &GpuInfoResponse| { &m.device_nodes },
+            |m: &mut GpuInfoResponse| { &mut m.device_nodes },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<GpuInfoResponse>(
             "GpuInfoResponse",
@@ -1022,6 +1226,18 @@ impl ::protobuf::Message for GpuInfoResponse {
                 26 => {
                     self.gpus.push(is.read_message()?);
                 },
+                34 => {
+                    self.xid_events.push(is.read_message()?);
+                },
+                42 => {
+                    self.modules.push(is.read_string()?);
+                },
+                50 => {
+                    self.driver_error = is.read_string()?;
+                },
+                58 => {
+                    self.device_nodes.push(is.read_string()?);
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1044,6 +1260,19 @@ impl ::protobuf::Message for GpuInfoResponse {
             let len = value.compute_size();
             my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
         };
+        for value in &self.xid_events {
+            let len = value.compute_size();
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
+        };
+        for value in &self.modules {
+            my_size += ::protobuf::rt::string_size(5, &value);
+        };
+        if !self.driver_error.is_empty() {
+            my_size += ::protobuf::rt::string_size(6, &self.driver_error);
+        }
+        for value in &self.device_nodes {
+            my_size += ::protobuf::rt::string_size(7, &value);
+        };
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1058,6 +1287,18 @@ impl ::protobuf::Message for GpuInfoResponse {
         }
         for v in &self.gpus {
             ::protobuf::rt::write_message_field_with_cached_size(3, v, os)?;
+        };
+        for v in &self.xid_events {
+            ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
+        };
+        for v in &self.modules {
+            os.write_string(5, &v)?;
+        };
+        if !self.driver_error.is_empty() {
+            os.write_string(6, &self.driver_error)?;
+        }
+        for v in &self.device_nodes {
+            os.write_string(7, &v)?;
         };
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -1079,6 +1320,10 @@ impl ::protobuf::Message for GpuInfoResponse {
         self.driver_version.clear();
         self.cuda_driver_version = 0;
         self.gpus.clear();
+        self.xid_events.clear();
+        self.modules.clear();
+        self.driver_error.clear();
+        self.device_nodes.clear();
         self.special_fields.clear();
     }
 
@@ -1087,6 +1332,10 @@ impl ::protobuf::Message for GpuInfoResponse {
             driver_version: ::std::string::String::new(),
             cuda_driver_version: 0,
             gpus: ::std::vec::Vec::new(),
+            xid_events: ::std::vec::Vec::new(),
+            modules: ::std::vec::Vec::new(),
+            driver_error: ::std::string::String::new(),
+            device_nodes: ::std::vec::Vec::new(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -8065,165 +8314,171 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x04name\x12\x12\n\x04uuid\x18\x03\x20\x01(\tR\x04uuid\x12\x1c\n\npci_bu\
     s_id\x18\x04\x20\x01(\tR\x08pciBusId\x12,\n\x12memory_total_bytes\x18\
     \x05\x20\x01(\x04R\x10memoryTotalBytes\x12*\n\x11memory_used_bytes\x18\
-    \x06\x20\x01(\x04R\x0fmemoryUsedBytes\"\x91\x01\n\x0fGpuInfoResponse\x12\
-    %\n\x0edriver_version\x18\x01\x20\x01(\tR\rdriverVersion\x12.\n\x13cuda_\
-    driver_version\x18\x02\x20\x01(\x05R\x11cudaDriverVersion\x12'\n\x04gpus\
-    \x18\x03\x20\x03(\x0b2\x13.gpuvm.agent.v1.GpuR\x04gpus\"o\n\x05Mount\x12\
-    \x20\n\x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x12\n\x04ty\
-    pe\x18\x02\x20\x01(\tR\x04type\x12\x16\n\x06source\x18\x03\x20\x01(\tR\
-    \x06source\x12\x18\n\x07options\x18\x04\x20\x03(\tR\x07options\"D\n\x06R\
-    limit\x12\x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\x04soft\
-    \x18\x02\x20\x01(\x04R\x04soft\x12\x12\n\x04hard\x18\x03\x20\x01(\x04R\
-    \x04hard\";\n\x0bConsoleSize\x12\x12\n\x04rows\x18\x01\x20\x01(\rR\x04ro\
-    ws\x12\x18\n\x07columns\x18\x02\x20\x01(\rR\x07columns\"\xb3\x03\n\x0bPr\
-    ocessSpec\x12\x12\n\x04args\x18\x01\x20\x03(\tR\x04args\x12\x10\n\x03env\
-    \x18\x02\x20\x03(\tR\x03env\x12\x10\n\x03cwd\x18\x03\x20\x01(\tR\x03cwd\
-    \x12\x10\n\x03uid\x18\x04\x20\x01(\rR\x03uid\x12\x10\n\x03gid\x18\x05\
-    \x20\x01(\rR\x03gid\x12'\n\x0fadditional_gids\x18\x06\x20\x03(\rR\x0eadd\
-    itionalGids\x120\n\x07rlimits\x18\x07\x20\x03(\x0b2\x16.gpuvm.agent.v1.R\
-    limitR\x07rlimits\x12\x1a\n\x08terminal\x18\x08\x20\x01(\x08R\x08termina\
-    l\x12>\n\x0cconsole_size\x18\t\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleS\
-    izeR\x0bconsoleSize\x12@\n\x0ccapabilities\x18\n\x20\x01(\x0b2\x1c.gpuvm\
-    .agent.v1.CapabilitiesR\x0ccapabilities\x12*\n\x11no_new_privileges\x18\
-    \x0b\x20\x01(\x08R\x0fnoNewPrivileges\x12\x19\n\x05umask\x18\x0c\x20\x01\
-    (\rH\0R\x05umask\x88\x01\x01B\x08\n\x06_umask\"\xa2\x01\n\x0cCapabilitie\
-    s\x12\x1a\n\x08bounding\x18\x01\x20\x03(\tR\x08bounding\x12\x1c\n\teffec\
-    tive\x18\x02\x20\x03(\tR\teffective\x12\x1c\n\tpermitted\x18\x03\x20\x03\
-    (\tR\tpermitted\x12\x20\n\x0binheritable\x18\x04\x20\x03(\tR\x0binherita\
-    ble\x12\x18\n\x07ambient\x18\x05\x20\x03(\tR\x07ambient\"\xef\x01\n\x07S\
-    eccomp\x12%\n\x0edefault_action\x18\x01\x20\x01(\tR\rdefaultAction\x12/\
-    \n\x11default_errno_ret\x18\x02\x20\x01(\rH\0R\x0fdefaultErrnoRet\x88\
-    \x01\x01\x12$\n\rarchitectures\x18\x03\x20\x03(\tR\rarchitectures\x12\
-    \x14\n\x05flags\x18\x04\x20\x03(\tR\x05flags\x12:\n\x08syscalls\x18\x05\
-    \x20\x03(\x0b2\x1e.gpuvm.agent.v1.SeccompSyscallR\x08syscallsB\x14\n\x12\
-    _default_errno_ret\"\x9e\x01\n\x0eSeccompSyscall\x12\x14\n\x05names\x18\
-    \x01\x20\x03(\tR\x05names\x12\x16\n\x06action\x18\x02\x20\x01(\tR\x06act\
-    ion\x12\x20\n\terrno_ret\x18\x03\x20\x01(\rH\0R\x08errnoRet\x88\x01\x01\
-    \x12.\n\x04args\x18\x04\x20\x03(\x0b2\x1a.gpuvm.agent.v1.SeccompArgR\x04\
-    argsB\x0c\n\n_errno_ret\"e\n\nSeccompArg\x12\x14\n\x05index\x18\x01\x20\
-    \x01(\rR\x05index\x12\x14\n\x05value\x18\x02\x20\x01(\x04R\x05value\x12\
-    \x1b\n\tvalue_two\x18\x03\x20\x01(\x04R\x08valueTwo\x12\x0e\n\x02op\x18\
-    \x04\x20\x01(\tR\x02op\"3\n\tNamespace\x12\x12\n\x04type\x18\x01\x20\x01\
-    (\tR\x04type\x12\x12\n\x04path\x18\x02\x20\x01(\tR\x04path\"\x87\x03\n\
-    \x14CreateProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bc\
-    ontainerId\x12\x16\n\x06rootfs\x18\x02\x20\x01(\tR\x06rootfs\x125\n\x07p\
-    rocess\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\
-    \x12-\n\x06mounts\x18\x04\x20\x03(\x0b2\x15.gpuvm.agent.v1.MountR\x06mou\
-    nts\x12'\n\x0freadonly_rootfs\x18\x05\x20\x01(\x08R\x0ereadonlyRootfs\
-    \x121\n\x07seccomp\x18\x06\x20\x01(\x0b2\x17.gpuvm.agent.v1.SeccompR\x07\
-    seccomp\x129\n\nnamespaces\x18\x07\x20\x03(\x0b2\x19.gpuvm.agent.v1.Name\
-    spaceR\nnamespaces\x127\n\tresources\x18\x08\x20\x01(\x0b2\x19.gpuvm.age\
-    nt.v1.ResourcesR\tresources\"\x8e\x03\n\tResources\x12&\n\x0cmemory_limi\
-    t\x18\x01\x20\x01(\x03H\0R\x0bmemoryLimit\x88\x01\x01\x122\n\x12memory_r\
-    eservation\x18\x02\x20\x01(\x03H\x01R\x11memoryReservation\x88\x01\x01\
-    \x12$\n\x0bmemory_swap\x18\x03\x20\x01(\x03H\x02R\nmemorySwap\x88\x01\
-    \x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\x04H\x03R\tcpuShares\x88\x01\
-    \x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\x88\x01\
-    \x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\x88\x01\
-    \x01\x12\"\n\npids_limit\x18\x07\x20\x01(\x03H\x06R\tpidsLimit\x88\x01\
-    \x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_reservationB\x0e\n\x0c_memo\
-    ry_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\r\n\
-    \x0b_pids_limit\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12ExecProc\
-    essRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
-    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07process\x18\
-    \x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\n\
-    \x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontainer_\
-    id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
-    \x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\x03pid\x18\x01\
-    \x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
-    (\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\
-    \n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15SignalProcessResponse\
-    \"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
-    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\xb0\
-    \x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pi\
-    d\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06\
-    signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_at_unix_nanos\x18\
-    \x04\x20\x01(\x03R\x11exitedAtUnixNanos\x12\x1d\n\noom_killed\x18\x05\
-    \x20\x01(\x08R\toomKilled\"R\n\x14DeleteProcessRequest\x12!\n\x0ccontain\
-    er_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\"\x17\n\x15DeleteProcessResponse\"l\n\x11ReadStre\
-    amRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
-    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x1b\n\tmax_bytes\x18\
-    \x03\x20\x01(\rR\x08maxBytes\":\n\x12ReadStreamResponse\x12\x12\n\x04dat\
-    a\x18\x01\x20\x01(\x0cR\x04data\x12\x10\n\x03eof\x18\x02\x20\x01(\x08R\
-    \x03eof\"c\n\x11WriteStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01\
-    (\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
-    \x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\".\n\x12WriteStdinRespo\
-    nse\x12\x18\n\x07written\x18\x01\x20\x01(\rR\x07written\"O\n\x11CloseStd\
-    inRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
-    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x14\n\x12CloseStdinRes\
-    ponse\"\x84\x01\n\x15ResizeTerminalRequest\x12!\n\x0ccontainer_id\x18\
+    \x06\x20\x01(\x04R\x0fmemoryUsedBytes\"s\n\x08XidEvent\x12\x1c\n\npci_bu\
+    s_id\x18\x01\x20\x01(\tR\x08pciBusId\x12\x12\n\x04code\x18\x02\x20\x01(\
+    \rR\x04code\x12\x18\n\x07message\x18\x03\x20\x01(\tR\x07message\x12\x1b\
+    \n\tuptime_us\x18\x04\x20\x01(\x04R\x08uptimeUs\"\xaa\x02\n\x0fGpuInfoRe\
+    sponse\x12%\n\x0edriver_version\x18\x01\x20\x01(\tR\rdriverVersion\x12.\
+    \n\x13cuda_driver_version\x18\x02\x20\x01(\x05R\x11cudaDriverVersion\x12\
+    '\n\x04gpus\x18\x03\x20\x03(\x0b2\x13.gpuvm.agent.v1.GpuR\x04gpus\x127\n\
+    \nxid_events\x18\x04\x20\x03(\x0b2\x18.gpuvm.agent.v1.XidEventR\txidEven\
+    ts\x12\x18\n\x07modules\x18\x05\x20\x03(\tR\x07modules\x12!\n\x0cdriver_\
+    error\x18\x06\x20\x01(\tR\x0bdriverError\x12!\n\x0cdevice_nodes\x18\x07\
+    \x20\x03(\tR\x0bdeviceNodes\"o\n\x05Mount\x12\x20\n\x0bdestination\x18\
+    \x01\x20\x01(\tR\x0bdestination\x12\x12\n\x04type\x18\x02\x20\x01(\tR\
+    \x04type\x12\x16\n\x06source\x18\x03\x20\x01(\tR\x06source\x12\x18\n\x07\
+    options\x18\x04\x20\x03(\tR\x07options\"D\n\x06Rlimit\x12\x12\n\x04type\
+    \x18\x01\x20\x01(\tR\x04type\x12\x12\n\x04soft\x18\x02\x20\x01(\x04R\x04\
+    soft\x12\x12\n\x04hard\x18\x03\x20\x01(\x04R\x04hard\";\n\x0bConsoleSize\
+    \x12\x12\n\x04rows\x18\x01\x20\x01(\rR\x04rows\x12\x18\n\x07columns\x18\
+    \x02\x20\x01(\rR\x07columns\"\xb3\x03\n\x0bProcessSpec\x12\x12\n\x04args\
+    \x18\x01\x20\x03(\tR\x04args\x12\x10\n\x03env\x18\x02\x20\x03(\tR\x03env\
+    \x12\x10\n\x03cwd\x18\x03\x20\x01(\tR\x03cwd\x12\x10\n\x03uid\x18\x04\
+    \x20\x01(\rR\x03uid\x12\x10\n\x03gid\x18\x05\x20\x01(\rR\x03gid\x12'\n\
+    \x0fadditional_gids\x18\x06\x20\x03(\rR\x0eadditionalGids\x120\n\x07rlim\
+    its\x18\x07\x20\x03(\x0b2\x16.gpuvm.agent.v1.RlimitR\x07rlimits\x12\x1a\
+    \n\x08terminal\x18\x08\x20\x01(\x08R\x08terminal\x12>\n\x0cconsole_size\
+    \x18\t\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleSizeR\x0bconsoleSize\x12@\
+    \n\x0ccapabilities\x18\n\x20\x01(\x0b2\x1c.gpuvm.agent.v1.CapabilitiesR\
+    \x0ccapabilities\x12*\n\x11no_new_privileges\x18\x0b\x20\x01(\x08R\x0fno\
+    NewPrivileges\x12\x19\n\x05umask\x18\x0c\x20\x01(\rH\0R\x05umask\x88\x01\
+    \x01B\x08\n\x06_umask\"\xa2\x01\n\x0cCapabilities\x12\x1a\n\x08bounding\
+    \x18\x01\x20\x03(\tR\x08bounding\x12\x1c\n\teffective\x18\x02\x20\x03(\t\
+    R\teffective\x12\x1c\n\tpermitted\x18\x03\x20\x03(\tR\tpermitted\x12\x20\
+    \n\x0binheritable\x18\x04\x20\x03(\tR\x0binheritable\x12\x18\n\x07ambien\
+    t\x18\x05\x20\x03(\tR\x07ambient\"\xef\x01\n\x07Seccomp\x12%\n\x0edefaul\
+    t_action\x18\x01\x20\x01(\tR\rdefaultAction\x12/\n\x11default_errno_ret\
+    \x18\x02\x20\x01(\rH\0R\x0fdefaultErrnoRet\x88\x01\x01\x12$\n\rarchitect\
+    ures\x18\x03\x20\x03(\tR\rarchitectures\x12\x14\n\x05flags\x18\x04\x20\
+    \x03(\tR\x05flags\x12:\n\x08syscalls\x18\x05\x20\x03(\x0b2\x1e.gpuvm.age\
+    nt.v1.SeccompSyscallR\x08syscallsB\x14\n\x12_default_errno_ret\"\x9e\x01\
+    \n\x0eSeccompSyscall\x12\x14\n\x05names\x18\x01\x20\x03(\tR\x05names\x12\
+    \x16\n\x06action\x18\x02\x20\x01(\tR\x06action\x12\x20\n\terrno_ret\x18\
+    \x03\x20\x01(\rH\0R\x08errnoRet\x88\x01\x01\x12.\n\x04args\x18\x04\x20\
+    \x03(\x0b2\x1a.gpuvm.agent.v1.SeccompArgR\x04argsB\x0c\n\n_errno_ret\"e\
+    \n\nSeccompArg\x12\x14\n\x05index\x18\x01\x20\x01(\rR\x05index\x12\x14\n\
+    \x05value\x18\x02\x20\x01(\x04R\x05value\x12\x1b\n\tvalue_two\x18\x03\
+    \x20\x01(\x04R\x08valueTwo\x12\x0e\n\x02op\x18\x04\x20\x01(\tR\x02op\"3\
+    \n\tNamespace\x12\x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\
+    \x04path\x18\x02\x20\x01(\tR\x04path\"\x87\x03\n\x14CreateProcessRequest\
+    \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x16\n\x06\
+    rootfs\x18\x02\x20\x01(\tR\x06rootfs\x125\n\x07process\x18\x03\x20\x01(\
+    \x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\x12-\n\x06mounts\x18\
+    \x04\x20\x03(\x0b2\x15.gpuvm.agent.v1.MountR\x06mounts\x12'\n\x0freadonl\
+    y_rootfs\x18\x05\x20\x01(\x08R\x0ereadonlyRootfs\x121\n\x07seccomp\x18\
+    \x06\x20\x01(\x0b2\x17.gpuvm.agent.v1.SeccompR\x07seccomp\x129\n\nnamesp\
+    aces\x18\x07\x20\x03(\x0b2\x19.gpuvm.agent.v1.NamespaceR\nnamespaces\x12\
+    7\n\tresources\x18\x08\x20\x01(\x0b2\x19.gpuvm.agent.v1.ResourcesR\treso\
+    urces\"\x8e\x03\n\tResources\x12&\n\x0cmemory_limit\x18\x01\x20\x01(\x03\
+    H\0R\x0bmemoryLimit\x88\x01\x01\x122\n\x12memory_reservation\x18\x02\x20\
+    \x01(\x03H\x01R\x11memoryReservation\x88\x01\x01\x12$\n\x0bmemory_swap\
+    \x18\x03\x20\x01(\x03H\x02R\nmemorySwap\x88\x01\x01\x12\"\n\ncpu_shares\
+    \x18\x04\x20\x01(\x04H\x03R\tcpuShares\x88\x01\x01\x12\x20\n\tcpu_quota\
+    \x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\x88\x01\x01\x12\"\n\ncpu_period\
+    \x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\x88\x01\x01\x12\"\n\npids_limit\
+    \x18\x07\x20\x01(\x03H\x06R\tpidsLimit\x88\x01\x01B\x0f\n\r_memory_limit\
+    B\x15\n\x13_memory_reservationB\x0e\n\x0c_memory_swapB\r\n\x0b_cpu_share\
+    sB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\r\n\x0b_pids_limit\"\x17\n\x15\
+    CreateProcessResponse\"\x87\x01\n\x12ExecProcessRequest\x12!\n\x0ccontai\
+    ner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
+    \x20\x01(\tR\x06execId\x125\n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm\
+    .agent.v1.ProcessSpecR\x07process\"\x15\n\x13ExecProcessResponse\"Q\n\
+    \x13StartProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bco\
+    ntainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"(\n\x14Sta\
+    rtProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\"|\n\x14Si\
+    gnalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontain\
+    erId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06sig\
+    nal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\
+    \x03all\"\x17\n\x15SignalProcessResponse\"P\n\x12WaitProcessRequest\x12!\
+    \n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_\
+    id\x18\x02\x20\x01(\tR\x06execId\"\xb0\x01\n\x13WaitProcessResponse\x12\
+    \x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1f\n\x0bexit_status\x18\
+    \x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06\
+    signal\x12/\n\x14exited_at_unix_nanos\x18\x04\x20\x01(\x03R\x11exitedAtU\
+    nixNanos\x12\x1d\n\noom_killed\x18\x05\x20\x01(\x08R\toomKilled\"R\n\x14\
+    DeleteProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
+    inerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x17\n\x15Del\
+    eteProcessResponse\"l\n\x11ReadStreamRequest\x12!\n\x0ccontainer_id\x18\
     \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
-    \x06execId\x12/\n\x04size\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.Conso\
-    leSizeR\x04size\"\x18\n\x16ResizeTerminalResponse\"9\n\x14ListProcessesR\
-    equest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xb0\
-    \x01\n\x0bProcessInfo\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcont\
-    ainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x10\n\x03\
-    pid\x18\x03\x20\x01(\rR\x03pid\x122\n\x05state\x18\x04\x20\x01(\x0e2\x1c\
-    .gpuvm.agent.v1.ProcessStateR\x05state\x12\x1f\n\x0bexit_status\x18\x05\
-    \x20\x01(\rR\nexitStatus\"f\n\x15ListProcessesResponse\x129\n\tprocesses\
-    \x18\x01\x20\x03(\x0b2\x1b.gpuvm.agent.v1.ProcessInfoR\tprocesses\x12\
-    \x12\n\x04pids\x18\x02\x20\x03(\rR\x04pids\"Q\n\x13ProcessStatsRequest\
-    \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07\
-    exec_id\x18\x02\x20\x01(\tR\x06execId\"\xe5\x01\n\x14ProcessStatsRespons\
-    e\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1e\n\x0bcpu_user_ns\
-    \x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\n\rcpu_system_ns\x18\x03\x20\x01\
-    (\x04R\x0bcpuSystemNs\x12\x1b\n\trss_bytes\x18\x04\x20\x01(\x04R\x08rssB\
-    ytes\x12\"\n\rvm_size_bytes\x18\x05\x20\x01(\x04R\x0bvmSizeBytes\x12\x18\
-    \n\x07threads\x18\x06\x20\x01(\rR\x07threads\x12\x1c\n\tprocesses\x18\
-    \x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\x97\x02\n\rStatsRe\
-    sponse\x12&\n\x0fmem_total_bytes\x18\x01\x20\x01(\x04R\rmemTotalBytes\
-    \x12.\n\x13mem_available_bytes\x18\x02\x20\x01(\x04R\x11memAvailableByte\
-    s\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\x04R\x08uptimeNs\x12\x14\n\x05lo\
-    ad1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\x20\
-    \x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\x01(\r\
-    R\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\x04R\ra\
-    gentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"D\n\
-    \tIpAddress\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\
-    \n\nprefix_len\x18\x02\x20\x01(\rR\tprefixLen\"\x83\x01\n\x10NetworkInte\
-    rface\x12\x10\n\x03mac\x18\x01\x20\x01(\tR\x03mac\x12\x12\n\x04name\x18\
-    \x02\x20\x01(\tR\x04name\x12\x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x12\
-    7\n\taddresses\x18\x04\x20\x03(\x0b2\x19.gpuvm.agent.v1.IpAddressR\taddr\
-    esses\"\x92\x01\n\x0cNetworkRoute\x12\x20\n\x0bdestination\x18\x01\x20\
-    \x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01(\tR\x07gate\
-    way\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\x16\n\x06sourc\
-    e\x18\x04\x20\x01(\tR\x06source\x12\x16\n\x06metric\x18\x05\x20\x01(\rR\
-    \x06metric\"\xad\x01\n\x17ConfigureNetworkRequest\x12@\n\ninterfaces\x18\
-    \x01\x20\x03(\x0b2\x20.gpuvm.agent.v1.NetworkInterfaceR\ninterfaces\x124\
-    \n\x06routes\x18\x02\x20\x03(\x0b2\x1c.gpuvm.agent.v1.NetworkRouteR\x06r\
-    outes\x12\x1a\n\x08hostname\x18\x03\x20\x01(\tR\x08hostname\"\x1a\n\x18C\
-    onfigureNetworkResponse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_U\
-    NSPECIFIED\x10\0\x12\x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\
-    \x15PROCESS_STATE_RUNNING\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\
-    \x032\xfe\x0c\n\x0cAgentService\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.Pi\
-    ngRequest\x1a\x1c.gpuvm.agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.\
-    gpuvm.agent.v1.GuestInfoRequest\x1a!.gpuvm.agent.v1.GuestInfoResponse\
-    \x12J\n\x07GpuInfo\x12\x1e.gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.a\
-    gent.v1.GpuInfoResponse\x12\\\n\rCreateProcess\x12$.gpuvm.agent.v1.Creat\
-    eProcessRequest\x1a%.gpuvm.agent.v1.CreateProcessResponse\x12V\n\x0bExec\
-    Process\x12\".gpuvm.agent.v1.ExecProcessRequest\x1a#.gpuvm.agent.v1.Exec\
-    ProcessResponse\x12Y\n\x0cStartProcess\x12#.gpuvm.agent.v1.StartProcessR\
-    equest\x1a$.gpuvm.agent.v1.StartProcessResponse\x12\\\n\rSignalProcess\
-    \x12$.gpuvm.agent.v1.SignalProcessRequest\x1a%.gpuvm.agent.v1.SignalProc\
-    essResponse\x12V\n\x0bWaitProcess\x12\".gpuvm.agent.v1.WaitProcessReques\
-    t\x1a#.gpuvm.agent.v1.WaitProcessResponse\x12\\\n\rDeleteProcess\x12$.gp\
-    uvm.agent.v1.DeleteProcessRequest\x1a%.gpuvm.agent.v1.DeleteProcessRespo\
-    nse\x12S\n\nReadStdout\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm\
-    .agent.v1.ReadStreamResponse\x12S\n\nReadStderr\x12!.gpuvm.agent.v1.Read\
-    StreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\n\nWriteStdin\
-    \x12!.gpuvm.agent.v1.WriteStdinRequest\x1a\".gpuvm.agent.v1.WriteStdinRe\
-    sponse\x12S\n\nCloseStdin\x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gp\
-    uvm.agent.v1.CloseStdinResponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agen\
-    t.v1.ResizeTerminalRequest\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\
-    \x12\\\n\rListProcesses\x12$.gpuvm.agent.v1.ListProcessesRequest\x1a%.gp\
-    uvm.agent.v1.ListProcessesResponse\x12Y\n\x0cProcessStats\x12#.gpuvm.age\
-    nt.v1.ProcessStatsRequest\x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\
-    \n\x05Stats\x12\x1c.gpuvm.agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.S\
-    tatsResponse\x12M\n\x08Shutdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\
-    \x1a\x20.gpuvm.agent.v1.ShutdownResponse\x12e\n\x10ConfigureNetwork\x12'\
-    .gpuvm.agent.v1.ConfigureNetworkRequest\x1a(.gpuvm.agent.v1.ConfigureNet\
-    workResponseb\x06proto3\
+    \x06execId\x12\x1b\n\tmax_bytes\x18\x03\x20\x01(\rR\x08maxBytes\":\n\x12\
+    ReadStreamResponse\x12\x12\n\x04data\x18\x01\x20\x01(\x0cR\x04data\x12\
+    \x10\n\x03eof\x18\x02\x20\x01(\x08R\x03eof\"c\n\x11WriteStdinRequest\x12\
+    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec\
+    _id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0c\
+    R\x04data\".\n\x12WriteStdinResponse\x12\x18\n\x07written\x18\x01\x20\
+    \x01(\rR\x07written\"O\n\x11CloseStdinRequest\x12!\n\x0ccontainer_id\x18\
+    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
+    \x06execId\"\x14\n\x12CloseStdinResponse\"\x84\x01\n\x15ResizeTerminalRe\
+    quest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\
+    \n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12/\n\x04size\x18\x03\x20\
+    \x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleSizeR\x04size\"\x18\n\x16ResizeTerm\
+    inalResponse\"9\n\x14ListProcessesRequest\x12!\n\x0ccontainer_id\x18\x01\
+    \x20\x01(\tR\x0bcontainerId\"\xb0\x01\n\x0bProcessInfo\x12!\n\x0ccontain\
+    er_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
+    \x20\x01(\tR\x06execId\x12\x10\n\x03pid\x18\x03\x20\x01(\rR\x03pid\x122\
+    \n\x05state\x18\x04\x20\x01(\x0e2\x1c.gpuvm.agent.v1.ProcessStateR\x05st\
+    ate\x12\x1f\n\x0bexit_status\x18\x05\x20\x01(\rR\nexitStatus\"f\n\x15Lis\
+    tProcessesResponse\x129\n\tprocesses\x18\x01\x20\x03(\x0b2\x1b.gpuvm.age\
+    nt.v1.ProcessInfoR\tprocesses\x12\x12\n\x04pids\x18\x02\x20\x03(\rR\x04p\
+    ids\"Q\n\x13ProcessStatsRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
+    \tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\
+    \xe5\x01\n\x14ProcessStatsResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\
+    \x03pid\x12\x1e\n\x0bcpu_user_ns\x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\
+    \n\rcpu_system_ns\x18\x03\x20\x01(\x04R\x0bcpuSystemNs\x12\x1b\n\trss_by\
+    tes\x18\x04\x20\x01(\x04R\x08rssBytes\x12\"\n\rvm_size_bytes\x18\x05\x20\
+    \x01(\x04R\x0bvmSizeBytes\x12\x18\n\x07threads\x18\x06\x20\x01(\rR\x07th\
+    reads\x12\x1c\n\tprocesses\x18\x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cSta\
+    tsRequest\"\x97\x02\n\rStatsResponse\x12&\n\x0fmem_total_bytes\x18\x01\
+    \x20\x01(\x04R\rmemTotalBytes\x12.\n\x13mem_available_bytes\x18\x02\x20\
+    \x01(\x04R\x11memAvailableBytes\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\
+    \x04R\x08uptimeNs\x12\x14\n\x05load1\x18\x04\x20\x01(\x01R\x05load1\x12&\
+    \n\x0fagent_rss_bytes\x18\x05\x20\x01(\x04R\ragentRssBytes\x12+\n\x11run\
+    ning_processes\x18\x06\x20\x01(\rR\x10runningProcesses\x12&\n\x0fagent_h\
+    wm_bytes\x18\x07\x20\x01(\x04R\ragentHwmBytes\"\x11\n\x0fShutdownRequest\
+    \"\x12\n\x10ShutdownResponse\"D\n\tIpAddress\x12\x18\n\x07address\x18\
+    \x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\x18\x02\x20\x01(\rR\tp\
+    refixLen\"\x83\x01\n\x10NetworkInterface\x12\x10\n\x03mac\x18\x01\x20\
+    \x01(\tR\x03mac\x12\x12\n\x04name\x18\x02\x20\x01(\tR\x04name\x12\x10\n\
+    \x03mtu\x18\x03\x20\x01(\rR\x03mtu\x127\n\taddresses\x18\x04\x20\x03(\
+    \x0b2\x19.gpuvm.agent.v1.IpAddressR\taddresses\"\x92\x01\n\x0cNetworkRou\
+    te\x12\x20\n\x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\
+    \x07gateway\x18\x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\
+    \x20\x01(\tR\x06device\x12\x16\n\x06source\x18\x04\x20\x01(\tR\x06source\
+    \x12\x16\n\x06metric\x18\x05\x20\x01(\rR\x06metric\"\xad\x01\n\x17Config\
+    ureNetworkRequest\x12@\n\ninterfaces\x18\x01\x20\x03(\x0b2\x20.gpuvm.age\
+    nt.v1.NetworkInterfaceR\ninterfaces\x124\n\x06routes\x18\x02\x20\x03(\
+    \x0b2\x1c.gpuvm.agent.v1.NetworkRouteR\x06routes\x12\x1a\n\x08hostname\
+    \x18\x03\x20\x01(\tR\x08hostname\"\x1a\n\x18ConfigureNetworkResponse*}\n\
+    \x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\x19\n\
+    \x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\
+    \x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\xfe\x0c\n\x0cAgentServic\
+    e\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.agent.\
+    v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfoReques\
+    t\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.gpuvm.\
+    agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\\\n\r\
+    CreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.agent.\
+    v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v1.Exec\
+    ProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cStartPr\
+    ocess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.StartP\
+    rocessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalProcessR\
+    equest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitProcess\
+    \x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitProcess\
+    Response\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessRequest\
+    \x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.gpuvm\
+    .agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\
+    \n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v\
+    1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteStdinRe\
+    quest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\x12!.gp\
+    uvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinResponse\
+    \x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalRequest\x1a&\
+    .gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$.gpuvm\
+    .agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesResponse\
+    \x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\x1a$.gpu\
+    vm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.agent.v1.\
+    StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shutdown\x12\
+    \x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.ShutdownRespo\
+    nse\x12e\n\x10ConfigureNetwork\x12'.gpuvm.agent.v1.ConfigureNetworkReque\
+    st\x1a(.gpuvm.agent.v1.ConfigureNetworkResponseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -8241,13 +8496,14 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(51);
+            let mut messages = ::std::vec::Vec::with_capacity(52);
             messages.push(PingRequest::generated_message_descriptor_data());
             messages.push(PingResponse::generated_message_descriptor_data());
             messages.push(GuestInfoRequest::generated_message_descriptor_data());
             messages.push(GuestInfoResponse::generated_message_descriptor_data());
             messages.push(GpuInfoRequest::generated_message_descriptor_data());
             messages.push(Gpu::generated_message_descriptor_data());
+            messages.push(XidEvent::generated_message_descriptor_data());
             messages.push(GpuInfoResponse::generated_message_descriptor_data());
             messages.push(Mount::generated_message_descriptor_data());
             messages.push(Rlimit::generated_message_descriptor_data());
