@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use gpuvm_pci::{GroupLock, PciAddress, Sysfs};
 
 pub use container::{ContainerRequest, ContainerShare, process_spec};
-pub use spec::{RUN_DIR, vm_spec, work_dir};
+pub use spec::{Flavour, NVIDIA_PARAM, RUN_DIR, vm_spec, work_dir};
 pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
 
 use crate::agent::{Agent, GuestInfo, TtrpcAgent};
@@ -27,6 +27,7 @@ use crate::cgroup::PodCgroup;
 use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
+use crate::gpu_check;
 use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
 use crate::network::PodNetwork;
 use crate::persist::{SandboxRecord, StartTimings};
@@ -400,6 +401,8 @@ pub struct Sandbox {
     shutdown_timeout: Duration,
     /// Where the start time went; `container_ms` is filled by the first app container.
     timings: std::sync::Mutex<StartClock>,
+    /// The periodic GPU check, for a sandbox with GPUs and a `guest.gpu_check_interval`.
+    gpu_check: std::sync::Mutex<Option<GpuCheckTask>>,
 }
 
 impl Sandbox {
@@ -432,6 +435,9 @@ impl Sandbox {
             None => None,
         };
         let devices = Devices::claim(&config, annotations, id)?;
+        if Flavour::of(devices.passthrough.as_ref()) == Flavour::Gpu {
+            require_gpu_images(&config)?;
+        }
         let gpu_nodes: Vec<Option<u32>> = devices
             .passthrough
             .iter()
@@ -470,9 +476,13 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = %vm.id, kernel = %info.kernel_release, agent = %info.agent_version, "guest agent ready");
-        if let Some(set) = &vm.devices.passthrough {
-            check_guest_gpus(&vm.devices.host, set, agent.as_ref(), annotations).await;
-        }
+        let gpu_check = match &vm.devices.passthrough {
+            Some(set) => {
+                let period = config.guest.gpu_check_period();
+                check_guest_gpus(&vm.devices.host, set, &agent, annotations, period).await
+            }
+            None => None,
+        };
         let shared_guest = if info.shared_dir.is_empty() {
             DEFAULT_GUEST_SHARED_DIR.to_owned()
         } else {
@@ -496,6 +506,7 @@ impl Sandbox {
                 timings,
                 first_container_started: false,
             }),
+            gpu_check: std::sync::Mutex::new(gpu_check),
         })
     }
 
@@ -567,6 +578,13 @@ impl Sandbox {
 
     /// Tears the sandbox down: agent shutdown, then [`Vm::stop`]. Idempotent.
     pub async fn stop(&self, mounts: Vec<PathBuf>, held: &FailedResetLocks) {
+        // The GPU check ends first: a round against a guest going down would record
+        // a failure that is only the teardown.
+        let task = match self.gpu_check.lock() {
+            Ok(mut task) => task.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(task);
         let _ = tokio::time::timeout(self.shutdown_timeout, self.agent.shutdown()).await;
         self.vm.stop(mounts, held).await;
         tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
@@ -595,16 +613,77 @@ fn require_file(what: &str, setting: &str, path: &Path) -> Result<()> {
     }
 }
 
-/// Asks the agent which GPUs the guest sees, compares them with what was passed,
-/// and records the outcome for the node agent (`<gpu_check_dir>/<ns>_<name>`).
+/// Where the GPU check of a sandbox is recorded for the node agent
+/// (`<gpu_check_dir>/<ns>_<name>`), and the Pod's UID; `path` is `None` for a sandbox
+/// that is not a Kubernetes Pod.
+#[derive(Debug, Clone)]
+struct GpuCheckRecord {
+    path: Option<PathBuf>,
+    pod_uid: Option<String>,
+}
+
+impl GpuCheckRecord {
+    /// The record of the Pod the CRI annotations name.
+    fn of(host: &HostPaths, annotations: &HashMap<String, String>) -> GpuCheckRecord {
+        let path = match (
+            annotations.get(config::ANNOTATION_POD_NAMESPACE),
+            annotations.get(config::ANNOTATION_POD_NAME),
+        ) {
+            (Some(namespace), Some(name)) => {
+                let path = gpu_check::record_path(&host.gpu_check_dir, namespace, name);
+                if path.is_none() {
+                    tracing::warn!(
+                        namespace,
+                        name,
+                        "no GPU check record for a pod with this name"
+                    );
+                }
+                path
+            }
+            _ => None,
+        };
+        GpuCheckRecord {
+            path,
+            pod_uid: annotations.get(config::ANNOTATION_POD_UID).cloned(),
+        }
+    }
+
+    /// Logs `check` and writes it; a failed write is logged (the sandbox runs on).
+    fn write(&self, check: &gpu_check::GpuCheck) {
+        match check {
+            gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
+            gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+        }
+        let Some(path) = &self.path else {
+            return;
+        };
+        if let Err(e) = gpu_check::write_record(path, check, self.pod_uid.as_deref()) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+        }
+    }
+}
+
+/// The periodic GPU check's task; aborted when dropped, so it ends with its sandbox.
+#[derive(Debug)]
+struct GpuCheckTask(tokio::task::JoinHandle<()>);
+
+impl Drop for GpuCheckTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks the agent which GPUs the guest sees, compares them with what was passed, and
+/// records the outcome for the node agent; then, with a `period`, repeats that in a
+/// task ([`gpu_check::GpuMonitor`]: the record is rewritten when the outcome changes).
 /// Never fails the sandbox: the operator reports a failure as `GPUReady=False`.
 async fn check_guest_gpus(
     host: &HostPaths,
     set: &Passthrough,
-    agent: &dyn Agent,
+    agent: &Arc<dyn Agent>,
     annotations: &HashMap<String, String>,
-) {
-    use crate::gpu_check;
+    period: Option<Duration>,
+) -> Option<GpuCheckTask> {
     let ids: Vec<u16> = set.gpus.iter().map(|g| g.device_id).collect();
     let expected = gpu_check::expected_models(
         annotations
@@ -612,31 +691,42 @@ async fn check_guest_gpus(
             .map(String::as_str),
         &ids,
     );
-    let check = gpu_check::gpu_check(&expected, agent.gpu_info().await);
-    match &check {
-        gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
-        gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+    let mut monitor = gpu_check::GpuMonitor::new(expected);
+    let record = GpuCheckRecord::of(host, annotations);
+    if let Some(check) = monitor.observe(agent.gpu_info().await) {
+        record.write(&check);
     }
-    let (Some(namespace), Some(name)) = (
-        annotations.get(config::ANNOTATION_POD_NAMESPACE),
-        annotations.get(config::ANNOTATION_POD_NAME),
-    ) else {
-        return;
-    };
-    let Some(path) = gpu_check::record_path(&host.gpu_check_dir, namespace, name) else {
-        tracing::warn!(
-            namespace,
-            name,
-            "no GPU check record for a pod with this name"
-        );
-        return;
-    };
-    let uid = annotations
-        .get(config::ANNOTATION_POD_UID)
-        .map(String::as_str);
-    if let Err(e) = gpu_check::write_record(&path, &check, uid) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+    let period = period?;
+    let agent = Arc::clone(agent);
+    Some(GpuCheckTask(tokio::spawn(async move {
+        let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // A round that overran (a slow NVML) is not made up for with a burst.
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            rounds.tick().await;
+            if let Some(check) = monitor.observe(agent.gpu_info().await) {
+                record.write(&check);
+            }
+        }
+    })))
+}
+
+/// For a sandbox with GPUs: the GPU flavour's kernel and initramfs must exist. A GPU
+/// VM without the NVIDIA driver is of no use, so a missing image fails the start,
+/// naming the file and the key (a host that wants the small image for GPU pods says
+/// so: `guest.gpu_initramfs` = `guest.initramfs`).
+fn require_gpu_images(config: &ShimConfig) -> Result<()> {
+    for (key, path) in Flavour::Gpu.images(config) {
+        if !path.is_file() {
+            return Err(Error::VmConfig(format!(
+                "the pod has GPUs, and the GPU guest image {} does not exist (set {key} in \
+                 the shim config; guest/build.sh --gpu builds the image with the NVIDIA \
+                 driver, the chart installs it as share/initramfs-gpu.img)",
+                path.display()
+            )));
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
