@@ -691,13 +691,23 @@ async fn check_guest_gpus(
             .map(String::as_str),
         &ids,
     );
-    let mut monitor = gpu_check::GpuMonitor::new(expected);
+    let monitor = gpu_check::GpuMonitor::new(expected);
     let record = GpuCheckRecord::of(host, annotations);
+    run_gpu_check(Arc::clone(agent), monitor, record, period).await
+}
+
+/// The boot round of `monitor`, then with a `period` the task of the later rounds;
+/// each outcome that changed goes to `record`.
+async fn run_gpu_check(
+    agent: Arc<dyn Agent>,
+    mut monitor: gpu_check::GpuMonitor,
+    record: GpuCheckRecord,
+    period: Option<Duration>,
+) -> Option<GpuCheckTask> {
     if let Some(check) = monitor.observe(agent.gpu_info().await) {
         record.write(&check);
     }
     let period = period?;
-    let agent = Arc::clone(agent);
     Some(GpuCheckTask(tokio::spawn(async move {
         let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         // A round that overran (a slow NVML) is not made up for with a burst.
@@ -894,5 +904,204 @@ mod tests {
         for dir in created {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
+    }
+
+    /// An agent whose `GpuInfo` answers come from a script (the last one repeats),
+    /// each once the test lets it through `gate`; every other call fails.
+    #[derive(Debug)]
+    struct ScriptedGpuAgent {
+        answers: std::sync::Mutex<Vec<crate::agent::GpuReport>>,
+        gate: tokio::sync::Semaphore,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ScriptedGpuAgent {
+        fn new(answers: Vec<crate::agent::GpuReport>) -> Arc<ScriptedGpuAgent> {
+            Arc::new(ScriptedGpuAgent {
+                answers: std::sync::Mutex::new(answers),
+                gate: tokio::sync::Semaphore::new(0),
+                calls: std::sync::atomic::AtomicUsize::new(0),
+            })
+        }
+
+        /// Lets one more `GpuInfo` answer through, and waits until it was asked.
+        async fn answer_once(&self) {
+            let asked = self.calls.load(Ordering::SeqCst) + 1;
+            self.gate.add_permits(1);
+            eventually(|| self.calls.load(Ordering::SeqCst) >= asked).await;
+        }
+    }
+
+    /// Waits (at most 10 s) until `done`.
+    async fn eventually(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The answer to every call but `GpuInfo`.
+    fn not_scripted<T>() -> Result<T> {
+        Err(Error::AgentUnavailable("not scripted".into()))
+    }
+
+    #[async_trait::async_trait]
+    impl Agent for ScriptedGpuAgent {
+        async fn ping(&self) -> Result<String> {
+            not_scripted()
+        }
+        async fn guest_info(&self) -> Result<GuestInfo> {
+            not_scripted()
+        }
+        async fn gpu_info(&self) -> Result<crate::agent::GpuReport> {
+            self.gate.acquire().await.expect("gate").forget();
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut answers = self.answers.lock().expect("answers");
+            match answers.len() {
+                0 => not_scripted(),
+                1 => Ok(answers[0].clone()),
+                _ => Ok(answers.remove(0)),
+            }
+        }
+        async fn create_container(&self, _: &crate::agent::ContainerSpec) -> Result<()> {
+            not_scripted()
+        }
+        async fn exec_process(
+            &self,
+            _: &crate::agent::ProcessId,
+            _: &crate::agent::ProcessSpec,
+        ) -> Result<()> {
+            not_scripted()
+        }
+        async fn start_process(&self, _: &crate::agent::ProcessId) -> Result<u32> {
+            not_scripted()
+        }
+        async fn signal_process(&self, _: &crate::agent::ProcessId, _: u32, _: bool) -> Result<()> {
+            not_scripted()
+        }
+        async fn wait_process(
+            &self,
+            _: &crate::agent::ProcessId,
+        ) -> Result<crate::agent::ExitInfo> {
+            not_scripted()
+        }
+        async fn delete_process(&self, _: &crate::agent::ProcessId) -> Result<()> {
+            not_scripted()
+        }
+        async fn read_output(
+            &self,
+            _: &crate::agent::ProcessId,
+            _: crate::agent::OutputStream,
+        ) -> Result<Option<Vec<u8>>> {
+            not_scripted()
+        }
+        async fn write_stdin(&self, _: &crate::agent::ProcessId, _: &[u8]) -> Result<usize> {
+            not_scripted()
+        }
+        async fn close_stdin(&self, _: &crate::agent::ProcessId) -> Result<()> {
+            not_scripted()
+        }
+        async fn resize_terminal(&self, _: &crate::agent::ProcessId, _: u32, _: u32) -> Result<()> {
+            not_scripted()
+        }
+        async fn pids(&self, _: &str) -> Result<Vec<u32>> {
+            not_scripted()
+        }
+        async fn process_stats(
+            &self,
+            _: &crate::agent::ProcessId,
+        ) -> Result<crate::agent::ProcessStats> {
+            not_scripted()
+        }
+        async fn shutdown(&self) -> Result<()> {
+            not_scripted()
+        }
+        async fn configure_network(&self, _: &crate::agent::GuestNetwork) -> Result<()> {
+            not_scripted()
+        }
+    }
+
+    /// What the guest of one H100 answers; with `gone`, the driver lost it.
+    fn one_h100(gone: bool) -> crate::agent::GpuReport {
+        crate::agent::GpuReport {
+            gpus: if gone {
+                Vec::new()
+            } else {
+                vec![crate::agent::GpuInfo {
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    uuid: "GPU-5f8b2c3e-1a2b-4c3d-9e8f-0123456789ab".into(),
+                    pci_bus_id: "00000000:00:05.0".into(),
+                }]
+            },
+            ..crate::agent::GpuReport::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gpu_check_task_records_changes_only_and_ends_with_its_sandbox() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostPaths {
+            gpu_check_dir: dir.path().to_owned(),
+            ..HostPaths::default()
+        };
+        let record = GpuCheckRecord::of(
+            &host,
+            &[
+                (config::ANNOTATION_POD_NAMESPACE, "team-a"),
+                (config::ANNOTATION_POD_NAME, "train-0"),
+                (config::ANNOTATION_POD_UID, "uid-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        let path = dir.path().join("team-a_train-0");
+        let agent = ScriptedGpuAgent::new(vec![one_h100(false), one_h100(false), one_h100(true)]);
+        agent.gate.add_permits(1);
+        let monitor = gpu_check::GpuMonitor::new(vec!["h100-80gb".into()]);
+        let period = Some(Duration::from_millis(10));
+        let task = run_gpu_check(agent.clone(), monitor, record, period)
+            .await
+            .expect("a period starts the task");
+        let read = || std::fs::read_to_string(&path).ok();
+        assert_eq!(
+            read().as_deref(),
+            Some("ok: 1 x h100-80gb\npod-uid: uid-1\n")
+        );
+        // The same outcome is not written again.
+        std::fs::remove_file(&path).expect("remove");
+        agent.answer_once().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(read(), None);
+        agent.answer_once().await;
+        let gone = "failed: GPU GPU-5f8b2c3e-1a2b-4c3d-9e8f-0123456789ab (at 00000000:00:05.0) \
+                    is gone from the guest, which sees 0 of the 1 GPUs it passed with\n\
+                    pod-uid: uid-1\n";
+        eventually(|| read().as_deref() == Some(gone)).await;
+        drop(task);
+        let calls = agent.calls.load(Ordering::SeqCst);
+        agent.gate.add_permits(5);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            agent.calls.load(Ordering::SeqCst),
+            calls,
+            "rounds after the stop"
+        );
+        // Boot only: one round, no task.
+        let once = ScriptedGpuAgent::new(vec![one_h100(false)]);
+        once.gate.add_permits(2);
+        let none = GpuCheckRecord {
+            path: None,
+            pod_uid: None,
+        };
+        let monitor = gpu_check::GpuMonitor::new(vec!["h100-80gb".into()]);
+        assert!(
+            run_gpu_check(once.clone(), monitor, none, None)
+                .await
+                .is_none()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(once.calls.load(Ordering::SeqCst), 1);
     }
 }
