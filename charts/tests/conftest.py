@@ -33,7 +33,8 @@ HA_VALUES = {
 QEMU_VALUES = {
     "shim": {
         "hypervisor": "qemu",
-        "guest": {"defaultCpus": 2, "defaultMemory": "2Gi", "kernelParams": "quiet"},
+        "guest": {"defaultCpus": 2, "defaultMemory": "2Gi", "kernelParams": "quiet",
+                  "gpuCheckInterval": 0},
     },
     "node": {
         "selector": {"nvidia.com/gpu.present": "true"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,7 @@ def host(tmp_path, default):
         "bin/vhost-device-vsock": "vsock",
         "share/vmlinux": "kernel",
         "share/initramfs.img": "initramfs",
+        "share/initramfs-gpu.img": "initramfs-gpu",
     }.items():
         (dist / rel).parent.mkdir(parents=True, exist_ok=True)
         (dist / rel).write_text(text)
@@ -128,6 +130,11 @@ def test_install_then_again_then_uninstall_leaves_the_host_as_it_was(host):
     assert os.access(root / "opt/gpuvm/bin/containerd-shim-gpuvm-v1", os.X_OK)
     assert (root / "opt/gpuvm/share/vmlinux").read_text() == "kernel"
     assert not os.access(root / "opt/gpuvm/share/vmlinux", os.X_OK)
+    # Both guest images, where the shim config looks for them.
+    shim = tomllib.loads((root / "etc/gpuvm/shim.toml").read_text())
+    assert (root / shim["guest"]["initramfs"].lstrip("/")).read_text() == "initramfs"
+    assert (root / shim["guest"]["gpu_initramfs"].lstrip("/")).read_text() == "initramfs-gpu"
+    assert "warning" not in r.stderr, r.stderr
     assert (root / "etc/gpuvm/shim.toml").read_text() == (host.files / "shim.toml").read_text()
     assert (root / "etc/containerd/conf.d/gpuvm.toml").read_text() == \
         (host.files / "containerd-gpuvm.toml").read_text()
@@ -177,6 +184,17 @@ def test_install_then_again_then_uninstall_leaves_the_host_as_it_was(host):
     assert r.returncode == 0, r.stderr
     assert host.restarts() == []
 
+
+
+def test_a_node_image_without_the_gpu_image_is_named_in_a_warning(host):
+    (host.dist / "share/initramfs-gpu.img").unlink()
+    r = host.run("install")
+    assert r.returncode == 0, r.stderr
+    assert ("warning: the node image has no share/initramfs-gpu.img: Pods with GPUs "
+            "(guest.gpu_initramfs; guest/build.sh --gpu builds it) will not start on this node"
+            ) in r.stderr
+    assert (host.root / "opt/gpuvm/share/initramfs.img").read_text() == "initramfs"
+    assert not (host.root / "opt/gpuvm/share/initramfs-gpu.img").exists()
 
 def test_changed_drop_in_restarts_once(host):
     assert host.run("install").returncode == 0

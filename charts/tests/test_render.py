@@ -441,6 +441,9 @@ def test_installer_files_default(default):
     assert shim["log_level"] == "info"
     assert shim["guest"]["kernel"] == "/opt/gpuvm/share/vmlinux"
     assert shim["guest"]["initramfs"] == "/opt/gpuvm/share/initramfs.img"
+    assert shim["guest"]["gpu_initramfs"] == "/opt/gpuvm/share/initramfs-gpu.img"
+    assert "gpu_kernel" not in shim["guest"]  # the GPU image's modules are for `kernel`
+    assert shim["guest"]["gpu_check_interval"] == 60
     assert shim["guest"]["default_cpus"] == 1 and shim["guest"]["default_memory"] == "1Gi"
     assert shim["binaries"] == {
         "cloud_hypervisor": "/opt/gpuvm/bin/cloud-hypervisor",
@@ -497,6 +500,8 @@ def test_installer_files_qemu(qemu):
     assert shim["guest"]["default_cpus"] == 2 and shim["guest"]["default_memory"] == "2Gi"
     assert shim["guest"]["kernel_params"] == "quiet"
     assert shim["guest"]["kernel"] == "/var/lib/gpuvm/share/vmlinux"
+    assert shim["guest"]["gpu_initramfs"] == "/var/lib/gpuvm/share/initramfs-gpu.img"
+    assert shim["guest"]["gpu_check_interval"] == 0  # boot only
     runtime = tomllib.loads(data["containerd-gpuvm.toml"])["plugins"][
         "io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["gpuvm"]
     assert runtime["runtime_path"] == "/var/lib/gpuvm/bin/containerd-shim-gpuvm-v1"

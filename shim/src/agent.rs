@@ -249,6 +249,38 @@ pub struct GpuInfo {
     pub pci_bus_id: String,
 }
 
+/// One NVIDIA Xid the guest kernel logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XidEvent {
+    /// The PCI address as the driver printed it (`0000:01:00`).
+    pub pci_bus_id: String,
+    /// The Xid code.
+    pub code: u32,
+    /// The rest of the log line.
+    pub message: String,
+    /// Guest `CLOCK_BOOTTIME` of the record, in microseconds.
+    pub uptime_us: u64,
+}
+
+/// The agent's `GpuInfo` answer: the state of the guest's NVIDIA driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuReport {
+    /// Driver version (`550.163.01`).
+    pub driver_version: String,
+    /// CUDA driver version as NVML reports it (`12040` for 12.4).
+    pub cuda_driver_version: i32,
+    /// The GPUs NVML sees.
+    pub gpus: Vec<GpuInfo>,
+    /// Xids logged since boot, oldest first (the agent keeps the last 64).
+    pub xid_events: Vec<XidEvent>,
+    /// NVIDIA modules loaded, in load order.
+    pub modules: Vec<String>,
+    /// Why the driver is not usable; empty when it is.
+    pub driver_error: String,
+    /// Device nodes the agent created.
+    pub device_nodes: Vec<String>,
+}
+
 /// One guest NIC for `ConfigureNetwork`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestInterface {
@@ -295,8 +327,8 @@ pub trait Agent: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<String>;
     /// Facts about the guest.
     async fn guest_info(&self) -> Result<GuestInfo>;
-    /// GPUs the guest driver sees.
-    async fn gpu_info(&self) -> Result<Vec<GpuInfo>>;
+    /// The guest driver's state and the GPUs it sees.
+    async fn gpu_info(&self) -> Result<GpuReport>;
     /// Registers a container and its init process (not started).
     async fn create_container(&self, spec: &ContainerSpec) -> Result<()>;
     /// Registers an exec process (not started).
@@ -541,20 +573,38 @@ impl Agent for TtrpcAgent {
         })
     }
 
-    async fn gpu_info(&self) -> Result<Vec<GpuInfo>> {
+    async fn gpu_info(&self) -> Result<GpuReport> {
         let r = self
             .client
             .gpu_info(self.ctx(), &pb::GpuInfoRequest::default())
             .await
             .map_err(|e| agent_error("GpuInfo", e))?;
-        Ok(r.gpus
-            .into_iter()
-            .map(|g| GpuInfo {
-                name: g.name,
-                uuid: g.uuid,
-                pci_bus_id: g.pci_bus_id,
-            })
-            .collect())
+        Ok(GpuReport {
+            driver_version: r.driver_version,
+            cuda_driver_version: r.cuda_driver_version,
+            gpus: r
+                .gpus
+                .into_iter()
+                .map(|g| GpuInfo {
+                    name: g.name,
+                    uuid: g.uuid,
+                    pci_bus_id: g.pci_bus_id,
+                })
+                .collect(),
+            xid_events: r
+                .xid_events
+                .into_iter()
+                .map(|x| XidEvent {
+                    pci_bus_id: x.pci_bus_id,
+                    code: x.code,
+                    message: x.message,
+                    uptime_us: x.uptime_us,
+                })
+                .collect(),
+            modules: r.modules,
+            driver_error: r.driver_error,
+            device_nodes: r.device_nodes,
+        })
     }
 
     async fn create_container(&self, spec: &ContainerSpec) -> Result<()> {

@@ -43,6 +43,15 @@ pub const ANNOTATION_SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-s
 /// See [`ANNOTATION_SANDBOX_CPU_PERIOD`].
 pub const ANNOTATION_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
+/// Where the GPU flavour of the guest initramfs is when the config does not say.
+pub const DEFAULT_GPU_INITRAMFS: &str = "/usr/share/gpuvm/initramfs-gpu.img";
+/// Seconds between GPU check rounds when the config does not say.
+pub const DEFAULT_GPU_CHECK_INTERVAL_SECS: u64 = 60;
+/// The shortest period a GPU check may run at (each round runs NVML in the guest).
+pub const MIN_GPU_CHECK_INTERVAL_SECS: u64 = 5;
+/// The longest period a GPU check may run at (a day; for "never" there is 0).
+pub const MAX_GPU_CHECK_INTERVAL_SECS: u64 = 86_400;
+
 /// Which VMM runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -127,8 +136,21 @@ impl HostPaths {
 pub struct GuestConfig {
     /// Uncompressed guest kernel (`vmlinux`, PVH entry) or `bzImage`.
     pub kernel: PathBuf,
-    /// Initramfs holding the agent.
+    /// Initramfs holding the agent: the small image, booted by a pod without GPUs
+    /// (with `gpuvm.nvidia=off` on the kernel command line).
     pub initramfs: PathBuf,
+    /// The GPU flavour of the initramfs (`guest/build.sh --gpu`: the NVIDIA open
+    /// modules, the driver's libraries and the GPU check helper), booted by a pod with
+    /// VFIO devices, with `gpuvm.nvidia=load`. A GPU pod whose image is missing fails
+    /// to start, naming this key: a GPU VM without a driver is of no use.
+    pub gpu_initramfs: PathBuf,
+    /// The kernel a GPU pod boots; `None` (the default): [`GuestConfig::kernel`],
+    /// which is the kernel the GPU image's modules are built for.
+    pub gpu_kernel: Option<PathBuf>,
+    /// Seconds between two rounds of the in-guest GPU check after the one at boot
+    /// (`0`: at boot only). Each round asks the agent's `GpuInfo` and rewrites the
+    /// record when the outcome changed (see `gpu_check`).
+    pub gpu_check_interval: u64,
     /// Extra kernel command line.
     pub kernel_params: String,
     /// vCPUs when the pod has no `gpuvm.dev/cpus` annotation.
@@ -146,6 +168,44 @@ pub struct GuestConfig {
     pub allow_size_without_pod_resources: bool,
     /// vsock port the agent listens on.
     pub agent_port: u32,
+}
+
+impl GuestConfig {
+    /// The kernel a pod with GPUs boots.
+    pub fn gpu_kernel(&self) -> &Path {
+        self.gpu_kernel.as_deref().unwrap_or(&self.kernel)
+    }
+
+    /// The period of the GPU check after its round at boot; `None`: boot only.
+    pub fn gpu_check_period(&self) -> Option<std::time::Duration> {
+        (self.gpu_check_interval > 0)
+            .then(|| std::time::Duration::from_secs(self.gpu_check_interval))
+    }
+
+    /// `gpu_initramfs` and `gpu_kernel` are absolute paths, the period 0 or sane.
+    fn validate_gpu_keys(&self) -> Result<()> {
+        let paths = [
+            ("guest.gpu_initramfs", Some(&self.gpu_initramfs)),
+            ("guest.gpu_kernel", self.gpu_kernel.as_ref()),
+        ];
+        for (key, path) in paths {
+            if let Some(path) = path.filter(|p| !p.is_absolute()) {
+                return Err(Error::Config(format!(
+                    "{key} ({:?}) must be an absolute path",
+                    path.display().to_string()
+                )));
+            }
+        }
+        let secs = self.gpu_check_interval;
+        if secs != 0 && !(MIN_GPU_CHECK_INTERVAL_SECS..=MAX_GPU_CHECK_INTERVAL_SECS).contains(&secs)
+        {
+            return Err(Error::Config(format!(
+                "guest.gpu_check_interval ({secs}) must be 0 (check at boot only) or between \
+                 {MIN_GPU_CHECK_INTERVAL_SECS} and {MAX_GPU_CHECK_INTERVAL_SECS} seconds"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Paths of the binaries the shim starts.
@@ -222,6 +282,9 @@ impl Default for GuestConfig {
         GuestConfig {
             kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
             initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
+            gpu_initramfs: PathBuf::from(DEFAULT_GPU_INITRAMFS),
+            gpu_kernel: None,
+            gpu_check_interval: DEFAULT_GPU_CHECK_INTERVAL_SECS,
             kernel_params: String::new(),
             default_cpus: 1,
             default_memory: "1Gi".to_owned(),
@@ -307,6 +370,7 @@ impl ShimConfig {
             ));
         }
         self.host.share_size_bytes()?;
+        g.validate_gpu_keys()?;
         if self.timeouts.agent_connect_secs == 0 {
             return Err(Error::Config(
                 "timeouts.agent_connect_secs must be at least 1".into(),
@@ -556,6 +620,7 @@ pub fn parse_devices(value: &str) -> Result<Vec<PciAddress>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn memory_quantities() {
@@ -859,6 +924,19 @@ mod tests {
         assert_eq!(config.backend, Backend::Auto);
         assert_eq!(config.guest.agent_port, 1024);
         assert_eq!(config.timeouts.agent_connect_secs, 60);
+        assert_eq!(
+            config.guest.gpu_initramfs,
+            PathBuf::from("/usr/share/gpuvm/initramfs-gpu.img")
+        );
+        // The GPU image's modules are built for the one kernel.
+        assert_eq!(config.guest.gpu_kernel(), config.guest.kernel);
+        assert_eq!(
+            config.guest.gpu_check_period(),
+            Some(Duration::from_secs(60))
+        );
+        let boot_only = ShimConfig::parse("[guest]\ngpu_check_interval = 0", Path::new("x.toml"))
+            .expect("valid");
+        assert_eq!(boot_only.guest.gpu_check_period(), None);
     }
 
     #[test]
@@ -869,6 +947,9 @@ mod tests {
             [guest]
             kernel = "/k"
             initramfs = "/i"
+            gpu_initramfs = "/gi"
+            gpu_kernel = "/gk"
+            gpu_check_interval = 30
             kernel_params = "quiet"
             default_cpus = 2
             default_memory = "512Mi"
@@ -898,6 +979,9 @@ mod tests {
         assert_eq!(c.backend, Backend::Qemu);
         assert_eq!(c.guest.kernel, PathBuf::from("/k"));
         assert_eq!(c.guest.agent_port, 2000);
+        assert_eq!(c.guest.gpu_initramfs, PathBuf::from("/gi"));
+        assert_eq!(c.guest.gpu_kernel(), Path::new("/gk"));
+        assert_eq!(c.guest.gpu_check_period(), Some(Duration::from_secs(30)));
         assert_eq!(c.binaries.vhost_device_vsock, PathBuf::from("/hv"));
         assert_eq!(c.timeouts.vm_shutdown_secs, 3);
         assert!(c.memory.prefault && c.memory.hugepages);
@@ -945,6 +1029,26 @@ mod tests {
             ),
             ("[memory]\nhugepage_size = \"2Mi\"", "hugepages is false"),
             ("[host]\nsysfs = \"/x\"", "invalid config file"),
+            (
+                "[guest]\ngpu_initramfs = \"initramfs-gpu.img\"",
+                "guest.gpu_initramfs (\"initramfs-gpu.img\") must be an absolute path",
+            ),
+            (
+                "[guest]\ngpu_kernel = \"\"",
+                "guest.gpu_kernel (\"\") must be an absolute path",
+            ),
+            (
+                "[guest]\ngpu_check_interval = 1",
+                "guest.gpu_check_interval (1) must be 0 (check at boot only) or between 5 and 86400 seconds",
+            ),
+            (
+                "[guest]\ngpu_check_interval = 100000",
+                "guest.gpu_check_interval (100000)",
+            ),
+            (
+                "[guest]\ngpu_check_interval = \"60s\"",
+                "invalid config file",
+            ),
         ];
         for (text, needle) in cases {
             let err = ShimConfig::parse(text, Path::new("x.toml")).expect_err(text);

@@ -15,19 +15,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    Client, CriTest, container_config, create_and_start, exec_sync, run_pod, sandbox_config,
-    stop_and_remove_pod,
+    Client, CriTest, container_config, create_and_start, exec_sync, kill_shim_then_remove_pod,
+    run_pod, sandbox_config, stop_and_remove_pod,
 };
 use common::{ShimSettings, processes_mentioning, test_dir};
 use gpuvm_shim::cgroup::{hierarchies, parse_proc_cgroup};
 use k8s_cri::v1::{
     Capability, ContainerConfig, ContainerState, ContainerStatusRequest, LinuxContainerConfig,
     LinuxContainerResources, LinuxContainerSecurityContext, PodSandboxConfig,
-    RemovePodSandboxRequest, StopPodSandboxRequest,
 };
 
 /// The pids of the sandbox's VM processes (their command lines name its work dir),
@@ -92,13 +91,60 @@ fn assert_cgroup_gone(top: &str) {
     }
 }
 
-/// `sandbox_config(name)` with a `cgroup_parent`, as kubelet sets it.
-fn pod_in(name: &str, log_dir: &Path, cgroup_parent: &str) -> PodSandboxConfig {
-    let mut config = sandbox_config(name, log_dir);
-    if let Some(linux) = config.linux.as_mut() {
-        linux.cgroup_parent = cgroup_parent.to_owned();
+/// The two forms of cgroup parent kubelet passes, by cgroup driver.
+#[derive(Debug, Clone, Copy)]
+enum Driver {
+    /// A path: `/<top>/podtest`.
+    Cgroupfs,
+    /// A slice: `gpuvmtest<pid>-pod.slice`, which containerd turns into the cgroups
+    /// path `<slice>:cri-containerd:<id>`, and that into
+    /// `/<top>/<slice>/cri-containerd-<id>.scope` in every hierarchy.
+    Systemd,
+}
+
+/// A CRI test with one pod (`sandbox_config`) run under a cgroup parent of a
+/// driver's form, below a top-level cgroup of this test's own.
+struct CgroupPod {
+    t: CriTest,
+    config: PodSandboxConfig,
+    pod_id: String,
+    /// The top-level cgroup the shim creates (and must remove).
+    top: String,
+    /// The pod's `cgroup_parent`.
+    parent: String,
+}
+
+impl CgroupPod {
+    /// Starts containerd and runs the pod, or `None` after printing SKIPPED.
+    async fn start_or_skip(driver: Driver) -> Option<CgroupPod> {
+        let mut t = CriTest::start_or_skip().await?;
+        let pid = std::process::id();
+        let (name, top, parent) = match driver {
+            Driver::Cgroupfs => (
+                format!("cg-{pid}"),
+                format!("gpuvm-cgtest-{pid}"),
+                format!("/gpuvm-cgtest-{pid}/podtest"),
+            ),
+            Driver::Systemd => (
+                format!("cgsd-{pid}"),
+                format!("gpuvmtest{pid}.slice"),
+                format!("gpuvmtest{pid}-pod.slice"),
+            ),
+        };
+        let mut config = sandbox_config(&name, &t.log_dir);
+        if let Some(linux) = config.linux.as_mut() {
+            linux.cgroup_parent.clone_from(&parent);
+        }
+        let containerd = &t.containerd;
+        let pod_id = run_pod(&mut t.client, &config, || containerd.log_tail()).await;
+        Some(CgroupPod {
+            t,
+            config,
+            pod_id,
+            top,
+            parent,
+        })
     }
-    config
 }
 
 /// `container_config(name)` running `command` under `resources`.
@@ -220,32 +266,29 @@ fn rss_parts(pid: u32) -> (u64, u64, u64) {
 /// v1 memory hierarchy's `memory.usage_in_bytes`.
 fn print_overhead(cgroup: &str, pod_id: &str) {
     let mut figures = None;
-    for mount in mount_points() {
+    // cgroup v2's names, then v1's: the usage, the page cache, anon, and whether a
+    // hierarchy that has them wins over the others.
+    let names = [
+        ("memory.current", "file", "anon", true),
+        ("memory.usage_in_bytes", "cache", "rss", false),
+    ];
+    'mounts: for mount in mount_points() {
         let dir = mount.join(cgroup.trim_start_matches('/'));
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
         let stat_text = read("memory.stat").unwrap_or_default();
-        if let Some(current) = read("memory.current") {
-            let usage: u64 = current.trim().parse().unwrap_or(0);
-            let shmem = stat(&stat_text, "shmem");
-            let file = stat(&stat_text, "file");
-            figures = Some((
-                usage,
-                shmem,
-                file.saturating_sub(shmem),
-                stat(&stat_text, "anon"),
-            ));
-            break;
-        }
-        if let Some(usage) = read("memory.usage_in_bytes") {
-            let usage: u64 = usage.trim().parse().unwrap_or(0);
-            let shmem = stat(&stat_text, "shmem");
-            let cache = stat(&stat_text, "cache");
-            figures = Some((
-                usage,
-                shmem,
-                cache.saturating_sub(shmem),
-                stat(&stat_text, "rss"),
-            ));
+        for (usage_file, cache, anon, wins) in names {
+            if let Some(usage) = read(usage_file) {
+                let shmem = stat(&stat_text, "shmem");
+                figures = Some((
+                    usage.trim().parse::<u64>().unwrap_or(0),
+                    shmem,
+                    stat(&stat_text, cache).saturating_sub(shmem),
+                    stat(&stat_text, anon),
+                ));
+                if wins {
+                    break 'mounts;
+                }
+            }
         }
     }
     let Some((usage, shmem, cache, anon)) = figures else {
@@ -269,19 +312,14 @@ fn print_overhead(cgroup: &str, pod_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
-    let Some(mut t) = CriTest::start_or_skip().await else {
+    let Some(mut p) = CgroupPod::start_or_skip(Driver::Cgroupfs).await else {
         return;
     };
-    let (containerd, client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
+    let (containerd, client) = (&p.t.containerd, &mut p.t.client);
+    let (config, pod_id) = (&p.config, p.pod_id.as_str());
     let context = || containerd.log_tail();
-
-    // A cgroupfs parent, as kubelet's cgroupfs driver passes it.
-    let top = format!("gpuvm-cgtest-{}", std::process::id());
-    let parent = format!("/{top}/podtest");
-    let config = pod_in(&format!("cg-{}", std::process::id()), log_dir, &parent);
-    let pod_id = run_pod(client, &config, context).await;
-    let cgroup = format!("{parent}/{pod_id}");
-    assert_in_cgroup(&pod_id, &cgroup);
+    let cgroup = format!("{}/{pod_id}", p.parent);
+    assert_in_cgroup(pod_id, &cgroup);
 
     // A container limited to 64Mi, half a CPU (quota 50ms per 100ms) and 512 shares.
     let resources = LinuxContainerResources {
@@ -292,8 +330,8 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
         ..Default::default()
     };
     let sleeper = limited("limited", &["/bin/sleep", "600"], resources);
-    let limited_id = create_and_start(client, &pod_id, &config, sleeper, context).await;
-    let reader = create_and_start(client, &pod_id, &config, cgroup_reader(), context).await;
+    let limited_id = create_and_start(client, pod_id, config, sleeper, context).await;
+    let reader = create_and_start(client, pod_id, config, cgroup_reader(), context).await;
     wait_for_reader(client, &reader).await;
     // An exec joins its container's cgroup, whose files carry the spec's limits.
     let out = exec_sync(client, &limited_id, &["/bin/cat", "/proc/self/cgroup"]).await;
@@ -328,7 +366,7 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
         },
     );
     let started = Instant::now();
-    let hog_id = create_and_start(client, &pod_id, &config, hog, context).await;
+    let hog_id = create_and_start(client, pod_id, config, hog, context).await;
     let (reason, code) = wait_exited(client, &hog_id, context).await;
     println!("OOM case took {:.2?}", started.elapsed());
     assert_eq!((reason.as_str(), code), ("OOMKilled", 137), "{}", context());
@@ -336,72 +374,29 @@ async fn the_vm_is_charged_to_the_pod_and_containers_get_their_limits() {
     let out = exec_sync(client, &limited_id, &["/bin/true"]).await;
     assert_eq!(out.exit_code, 0);
 
-    print_overhead(&cgroup, &pod_id);
+    print_overhead(&cgroup, pod_id);
 
     // SIGKILL the shim: containerd's cleanup (`shim delete`) kills the VM and removes
     // the cgroups the shim created, then the pod stops and goes as usual.
-    let shim_pid = processes_mentioning(&format!("-id {pod_id} "))
-        .into_iter()
-        .find(|p| p.contains("containerd-shim-gpuvm-v1") && !p.trim_end().ends_with(" start"))
-        .and_then(|p| p.split(':').next().and_then(|pid| pid.parse::<i32>().ok()))
-        .expect("the shim's pid");
-    // SAFETY: kill(2) of the shim's pid, just read from /proc; no memory effects here.
-    assert_eq!(unsafe { libc::kill(shim_pid, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !vm_processes(&pod_id).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the VM outlived its shim\n{}",
-            context()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // As kubelet does after a runtime failure: stop and remove until it works.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stopped = client
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await;
-        let removed = client
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await;
-        match (stopped, removed) {
-            (Ok(_), Ok(_)) => break,
-            (stop, remove) => assert!(
-                Instant::now() < deadline,
-                "the pod cannot go: {stop:?} {remove:?}\n{}",
-                context()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let ids = [&pod_id, &limited_id, &reader, &hog_id].map(String::as_str);
+    kill_shim_then_remove_pod(client, pod_id, context).await;
+    assert!(vm_processes(pod_id).is_empty(), "the VM outlived its shim");
+    let ids = [pod_id, &limited_id, &reader, &hog_id];
     tokio::task::block_in_place(|| {
         containerd.assert_nothing_left_behind(&ids);
-        assert_cgroup_gone(&top);
+        assert_cgroup_gone(&p.top);
     });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
-    let Some(mut t) = CriTest::start_or_skip().await else {
+    let Some(mut p) = CgroupPod::start_or_skip(Driver::Systemd).await else {
         return;
     };
-    let (containerd, client, log_dir) = (&t.containerd, &mut t.client, &t.log_dir);
+    let (containerd, client) = (&p.t.containerd, &mut p.t.client);
+    let (config, pod_id, slice) = (&p.config, p.pod_id.as_str(), &p.parent);
     let context = || containerd.log_tail();
-
-    // kubelet's systemd driver passes a slice; containerd then writes
-    // `<slice>:cri-containerd:<id>`, which is this path in every hierarchy.
-    let top = format!("gpuvmtest{}", std::process::id());
-    let slice = format!("{top}-pod.slice");
-    let config = pod_in(&format!("cgsd-{}", std::process::id()), log_dir, &slice);
-    let pod_id = run_pod(client, &config, context).await;
     let spec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(containerd.bundle("k8s.io", &pod_id).join("config.json")).expect("spec"),
+        &std::fs::read(containerd.bundle("k8s.io", pod_id).join("config.json")).expect("spec"),
     )
     .expect("json");
     assert_eq!(
@@ -409,16 +404,16 @@ async fn a_systemd_cgroup_parent_holds_the_vm_and_goes_with_the_pod() {
         format!("{slice}:cri-containerd:{pod_id}")
     );
     assert_in_cgroup(
-        &pod_id,
-        &format!("/{top}.slice/{slice}/cri-containerd-{pod_id}.scope"),
+        pod_id,
+        &format!("/{}/{slice}/cri-containerd-{pod_id}.scope", p.top),
     );
-    let id = create_and_start(client, &pod_id, &config, container_config("c"), context).await;
+    let id = create_and_start(client, pod_id, config, container_config("c"), context).await;
     let out = exec_sync(client, &id, &["/bin/true"]).await;
     assert_eq!(out.exit_code, 0);
-    stop_and_remove_pod(client, &pod_id, context).await;
+    stop_and_remove_pod(client, pod_id, context).await;
     tokio::task::block_in_place(|| {
-        containerd.assert_nothing_left_behind(&[&pod_id, &id]);
-        assert_cgroup_gone(&format!("{top}.slice"));
+        containerd.assert_nothing_left_behind(&[pod_id, &id]);
+        assert_cgroup_gone(&p.top);
     });
 }
 
@@ -445,16 +440,20 @@ fn a_specs_rlimits_hold_in_the_guest() {
     spec["process"]["rlimits"] =
         serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 321, "hard": 654}]);
     std::fs::write(&path, spec.to_string()).expect("write spec");
-    let out = containerd
-        .ctr()
-        .args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
-        .arg("--runtime-config-path")
-        .arg(&containerd.shim_config)
-        .arg("--config")
-        .arg(&path)
-        .arg(&id)
-        .output()
-        .expect("ctr run");
+    // `ctr run` of container `id` with the spec at `path`, as it is then.
+    let ctr_run = |id: &str| {
+        containerd
+            .ctr()
+            .args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
+            .arg("--runtime-config-path")
+            .arg(&containerd.shim_config)
+            .arg("--config")
+            .arg(&path)
+            .arg(id)
+            .output()
+            .expect("ctr run")
+    };
+    let out = ctr_run(&id);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -467,16 +466,7 @@ fn a_specs_rlimits_hold_in_the_guest() {
     let hostile = format!("{id}-hostile");
     spec["linux"]["cgroupsPath"] = serde_json::json!("/kubepods/../../etc");
     std::fs::write(&path, spec.to_string()).expect("write spec");
-    let out = containerd
-        .ctr()
-        .args(["run", "--rm", "--runtime", "io.containerd.gpuvm.v1"])
-        .arg("--runtime-config-path")
-        .arg(&containerd.shim_config)
-        .arg("--config")
-        .arg(&path)
-        .arg(&hostile)
-        .output()
-        .expect("ctr run");
+    let out = ctr_run(&hostile);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -370,6 +370,32 @@ fn a_device_held_by_another_sandbox_is_refused_naming_the_holder() {
 }
 
 #[test]
+fn a_gpu_pod_without_the_gpu_image_is_refused_naming_the_key() {
+    let fake = gpuvm_pci::testing::presets::hgx_h100_8gpu()
+        .build()
+        .expect("fake sysfs");
+    let extra_toml = fake_host_toml(&fake);
+    run_expecting_failure_with(
+        |s, dir| ShimSettings {
+            extra_toml,
+            gpu_initramfs: dir.join("no-such-initramfs-gpu.img"),
+            ..ShimSettings::new(s)
+        },
+        &["/bin/true"],
+        &[("gpuvm.dev/devices", "0000:18:00.0")],
+        "nogpuimage",
+        &[
+            "the pod has GPUs, and the GPU guest image",
+            "no-such-initramfs-gpu.img does not exist",
+            "set guest.gpu_initramfs in the shim config",
+        ],
+    );
+    // The device was checked and locked, and released again.
+    let gpu = gpuvm_pci::testing::bdf("0000:18:00.0");
+    gpuvm_pci::GroupLock::acquire(&fake.lock_dir(), &[gpu], "after").expect("the lock is free");
+}
+
+#[test]
 fn missing_vmm_binary_is_a_clear_error() {
     run_expecting_failure(
         |s, dir| ShimSettings {

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cri::{
-    container_config, create_and_start, exec_sync, run_pod, sandbox_config, start_cri,
-    try_stop_and_remove_pod,
+    container_config, create_and_start, exec_sync, kill_shim_then_remove_pod, run_pod,
+    sandbox_config, start_cri,
 };
 use common::share::{ShareFixture, errno, is_mount_point, mount_tmpfs};
 use common::{ShimSettings, test_dir};
@@ -596,29 +596,7 @@ async fn pod_volumes_reach_the_guest_and_a_killed_shim_leaves_no_mount() {
             .any(|l| l.starts_with("mount ") && l.contains(&volumes)),
         "the leak checker does not see {volumes}: {seen:#?}"
     );
-    let shim_pid = common::processes_mentioning(&format!("-id {pod_id} "))
-        .into_iter()
-        .find(|p| p.contains("containerd-shim-gpuvm-v1") && !p.trim_end().ends_with(" start"))
-        .and_then(|p| p.split(':').next().and_then(|pid| pid.parse::<i32>().ok()))
-        .expect("the shim's pid");
-    // SAFETY: kill(2) of the shim's pid, just read from /proc; no memory effects here.
-    assert_eq!(unsafe { libc::kill(shim_pid, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Path::new(&work_dir).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "containerd never cleaned up\n{}",
-            containerd.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    // CRI learns of the containers' exits from events a moment later; kubelet retries
-    // until the pod is removed, and so does the test.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = try_stop_and_remove_pod(&mut client, &pod_id).await {
-        assert!(Instant::now() < deadline, "{e}\n{}", containerd.log_tail());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    kill_shim_then_remove_pod(&mut client, &pod_id, || containerd.log_tail()).await;
     tokio::task::block_in_place(|| {
         containerd.assert_nothing_left_behind(&[&pod_id, &reader, &writer])
     });

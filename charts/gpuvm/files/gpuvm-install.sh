@@ -7,9 +7,12 @@
 # run through $GPUVM_HOST_EXEC (nsenter into PID 1's namespaces; needs hostPID).
 #
 # install:
-#   1. copy the shim, helper binaries, guest kernel and initramfs from $GPUVM_DIST into
-#      $GPUVM_HOST_DIR (bin/, share/), each only when it changed, by an atomic rename
-#      (a running shim or VMM keeps its old inode), and record them in .installed;
+#   1. copy the shim, helper binaries, guest kernel and both guest images (the small
+#      share/initramfs.img for Pods without GPUs, share/initramfs-gpu.img with the NVIDIA
+#      driver for Pods with GPUs) from $GPUVM_DIST into $GPUVM_HOST_DIR (bin/, share/),
+#      each only when it changed, by an atomic rename (a running shim or VMM keeps its
+#      old inode), and record them in .installed; a missing guest file is named in a
+#      warning (the shim refuses the Pods that need it, naming its config key);
 #   2. write $GPUVM_SHIM_CONFIG_DIR/shim.toml (the shim reads it at each sandbox start:
 #      no restart needed);
 #   3. write the containerd drop-in; only when it changed: make sure containerd imports
@@ -145,6 +148,21 @@ remove_import_line() {
     echo changed
 }
 
+# The guest files the shim config names (templates/installer-configmap.yaml): each one
+# missing from the node image is named, with the Pods that cannot start without it.
+warn_missing_guest_files() {
+    local rel who
+    for rel in share/vmlinux share/initramfs.img share/initramfs-gpu.img; do
+        [[ -f "$DIST/$rel" ]] && continue
+        case "$rel" in
+            share/initramfs-gpu.img) who="Pods with GPUs (guest.gpu_initramfs; guest/build.sh --gpu builds it)" ;;
+            share/initramfs.img) who="Pods without GPUs (guest.initramfs)" ;;
+            *) who="any gpuvm Pod (guest.kernel)" ;;
+        esac
+        log "warning: the node image has no $rel: $who will not start on this node"
+    done
+}
+
 install() {
     local major
     major="$(containerd_major)"
@@ -165,6 +183,7 @@ install() {
         echo "$HOST_DIR/$rel" >>"$list"
     done < <(find "$DIST" -type f -print0 | sort -z)
     [[ -s "$list" ]] || die "$DIST is empty: the node image carries no gpuvm runtime"
+    warn_missing_guest_files
     put_file "$HOST_DIR/.installed" "$list" 0644 >/dev/null
     rm -f "$list"
     [[ -f "$manifest" ]] || die "could not record $HOST_DIR/.installed"

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use gpuvm_pci::{GroupLock, PciAddress, Sysfs};
 
 pub use container::{ContainerRequest, ContainerShare, process_spec};
-pub use spec::{RUN_DIR, vm_spec, work_dir};
+pub use spec::{Flavour, NVIDIA_PARAM, RUN_DIR, vm_spec, work_dir};
 pub use tasks::{Checked, Exit, NewContainer, ProcessView, Tasks};
 
 use crate::agent::{Agent, GuestInfo, TtrpcAgent};
@@ -27,6 +27,7 @@ use crate::cgroup::PodCgroup;
 use crate::config::{self, HostPaths, ShimConfig};
 use crate::devices::Passthrough;
 use crate::error::{Error, Result};
+use crate::gpu_check;
 use crate::hypervisor::{self, Hypervisor, VmRecord, VmSpec};
 use crate::network::PodNetwork;
 use crate::persist::{SandboxRecord, StartTimings};
@@ -400,6 +401,8 @@ pub struct Sandbox {
     shutdown_timeout: Duration,
     /// Where the start time went; `container_ms` is filled by the first app container.
     timings: std::sync::Mutex<StartClock>,
+    /// The periodic GPU check, for a sandbox with GPUs and a `guest.gpu_check_interval`.
+    gpu_check: std::sync::Mutex<Option<GpuCheckTask>>,
 }
 
 impl Sandbox {
@@ -432,6 +435,9 @@ impl Sandbox {
             None => None,
         };
         let devices = Devices::claim(&config, annotations, id)?;
+        if Flavour::of(devices.passthrough.as_ref()) == Flavour::Gpu {
+            require_gpu_images(&config)?;
+        }
         let gpu_nodes: Vec<Option<u32>> = devices
             .passthrough
             .iter()
@@ -470,9 +476,13 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = %vm.id, kernel = %info.kernel_release, agent = %info.agent_version, "guest agent ready");
-        if let Some(set) = &vm.devices.passthrough {
-            check_guest_gpus(&vm.devices.host, set, agent.as_ref(), annotations).await;
-        }
+        let gpu_check = match &vm.devices.passthrough {
+            Some(set) => {
+                let period = config.guest.gpu_check_period();
+                check_guest_gpus(&vm.devices.host, set, &agent, annotations, period).await
+            }
+            None => None,
+        };
         let shared_guest = if info.shared_dir.is_empty() {
             DEFAULT_GUEST_SHARED_DIR.to_owned()
         } else {
@@ -496,6 +506,7 @@ impl Sandbox {
                 timings,
                 first_container_started: false,
             }),
+            gpu_check: std::sync::Mutex::new(gpu_check),
         })
     }
 
@@ -567,6 +578,13 @@ impl Sandbox {
 
     /// Tears the sandbox down: agent shutdown, then [`Vm::stop`]. Idempotent.
     pub async fn stop(&self, mounts: Vec<PathBuf>, held: &FailedResetLocks) {
+        // The GPU check ends first: a round against a guest going down would record
+        // a failure that is only the teardown.
+        let task = match self.gpu_check.lock() {
+            Ok(mut task) => task.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(task);
         let _ = tokio::time::timeout(self.shutdown_timeout, self.agent.shutdown()).await;
         self.vm.stop(mounts, held).await;
         tracing::info!(sandbox = %self.vm.id, "sandbox torn down");
@@ -595,16 +613,77 @@ fn require_file(what: &str, setting: &str, path: &Path) -> Result<()> {
     }
 }
 
-/// Asks the agent which GPUs the guest sees, compares them with what was passed,
-/// and records the outcome for the node agent (`<gpu_check_dir>/<ns>_<name>`).
+/// Where the GPU check of a sandbox is recorded for the node agent
+/// (`<gpu_check_dir>/<ns>_<name>`), and the Pod's UID; `path` is `None` for a sandbox
+/// that is not a Kubernetes Pod.
+#[derive(Debug, Clone)]
+struct GpuCheckRecord {
+    path: Option<PathBuf>,
+    pod_uid: Option<String>,
+}
+
+impl GpuCheckRecord {
+    /// The record of the Pod the CRI annotations name.
+    fn of(host: &HostPaths, annotations: &HashMap<String, String>) -> GpuCheckRecord {
+        let path = match (
+            annotations.get(config::ANNOTATION_POD_NAMESPACE),
+            annotations.get(config::ANNOTATION_POD_NAME),
+        ) {
+            (Some(namespace), Some(name)) => {
+                let path = gpu_check::record_path(&host.gpu_check_dir, namespace, name);
+                if path.is_none() {
+                    tracing::warn!(
+                        namespace,
+                        name,
+                        "no GPU check record for a pod with this name"
+                    );
+                }
+                path
+            }
+            _ => None,
+        };
+        GpuCheckRecord {
+            path,
+            pod_uid: annotations.get(config::ANNOTATION_POD_UID).cloned(),
+        }
+    }
+
+    /// Logs `check` and writes it; a failed write is logged (the sandbox runs on).
+    fn write(&self, check: &gpu_check::GpuCheck) {
+        match check {
+            gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
+            gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+        }
+        let Some(path) = &self.path else {
+            return;
+        };
+        if let Err(e) = gpu_check::write_record(path, check, self.pod_uid.as_deref()) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+        }
+    }
+}
+
+/// The periodic GPU check's task; aborted when dropped, so it ends with its sandbox.
+#[derive(Debug)]
+struct GpuCheckTask(tokio::task::JoinHandle<()>);
+
+impl Drop for GpuCheckTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks the agent which GPUs the guest sees, compares them with what was passed, and
+/// records the outcome for the node agent; then, with a `period`, repeats that in a
+/// task ([`gpu_check::GpuMonitor`]: the record is rewritten when the outcome changes).
 /// Never fails the sandbox: the operator reports a failure as `GPUReady=False`.
 async fn check_guest_gpus(
     host: &HostPaths,
     set: &Passthrough,
-    agent: &dyn Agent,
+    agent: &Arc<dyn Agent>,
     annotations: &HashMap<String, String>,
-) {
-    use crate::gpu_check;
+    period: Option<Duration>,
+) -> Option<GpuCheckTask> {
     let ids: Vec<u16> = set.gpus.iter().map(|g| g.device_id).collect();
     let expected = gpu_check::expected_models(
         annotations
@@ -612,31 +691,52 @@ async fn check_guest_gpus(
             .map(String::as_str),
         &ids,
     );
-    let check = gpu_check::gpu_check(&expected, agent.gpu_info().await);
-    match &check {
-        gpu_check::GpuCheck::Ok(summary) => tracing::info!(summary, "guest sees its GPUs"),
-        gpu_check::GpuCheck::Failed(reason) => tracing::warn!(reason, "guest GPU check failed"),
+    let monitor = gpu_check::GpuMonitor::new(expected);
+    let record = GpuCheckRecord::of(host, annotations);
+    run_gpu_check(Arc::clone(agent), monitor, record, period).await
+}
+
+/// The boot round of `monitor`, then with a `period` the task of the later rounds;
+/// each outcome that changed goes to `record`.
+async fn run_gpu_check(
+    agent: Arc<dyn Agent>,
+    mut monitor: gpu_check::GpuMonitor,
+    record: GpuCheckRecord,
+    period: Option<Duration>,
+) -> Option<GpuCheckTask> {
+    if let Some(check) = monitor.observe(agent.gpu_info().await) {
+        record.write(&check);
     }
-    let (Some(namespace), Some(name)) = (
-        annotations.get(config::ANNOTATION_POD_NAMESPACE),
-        annotations.get(config::ANNOTATION_POD_NAME),
-    ) else {
-        return;
-    };
-    let Some(path) = gpu_check::record_path(&host.gpu_check_dir, namespace, name) else {
-        tracing::warn!(
-            namespace,
-            name,
-            "no GPU check record for a pod with this name"
-        );
-        return;
-    };
-    let uid = annotations
-        .get(config::ANNOTATION_POD_UID)
-        .map(String::as_str);
-    if let Err(e) = gpu_check::write_record(&path, &check, uid) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write the GPU check record");
+    let period = period?;
+    Some(GpuCheckTask(tokio::spawn(async move {
+        let mut rounds = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // A round that overran (a slow NVML) is not made up for with a burst.
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            rounds.tick().await;
+            if let Some(check) = monitor.observe(agent.gpu_info().await) {
+                record.write(&check);
+            }
+        }
+    })))
+}
+
+/// For a sandbox with GPUs: the GPU flavour's kernel and initramfs must exist. A GPU
+/// VM without the NVIDIA driver is of no use, so a missing image fails the start,
+/// naming the file and the key (a host that wants the small image for GPU pods says
+/// so: `guest.gpu_initramfs` = `guest.initramfs`).
+fn require_gpu_images(config: &ShimConfig) -> Result<()> {
+    for (key, path) in Flavour::Gpu.images(config) {
+        if !path.is_file() {
+            return Err(Error::VmConfig(format!(
+                "the pod has GPUs, and the GPU guest image {} does not exist (set {key} in \
+                 the shim config; guest/build.sh --gpu builds the image with the NVIDIA \
+                 driver, the chart installs it as share/initramfs-gpu.img)",
+                path.display()
+            )));
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -804,5 +904,204 @@ mod tests {
         for dir in created {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
+    }
+
+    /// An agent whose `GpuInfo` answers come from a script (the last one repeats),
+    /// each once the test lets it through `gate`; every other call fails.
+    #[derive(Debug)]
+    struct ScriptedGpuAgent {
+        answers: std::sync::Mutex<Vec<crate::agent::GpuReport>>,
+        gate: tokio::sync::Semaphore,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ScriptedGpuAgent {
+        fn new(answers: Vec<crate::agent::GpuReport>) -> Arc<ScriptedGpuAgent> {
+            Arc::new(ScriptedGpuAgent {
+                answers: std::sync::Mutex::new(answers),
+                gate: tokio::sync::Semaphore::new(0),
+                calls: std::sync::atomic::AtomicUsize::new(0),
+            })
+        }
+
+        /// Lets one more `GpuInfo` answer through, and waits until it was asked.
+        async fn answer_once(&self) {
+            let asked = self.calls.load(Ordering::SeqCst) + 1;
+            self.gate.add_permits(1);
+            eventually(|| self.calls.load(Ordering::SeqCst) >= asked).await;
+        }
+    }
+
+    /// Waits (at most 10 s) until `done`.
+    async fn eventually(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The answer to every call but `GpuInfo`.
+    fn not_scripted<T>() -> Result<T> {
+        Err(Error::AgentUnavailable("not scripted".into()))
+    }
+
+    #[async_trait::async_trait]
+    impl Agent for ScriptedGpuAgent {
+        async fn ping(&self) -> Result<String> {
+            not_scripted()
+        }
+        async fn guest_info(&self) -> Result<GuestInfo> {
+            not_scripted()
+        }
+        async fn gpu_info(&self) -> Result<crate::agent::GpuReport> {
+            self.gate.acquire().await.expect("gate").forget();
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut answers = self.answers.lock().expect("answers");
+            match answers.len() {
+                0 => not_scripted(),
+                1 => Ok(answers[0].clone()),
+                _ => Ok(answers.remove(0)),
+            }
+        }
+        async fn create_container(&self, _: &crate::agent::ContainerSpec) -> Result<()> {
+            not_scripted()
+        }
+        async fn exec_process(
+            &self,
+            _: &crate::agent::ProcessId,
+            _: &crate::agent::ProcessSpec,
+        ) -> Result<()> {
+            not_scripted()
+        }
+        async fn start_process(&self, _: &crate::agent::ProcessId) -> Result<u32> {
+            not_scripted()
+        }
+        async fn signal_process(&self, _: &crate::agent::ProcessId, _: u32, _: bool) -> Result<()> {
+            not_scripted()
+        }
+        async fn wait_process(
+            &self,
+            _: &crate::agent::ProcessId,
+        ) -> Result<crate::agent::ExitInfo> {
+            not_scripted()
+        }
+        async fn delete_process(&self, _: &crate::agent::ProcessId) -> Result<()> {
+            not_scripted()
+        }
+        async fn read_output(
+            &self,
+            _: &crate::agent::ProcessId,
+            _: crate::agent::OutputStream,
+        ) -> Result<Option<Vec<u8>>> {
+            not_scripted()
+        }
+        async fn write_stdin(&self, _: &crate::agent::ProcessId, _: &[u8]) -> Result<usize> {
+            not_scripted()
+        }
+        async fn close_stdin(&self, _: &crate::agent::ProcessId) -> Result<()> {
+            not_scripted()
+        }
+        async fn resize_terminal(&self, _: &crate::agent::ProcessId, _: u32, _: u32) -> Result<()> {
+            not_scripted()
+        }
+        async fn pids(&self, _: &str) -> Result<Vec<u32>> {
+            not_scripted()
+        }
+        async fn process_stats(
+            &self,
+            _: &crate::agent::ProcessId,
+        ) -> Result<crate::agent::ProcessStats> {
+            not_scripted()
+        }
+        async fn shutdown(&self) -> Result<()> {
+            not_scripted()
+        }
+        async fn configure_network(&self, _: &crate::agent::GuestNetwork) -> Result<()> {
+            not_scripted()
+        }
+    }
+
+    /// What the guest of one H100 answers; with `gone`, the driver lost it.
+    fn one_h100(gone: bool) -> crate::agent::GpuReport {
+        crate::agent::GpuReport {
+            gpus: if gone {
+                Vec::new()
+            } else {
+                vec![crate::agent::GpuInfo {
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    uuid: "GPU-5f8b2c3e-1a2b-4c3d-9e8f-0123456789ab".into(),
+                    pci_bus_id: "00000000:00:05.0".into(),
+                }]
+            },
+            ..crate::agent::GpuReport::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_gpu_check_task_records_changes_only_and_ends_with_its_sandbox() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostPaths {
+            gpu_check_dir: dir.path().to_owned(),
+            ..HostPaths::default()
+        };
+        let record = GpuCheckRecord::of(
+            &host,
+            &[
+                (config::ANNOTATION_POD_NAMESPACE, "team-a"),
+                (config::ANNOTATION_POD_NAME, "train-0"),
+                (config::ANNOTATION_POD_UID, "uid-1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        let path = dir.path().join("team-a_train-0");
+        let agent = ScriptedGpuAgent::new(vec![one_h100(false), one_h100(false), one_h100(true)]);
+        agent.gate.add_permits(1);
+        let monitor = gpu_check::GpuMonitor::new(vec!["h100-80gb".into()]);
+        let period = Some(Duration::from_millis(10));
+        let task = run_gpu_check(agent.clone(), monitor, record, period)
+            .await
+            .expect("a period starts the task");
+        let read = || std::fs::read_to_string(&path).ok();
+        assert_eq!(
+            read().as_deref(),
+            Some("ok: 1 x h100-80gb\npod-uid: uid-1\n")
+        );
+        // The same outcome is not written again.
+        std::fs::remove_file(&path).expect("remove");
+        agent.answer_once().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(read(), None);
+        agent.answer_once().await;
+        let gone = "failed: GPU GPU-5f8b2c3e-1a2b-4c3d-9e8f-0123456789ab (at 00000000:00:05.0) \
+                    is gone from the guest, which sees 0 of the 1 GPUs it passed with\n\
+                    pod-uid: uid-1\n";
+        eventually(|| read().as_deref() == Some(gone)).await;
+        drop(task);
+        let calls = agent.calls.load(Ordering::SeqCst);
+        agent.gate.add_permits(5);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            agent.calls.load(Ordering::SeqCst),
+            calls,
+            "rounds after the stop"
+        );
+        // Boot only: one round, no task.
+        let once = ScriptedGpuAgent::new(vec![one_h100(false)]);
+        once.gate.add_permits(2);
+        let none = GpuCheckRecord {
+            path: None,
+            pod_uid: None,
+        };
+        let monitor = gpu_check::GpuMonitor::new(vec!["h100-80gb".into()]);
+        assert!(
+            run_gpu_check(once.clone(), monitor, none, None)
+                .await
+                .is_none()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(once.calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -17,9 +17,66 @@ pub fn work_dir(id: &str) -> PathBuf {
     PathBuf::from(RUN_DIR).join(id)
 }
 
+/// The kernel command line key that tells the agent whether to load the NVIDIA
+/// modules (`load`, `off`; the agent's default is `auto`).
+pub const NVIDIA_PARAM: &str = "gpuvm.nvidia";
+
+/// The guest image a sandbox boots: the small one, or with devices passed the GPU
+/// flavour (`guest.gpu_kernel` / `guest.gpu_initramfs`) and the NVIDIA modules asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// No devices: `guest.kernel` + `guest.initramfs`, `gpuvm.nvidia=off`.
+    Small,
+    /// VFIO devices: `guest.gpu_kernel` + `guest.gpu_initramfs`, `gpuvm.nvidia=load`.
+    Gpu,
+}
+
+impl Flavour {
+    /// The flavour for a sandbox passed `devices`.
+    pub fn of(devices: Option<&Passthrough>) -> Flavour {
+        match devices {
+            Some(set) if !set.devices.is_empty() => Flavour::Gpu,
+            _ => Flavour::Small,
+        }
+    }
+
+    /// The kernel and initramfs of this flavour, each with the config key naming it.
+    pub fn images(self, config: &ShimConfig) -> [(&'static str, PathBuf); 2] {
+        let g = &config.guest;
+        match self {
+            Flavour::Small => [
+                ("guest.kernel", g.kernel.clone()),
+                ("guest.initramfs", g.initramfs.clone()),
+            ],
+            Flavour::Gpu => [
+                (
+                    if g.gpu_kernel.is_some() {
+                        "guest.gpu_kernel"
+                    } else {
+                        "guest.kernel"
+                    },
+                    g.gpu_kernel().to_owned(),
+                ),
+                ("guest.gpu_initramfs", g.gpu_initramfs.clone()),
+            ],
+        }
+    }
+
+    /// `gpuvm.nvidia=load` or `gpuvm.nvidia=off`.
+    pub fn kernel_param(self) -> String {
+        let value = match self {
+            Flavour::Small => "off",
+            Flavour::Gpu => "load",
+        };
+        format!("{NVIDIA_PARAM}={value}")
+    }
+}
+
 /// The VM of sandbox `id`: guest size from the annotations (within the config's
-/// limits), the config's guest kernel and memory backing, the virtio-fs share under
-/// the work dir, and `devices` with a 64-bit MMIO window that holds their BARs.
+/// limits), the config's memory backing, the virtio-fs share under the work dir, and
+/// `devices` with a 64-bit MMIO window that holds their BARs. The guest image is the
+/// [`Flavour`] of `devices`; the config's `kernel_params` come last, so they can
+/// override `gpuvm.nvidia`.
 pub fn vm_spec(
     config: &ShimConfig,
     annotations: &HashMap<String, String>,
@@ -29,14 +86,17 @@ pub fn vm_spec(
     let size = config::guest_size(&config.guest, annotations)?;
     let hugepage_size = config.memory.hugepage_size_bytes()?;
     let work_dir = work_dir(id);
+    let flavour = Flavour::of(devices);
+    let [(_, kernel), (_, initramfs)] = flavour.images(config);
     Ok(VmSpec {
         id: id.to_owned(),
-        kernel: config.guest.kernel.clone(),
-        initramfs: config.guest.initramfs.clone(),
+        kernel,
+        initramfs,
         // The agent mounts the virtio-fs share with this tag.
         cmdline: hypervisor::kernel_cmdline(&format!(
-            "gpuvm.share={} {}",
+            "gpuvm.share={} {} {}",
             hypervisor::SHARED_FS_TAG,
+            flavour.kernel_param(),
             config.guest.kernel_params
         )),
         size,
@@ -93,7 +153,7 @@ mod tests {
             work_dir: PathBuf::from("/run/gpuvm/pod1"),
             kernel: PathBuf::from("/usr/share/gpuvm/vmlinux"),
             initramfs: PathBuf::from("/usr/share/gpuvm/initramfs.img"),
-            cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm".into(),
+            cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm gpuvm.nvidia=off".into(),
             size: GuestSize {
                 cpus: 1,
                 memory_mib: 1024,
@@ -117,6 +177,10 @@ mod tests {
         tuned.memory.hugepages = true;
         tuned.memory.hugepage_size = "2Mi".into();
         let gpus = two_h100s();
+        let mut gpu_kernel = ShimConfig::default();
+        gpu_kernel.guest.gpu_kernel = Some(PathBuf::from("/k/gpu-vmlinux"));
+        gpu_kernel.guest.gpu_initramfs = PathBuf::from("/i/gpu.img");
+        gpu_kernel.guest.kernel_params = "gpuvm.nvidia=auto".into();
         let cases: Vec<Case<'_>> = vec![
             (
                 "defaults",
@@ -169,7 +233,9 @@ mod tests {
                 annotations(&[]),
                 None,
                 VmSpec {
-                    cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm quiet".into(),
+                    cmdline:
+                        "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm gpuvm.nvidia=off quiet"
+                            .into(),
                     memory: MemoryOptions {
                         prefault: true,
                         hugepages: true,
@@ -186,6 +252,25 @@ mod tests {
                 VmSpec {
                     devices: vec!["0000:18:00.0".into(), "0000:19:00.0".into()],
                     mmio64_size: Some(1 << 40),
+                    initramfs: PathBuf::from("/usr/share/gpuvm/initramfs-gpu.img"),
+                    cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm gpuvm.nvidia=load"
+                        .into(),
+                    ..default_spec()
+                },
+            ),
+            (
+                "GPUs with their own kernel, gpuvm.nvidia overridden by the config",
+                gpu_kernel,
+                annotations(&[]),
+                Some(&gpus),
+                VmSpec {
+                    devices: vec!["0000:18:00.0".into(), "0000:19:00.0".into()],
+                    mmio64_size: Some(1 << 40),
+                    kernel: PathBuf::from("/k/gpu-vmlinux"),
+                    initramfs: PathBuf::from("/i/gpu.img"),
+                    cmdline: "console=ttyS0 reboot=k panic=1 gpuvm.share=gpuvm gpuvm.nvidia=load \
+                              gpuvm.nvidia=auto"
+                        .into(),
                     ..default_spec()
                 },
             ),
@@ -194,6 +279,40 @@ mod tests {
             let got = vm_spec(&config, &annotations, devices, "pod1").expect(name);
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn the_flavour_names_its_images_and_their_keys() {
+        let mut config = ShimConfig::default();
+        assert_eq!(Flavour::of(None), Flavour::Small);
+        let none = Passthrough {
+            devices: Vec::new(),
+            ..two_h100s()
+        };
+        assert_eq!(Flavour::of(Some(&none)), Flavour::Small);
+        assert_eq!(Flavour::of(Some(&two_h100s())), Flavour::Gpu);
+        assert_eq!(
+            Flavour::Gpu.images(&config),
+            [
+                ("guest.kernel", PathBuf::from("/usr/share/gpuvm/vmlinux")),
+                (
+                    "guest.gpu_initramfs",
+                    PathBuf::from("/usr/share/gpuvm/initramfs-gpu.img")
+                ),
+            ]
+        );
+        config.guest.gpu_kernel = Some(PathBuf::from("/gk"));
+        assert_eq!(
+            Flavour::Gpu.images(&config)[0],
+            ("guest.gpu_kernel", PathBuf::from("/gk"))
+        );
+        assert_eq!(
+            Flavour::Small.images(&config)[1],
+            (
+                "guest.initramfs",
+                PathBuf::from("/usr/share/gpuvm/initramfs.img")
+            )
+        );
     }
 
     #[test]

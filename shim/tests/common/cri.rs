@@ -17,7 +17,10 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{Containerd, IMAGE, Plugins, Setup, ShimSettings, busybox_image, run};
+use super::{
+    Containerd, IMAGE, Plugins, RUN_DIR, Setup, ShimSettings, busybox_image, processes_mentioning,
+    run,
+};
 
 /// The CRI runtime handler naming the gpuvm runtime in containerd's config.
 pub const RUNTIME_HANDLER: &str = "gpuvm";
@@ -267,6 +270,44 @@ pub async fn try_stop_and_remove_pod(client: &mut Client, pod_id: &str) -> Resul
         .await
         .map_err(|e| format!("RemovePodSandbox: {e}"))?;
     Ok(())
+}
+
+/// A crash, as the cleanup tests make one: SIGKILLs the shim of `pod_id`, waits (60 s
+/// at most) until containerd's cleanup (`shim delete`) removed the VM's work dir, then
+/// stops and removes the pod as kubelet does after a runtime failure: again and again
+/// (60 s at most) until CRI lets it go, since it learns of the containers' exits from
+/// events a moment later. The caller then checks nothing is left behind.
+pub async fn kill_shim_then_remove_pod(
+    client: &mut Client,
+    pod_id: &str,
+    context: impl Fn() -> String,
+) {
+    let shim_pid = processes_mentioning(&format!("-id {pod_id} "))
+        .into_iter()
+        .find(|p| p.contains("containerd-shim-gpuvm-v1") && !p.trim_end().ends_with(" start"))
+        .and_then(|p| p.split(':').next().and_then(|pid| pid.parse::<i32>().ok()))
+        .expect("the shim's pid");
+    // SAFETY: kill(2) of the shim's pid, just read from /proc; no memory effects here.
+    assert_eq!(unsafe { libc::kill(shim_pid, libc::SIGKILL) }, 0);
+    let work_dir = Path::new(RUN_DIR).join(pod_id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while work_dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "containerd never cleaned up after the shim\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = try_stop_and_remove_pod(client, pod_id).await {
+        assert!(
+            Instant::now() < deadline,
+            "the pod cannot go: {e}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// ExecSync of `cmd` in `container_id` (120 s timeout); panics if the call fails.

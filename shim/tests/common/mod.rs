@@ -353,6 +353,9 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
 pub struct ShimSettings {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The image pods with GPUs boot (`guest.gpu_initramfs`); the small one by
+    /// default: the fake-GPU tests have no driver to load.
+    pub gpu_initramfs: PathBuf,
     pub qemu: PathBuf,
     pub kernel_params: String,
     pub agent_connect_secs: u64,
@@ -366,6 +369,7 @@ impl ShimSettings {
         ShimSettings {
             kernel: s.kernel.clone(),
             initramfs: s.initramfs.clone(),
+            gpu_initramfs: s.initramfs.clone(),
             qemu: s.qemu.clone(),
             kernel_params: String::new(),
             // TCG boots take seconds, and longer on a loaded 2-core box.
@@ -385,6 +389,7 @@ log_level = "debug"
 [guest]
 kernel = "{}"
 initramfs = "{}"
+gpu_initramfs = "{}"
 kernel_params = "{}"
 default_cpus = 1
 default_memory = "512Mi"
@@ -399,6 +404,7 @@ vm_shutdown_secs = 10
 "#,
             settings.kernel.display(),
             settings.initramfs.display(),
+            settings.gpu_initramfs.display(),
             settings.kernel_params,
             settings.qemu.display(),
             s.vsock.display(),
