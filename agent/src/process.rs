@@ -470,6 +470,15 @@ impl Process {
     ) -> Result<Finished> {
         let deadline = std::time::Instant::now() + timeout;
         let pid = self.start(launch, None)?;
+        let result = self.collect(pid, deadline);
+        // Unblocks output pumps stuck on a full buffer (a process that printed more
+        // than a buffer holds before the deadline).
+        self.stdout.discard();
+        self.stderr.discard();
+        result
+    }
+
+    fn collect(&self, pid: u32, deadline: std::time::Instant) -> Result<Finished> {
         let drain = |buffer: &OutputBuffer| {
             let mut out = Vec::new();
             loop {
@@ -1503,6 +1512,36 @@ mod tests {
         .unwrap();
         assert_eq!((killed.exit_status, killed.signal), (137, 9));
         assert!(ExitInfo::from_wait_status(WaitStatus::StillAlive, now).is_none());
+    }
+
+    #[test]
+    fn a_helper_runs_to_completion_or_is_killed_at_its_deadline() {
+        let guest = ContainerSpec::default();
+        let spec = |script: &str| ProcessSpec {
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            cwd: PathBuf::from("/"),
+            ..ProcessSpec::default()
+        };
+        let done = Process::new("helper", "", spec("echo out; echo err >&2; exit 3"))
+            .run_to_completion(Launch::Guest(&guest), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(
+            (
+                done.stdout.as_slice(),
+                done.stderr.as_slice(),
+                done.exit.exit_status
+            ),
+            (&b"out\n"[..], &b"err\n"[..], 3)
+        );
+        let started = std::time::Instant::now();
+        let err = Process::new("helper", "", spec("exec sleep 30"))
+            .run_to_completion(Launch::Guest(&guest), Duration::from_millis(300))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            crate::error::chain(&err).starts_with("Running /bin/sh failed: timed out"),
+            "{err}"
+        );
     }
 
     #[test]

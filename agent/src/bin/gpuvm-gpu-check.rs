@@ -9,15 +9,29 @@
 
 use std::process::ExitCode;
 
-use gpuvm_agent::error::chain;
 use gpuvm_agent::gpu::{CheckFailure, CheckOutput, gpu_report};
+
+/// The error and its causes, each said once (libloading repeats dlerror's text).
+fn message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
 
 fn main() -> ExitCode {
     let (output, code) = match gpu_report() {
         Ok(report) => (CheckOutput::Report(report), ExitCode::SUCCESS),
         Err(error) => (
             CheckOutput::Failure(CheckFailure {
-                error: chain(&error),
+                error: message(&error),
             }),
             ExitCode::FAILURE,
         ),
