@@ -25,7 +25,7 @@ use gpuvm_testkit::Requirement;
 use protobuf::MessageField;
 
 /// The initramfs holds the driver (hundreds of MiB unpacked).
-const MEMORY: &str = "3G";
+const MEMORY: &str = "2G";
 const PROBE: &str = "set -e
 dlopen-probe libcuda.so.1 libnvidia-ml.so.1
 ldconfig -p | grep -E 'libcuda.so.1 |libnvidia-ml.so.1 ' | sed 's/ (.*=>/ =>/'
@@ -38,6 +38,17 @@ fn gpu_guest_dir() -> PathBuf {
         Some(dir) => PathBuf::from(dir),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.work/guest-gpu"),
     }
+}
+
+/// A copy of the image's `probe-rootfs` on the share, as a new container's snapshot
+/// would be (the injection leaves its mount points and links in a rootfs, as runc
+/// does); returns its guest path.
+fn fresh_rootfs(guest: &Guest, name: &str) -> String {
+    copy_tree(
+        &gpu_guest_dir().join("probe-rootfs"),
+        &guest.share.join(name).join("rootfs"),
+    );
+    format!("/run/gpuvm/shared/{name}/rootfs")
 }
 
 /// A container of `probe-rootfs` with containerd's default mounts.
@@ -165,8 +176,13 @@ fn the_gpu_image_loads_the_driver_and_gives_containers_its_libraries() {
     // Opted out: by the environment, by the pod annotation.
     let absent = "test ! -e /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1 && \
                   ! grep -q /usr/lib/x86_64-linux-gnu/libcuda /proc/self/mountinfo && echo absent";
-    let void = probe_request("void", ROOTFS, absent, &["NVIDIA_VISIBLE_DEVICES=void"]);
-    let mut sidecar = probe_request("sidecar", ROOTFS, absent, &[]);
+    let void = probe_request(
+        "void",
+        &fresh_rootfs(&guest, "void"),
+        absent,
+        &["NVIDIA_VISIBLE_DEVICES=void"],
+    );
+    let mut sidecar = probe_request("sidecar", &fresh_rootfs(&guest, "sidecar"), absent, &[]);
     sidecar.annotations = HashMap::from([
         ("io.kubernetes.cri.container-name".into(), "sidecar".into()),
         ("gpuvm.dev/no-gpu-containers".into(), "sidecar".into()),
@@ -190,8 +206,8 @@ const DRIVER_VERSION: &str = "550.163.01";
 /// A tenant rootfs whose library directory links to guest paths: the binds and
 /// links land inside the rootfs, the guest's files are untouched.
 fn planted_symlinks_stay_in_the_rootfs(guest: &Guest) {
+    let evil_rootfs = fresh_rootfs(guest, "evil");
     let evil = guest.share.join("evil/rootfs");
-    copy_tree(&guest.share.join("c1/rootfs"), &evil);
     let evil_lib = evil.join("usr/lib/x86_64-linux-gnu");
     // The mount point of libcuda is an absolute link to the guest's driver list, the
     // soname link one to the guest's module list: followed naively, the bind would
@@ -211,7 +227,7 @@ fn planted_symlinks_stay_in_the_rootfs(guest: &Guest) {
         guest,
         &probe_request(
             "evil",
-            "/run/gpuvm/shared/evil/rootfs",
+            &evil_rootfs,
             "head -c 4 /etc/gpuvm/nvidia/driver.json | tail -c 3; echo",
             &[],
         ),
