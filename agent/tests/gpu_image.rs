@@ -124,6 +124,28 @@ fn the_gpu_image_loads_the_driver_and_gives_containers_its_libraries() {
         assert!(!console.contains(bad), "{bad} in the console:\n{console}");
     }
 
+    // The NVML helper runs in the guest's root on the image's glibc and finds NVML;
+    // without a GPU NVML says the driver is not loaded.
+    let (check, stderr, _) = run_request(
+        &guest,
+        &pb::CreateProcessRequest {
+            container_id: "gpu-check".into(),
+            process: MessageField::some(pb::ProcessSpec {
+                args: vec!["/usr/bin/gpuvm-gpu-check".into()],
+                env: vec!["LD_LIBRARY_PATH=/usr/lib/gpuvm/nvidia".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    println!("GPU_CHECK: {check}{stderr}");
+    let nvml = gpuvm_agent::gpu::parse_check_output(&check).unwrap_err();
+    assert!(
+        nvml.starts_with("There is no NVIDIA driver in the guest: ")
+            && !nvml.contains("cannot open"),
+        "{nvml}"
+    );
+
     // What the driver said, from the guest's kernel log.
     let (log, _, _) = run_request(
         &guest,
