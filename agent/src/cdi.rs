@@ -609,18 +609,20 @@ mod tests {
         build_spec(&DriverFiles::parse(DRIVER).unwrap(), &nodes, &gpus)
     }
 
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// `KEY=VALUE` pairs as an environment or annotations.
+    fn pairs<T: FromIterator<(String, String)>>(pairs: &[(&str, &str)]) -> T {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn env(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs(list)
+    }
+
+    fn annotations(list: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs(list)
     }
 
     fn selected(env_pairs: &[(&str, &str)]) -> Option<ContainerEdits> {

@@ -792,13 +792,23 @@ GPU Excluded:\t No
     }
 
     #[test]
-    fn a_missing_module_list_loads_nothing_and_says_why() {
-        let entries = [boot::ModuleEntry {
-            path: "/nonexistent/nvidia.ko".into(),
-            params: String::new(),
-        }];
+    fn a_module_that_fails_stops_the_list_with_its_reason() {
+        let entries = ["/nonexistent/nvidia.ko", "/nonexistent/nvidia-uvm.ko"].map(|path| {
+            boot::ModuleEntry {
+                path: path.into(),
+                params: String::new(),
+            }
+        });
         let outcomes = load_list(&entries, "x");
         assert_eq!(outcomes[0].name, "nvidia");
+        // What needs the failed module is not tried.
+        assert_eq!(
+            outcomes[1],
+            ModuleOutcome {
+                name: "nvidia_uvm".into(),
+                error: Some("not tried: nvidia failed to load".into()),
+            }
+        );
         assert!(
             outcomes[0]
                 .error
