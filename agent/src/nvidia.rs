@@ -792,6 +792,23 @@ GPU Excluded:\t No
     }
 
     #[test]
+    fn load_without_a_module_list_is_a_clear_error_and_off_loads_nothing() {
+        if Path::new(MODULE_LIST).exists() {
+            return; // A GPU image: nothing to show here.
+        }
+        let loaded = load(NvidiaMode::Load, "x");
+        assert!(loaded.requested);
+        let error = loaded.module_error().unwrap_or_default();
+        assert!(
+            error.contains("has no /etc/gpuvm/nvidia-modules.list"),
+            "{error}"
+        );
+        assert!(loaded.modules.is_empty() && loaded.cdi.is_none());
+        let off = load(NvidiaMode::Off, "x");
+        assert!(!off.requested && off.module_error().is_none());
+    }
+
+    #[test]
     fn a_module_that_fails_stops_the_list_with_its_reason() {
         let entries = ["/nonexistent/nvidia.ko", "/nonexistent/nvidia-uvm.ko"].map(|path| {
             boot::ModuleEntry {
