@@ -55,13 +55,7 @@ fn fresh_rootfs(guest: &Guest, name: &str) -> String {
 fn probe_request(id: &str, rootfs: &str, script: &str, env: &[&str]) -> pb::CreateProcessRequest {
     let mut spec = process(&["sh", "-c", script]);
     spec.env.extend(env.iter().map(|e| e.to_string()));
-    pb::CreateProcessRequest {
-        container_id: id.into(),
-        rootfs: rootfs.into(),
-        process: MessageField::some(spec),
-        mounts: containerd_default_mounts(),
-        ..Default::default()
-    }
+    default_spec_request(id, rootfs, spec)
 }
 
 /// Runs a request to its end: (stdout, stderr, exit status).

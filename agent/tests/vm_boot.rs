@@ -281,13 +281,7 @@ fn boots_the_guest_and_runs_a_container() {
 const STATUS_LINES: &str = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
 
 fn with_mounts(id: &str, process: pb::ProcessSpec) -> pb::CreateProcessRequest {
-    pb::CreateProcessRequest {
-        container_id: id.into(),
-        rootfs: ROOTFS.into(),
-        process: MessageField::some(process),
-        mounts: containerd_default_mounts(),
-        ..Default::default()
-    }
+    default_spec_request(id, ROOTFS, process)
 }
 
 fn new_namespaces(kinds: &[&str]) -> Vec<pb::Namespace> {

@@ -81,6 +81,21 @@ pub fn containerd_default_mounts() -> Vec<pb::Mount> {
     ]
 }
 
+/// A container at `rootfs` (a guest path) with containerd's default mounts.
+pub fn default_spec_request(
+    id: &str,
+    rootfs: &str,
+    process: pb::ProcessSpec,
+) -> pb::CreateProcessRequest {
+    pb::CreateProcessRequest {
+        container_id: id.into(),
+        rootfs: rootfs.into(),
+        process: protobuf::MessageField::some(process),
+        mounts: containerd_default_mounts(),
+        ..Default::default()
+    }
+}
+
 /// Children started by the test, killed by pid (and reaped) however the test ends.
 pub struct Children(pub Vec<(&'static str, Child)>);
 
