@@ -214,6 +214,12 @@ fn the_gpu_image_loads_the_driver_and_gives_containers_its_libraries() {
     }
 
     planted_symlinks_stay_in_the_rootfs(&guest);
+    let console = guest.console_log();
+    let agent_lines: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("NVIDIA") || l.contains("ldconfig") || l.contains("WARN"))
+        .collect();
+    println!("CONSOLE (agent):\n{}", agent_lines.join("\n"));
 }
 
 /// The driver version of the contract (`550.163.01-*` from Debian trixie).
