@@ -49,6 +49,21 @@ pub struct BootConfig {
     pub module_list: Option<PathBuf>,
     /// `gpuvm.debug=1`: verbose logging.
     pub debug: bool,
+    /// `gpuvm.nvidia=auto|load|off`: whether to load the NVIDIA kernel modules.
+    pub nvidia: NvidiaMode,
+}
+
+/// `gpuvm.nvidia=`: when the agent loads the modules of
+/// [`crate::nvidia::MODULE_LIST`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NvidiaMode {
+    /// Load them when an NVIDIA display or 3D controller is on the PCI bus.
+    #[default]
+    Auto,
+    /// Always try (a GPU image booted without a GPU, as CI does).
+    Load,
+    /// Never.
+    Off,
 }
 
 /// Parses the `gpuvm.*` keys of a kernel command line; other keys are ignored.
@@ -64,6 +79,18 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig> {
             "gpuvm.listen" => config.listen = Some(value.to_string()),
             "gpuvm.modules" => config.module_list = Some(PathBuf::from(value)),
             "gpuvm.debug" => config.debug = value == "1" || value == "true",
+            "gpuvm.nvidia" => {
+                config.nvidia = match value {
+                    "auto" => NvidiaMode::Auto,
+                    "load" => NvidiaMode::Load,
+                    "off" => NvidiaMode::Off,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "gpuvm.nvidia={value:?} is not auto, load or off"
+                        )));
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -134,36 +161,45 @@ pub fn module_name(path: &Path) -> String {
     file.split('.').next().unwrap_or("").replace('-', "_")
 }
 
-/// Loads every module of the list in order; one that is already loaded (or built in)
-/// counts as loaded. Returns the names loaded; stops at the first failure.
-pub fn load_modules(list: &Path, release: &str) -> Result<Vec<String>> {
-    let text = match fs::read_to_string(list) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("Reading {}", list.display()), e)),
-    };
-    let base = Path::new("/lib/modules").join(release);
-    let mut loaded = Vec::new();
-    for entry in parse_module_list(&text) {
-        let path = if entry.path.is_absolute() {
-            entry.path.clone()
-        } else {
-            base.join(&entry.path)
-        };
-        let file = File::open(&path)
-            .map_err(|e| Error::io(format!("Opening module {}", path.display()), e))?;
-        let params = CString::new(entry.params.clone()).map_err(|_| {
-            Error::invalid(format!(
-                "the parameters of {} contain a NUL byte",
-                path.display()
-            ))
-        })?;
-        match finit_module(&file, &params, ModuleInitFlags::empty()) {
-            Ok(()) | Err(Errno::EEXIST) => loaded.push(module_name(&path)),
-            Err(e) => return Err(Error::io(format!("Loading module {}", path.display()), e)),
-        }
+/// Reads a module list; a missing file is `None`.
+pub fn read_module_list(list: &Path) -> Result<Option<Vec<ModuleEntry>>> {
+    match fs::read_to_string(list) {
+        Ok(text) => Ok(Some(parse_module_list(&text))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("Reading {}", list.display()), e)),
     }
-    Ok(loaded)
+}
+
+/// Inserts one module with `finit_module(2)`; one that is already loaded (or built
+/// in) counts as loaded. Returns its name.
+pub fn load_module(entry: &ModuleEntry, release: &str) -> Result<String> {
+    let path = if entry.path.is_absolute() {
+        entry.path.clone()
+    } else {
+        Path::new("/lib/modules").join(release).join(&entry.path)
+    };
+    let file = File::open(&path)
+        .map_err(|e| Error::io(format!("Opening module {}", path.display()), e))?;
+    let params = CString::new(entry.params.clone()).map_err(|_| {
+        Error::invalid(format!(
+            "the parameters of {} contain a NUL byte",
+            path.display()
+        ))
+    })?;
+    match finit_module(&file, &params, ModuleInitFlags::empty()) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(module_name(&path)),
+        Err(e) => Err(Error::io(format!("Loading module {}", path.display()), e)),
+    }
+}
+
+/// Loads every module of the list in order. Returns the names loaded; stops at the
+/// first failure. A missing list loads nothing.
+pub fn load_modules(list: &Path, release: &str) -> Result<Vec<String>> {
+    read_module_list(list)?
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| load_module(entry, release))
+        .collect()
 }
 
 /// Mounts the API filesystems PID 1 must provide. Already-mounted ones are fine.
@@ -429,12 +465,27 @@ mod tests {
                 listen: Some("vsock://-1:2048".into()),
                 module_list: Some("/x.list".into()),
                 debug: true,
+                nvidia: NvidiaMode::Auto,
             }
         );
         assert_eq!(
             parse_cmdline("console=ttyS0").unwrap(),
             BootConfig::default()
         );
+    }
+
+    #[test]
+    fn nvidia_key() {
+        for (value, mode) in [
+            ("auto", NvidiaMode::Auto),
+            ("load", NvidiaMode::Load),
+            ("off", NvidiaMode::Off),
+        ] {
+            let config = parse_cmdline(&format!("quiet gpuvm.nvidia={value}")).unwrap();
+            assert_eq!(config.nvidia, mode);
+        }
+        let err = parse_cmdline("gpuvm.nvidia=yes").unwrap_err();
+        assert!(err.to_string().contains("not auto, load or off"), "{err}");
     }
 
     #[test]

@@ -111,6 +111,8 @@ fn run_as_init(started: Instant) -> anyhow::Result<()> {
         .unwrap_or_else(|| boot::DEFAULT_MODULE_LIST.into());
     let loaded_modules = boot::load_modules(&list, &release)?;
     tracing::info!(modules = loaded_modules.len(), "kernel modules loaded");
+    // After the virtio stack; on its own thread, so serving does not wait for it.
+    let nvidia = gpuvm_agent::nvidia::Driver::start(config.nvidia, release);
 
     if let Err(error) = boot::link_up("lo") {
         tracing::warn!("{}", gpuvm_agent::error::chain(&error));
@@ -143,6 +145,7 @@ fn run_as_init(started: Instant) -> anyhow::Result<()> {
         loaded_modules,
         shared_dir: shared_dir.clone(),
         in_guest: true,
+        nvidia,
         ..GuestFacts::default()
     };
     let listening = Arc::clone(&facts.listening_uptime_ns);

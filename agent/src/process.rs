@@ -448,6 +448,76 @@ impl Process {
     }
 }
 
+/// How a process run to its end went ([`Process::run_to_completion`]).
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit.
+    pub exit: ExitInfo,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl Process {
+    /// Starts the process (no cgroup), collects its output and waits for its exit;
+    /// after `timeout` it is SIGKILLed and the call fails. For the agent's own short
+    /// helpers (the GPU check, `ldconfig`); the reaper, not `waitpid`, sees the exit.
+    pub fn run_to_completion(
+        self: &Arc<Self>,
+        launch: Launch<'_>,
+        timeout: Duration,
+    ) -> Result<Finished> {
+        let deadline = std::time::Instant::now() + timeout;
+        let pid = self.start(launch, None)?;
+        let result = self.collect(pid, deadline);
+        // Unblocks output pumps stuck on a full buffer (a process that printed more
+        // than a buffer holds before the deadline).
+        self.stdout.discard();
+        self.stderr.discard();
+        result
+    }
+
+    fn collect(&self, pid: u32, deadline: std::time::Instant) -> Result<Finished> {
+        let drain = |buffer: &OutputBuffer| {
+            let mut out = Vec::new();
+            loop {
+                let chunk = buffer.read(0, Duration::from_millis(200));
+                out.extend(chunk.data);
+                if chunk.eof || std::time::Instant::now() >= deadline {
+                    break out;
+                }
+            }
+        };
+        let stdout = drain(&self.stdout);
+        let stderr = drain(&self.stderr);
+        let mut status = lock(&self.status);
+        loop {
+            if let State::Exited(exit) = status.state {
+                return Ok(Finished {
+                    exit,
+                    stdout,
+                    stderr,
+                });
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                drop(status);
+                send_signal(pid, Signal::SIGKILL)?;
+                return Err(Error::io(
+                    format!("Running {}", self.spec.args[0]),
+                    io::Error::from(io::ErrorKind::TimedOut),
+                ));
+            }
+            status = self
+                .changed
+                .wait_timeout(status, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
 /// Sends a signal to a pid, ignoring a process that is already gone.
 pub fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let raw = i32::try_from(pid).map_err(|_| Error::invalid("the pid is out of range"))?;
@@ -1092,12 +1162,15 @@ impl ChildSetup {
                             rootfs.display()
                         )));
                     }
-                    let plan = plan_mounts(
-                        rootfs,
-                        &container.mounts,
-                        &GuestMounts::probe(),
-                        SourceKind::of,
-                    )?;
+                    let mut mounts = container.mounts.clone();
+                    if let Some(gpu) = &container.gpu {
+                        mounts.extend(gpu.mounts.iter().cloned());
+                    }
+                    let mut plan =
+                        plan_mounts(rootfs, &mounts, &GuestMounts::probe(), SourceKind::of)?;
+                    if let Some(gpu) = &container.gpu {
+                        gpu.add_steps(rootfs, &container.mounts, &mut plan);
+                    }
                     for warning in &plan.warnings {
                         tracing::warn!("{warning}");
                     }
@@ -1439,6 +1512,36 @@ mod tests {
         .unwrap();
         assert_eq!((killed.exit_status, killed.signal), (137, 9));
         assert!(ExitInfo::from_wait_status(WaitStatus::StillAlive, now).is_none());
+    }
+
+    #[test]
+    fn a_helper_runs_to_completion_or_is_killed_at_its_deadline() {
+        let guest = ContainerSpec::default();
+        let spec = |script: &str| ProcessSpec {
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            cwd: PathBuf::from("/"),
+            ..ProcessSpec::default()
+        };
+        let done = Process::new("helper", "", spec("echo out; echo err >&2; exit 3"))
+            .run_to_completion(Launch::Guest(&guest), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(
+            (
+                done.stdout.as_slice(),
+                done.stderr.as_slice(),
+                done.exit.exit_status
+            ),
+            (&b"out\n"[..], &b"err\n"[..], 3)
+        );
+        let started = std::time::Instant::now();
+        let err = Process::new("helper", "", spec("exec sleep 30"))
+            .run_to_completion(Launch::Guest(&guest), Duration::from_millis(300))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            crate::error::chain(&err).starts_with("Running /bin/sh failed: timed out"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -10,6 +11,7 @@ use crate::cgroup::Cgroups;
 use crate::error::{Error, Result};
 use crate::process::{Launch, Process, State, send_signal};
 use crate::procfs;
+use crate::security::{CapabilitySets, NamespaceMode, Namespaces};
 use crate::spec::{ContainerSpec, ProcessSpec, check_id};
 
 #[derive(Debug)]
@@ -165,6 +167,9 @@ impl Runtime {
         };
         let cgroup = cgroup.as_deref();
         if exec_id.is_empty() {
+            if process.state() == State::Created {
+                update_ldcache(container_id, &spec);
+            }
             return process.start(Launch::NewContainer(&spec), cgroup);
         }
         let init = self.process(container_id, "")?;
@@ -357,4 +362,60 @@ fn page_size() -> u64 {
         .flatten()
         .and_then(|t| u64::try_from(t).ok())
         .unwrap_or(4096)
+}
+
+/// How long the container's `ldconfig` may run.
+const LDCONFIG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The CDI `update-ldcache` hook: runs the container's own `/sbin/ldconfig`, chrooted
+/// into its rootfs with the driver's libraries mounted, so its `/etc/ld.so.cache`
+/// lists them. The program is the tenant's: it runs as uid 0 with no capability at
+/// all, `no_new_privs`, new pid/ipc/uts namespaces and nothing mounted but the
+/// rootfs and the driver's files. A missing `ldconfig` is fine (musl images); a
+/// failing one is logged, the container still starts (the soname links are there).
+fn update_ldcache(container_id: &str, spec: &ContainerSpec) {
+    let Some(gpu) = spec.gpu.as_ref().filter(|g| g.update_ldcache) else {
+        return;
+    };
+    let hook = ContainerSpec {
+        rootfs: spec.rootfs.clone(),
+        gpu: Some(crate::cdi::ContainerEdits {
+            device_nodes: Vec::new(),
+            ..gpu.clone()
+        }),
+        namespaces: Namespaces {
+            pid: NamespaceMode::New,
+            ipc: NamespaceMode::New,
+            uts: NamespaceMode::New,
+        },
+        ..ContainerSpec::default()
+    };
+    let ldconfig = ProcessSpec {
+        args: vec!["/sbin/ldconfig".into()],
+        env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
+        cwd: PathBuf::from("/"),
+        capabilities: Some(CapabilitySets::default()),
+        no_new_privileges: true,
+        ..ProcessSpec::default()
+    };
+    let process = Process::new(container_id, "gpuvm-ldconfig", ldconfig);
+    match process.run_to_completion(Launch::NewContainer(&hook), LDCONFIG_TIMEOUT) {
+        Ok(done) if done.exit.exit_status == 0 => {
+            tracing::info!(container_id, "ldconfig updated the container's cache");
+        }
+        Ok(done) => tracing::warn!(
+            container_id,
+            status = done.exit.exit_status,
+            stderr = %String::from_utf8_lossy(&done.stderr),
+            "the container's ldconfig failed"
+        ),
+        Err(Error::ExecutableNotFound { .. }) => {
+            tracing::info!(container_id, "the container has no /sbin/ldconfig");
+        }
+        Err(error) => tracing::warn!(
+            container_id,
+            "running the container's ldconfig failed: {}",
+            crate::error::chain(&error)
+        ),
+    }
 }

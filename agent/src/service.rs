@@ -16,7 +16,7 @@ use ttrpc::TtrpcContext;
 use crate::error::{Error, Result};
 use crate::process::State;
 use crate::runtime::Runtime;
-use crate::{gpu, procfs, spec};
+use crate::{nvidia, procfs, spec};
 
 /// How long one ReadStdout/ReadStderr call waits for output before it answers empty.
 pub const READ_POLL: Duration = Duration::from_secs(10);
@@ -33,6 +33,8 @@ pub struct GuestFacts {
     /// The agent is the guest's PID 1 (not process mode on a host): calls that change
     /// the whole system (the network) are allowed.
     pub in_guest: bool,
+    /// The NVIDIA driver (loaded on a thread at boot; never in process mode).
+    pub nvidia: Arc<nvidia::Driver>,
 }
 
 /// The service implementation.
@@ -139,25 +141,7 @@ impl agent_ttrpc::AgentService for AgentService {
 
     #[tracing::instrument(skip_all)]
     fn gpu_info(&self, _: &TtrpcContext, _: pb::GpuInfoRequest) -> Reply<pb::GpuInfoResponse> {
-        let report = gpu::gpu_report()?;
-        Ok(pb::GpuInfoResponse {
-            driver_version: report.driver_version,
-            cuda_driver_version: report.cuda_driver_version,
-            gpus: report
-                .gpus
-                .into_iter()
-                .map(|g| pb::Gpu {
-                    index: g.index,
-                    name: g.name,
-                    uuid: g.uuid,
-                    pci_bus_id: g.pci_bus_id,
-                    memory_total_bytes: g.memory_total_bytes,
-                    memory_used_bytes: g.memory_used_bytes,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
+        Ok(nvidia::gpu_info(&self.facts.nvidia)?)
     }
 
     #[tracing::instrument(skip_all, fields(container = %req.container_id))]
@@ -166,9 +150,16 @@ impl agent_ttrpc::AgentService for AgentService {
         _: &TtrpcContext,
         req: pb::CreateProcessRequest,
     ) -> Reply<pb::CreateProcessResponse> {
-        let (container, process) = spec::container_spec(&req)?;
+        let (mut container, process) = spec::container_spec(&req)?;
+        container.gpu = nvidia::container_edits(
+            &self.facts.nvidia,
+            &container,
+            &process.env,
+            &req.annotations,
+        )?;
+        let gpu = container.gpu.is_some();
         self.runtime.create(&req.container_id, container, process)?;
-        tracing::info!("container created");
+        tracing::info!(gpu, "container created");
         Ok(pb::CreateProcessResponse::default())
     }
 

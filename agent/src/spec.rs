@@ -33,7 +33,7 @@ pub struct ConsoleSize {
 }
 
 /// A process to run, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessSpec {
     /// argv; never empty.
     pub args: Vec<String>,
@@ -96,7 +96,7 @@ impl MountSpec {
 }
 
 /// A container's filesystem view, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerSpec {
     /// Absolute guest path of the root filesystem; `None` runs in the guest's root.
     pub rootfs: Option<PathBuf>,
@@ -110,6 +110,9 @@ pub struct ContainerSpec {
     pub namespaces: Namespaces,
     /// What its cgroup's interface files get (OCI `linux.resources`).
     pub limits: Vec<crate::cgroup::Limit>,
+    /// The NVIDIA driver injected into it (device nodes, libraries), if any: applied
+    /// after `mounts`.
+    pub gpu: Option<crate::cdi::ContainerEdits>,
 }
 
 /// Mounts a container gets when the request names none.
@@ -182,6 +185,7 @@ pub fn container_spec(req: &agent::CreateProcessRequest) -> Result<(ContainerSpe
             seccomp,
             namespaces,
             limits,
+            gpu: None,
         },
         process,
     ))

@@ -366,3 +366,27 @@ fn shutdown_stops_the_agent_and_its_processes() {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     assert!(stat.is_empty() || stat.contains(") Z"), "{stat}");
 }
+
+/// The NVML helper of the GPU image prints one JSON object the agent parses: the
+/// report where a driver is installed, else NVML's error with exit status 1.
+#[test]
+fn the_gpu_check_helper_prints_what_the_agent_parses() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpuvm-gpu-check"))
+        .output()
+        .expect("run gpuvm-gpu-check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    match gpuvm_agent::gpu::parse_check_output(&stdout) {
+        Ok(report) => {
+            assert!(out.status.success());
+            println!("NVML: {report:?}");
+        }
+        Err(error) => {
+            assert_eq!(out.status.code(), Some(1), "{stdout}");
+            assert!(
+                error.starts_with("There is no NVIDIA driver in the guest: "),
+                "{error}"
+            );
+        }
+    }
+}

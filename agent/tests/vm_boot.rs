@@ -12,82 +12,17 @@
 
 mod common;
 
-use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vm::*;
 use common::*;
 use gpuvm_protocol::agent as pb;
-use gpuvm_protocol::agent_ttrpc::AgentServiceClient;
-use gpuvm_protocol::{AGENT_VSOCK_PORT, hybrid_vsock};
-use gpuvm_testkit::{Requirement, skip};
+use gpuvm_testkit::Requirement;
 use protobuf::MessageField;
 
-const SHARE_TAG: &str = "gpuvmshare";
 /// Small enough that the OOM case fills it quickly under TCG.
 const MEMORY: &str = "256M";
-const ROOTFS: &str = "/run/gpuvm/shared/c1/rootfs";
-
-fn oci_mount(destination: &str, type_: &str, source: &str, options: &[&str]) -> pb::Mount {
-    pb::Mount {
-        destination: destination.into(),
-        type_: type_.into(),
-        source: source.into(),
-        options: options.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-/// The mounts of containerd's default OCI spec (what `ctr run` and CRI send), in order.
-fn containerd_default_mounts() -> Vec<pb::Mount> {
-    vec![
-        oci_mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
-        oci_mount(
-            "/dev",
-            "tmpfs",
-            "tmpfs",
-            &["nosuid", "strictatime", "mode=755", "size=65536k"],
-        ),
-        oci_mount(
-            "/dev/pts",
-            "devpts",
-            "devpts",
-            &[
-                "nosuid",
-                "noexec",
-                "newinstance",
-                "ptmxmode=0666",
-                "mode=0620",
-                "gid=5",
-            ],
-        ),
-        oci_mount(
-            "/dev/shm",
-            "tmpfs",
-            "shm",
-            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-        ),
-        oci_mount(
-            "/dev/mqueue",
-            "mqueue",
-            "mqueue",
-            &["nosuid", "noexec", "nodev"],
-        ),
-        oci_mount(
-            "/sys",
-            "sysfs",
-            "sysfs",
-            &["nosuid", "noexec", "nodev", "ro"],
-        ),
-        oci_mount(
-            "/sys/fs/cgroup",
-            "cgroup",
-            "cgroup",
-            &["nosuid", "noexec", "nodev", "relatime", "ro"],
-        ),
-    ]
-}
 
 /// What a container with the default spec checks about its own mounts.
 const DEFAULT_SPEC_SCRIPT: &str = "set -e
@@ -98,41 +33,6 @@ head -c 4 /dev/zero | wc -c
 grep -cE '^devpts /dev/pts devpts |^mqueue /dev/mqueue mqueue |^sysfs /sys sysfs ro,|^cgroup2 /sys/fs/cgroup cgroup2 ro,|^tmpfs /dev tmpfs |^shm /dev/shm tmpfs ' /proc/mounts
 echo done";
 
-/// Children started by the test, killed by pid (and reaped) however the test ends.
-struct Children(Vec<(&'static str, Child)>);
-
-impl Children {
-    fn still_running(&mut self) -> Vec<&'static str> {
-        self.0
-            .iter_mut()
-            .filter_map(|(name, child)| matches!(child.try_wait(), Ok(None)).then_some(*name))
-            .collect()
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.push(PathBuf::from("/usr/libexec"));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
 fn guest_dir() -> PathBuf {
     match std::env::var_os("GPUVM_GUEST_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -140,221 +40,23 @@ fn guest_dir() -> PathBuf {
     }
 }
 
-fn wait_for_path(path: &Path, what: &str, children: &mut Children) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not create {} (still running: {:?})",
-            path.display(),
-            children.still_running()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Copies the busybox rootfs, symlinks as symlinks.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        let kind = entry.file_type().unwrap();
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
-        } else if kind.is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
+/// Boots the small image (`guest/build.sh`) with its busybox rootfs at [`ROOTFS`].
+fn boot_guest() -> Option<Guest> {
+    boot(&Image {
+        dir: guest_dir(),
+        initramfs: None,
+        rootfs: "busybox-rootfs",
+        memory: MEMORY,
+        cmdline: String::new(),
+        requirement: Requirement::Qemu,
+        build_hint: "guest/build.sh",
+    })
 }
 
 fn host_kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-/// A booted guest: the agent's client, the host side of the share, the processes.
-struct Guest {
-    client: AgentServiceClient,
-    /// Host directory shared as `/run/gpuvm/shared`; holds a busybox rootfs at `c1/rootfs`.
-    share: PathBuf,
-    console: PathBuf,
-    manifest: String,
-    /// QEMU start to the first Ping answered.
-    ready: Duration,
-    // Dropped after `client`, so the processes outlive the connection.
-    children: Children,
-    _tmp: tempfile::TempDir,
-}
-
-impl Guest {
-    fn console_log(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-}
-
-/// Boots the guest image, or prints SKIPPED and returns `None` when a tool or the
-/// image is missing.
-fn boot_guest() -> Option<Guest> {
-    let guest = guest_dir();
-    let Some(qemu) = find_tool("qemu-system-x86_64") else {
-        skip(
-            Requirement::Qemu,
-            "qemu-system-x86_64 is not installed (scripts/vm-deps.sh)",
-        );
-        return None;
-    };
-    let Some(vsock_backend) = find_tool("vhost-device-vsock") else {
-        skip(
-            Requirement::Qemu,
-            "vhost-device-vsock is not installed (scripts/vm-deps.sh)",
-        );
-        return None;
-    };
-    let Some(virtiofsd) = find_tool("virtiofsd") else {
-        skip(
-            Requirement::Qemu,
-            "virtiofsd is not installed (scripts/vm-deps.sh)",
-        );
-        return None;
-    };
-    let (vmlinux, initramfs, rootfs) = (
-        guest.join("vmlinux"),
-        guest.join("initramfs.cpio.gz"),
-        guest.join("busybox-rootfs"),
-    );
-    if !vmlinux.is_file() || !initramfs.is_file() || !rootfs.is_dir() {
-        skip(
-            Requirement::Qemu,
-            &format!("no guest image in {} (run guest/build.sh)", guest.display()),
-        );
-        return None;
-    }
-    let manifest: String = std::fs::read_to_string(guest.join("manifest.json")).unwrap_or_default();
-
-    let tmp = tempfile::tempdir().unwrap();
-    let share = tmp.path().join("share");
-    copy_tree(&rootfs, &share.join("c1/rootfs"));
-    let fs_socket = tmp.path().join("fs.sock");
-    let vhost_socket = tmp.path().join("vhost-vsock.sock");
-    let vsock_uds = tmp.path().join("vm.vsock");
-    let console = tmp.path().join("console.log");
-    let log = |name: &str| std::fs::File::create(tmp.path().join(name)).unwrap();
-
-    let mut children = Children(Vec::new());
-    children.0.push((
-        "virtiofsd",
-        Command::new(&virtiofsd)
-            .arg(format!("--socket-path={}", fs_socket.display()))
-            .arg(format!("--shared-dir={}", share.display()))
-            .arg("--cache=never")
-            .stdout(Stdio::null())
-            .stderr(log("virtiofsd.log"))
-            .spawn()
-            .unwrap(),
-    ));
-    children.0.push((
-        "vhost-device-vsock",
-        Command::new(&vsock_backend)
-            .arg("--vm")
-            .arg(format!(
-                "guest-cid=3,socket={},uds-path={}",
-                vhost_socket.display(),
-                vsock_uds.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(log("vhost-device-vsock.log"))
-            .spawn()
-            .unwrap(),
-    ));
-    wait_for_path(&fs_socket, "virtiofsd", &mut children);
-    wait_for_path(&vhost_socket, "vhost-device-vsock", &mut children);
-
-    let boot_start = Instant::now();
-    children.0.push((
-        "qemu",
-        Command::new(&qemu)
-            .args([
-                "-machine",
-                "q35,accel=tcg",
-                "-cpu",
-                "max",
-                "-smp",
-                "1",
-                "-m",
-                MEMORY,
-            ])
-            .args([
-                "-object",
-                &format!("memory-backend-memfd,id=mem,size={MEMORY},share=on"),
-            ])
-            .args(["-machine", "memory-backend=mem"])
-            .args([
-                "-chardev",
-                &format!("socket,id=vs,path={}", vhost_socket.display()),
-            ])
-            .args(["-device", "vhost-user-vsock-pci,chardev=vs"])
-            .args([
-                "-chardev",
-                &format!("socket,id=fs,path={}", fs_socket.display()),
-            ])
-            .args([
-                "-device",
-                &format!("vhost-user-fs-pci,chardev=fs,tag={SHARE_TAG}"),
-            ])
-            .args(["-kernel"])
-            .arg(&vmlinux)
-            .args(["-initrd"])
-            .arg(&initramfs)
-            .args([
-                "-append",
-                &format!("console=ttyS0 panic=-1 quiet gpuvm.share={SHARE_TAG}"),
-            ])
-            .args([
-                "-display",
-                "none",
-                "-nodefaults",
-                "-no-reboot",
-                "-no-user-config",
-            ])
-            .args(["-serial", &format!("file:{}", console.display())])
-            .stdout(Stdio::null())
-            .stderr(log("qemu.log"))
-            .spawn()
-            .unwrap(),
-    ));
-    let console_log = || std::fs::read_to_string(&console).unwrap_or_default();
-
-    let stream = hybrid_vsock::connect_with_retry(
-        &vsock_uds,
-        AGENT_VSOCK_PORT,
-        // Two guests boot at once when the tests run in parallel; TCG on a loaded
-        // 2-core machine has needed 30 s for one.
-        Duration::from_secs(180),
-        Duration::from_millis(50),
-    )
-    .unwrap_or_else(|e| panic!("agent never answered: {e}\nconsole:\n{}", console_log()));
-    let client = AgentServiceClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
-    client
-        .ping(
-            ttrpc::context::with_timeout(10_000_000_000),
-            &pb::PingRequest::new(),
-        )
-        .unwrap();
-    let ready = boot_start.elapsed();
-
-    Some(Guest {
-        client,
-        share,
-        console,
-        manifest,
-        ready,
-        children,
-        _tmp: tmp,
-    })
 }
 
 #[test]
@@ -579,13 +281,7 @@ fn boots_the_guest_and_runs_a_container() {
 const STATUS_LINES: &str = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status";
 
 fn with_mounts(id: &str, process: pb::ProcessSpec) -> pb::CreateProcessRequest {
-    pb::CreateProcessRequest {
-        container_id: id.into(),
-        rootfs: ROOTFS.into(),
-        process: MessageField::some(process),
-        mounts: containerd_default_mounts(),
-        ..Default::default()
-    }
+    default_spec_request(id, ROOTFS, process)
 }
 
 fn new_namespaces(kinds: &[&str]) -> Vec<pb::Namespace> {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 

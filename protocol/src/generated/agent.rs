@@ -3057,6 +3057,8 @@ pub struct CreateProcessRequest {
     pub namespaces: ::std::vec::Vec<Namespace>,
     // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.resources)
     pub resources: ::protobuf::MessageField<Resources>,
+    // @@protoc_insertion_point(field:gpuvm.agent.v1.CreateProcessRequest.annotations)
+    pub annotations: ::std::collections::HashMap<::std::string::String, ::std::string::String>,
     // special fields
     // @@protoc_insertion_point(special_field:gpuvm.agent.v1.CreateProcessRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -3074,7 +3076,7 @@ impl CreateProcessRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(8);
+        let mut fields = ::std::vec::Vec::with_capacity(9);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "container_id",
@@ -3115,6 +3117,11 @@ impl CreateProcessRequest {
             "resources",
             |m: &CreateProcessRequest| { &m.resources },
             |m: &mut CreateProcessRequest| { &mut m.resources },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_map_simpler_accessor_new::<_, _>(
+            "annotations",
+            |m: &CreateProcessRequest| { &m.annotations },
+            |m: &mut CreateProcessRequest| { &mut m.annotations },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateProcessRequest>(
             "CreateProcessRequest",
@@ -3158,6 +3165,21 @@ impl ::protobuf::Message for CreateProcessRequest {
                 66 => {
                     ::protobuf::rt::read_singular_message_into_field(is, &mut self.resources)?;
                 },
+                74 => {
+                    let len = is.read_raw_varint32()?;
+                    let old_limit = is.push_limit(len as u64)?;
+                    let mut key = ::std::default::Default::default();
+                    let mut value = ::std::default::Default::default();
+                    while let Some(tag) = is.read_raw_tag_or_eof()? {
+                        match tag {
+                            10 => key = is.read_string()?,
+                            18 => value = is.read_string()?,
+                            _ => ::protobuf::rt::skip_field_for_tag(tag, is)?,
+                        };
+                    }
+                    is.pop_limit(old_limit);
+                    self.annotations.insert(key, value);
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -3199,6 +3221,12 @@ impl ::protobuf::Message for CreateProcessRequest {
             let len = v.compute_size();
             my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
         }
+        for (k, v) in &self.annotations {
+            let mut entry_size = 0;
+            entry_size += ::protobuf::rt::string_size(1, &k);
+            entry_size += ::protobuf::rt::string_size(2, &v);
+            my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(entry_size) + entry_size
+        };
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -3229,6 +3257,15 @@ impl ::protobuf::Message for CreateProcessRequest {
         if let Some(v) = self.resources.as_ref() {
             ::protobuf::rt::write_message_field_with_cached_size(8, v, os)?;
         }
+        for (k, v) in &self.annotations {
+            let mut entry_size = 0;
+            entry_size += ::protobuf::rt::string_size(1, &k);
+            entry_size += ::protobuf::rt::string_size(2, &v);
+            os.write_raw_varint32(74)?; // Tag.
+            os.write_raw_varint32(entry_size as u32)?;
+            os.write_string(1, &k)?;
+            os.write_string(2, &v)?;
+        };
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -3254,22 +3291,13 @@ impl ::protobuf::Message for CreateProcessRequest {
         self.seccomp.clear();
         self.namespaces.clear();
         self.resources.clear();
+        self.annotations.clear();
         self.special_fields.clear();
     }
 
     fn default_instance() -> &'static CreateProcessRequest {
-        static instance: CreateProcessRequest = CreateProcessRequest {
-            container_id: ::std::string::String::new(),
-            rootfs: ::std::string::String::new(),
-            process: ::protobuf::MessageField::none(),
-            mounts: ::std::vec::Vec::new(),
-            readonly_rootfs: false,
-            seccomp: ::protobuf::MessageField::none(),
-            namespaces: ::std::vec::Vec::new(),
-            resources: ::protobuf::MessageField::none(),
-            special_fields: ::protobuf::SpecialFields::new(),
-        };
-        &instance
+        static instance: ::protobuf::rt::Lazy<CreateProcessRequest> = ::protobuf::rt::Lazy::new();
+        instance.get(CreateProcessRequest::new)
     }
 }
 
@@ -8360,7 +8388,7 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x05value\x18\x02\x20\x01(\x04R\x05value\x12\x1b\n\tvalue_two\x18\x03\
     \x20\x01(\x04R\x08valueTwo\x12\x0e\n\x02op\x18\x04\x20\x01(\tR\x02op\"3\
     \n\tNamespace\x12\x12\n\x04type\x18\x01\x20\x01(\tR\x04type\x12\x12\n\
-    \x04path\x18\x02\x20\x01(\tR\x04path\"\x87\x03\n\x14CreateProcessRequest\
+    \x04path\x18\x02\x20\x01(\tR\x04path\"\xa0\x04\n\x14CreateProcessRequest\
     \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x16\n\x06\
     rootfs\x18\x02\x20\x01(\tR\x06rootfs\x125\n\x07process\x18\x03\x20\x01(\
     \x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\x12-\n\x06mounts\x18\
@@ -8369,116 +8397,120 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x06\x20\x01(\x0b2\x17.gpuvm.agent.v1.SeccompR\x07seccomp\x129\n\nnamesp\
     aces\x18\x07\x20\x03(\x0b2\x19.gpuvm.agent.v1.NamespaceR\nnamespaces\x12\
     7\n\tresources\x18\x08\x20\x01(\x0b2\x19.gpuvm.agent.v1.ResourcesR\treso\
-    urces\"\x8e\x03\n\tResources\x12&\n\x0cmemory_limit\x18\x01\x20\x01(\x03\
-    H\0R\x0bmemoryLimit\x88\x01\x01\x122\n\x12memory_reservation\x18\x02\x20\
-    \x01(\x03H\x01R\x11memoryReservation\x88\x01\x01\x12$\n\x0bmemory_swap\
-    \x18\x03\x20\x01(\x03H\x02R\nmemorySwap\x88\x01\x01\x12\"\n\ncpu_shares\
-    \x18\x04\x20\x01(\x04H\x03R\tcpuShares\x88\x01\x01\x12\x20\n\tcpu_quota\
-    \x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\x88\x01\x01\x12\"\n\ncpu_period\
-    \x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\x88\x01\x01\x12\"\n\npids_limit\
-    \x18\x07\x20\x01(\x03H\x06R\tpidsLimit\x88\x01\x01B\x0f\n\r_memory_limit\
-    B\x15\n\x13_memory_reservationB\x0e\n\x0c_memory_swapB\r\n\x0b_cpu_share\
-    sB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\r\n\x0b_pids_limit\"\x17\n\x15\
-    CreateProcessResponse\"\x87\x01\n\x12ExecProcessRequest\x12!\n\x0ccontai\
-    ner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\x125\n\x07process\x18\x03\x20\x01(\x0b2\x1b.gpuvm\
-    .agent.v1.ProcessSpecR\x07process\"\x15\n\x13ExecProcessResponse\"Q\n\
-    \x13StartProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bco\
-    ntainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"(\n\x14Sta\
-    rtProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\"|\n\x14Si\
-    gnalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontain\
-    erId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06sig\
-    nal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\
-    \x03all\"\x17\n\x15SignalProcessResponse\"P\n\x12WaitProcessRequest\x12!\
-    \n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_\
-    id\x18\x02\x20\x01(\tR\x06execId\"\xb0\x01\n\x13WaitProcessResponse\x12\
-    \x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1f\n\x0bexit_status\x18\
-    \x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06\
-    signal\x12/\n\x14exited_at_unix_nanos\x18\x04\x20\x01(\x03R\x11exitedAtU\
-    nixNanos\x12\x1d\n\noom_killed\x18\x05\x20\x01(\x08R\toomKilled\"R\n\x14\
-    DeleteProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
-    inerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x17\n\x15Del\
-    eteProcessResponse\"l\n\x11ReadStreamRequest\x12!\n\x0ccontainer_id\x18\
-    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
-    \x06execId\x12\x1b\n\tmax_bytes\x18\x03\x20\x01(\rR\x08maxBytes\":\n\x12\
-    ReadStreamResponse\x12\x12\n\x04data\x18\x01\x20\x01(\x0cR\x04data\x12\
-    \x10\n\x03eof\x18\x02\x20\x01(\x08R\x03eof\"c\n\x11WriteStdinRequest\x12\
-    !\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec\
-    _id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0c\
-    R\x04data\".\n\x12WriteStdinResponse\x12\x18\n\x07written\x18\x01\x20\
-    \x01(\rR\x07written\"O\n\x11CloseStdinRequest\x12!\n\x0ccontainer_id\x18\
-    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
-    \x06execId\"\x14\n\x12CloseStdinResponse\"\x84\x01\n\x15ResizeTerminalRe\
-    quest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\
-    \n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12/\n\x04size\x18\x03\x20\
-    \x01(\x0b2\x1b.gpuvm.agent.v1.ConsoleSizeR\x04size\"\x18\n\x16ResizeTerm\
-    inalResponse\"9\n\x14ListProcessesRequest\x12!\n\x0ccontainer_id\x18\x01\
-    \x20\x01(\tR\x0bcontainerId\"\xb0\x01\n\x0bProcessInfo\x12!\n\x0ccontain\
+    urces\x12W\n\x0bannotations\x18\t\x20\x03(\x0b25.gpuvm.agent.v1.CreatePr\
+    ocessRequest.AnnotationsEntryR\x0bannotations\x1a>\n\x10AnnotationsEntry\
+    \x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\x18\x02\
+    \x20\x01(\tR\x05value:\x028\x01\"\x8e\x03\n\tResources\x12&\n\x0cmemory_\
+    limit\x18\x01\x20\x01(\x03H\0R\x0bmemoryLimit\x88\x01\x01\x122\n\x12memo\
+    ry_reservation\x18\x02\x20\x01(\x03H\x01R\x11memoryReservation\x88\x01\
+    \x01\x12$\n\x0bmemory_swap\x18\x03\x20\x01(\x03H\x02R\nmemorySwap\x88\
+    \x01\x01\x12\"\n\ncpu_shares\x18\x04\x20\x01(\x04H\x03R\tcpuShares\x88\
+    \x01\x01\x12\x20\n\tcpu_quota\x18\x05\x20\x01(\x03H\x04R\x08cpuQuota\x88\
+    \x01\x01\x12\"\n\ncpu_period\x18\x06\x20\x01(\x04H\x05R\tcpuPeriod\x88\
+    \x01\x01\x12\"\n\npids_limit\x18\x07\x20\x01(\x03H\x06R\tpidsLimit\x88\
+    \x01\x01B\x0f\n\r_memory_limitB\x15\n\x13_memory_reservationB\x0e\n\x0c_\
+    memory_swapB\r\n\x0b_cpu_sharesB\x0c\n\n_cpu_quotaB\r\n\x0b_cpu_periodB\
+    \r\n\x0b_pids_limit\"\x17\n\x15CreateProcessResponse\"\x87\x01\n\x12Exec\
+    ProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\
+    \x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x125\n\x07process\
+    \x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.ProcessSpecR\x07process\"\x15\
+    \n\x13ExecProcessResponse\"Q\n\x13StartProcessRequest\x12!\n\x0ccontaine\
+    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    \x01(\tR\x06execId\"(\n\x14StartProcessResponse\x12\x10\n\x03pid\x18\x01\
+    \x20\x01(\rR\x03pid\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
+    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
+    (\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\
+    \n\x03all\x18\x04\x20\x01(\x08R\x03all\"\x17\n\x15SignalProcessResponse\
+    \"P\n\x12WaitProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\xb0\
+    \x01\n\x13WaitProcessResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pi\
+    d\x12\x1f\n\x0bexit_status\x18\x02\x20\x01(\rR\nexitStatus\x12\x16\n\x06\
+    signal\x18\x03\x20\x01(\rR\x06signal\x12/\n\x14exited_at_unix_nanos\x18\
+    \x04\x20\x01(\x03R\x11exitedAtUnixNanos\x12\x1d\n\noom_killed\x18\x05\
+    \x20\x01(\x08R\toomKilled\"R\n\x14DeleteProcessRequest\x12!\n\x0ccontain\
     er_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\x12\x10\n\x03pid\x18\x03\x20\x01(\rR\x03pid\x122\
-    \n\x05state\x18\x04\x20\x01(\x0e2\x1c.gpuvm.agent.v1.ProcessStateR\x05st\
-    ate\x12\x1f\n\x0bexit_status\x18\x05\x20\x01(\rR\nexitStatus\"f\n\x15Lis\
-    tProcessesResponse\x129\n\tprocesses\x18\x01\x20\x03(\x0b2\x1b.gpuvm.age\
-    nt.v1.ProcessInfoR\tprocesses\x12\x12\n\x04pids\x18\x02\x20\x03(\rR\x04p\
-    ids\"Q\n\x13ProcessStatsRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
-    \tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\
-    \xe5\x01\n\x14ProcessStatsResponse\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\
-    \x03pid\x12\x1e\n\x0bcpu_user_ns\x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\
-    \n\rcpu_system_ns\x18\x03\x20\x01(\x04R\x0bcpuSystemNs\x12\x1b\n\trss_by\
-    tes\x18\x04\x20\x01(\x04R\x08rssBytes\x12\"\n\rvm_size_bytes\x18\x05\x20\
-    \x01(\x04R\x0bvmSizeBytes\x12\x18\n\x07threads\x18\x06\x20\x01(\rR\x07th\
-    reads\x12\x1c\n\tprocesses\x18\x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cSta\
-    tsRequest\"\x97\x02\n\rStatsResponse\x12&\n\x0fmem_total_bytes\x18\x01\
-    \x20\x01(\x04R\rmemTotalBytes\x12.\n\x13mem_available_bytes\x18\x02\x20\
-    \x01(\x04R\x11memAvailableBytes\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\
-    \x04R\x08uptimeNs\x12\x14\n\x05load1\x18\x04\x20\x01(\x01R\x05load1\x12&\
-    \n\x0fagent_rss_bytes\x18\x05\x20\x01(\x04R\ragentRssBytes\x12+\n\x11run\
-    ning_processes\x18\x06\x20\x01(\rR\x10runningProcesses\x12&\n\x0fagent_h\
-    wm_bytes\x18\x07\x20\x01(\x04R\ragentHwmBytes\"\x11\n\x0fShutdownRequest\
-    \"\x12\n\x10ShutdownResponse\"D\n\tIpAddress\x12\x18\n\x07address\x18\
-    \x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\x18\x02\x20\x01(\rR\tp\
-    refixLen\"\x83\x01\n\x10NetworkInterface\x12\x10\n\x03mac\x18\x01\x20\
-    \x01(\tR\x03mac\x12\x12\n\x04name\x18\x02\x20\x01(\tR\x04name\x12\x10\n\
-    \x03mtu\x18\x03\x20\x01(\rR\x03mtu\x127\n\taddresses\x18\x04\x20\x03(\
-    \x0b2\x19.gpuvm.agent.v1.IpAddressR\taddresses\"\x92\x01\n\x0cNetworkRou\
-    te\x12\x20\n\x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\
-    \x07gateway\x18\x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\
-    \x20\x01(\tR\x06device\x12\x16\n\x06source\x18\x04\x20\x01(\tR\x06source\
-    \x12\x16\n\x06metric\x18\x05\x20\x01(\rR\x06metric\"\xad\x01\n\x17Config\
-    ureNetworkRequest\x12@\n\ninterfaces\x18\x01\x20\x03(\x0b2\x20.gpuvm.age\
-    nt.v1.NetworkInterfaceR\ninterfaces\x124\n\x06routes\x18\x02\x20\x03(\
-    \x0b2\x1c.gpuvm.agent.v1.NetworkRouteR\x06routes\x12\x1a\n\x08hostname\
-    \x18\x03\x20\x01(\tR\x08hostname\"\x1a\n\x18ConfigureNetworkResponse*}\n\
-    \x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\0\x12\x19\n\
-    \x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\
-    \x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\x032\xfe\x0c\n\x0cAgentServic\
-    e\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.PingRequest\x1a\x1c.gpuvm.agent.\
-    v1.PingResponse\x12P\n\tGuestInfo\x12\x20.gpuvm.agent.v1.GuestInfoReques\
-    t\x1a!.gpuvm.agent.v1.GuestInfoResponse\x12J\n\x07GpuInfo\x12\x1e.gpuvm.\
-    agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.agent.v1.GpuInfoResponse\x12\\\n\r\
-    CreateProcess\x12$.gpuvm.agent.v1.CreateProcessRequest\x1a%.gpuvm.agent.\
-    v1.CreateProcessResponse\x12V\n\x0bExecProcess\x12\".gpuvm.agent.v1.Exec\
-    ProcessRequest\x1a#.gpuvm.agent.v1.ExecProcessResponse\x12Y\n\x0cStartPr\
-    ocess\x12#.gpuvm.agent.v1.StartProcessRequest\x1a$.gpuvm.agent.v1.StartP\
-    rocessResponse\x12\\\n\rSignalProcess\x12$.gpuvm.agent.v1.SignalProcessR\
-    equest\x1a%.gpuvm.agent.v1.SignalProcessResponse\x12V\n\x0bWaitProcess\
-    \x12\".gpuvm.agent.v1.WaitProcessRequest\x1a#.gpuvm.agent.v1.WaitProcess\
-    Response\x12\\\n\rDeleteProcess\x12$.gpuvm.agent.v1.DeleteProcessRequest\
-    \x1a%.gpuvm.agent.v1.DeleteProcessResponse\x12S\n\nReadStdout\x12!.gpuvm\
-    .agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\
-    \n\nReadStderr\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm.agent.v\
-    1.ReadStreamResponse\x12S\n\nWriteStdin\x12!.gpuvm.agent.v1.WriteStdinRe\
-    quest\x1a\".gpuvm.agent.v1.WriteStdinResponse\x12S\n\nCloseStdin\x12!.gp\
-    uvm.agent.v1.CloseStdinRequest\x1a\".gpuvm.agent.v1.CloseStdinResponse\
-    \x12_\n\x0eResizeTerminal\x12%.gpuvm.agent.v1.ResizeTerminalRequest\x1a&\
-    .gpuvm.agent.v1.ResizeTerminalResponse\x12\\\n\rListProcesses\x12$.gpuvm\
-    .agent.v1.ListProcessesRequest\x1a%.gpuvm.agent.v1.ListProcessesResponse\
-    \x12Y\n\x0cProcessStats\x12#.gpuvm.agent.v1.ProcessStatsRequest\x1a$.gpu\
-    vm.agent.v1.ProcessStatsResponse\x12D\n\x05Stats\x12\x1c.gpuvm.agent.v1.\
-    StatsRequest\x1a\x1d.gpuvm.agent.v1.StatsResponse\x12M\n\x08Shutdown\x12\
-    \x1f.gpuvm.agent.v1.ShutdownRequest\x1a\x20.gpuvm.agent.v1.ShutdownRespo\
-    nse\x12e\n\x10ConfigureNetwork\x12'.gpuvm.agent.v1.ConfigureNetworkReque\
-    st\x1a(.gpuvm.agent.v1.ConfigureNetworkResponseb\x06proto3\
+    \x20\x01(\tR\x06execId\"\x17\n\x15DeleteProcessResponse\"l\n\x11ReadStre\
+    amRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x1b\n\tmax_bytes\x18\
+    \x03\x20\x01(\rR\x08maxBytes\":\n\x12ReadStreamResponse\x12\x12\n\x04dat\
+    a\x18\x01\x20\x01(\x0cR\x04data\x12\x10\n\x03eof\x18\x02\x20\x01(\x08R\
+    \x03eof\"c\n\x11WriteStdinRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01\
+    (\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
+    \x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\".\n\x12WriteStdinRespo\
+    nse\x12\x18\n\x07written\x18\x01\x20\x01(\rR\x07written\"O\n\x11CloseStd\
+    inRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\"\x14\n\x12CloseStdinRes\
+    ponse\"\x84\x01\n\x15ResizeTerminalRequest\x12!\n\x0ccontainer_id\x18\
+    \x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\
+    \x06execId\x12/\n\x04size\x18\x03\x20\x01(\x0b2\x1b.gpuvm.agent.v1.Conso\
+    leSizeR\x04size\"\x18\n\x16ResizeTerminalResponse\"9\n\x14ListProcessesR\
+    equest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"\xb0\
+    \x01\n\x0bProcessInfo\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcont\
+    ainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x10\n\x03\
+    pid\x18\x03\x20\x01(\rR\x03pid\x122\n\x05state\x18\x04\x20\x01(\x0e2\x1c\
+    .gpuvm.agent.v1.ProcessStateR\x05state\x12\x1f\n\x0bexit_status\x18\x05\
+    \x20\x01(\rR\nexitStatus\"f\n\x15ListProcessesResponse\x129\n\tprocesses\
+    \x18\x01\x20\x03(\x0b2\x1b.gpuvm.agent.v1.ProcessInfoR\tprocesses\x12\
+    \x12\n\x04pids\x18\x02\x20\x03(\rR\x04pids\"Q\n\x13ProcessStatsRequest\
+    \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07\
+    exec_id\x18\x02\x20\x01(\tR\x06execId\"\xe5\x01\n\x14ProcessStatsRespons\
+    e\x12\x10\n\x03pid\x18\x01\x20\x01(\rR\x03pid\x12\x1e\n\x0bcpu_user_ns\
+    \x18\x02\x20\x01(\x04R\tcpuUserNs\x12\"\n\rcpu_system_ns\x18\x03\x20\x01\
+    (\x04R\x0bcpuSystemNs\x12\x1b\n\trss_bytes\x18\x04\x20\x01(\x04R\x08rssB\
+    ytes\x12\"\n\rvm_size_bytes\x18\x05\x20\x01(\x04R\x0bvmSizeBytes\x12\x18\
+    \n\x07threads\x18\x06\x20\x01(\rR\x07threads\x12\x1c\n\tprocesses\x18\
+    \x07\x20\x01(\rR\tprocesses\"\x0e\n\x0cStatsRequest\"\x97\x02\n\rStatsRe\
+    sponse\x12&\n\x0fmem_total_bytes\x18\x01\x20\x01(\x04R\rmemTotalBytes\
+    \x12.\n\x13mem_available_bytes\x18\x02\x20\x01(\x04R\x11memAvailableByte\
+    s\x12\x1b\n\tuptime_ns\x18\x03\x20\x01(\x04R\x08uptimeNs\x12\x14\n\x05lo\
+    ad1\x18\x04\x20\x01(\x01R\x05load1\x12&\n\x0fagent_rss_bytes\x18\x05\x20\
+    \x01(\x04R\ragentRssBytes\x12+\n\x11running_processes\x18\x06\x20\x01(\r\
+    R\x10runningProcesses\x12&\n\x0fagent_hwm_bytes\x18\x07\x20\x01(\x04R\ra\
+    gentHwmBytes\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"D\n\
+    \tIpAddress\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\
+    \n\nprefix_len\x18\x02\x20\x01(\rR\tprefixLen\"\x83\x01\n\x10NetworkInte\
+    rface\x12\x10\n\x03mac\x18\x01\x20\x01(\tR\x03mac\x12\x12\n\x04name\x18\
+    \x02\x20\x01(\tR\x04name\x12\x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x12\
+    7\n\taddresses\x18\x04\x20\x03(\x0b2\x19.gpuvm.agent.v1.IpAddressR\taddr\
+    esses\"\x92\x01\n\x0cNetworkRoute\x12\x20\n\x0bdestination\x18\x01\x20\
+    \x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01(\tR\x07gate\
+    way\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\x16\n\x06sourc\
+    e\x18\x04\x20\x01(\tR\x06source\x12\x16\n\x06metric\x18\x05\x20\x01(\rR\
+    \x06metric\"\xad\x01\n\x17ConfigureNetworkRequest\x12@\n\ninterfaces\x18\
+    \x01\x20\x03(\x0b2\x20.gpuvm.agent.v1.NetworkInterfaceR\ninterfaces\x124\
+    \n\x06routes\x18\x02\x20\x03(\x0b2\x1c.gpuvm.agent.v1.NetworkRouteR\x06r\
+    outes\x12\x1a\n\x08hostname\x18\x03\x20\x01(\tR\x08hostname\"\x1a\n\x18C\
+    onfigureNetworkResponse*}\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_U\
+    NSPECIFIED\x10\0\x12\x19\n\x15PROCESS_STATE_CREATED\x10\x01\x12\x19\n\
+    \x15PROCESS_STATE_RUNNING\x10\x02\x12\x18\n\x14PROCESS_STATE_EXITED\x10\
+    \x032\xfe\x0c\n\x0cAgentService\x12A\n\x04Ping\x12\x1b.gpuvm.agent.v1.Pi\
+    ngRequest\x1a\x1c.gpuvm.agent.v1.PingResponse\x12P\n\tGuestInfo\x12\x20.\
+    gpuvm.agent.v1.GuestInfoRequest\x1a!.gpuvm.agent.v1.GuestInfoResponse\
+    \x12J\n\x07GpuInfo\x12\x1e.gpuvm.agent.v1.GpuInfoRequest\x1a\x1f.gpuvm.a\
+    gent.v1.GpuInfoResponse\x12\\\n\rCreateProcess\x12$.gpuvm.agent.v1.Creat\
+    eProcessRequest\x1a%.gpuvm.agent.v1.CreateProcessResponse\x12V\n\x0bExec\
+    Process\x12\".gpuvm.agent.v1.ExecProcessRequest\x1a#.gpuvm.agent.v1.Exec\
+    ProcessResponse\x12Y\n\x0cStartProcess\x12#.gpuvm.agent.v1.StartProcessR\
+    equest\x1a$.gpuvm.agent.v1.StartProcessResponse\x12\\\n\rSignalProcess\
+    \x12$.gpuvm.agent.v1.SignalProcessRequest\x1a%.gpuvm.agent.v1.SignalProc\
+    essResponse\x12V\n\x0bWaitProcess\x12\".gpuvm.agent.v1.WaitProcessReques\
+    t\x1a#.gpuvm.agent.v1.WaitProcessResponse\x12\\\n\rDeleteProcess\x12$.gp\
+    uvm.agent.v1.DeleteProcessRequest\x1a%.gpuvm.agent.v1.DeleteProcessRespo\
+    nse\x12S\n\nReadStdout\x12!.gpuvm.agent.v1.ReadStreamRequest\x1a\".gpuvm\
+    .agent.v1.ReadStreamResponse\x12S\n\nReadStderr\x12!.gpuvm.agent.v1.Read\
+    StreamRequest\x1a\".gpuvm.agent.v1.ReadStreamResponse\x12S\n\nWriteStdin\
+    \x12!.gpuvm.agent.v1.WriteStdinRequest\x1a\".gpuvm.agent.v1.WriteStdinRe\
+    sponse\x12S\n\nCloseStdin\x12!.gpuvm.agent.v1.CloseStdinRequest\x1a\".gp\
+    uvm.agent.v1.CloseStdinResponse\x12_\n\x0eResizeTerminal\x12%.gpuvm.agen\
+    t.v1.ResizeTerminalRequest\x1a&.gpuvm.agent.v1.ResizeTerminalResponse\
+    \x12\\\n\rListProcesses\x12$.gpuvm.agent.v1.ListProcessesRequest\x1a%.gp\
+    uvm.agent.v1.ListProcessesResponse\x12Y\n\x0cProcessStats\x12#.gpuvm.age\
+    nt.v1.ProcessStatsRequest\x1a$.gpuvm.agent.v1.ProcessStatsResponse\x12D\
+    \n\x05Stats\x12\x1c.gpuvm.agent.v1.StatsRequest\x1a\x1d.gpuvm.agent.v1.S\
+    tatsResponse\x12M\n\x08Shutdown\x12\x1f.gpuvm.agent.v1.ShutdownRequest\
+    \x1a\x20.gpuvm.agent.v1.ShutdownResponse\x12e\n\x10ConfigureNetwork\x12'\
+    .gpuvm.agent.v1.ConfigureNetworkRequest\x1a(.gpuvm.agent.v1.ConfigureNet\
+    workResponseb\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
