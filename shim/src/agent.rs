@@ -2,6 +2,7 @@
 //! types, and [`TtrpcAgent`], the single translation layer onto `gpuvm-protocol`'s
 //! ttrpc client.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -190,6 +191,10 @@ pub struct ContainerSpec {
     pub namespaces: Vec<Namespace>,
     /// Limits of its cgroup in the guest.
     pub resources: Option<Resources>,
+    /// Its OCI annotations (containerd adds the Pod's `gpuvm.dev/*` ones through
+    /// `pod_annotations`): the agent reads the container name and type and
+    /// `gpuvm.dev/no-gpu-containers` from them.
+    pub annotations: HashMap<String, String>,
 }
 
 /// How a process ended.
@@ -488,6 +493,7 @@ fn create_request(spec: &ContainerSpec) -> pb::CreateProcessRequest {
             })
             .collect(),
         readonly_rootfs: spec.readonly_rootfs,
+        annotations: spec.annotations.clone(),
         namespaces: spec
             .namespaces
             .iter()
@@ -547,7 +553,18 @@ impl TtrpcAgent {
     fn no_timeout() -> ttrpc::context::Context {
         ttrpc::context::with_timeout(0)
     }
+
+    /// GpuInfo's bound: the agent waits for the NVIDIA modules to finish loading
+    /// (at most 300 s: GSP firmware boot of eight GPUs) and then for its NVML helper
+    /// (at most 60 s), so an ordinary call timeout would cut a healthy first answer.
+    fn gpu_info_ctx(&self) -> ttrpc::context::Context {
+        let bound = self.timeout.max(GPU_INFO_TIMEOUT);
+        ttrpc::context::with_timeout(i64::try_from(bound.as_nanos()).unwrap_or(i64::MAX))
+    }
 }
+
+/// The longest GpuInfo may take: the agent's module wait and helper limit, plus slack.
+pub const GPU_INFO_TIMEOUT: Duration = Duration::from_secs(300 + 60 + 30);
 
 #[async_trait]
 impl Agent for TtrpcAgent {
@@ -576,7 +593,7 @@ impl Agent for TtrpcAgent {
     async fn gpu_info(&self) -> Result<GpuReport> {
         let r = self
             .client
-            .gpu_info(self.ctx(), &pb::GpuInfoRequest::default())
+            .gpu_info(self.gpu_info_ctx(), &pb::GpuInfoRequest::default())
             .await
             .map_err(|e| agent_error("GpuInfo", e))?;
         Ok(GpuReport {
@@ -931,8 +948,16 @@ mod tests {
             seccomp: None,
             namespaces: vec![],
             resources: None,
+            annotations: HashMap::from([(
+                "io.kubernetes.cri.container-name".to_owned(),
+                "app".to_owned(),
+            )]),
         };
         let req = create_request(&spec);
+        assert_eq!(
+            req.annotations, spec.annotations,
+            "the agent sees the annotations"
+        );
         assert!(req.seccomp.is_none(), "no profile, no filter");
         assert!(req.resources.is_none(), "no resources, no limits");
         assert!(req.namespaces.is_empty());
@@ -1011,6 +1036,7 @@ mod tests {
                 pids_limit: Some(100),
                 ..Resources::default()
             }),
+            annotations: HashMap::new(),
         };
         let req = create_request(&spec);
         let r = &req.resources;

@@ -228,6 +228,7 @@ impl Sandbox {
             seccomp: seccomp(req.spec),
             namespaces: namespaces(req.spec),
             resources: resources(req.spec),
+            annotations: req.spec.annotations().clone().unwrap_or_default(),
         };
         let creating = Instant::now();
         let created = match self.mount_container(req, &plan.binds, &dir) {
