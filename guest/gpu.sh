@@ -149,6 +149,11 @@ gpu_build_modules() {
         gpu_die "the NVIDIA module build failed (log: $tmp/build.log)"
     fi
     seconds=$(($(date +%s) - start))
+    # modpost only warns about symbols neither the kernel nor nvidia.ko exports.
+    if grep -E "^(WARNING|ERROR): modpost: .*undefined!" "$tmp/build.log" >&2; then
+        gpu_die "the NVIDIA modules use symbols the kernel does not export (log: $tmp/build.log)"
+    fi
+    xz -9 <"$tmp/build.log" >"$dest.tmp/build.log.xz"
     for m in "${NVIDIA_MODULES[@]}"; do
         strip --strip-debug -o "$dest.tmp/$m.ko" "$src/$m.ko"
         vermagic="$(python3 "$here/elfinfo.py" modinfo "$dest.tmp/$m.ko" vermagic)"
