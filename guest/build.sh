@@ -40,8 +40,8 @@ if [ "${1:-}" = --gpu ]; then
     default_out="$repo/.work/guest-gpu"
     shift
 fi
-case "${1:-}" in
-    -*) echo "usage: guest/build.sh [--gpu] [OUT_DIR]" >&2; exit 2 ;;
+case "$#:${1:-}" in
+    [01]:-* | [2-9]:* | [1-9][0-9]*:*) echo "usage: guest/build.sh [--gpu] [OUT_DIR]" >&2; exit 2 ;;
 esac
 out="$(mkdir -p "${1:-$default_out}" && cd "${1:-$default_out}" && pwd)"
 cache="${GPUVM_GUEST_CACHE:-$repo/.work/guest-cache}"

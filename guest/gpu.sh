@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2154,SC2034 # here, repo, cache, kernel_* come from guest/build.sh, which reads what this sets
 # The GPU flavour's steps of guest/build.sh (sourced by it; uses its $here, $repo,
 # $cache, $kernel_deb, $kernel_pkg):
 #
@@ -90,7 +91,9 @@ gpu_fetch() {
     libc6_deb="$(gpu_cached_deb libc6 '*')"
     if [ -z "$libc6_deb" ]; then
         libc_version="$(apt-cache policy libc6 | awk '/Candidate:/ { print $2 }')"
-        [ -n "$libc_version" ] && [ "$libc_version" != "(none)" ] || gpu_die "apt knows no libc6"
+        if [ -z "$libc_version" ] || [ "$libc_version" = "(none)" ]; then
+            gpu_die "apt knows no libc6"
+        fi
         libc6_deb="$(gpu_fetch_bookworm libc6 "$libc_version")"
     fi
     libc_version="$(dpkg-deb -f "$libc6_deb" Version)"
@@ -111,7 +114,7 @@ gpu_unpack_headers() {
     for pkg in "linux-headers-$release" "linux-headers-$abi-common" "$kbuild"; do
         deb="$(gpu_fetch_bookworm "$pkg" "$version")"
         dpkg -x "$deb" "$dir"
-        echo "$(basename "$deb")"
+        basename "$deb"
     done
     # The flavour's Makefile includes the common tree by absolute path.
     sed -i "s#^include /usr/src/#include $dir/usr/src/#" "$dir/usr/src/linux-headers-$release/Makefile"
@@ -127,12 +130,13 @@ gpu_unpack_headers() {
 # info, plus build.json). The build runs in a fixed path under the cache and maps it
 # away (-ffile-prefix-map), so the objects do not depend on where the cache is.
 gpu_build_modules() {
-    local release="$1" dest="$2" version tmp src headers start seconds m vermagic header_debs patch
+    local release="$1" dest="$2" version tmp src headers start seconds m vermagic header_debs=() unpacked patch
     version="$(dpkg-deb -f "$kernel_deb" Version)"
     tmp="$cache/.nvidia-build"
     rm -rf "$tmp" "$dest.tmp"
     mkdir -p "$tmp/root" "$tmp/deb" "$dest.tmp"
-    header_debs="$(gpu_unpack_headers "$tmp/root" "$release" "$version")"
+    unpacked="$(gpu_unpack_headers "$tmp/root" "$release" "$version")"
+    mapfile -t header_debs <<<"$unpacked"
     dpkg -x "${nvidia_debs[0]}" "$tmp/deb"
     tar -C "$tmp" -xJf "$tmp/deb/usr/src/nvidia-open-kernel.tar.xz"
     src="$tmp/modules/nvidia-open-kernel"
@@ -160,7 +164,7 @@ gpu_build_modules() {
         [ "${vermagic%% *}" = "$release" ] || gpu_die "$m.ko has vermagic '$vermagic', not $release"
     done
     python3 - "$dest.tmp/build.json" "$NVIDIA_VERSION" "$release" "$seconds" "$(nproc)" \
-        "$(gcc-12 --version | head -1)" "$(basename "${nvidia_debs[0]}")" $header_debs <<'EOF'
+        "$(gcc-12 --version | head -1)" "$(basename "${nvidia_debs[0]}")" "${header_debs[@]}" <<'EOF'
 import json, sys
 path, driver, release, seconds, jobs, gcc, source, *headers = sys.argv[1:]
 with open(path, "w") as f:
