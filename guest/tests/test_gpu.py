@@ -183,5 +183,45 @@ class GpuPackTest(unittest.TestCase):
             self.add()
 
 
+@unittest.skipUnless(CC, "SKIPPED: no gcc to compile the test ELF files")
+class ProbeRootfsTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.base = os.path.join(self.tmp, "busybox-rootfs")
+        os.makedirs(os.path.join(self.base, "bin"))
+        self.glibc = os.path.join(self.tmp, "glibc")
+        os.makedirs(os.path.join(self.glibc, gpu.GLIBC_DIR))
+        os.makedirs(os.path.join(self.glibc, "lib64"))
+        os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", os.path.join(self.glibc, "lib64", "ld-linux-x86-64.so.2"))
+        self.libc_bin = os.path.join(self.tmp, "libc-bin")
+        os.makedirs(os.path.join(self.libc_bin, "sbin"))
+        with open(os.path.join(self.libc_bin, "sbin", "ldconfig"), "w") as f:
+            f.write("ldconfig")
+        self.probe = compile_c(os.path.join(self.tmp, "probe"), "int main(void) { return 0; }\n")
+
+    def write(self):
+        return gpu.write_probe_rootfs(self.tmp, self.base, self.glibc, self.libc_bin, self.probe)
+
+    def test_rootfs_has_glibc_ldconfig_and_probe(self):
+        shutil.copyfile("/lib/x86_64-linux-gnu/libc.so.6", os.path.join(self.glibc, gpu.GLIBC_DIR, "libc.so.6"))
+        rootfs = self.write()
+        self.assertTrue(os.access(os.path.join(rootfs, "usr", "bin", "dlopen-probe"), os.X_OK))
+        self.assertTrue(os.path.isfile(os.path.join(rootfs, "sbin", "ldconfig")))
+        self.assertTrue(os.path.islink(os.path.join(rootfs, "lib64", "ld-linux-x86-64.so.2")))
+        self.assertTrue(os.path.isdir(os.path.join(rootfs, "usr", "lib", "x86_64-linux-gnu")))
+
+    def test_probe_without_its_libc_fails(self):
+        with self.assertRaisesRegex(gpu.GpuError, "dlopen-probe needs libc.so.6"):
+            self.write()
+
+    def test_pack_refuses_gpu_without_its_inputs(self):
+        run = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "pack.py"), "--kernel-root", "k",
+                              "--busybox-root", "b", "--agent", "a", "--modules", "m", "--out", "o", "--gpu"],
+                             capture_output=True, text=True)
+        self.assertEqual(run.returncode, 2)
+        self.assertIn("--gpu needs --nvidia-version", run.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
