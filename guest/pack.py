@@ -7,6 +7,9 @@ Writes to --out:
   busybox-rootfs/      a tiny container rootfs for the VM tests
   manifest.json        kernel release, package, modules, sha256 of the outputs
 
+With --gpu (guest/build.sh --gpu), the initramfs also carries NVIDIA's modules,
+firmware and libraries and glibc (see gpu.py), and --out gets probe-rootfs/.
+
 The initramfs is reproducible: entries sorted, fixed owner and mtime
 (--epoch), fixed inode numbers, gzip header without name or time.
 """
@@ -20,6 +23,9 @@ import os
 import shutil
 import stat
 import sys
+
+import elfinfo
+import gpu
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
@@ -66,35 +72,9 @@ def stored_name(path):
     return path
 
 
-def modinfo(data):
-    """The key=value pairs of a module's .modinfo ELF section."""
-    import struct
-
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return {}
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-    def section(index):
-        base = shoff + index * shentsize
-        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", data, base)
-        return name, offset, size
-
-    _, str_off, _ = section(shstrndx)
-    info = {}
-    for i in range(shnum):
-        name, offset, size = section(i)
-        end = data.index(b"\0", str_off + name)
-        if data[str_off + name:end] == b".modinfo":
-            for item in data[offset:offset + size].split(b"\0"):
-                key, sep, value = item.partition(b"=")
-                if sep:
-                    info.setdefault(key.decode(), value.decode())
-    return info
-
-
-def resolve_modules(moddir, wanted):
-    """Returns module paths (relative to moddir) in load order, dependencies first.
+def resolve_modules(moddir, wanted, skip=()):
+    """Returns module paths (relative to moddir) in load order, dependencies first,
+    leaving out the modules named in `skip` (loaded already).
 
     Debian's package carries no modules.dep (depmod runs at install time), so the
     dependencies come from each module's own `depends=` modinfo field.
@@ -111,7 +91,7 @@ def resolve_modules(moddir, wanted):
         with open(builtin_file) as f:
             builtin = {module_name(line.strip()) for line in f if line.strip()}
 
-    order, seen = [], set()
+    order, seen = [], set(skip)
 
     def visit(name):
         if name in seen or name in builtin:
@@ -120,7 +100,7 @@ def resolve_modules(moddir, wanted):
         if name not in by_name:
             die(f"module {name} is neither built in nor shipped in the kernel package")
         path = by_name[name]
-        depends = modinfo(read_module_data(os.path.join(moddir, path))).get("depends", "")
+        depends = elfinfo.modinfo(read_module_data(os.path.join(moddir, path))).get("depends", "")
         for dep in sorted(d for d in depends.split(",") if d):
             visit(dep.replace("-", "_"))
         order.append(path)
@@ -199,7 +179,7 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kernel-root", required=True)
     parser.add_argument("--busybox-root", required=True)
@@ -209,29 +189,62 @@ def main():
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument("--kernel-package", default="")
     parser.add_argument("--out", required=True)
+    group = parser.add_argument_group("GPU flavour (guest/build.sh --gpu)")
+    group.add_argument("--gpu", action="store_true", help="pack the GPU flavour")
+    group.add_argument("--nvidia-version", help="driver version, e.g. 550.163.01")
+    group.add_argument("--nvidia-root", help="the driver's Debian packages, unpacked")
+    group.add_argument("--nvidia-modules-dir", help="the built nvidia*.ko")
+    group.add_argument("--nvidia-packages", nargs="*", default=[], help=".deb names, for the manifest")
+    group.add_argument("--glibc-root", help="bookworm libc6 (+ libgcc-s1), unpacked")
+    group.add_argument("--libc-bin-root", help="bookworm libc-bin, unpacked (ldconfig)")
+    group.add_argument("--gpu-check", default="", help="the gpuvm-gpu-check binary")
+    group.add_argument("--gpu-check-missing", default="", help="why there is no --gpu-check")
+    group.add_argument("--probe", help="the built dlopen-probe")
     args = parser.parse_args()
+    if args.gpu:
+        for name in ("nvidia_version", "nvidia_root", "nvidia_modules_dir", "glibc_root",
+                     "libc_bin_root", "probe"):
+            if not getattr(args, name):
+                parser.error(f"--gpu needs --{name.replace('_', '-')}")
+    return args
 
-    boot = os.path.join(args.kernel_root, "boot")
-    vmlinuz = sorted(f for f in os.listdir(boot) if f.startswith("vmlinuz-"))
-    if not vmlinuz:
-        die(f"no vmlinuz in {boot}")
-    release = vmlinuz[-1][len("vmlinuz-"):]
-    moddir = os.path.join(args.kernel_root, "lib", "modules", release)
 
-    vmlinux = extract_vmlinux(os.path.join(boot, vmlinuz[-1]))
+def add_extra_modules(cpio, extra, release):
+    """The hook for out-of-tree modules: every file of the directory goes to
+    lib/modules/<release>/extra/; returns its modules.list lines (paths relative to
+    the directory, in load order), prefixed for ours."""
+    lines = []
+    if not extra:
+        return lines
+    for dirpath, _, files in os.walk(extra):
+        for name in sorted(files):
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, extra)
+            if rel == "modules.list":
+                continue
+            with open(src, "rb") as f:
+                cpio.add_file(f"lib/modules/{release}/extra/{rel}", f.read())
+    extra_list = os.path.join(extra, "modules.list")
+    if os.path.exists(extra_list):
+        with open(extra_list) as f:
+            for line in f:
+                line = line.split("#")[0].strip()
+                if line:
+                    lines.append(f"extra/{line}")
+    return lines
 
+
+def base_cpio(args, moddir, release, agent):
+    """The small image's entries; returns the archive and the modules.list lines."""
     with open(args.modules) as f:
         wanted = [line.split("#")[0].strip() for line in f]
-    wanted = [w for w in wanted if w]
-    order = resolve_modules(moddir, wanted)
+    order = resolve_modules(moddir, [w for w in wanted if w])
 
     cpio = Cpio(args.epoch)
     for d in ("dev", "proc", "sys", "tmp", "run", "etc/gpuvm", "root"):
         cpio.add_dir(d)
     cpio.add_char_dev("dev/console", 5, 1)
     cpio.add_char_dev("dev/null", 1, 3, 0o666)
-    with open(args.agent, "rb") as f:
-        agent = f.read()
     cpio.add_file("init", agent, 0o755)
 
     list_lines = []
@@ -240,31 +253,42 @@ def main():
         stored = stored_name(rel)
         cpio.add_file(f"lib/modules/{release}/{stored}", data)
         list_lines.append(stored)
-
-    # The hook for out-of-tree modules (NVIDIA's, later): every file of the directory
-    # goes to lib/modules/<release>/extra/, and its modules.list (paths relative to the
-    # directory, in load order) is appended to ours.
-    extra = args.extra_modules_dir
-    if extra:
-        for dirpath, _, files in os.walk(extra):
-            for name in sorted(files):
-                src = os.path.join(dirpath, name)
-                rel = os.path.relpath(src, extra)
-                if rel == "modules.list":
-                    continue
-                with open(src, "rb") as f:
-                    cpio.add_file(f"lib/modules/{release}/extra/{rel}", f.read())
-        extra_list = os.path.join(extra, "modules.list")
-        if os.path.exists(extra_list):
-            with open(extra_list) as f:
-                for line in f:
-                    line = line.split("#")[0].strip()
-                    if line:
-                        list_lines.append(f"extra/{line}")
+    list_lines += add_extra_modules(cpio, args.extra_modules_dir, release)
 
     modules_list = "# Generated by guest/pack.py: load order, dependencies first.\n"
     modules_list += "".join(f"{line}\n" for line in list_lines)
     cpio.add_file("etc/gpuvm/modules.list", modules_list.encode())
+    return cpio, list_lines
+
+
+def add_gpu_flavour(args, cpio, moddir, release, base_lines):
+    """Adds the GPU flavour's entries; returns the manifest's "nvidia" object."""
+    loaded = {module_name(line) for line in base_lines}
+
+    def kernel_deps(names):
+        order = resolve_modules(moddir, names, skip=loaded)
+        return [(stored_name(rel), read_module_data(os.path.join(moddir, rel))) for rel in order]
+
+    try:
+        return gpu.add_gpu(cpio, args, release, kernel_deps)
+    except (gpu.GpuError, ValueError, OSError) as e:
+        die(str(e))
+
+
+def main():
+    args = parse_args()
+    boot = os.path.join(args.kernel_root, "boot")
+    vmlinuz = sorted(f for f in os.listdir(boot) if f.startswith("vmlinuz-"))
+    if not vmlinuz:
+        die(f"no vmlinuz in {boot}")
+    release = vmlinuz[-1][len("vmlinuz-"):]
+    moddir = os.path.join(args.kernel_root, "lib", "modules", release)
+
+    vmlinux = extract_vmlinux(os.path.join(boot, vmlinuz[-1]))
+    with open(args.agent, "rb") as f:
+        agent = f.read()
+    cpio, list_lines = base_cpio(args, moddir, release, agent)
+    nvidia = add_gpu_flavour(args, cpio, moddir, release, list_lines) if args.gpu else None
 
     archive = cpio.bytes()
     os.makedirs(args.out, exist_ok=True)
@@ -290,11 +314,19 @@ def main():
         },
         "busybox_rootfs": os.path.basename(rootfs),
     }
+    if nvidia is not None:
+        try:
+            probe = gpu.write_probe_rootfs(args.out, rootfs, args.glibc_root, args.libc_bin_root, args.probe)
+        except (gpu.GpuError, ValueError, OSError) as e:
+            die(str(e))
+        manifest.update(flavour="gpu", nvidia=nvidia, probe_rootfs=os.path.basename(probe),
+                        initramfs_unpacked_bytes=len(archive))
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
     print(f"guest image for {release} in {args.out}: vmlinux {len(vmlinux) >> 20} MiB, "
-          f"initramfs {len(initramfs) >> 10} KiB, {len(list_lines)} modules")
+          f"initramfs {len(initramfs) >> 10} KiB ({len(archive) >> 10} KiB unpacked), "
+          f"{len(list_lines)} modules" + (f", NVIDIA {args.nvidia_version}" if args.gpu else ""))
 
 
 if __name__ == "__main__":
