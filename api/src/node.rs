@@ -44,9 +44,17 @@ pub struct GpuNodeStatus {
     /// Every NVIDIA GPU found on the node.
     #[serde(default)]
     pub devices: Vec<GpuDevice>,
-    /// PCI addresses of NVSwitch bridges found on the node (reported, not passed through).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nvswitches: Vec<String>,
+    /// The NVSwitches found on the node (NVIDIA functions of PCI class 0x0680). A node
+    /// with NVSwitches needs NVIDIA Fabric Manager before CUDA works on its GPUs, which
+    /// gpuvm cannot provide: the operator places no machine there (see
+    /// `docs/nvswitch.md`). Older node agents published bare PCI addresses; those still
+    /// read, with the device id left empty.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nvswitches_in_any_form"
+    )]
+    pub nvswitches: Vec<NvSwitch>,
     /// Whether the host's IOMMU is on; without it no device can be passed through.
     #[serde(default)]
     pub iommu_enabled: bool,
@@ -63,6 +71,46 @@ pub struct GpuNodeStatus {
     /// A human-readable note from the node agent, e.g. why the IOMMU check failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// One NVSwitch on a node: reported, never passed through.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NvSwitch {
+    /// PCI address, e.g. `0000:07:00.0`.
+    pub pci_address: String,
+    /// PCI device id in hex, e.g. `22a3` (third generation, HGX H100/H200). Empty when
+    /// an older node agent published only the address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
+    /// Model name, e.g. `h100-nvswitch`; unknown ids read `nvidia-<device id>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+}
+
+/// Reads `nvswitches` both as objects and as the bare address strings that node agents
+/// before the object form published, so a GpuNode written by either still parses.
+fn nvswitches_in_any_form<'de, D>(deserializer: D) -> Result<Vec<NvSwitch>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Address(String),
+        Switch(NvSwitch),
+    }
+    let entries = Vec::<Entry>::deserialize(deserializer)?;
+    Ok(entries
+        .into_iter()
+        .map(|entry| match entry {
+            Entry::Address(pci_address) => NvSwitch {
+                pci_address,
+                ..NvSwitch::default()
+            },
+            Entry::Switch(switch) => switch,
+        })
+        .collect())
 }
 
 /// One GPU on a node.
@@ -123,4 +171,43 @@ pub enum MemberRole {
     Bridge,
     /// A device the host uses (NIC, NVMe, ...): the whole group is unsafe to pass.
     Host,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nvswitches_read_as_objects_and_as_the_old_bare_addresses() {
+        let new: GpuNodeStatus = serde_json::from_value(json!({
+            "nvswitches": [{"pciAddress": "0000:07:00.0", "deviceId": "22a3", "model": "h100-nvswitch"}]
+        }))
+        .unwrap();
+        let old: GpuNodeStatus =
+            serde_json::from_value(json!({"nvswitches": ["0000:07:00.0", "0000:08:00.0"]})).unwrap();
+        let none: GpuNodeStatus = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(
+            new.nvswitches,
+            [NvSwitch {
+                pci_address: "0000:07:00.0".into(),
+                device_id: "22a3".into(),
+                model: "h100-nvswitch".into(),
+            }]
+        );
+        assert_eq!(old.nvswitches.len(), 2);
+        assert_eq!(old.nvswitches[1].pci_address, "0000:08:00.0");
+        assert!(old.nvswitches[1].device_id.is_empty());
+        assert!(none.nvswitches.is_empty());
+        // Written back, the object form comes out; an empty list is left out.
+        let written = serde_json::to_value(&new).unwrap();
+        assert_eq!(written["nvswitches"][0]["deviceId"], "22a3");
+        assert!(serde_json::to_value(&none).unwrap().get("nvswitches").is_none());
+    }
+
+    #[test]
+    fn nvswitches_of_another_shape_are_refused() {
+        let err = serde_json::from_value::<GpuNodeStatus>(json!({"nvswitches": [7]}));
+        assert!(err.is_err());
+    }
 }

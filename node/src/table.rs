@@ -181,7 +181,15 @@ fn write_table(out: &mut String, status: &GpuNodeStatus, actions: &[PlannedActio
         }
     }
     if !status.nvswitches.is_empty() {
-        writeln!(out, "NVSwitches: {}", status.nvswitches.join(", "))?;
+        let switches: Vec<String> = status
+            .nvswitches
+            .iter()
+            .map(|s| match s.model.as_str() {
+                "" => s.pci_address.clone(),
+                model => format!("{} ({model})", s.pci_address),
+            })
+            .collect();
+        writeln!(out, "NVSwitches: {}", switches.join(", "))?;
     }
     if let Some(message) = &status.message {
         writeln!(out, "message: {message}")?;

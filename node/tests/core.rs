@@ -96,7 +96,15 @@ fn hgx_h100_has_eight_healthy_gpus_four_nvswitches_two_numa_nodes() {
     let status = host.pass(Vec::new());
     assert!(status.iommu_enabled);
     assert_eq!((status.gpu_count, status.healthy_count), (8, 8));
-    assert_eq!(status.nvswitches, HGX_H100_NVSWITCHES.map(str::to_owned));
+    let switches: Vec<(&str, &str, &str)> = status
+        .nvswitches
+        .iter()
+        .map(|s| (s.pci_address.as_str(), s.device_id.as_str(), s.model.as_str()))
+        .collect();
+    assert_eq!(
+        switches,
+        HGX_H100_NVSWITCHES.map(|a| (a, "22a3", "h100-nvswitch"))
+    );
     assert_eq!(status.message, None);
     assert_eq!(status.heartbeat, None, "the publisher stamps the heartbeat");
     let addresses: Vec<&str> = status

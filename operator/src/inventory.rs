@@ -46,6 +46,7 @@ pub fn node_views<'a>(
                 ready: node_ready && fresh,
                 schedulable: !cordoned && !gn.spec.unschedulable,
                 devices: status.devices,
+                nvswitches: status.nvswitches,
             }
         })
         .collect()
