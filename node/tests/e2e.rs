@@ -6,8 +6,9 @@
 //! Checked: the GpuNode is created and its status published (heartbeat, devices) under
 //! field manager `gpuvm-node`; the Node gets its labels and keeps the others; a GPU
 //! vanishing from the bus and a reset-failure record show up as `healthy: false` after a
-//! SIGHUP; the operator's own view (`node_views` + `place_machine`) stops placing on the
-//! unhealthy GPUs; SIGTERM ends the agent cleanly; `--once` keeps an administrator's
+//! SIGHUP; the operator's own view (`node_views` + `place_machine`) places nothing on the
+//! board for its NVSwitches (`FabricManagerUnavailable`) and, those set aside, stops
+//! placing on the unhealthy GPUs; SIGTERM ends the agent cleanly; `--once` keeps an administrator's
 //! `spec.unschedulable`.
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use gpuvm_api::{GpuNode, PlacementStrategy};
 use gpuvm_e2e::fixtures::{LABEL_RUN, node_ready_patch};
 use gpuvm_e2e::{Check, TestEnv, eventually};
 use gpuvm_operator::inventory::node_views;
-use gpuvm_operator::scheduler::{PlacementRequest, place_machine};
+use gpuvm_operator::scheduler::{NodeView, PlacementRequest, place_machine};
 use gpuvm_pci::testing::{FakeSysfs, presets};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -179,6 +180,17 @@ fn counts(gn: &GpuNode) -> (i32, i32) {
         .map_or((0, 0), |s| (s.gpu_count, s.healthy_count))
 }
 
+/// The operator's view of the node with its NVSwitches set aside, as if their fabric
+/// were managed: what placement then sees is the GPUs' health. (The NVSwitches
+/// themselves keep every machine off, checked once in the scenario.)
+fn views_past_the_fabric(gn: &GpuNode, node: &Node) -> Vec<NodeView> {
+    let mut views = node_views([gn], [node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    for view in &mut views {
+        view.nvswitches.clear();
+    }
+    views
+}
+
 fn request(run: &str, count: u32) -> PlacementRequest {
     PlacementRequest {
         model: "h100-80gb".to_owned(),
@@ -256,7 +268,15 @@ async fn scenario(
     ensure!(!gn.spec.unschedulable);
     let status = gn.status.clone().context("no status")?;
     ensure!(status.iommu_enabled);
-    ensure!(status.nvswitches.len() == 4, "{:?}", status.nvswitches);
+    ensure!(
+        status.nvswitches.len() == 4
+            && status
+                .nvswitches
+                .iter()
+                .all(|s| s.device_id == "22a3" && s.model == "h100-nvswitch"),
+        "{:?}",
+        status.nvswitches
+    );
     let heartbeat = status.heartbeat.clone().context("no heartbeat")?;
     let age = Timestamp::now().duration_since(heartbeat.0).as_secs_f64();
     ensure!(age.abs() < 60.0, "heartbeat is {age} s old");
@@ -306,12 +326,22 @@ async fn scenario(
     );
     ensure!(labels.get(LABEL_RUN) == Some(&env.run), "{labels:?}");
 
-    // The operator's view: ready, and 8 GPUs placeable.
+    // The operator's view: ready, but the board's NVSwitches keep every machine off it.
     let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
     ensure!(
         views.len() == 1 && views[0].ready && views[0].schedulable,
         "{views:?}"
     );
+    let refused = place_machine(&request(&env.run, 1), &views, &BTreeMap::new())
+        .err()
+        .context("a machine was placed on an NVSwitch board")?;
+    ensure!(
+        refused.reason() == "FabricManagerUnavailable",
+        "{}: {refused}",
+        refused.reason()
+    );
+    // Past the fabric, 8 GPUs are placeable.
+    let views = views_past_the_fabric(&gn, &node);
     place_machine(&request(&env.run, 8), &views, &BTreeMap::new())
         .map_err(|e| anyhow::anyhow!("8 GPUs should be placeable: {e:?}"))?;
 
@@ -341,7 +371,7 @@ async fn scenario(
     .await?;
     mark_ready(nodes, name).await?;
     let node = nodes.get(name).await.unwrap_or(node);
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready, "{views:?}");
     ensure!(
         views[0]
@@ -390,7 +420,7 @@ async fn scenario(
     );
     mark_ready(nodes, name).await?;
     let node = nodes.get(name).await?;
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready, "{views:?}");
     ensure!(
         place_machine(&request(&env.run, 7), &views, &BTreeMap::new()).is_err(),
@@ -501,7 +531,7 @@ async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let gn = gpu_nodes.get(name).await?;
     ensure!(gn.spec.unschedulable, "spec.unschedulable was reset");
     let node = nodes.get(name).await?;
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready && !views[0].schedulable, "{views:?}");
     Ok(())
 }
