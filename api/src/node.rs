@@ -185,7 +185,8 @@ mod tests {
         }))
         .unwrap();
         let old: GpuNodeStatus =
-            serde_json::from_value(json!({"nvswitches": ["0000:07:00.0", "0000:08:00.0"]})).unwrap();
+            serde_json::from_value(json!({"nvswitches": ["0000:07:00.0", "0000:08:00.0"]}))
+                .unwrap();
         let none: GpuNodeStatus = serde_json::from_value(json!({})).unwrap();
         assert_eq!(
             new.nvswitches,
@@ -202,7 +203,12 @@ mod tests {
         // Written back, the object form comes out; an empty list is left out.
         let written = serde_json::to_value(&new).unwrap();
         assert_eq!(written["nvswitches"][0]["deviceId"], "22a3");
-        assert!(serde_json::to_value(&none).unwrap().get("nvswitches").is_none());
+        assert!(
+            serde_json::to_value(&none)
+                .unwrap()
+                .get("nvswitches")
+                .is_none()
+        );
     }
 
     #[test]

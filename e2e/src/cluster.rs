@@ -461,8 +461,13 @@ impl TestEnv {
         name: &str,
         timeout: Duration,
     ) -> anyhow::Result<GpuMachine> {
-        self.wait_machine(name, "its generation observed", timeout, generation_observed)
-            .await
+        self.wait_machine(
+            name,
+            "its generation observed",
+            timeout,
+            generation_observed,
+        )
+        .await
     }
 
     /// Waits until machine `name` satisfies `check`, returning it.

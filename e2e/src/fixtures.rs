@@ -83,37 +83,43 @@ impl HostKind {
     /// The inventory the node agent would publish (heartbeat left unset).
     pub fn inventory(self) -> GpuNodeStatus {
         let devices: Vec<GpuDevice> = match self {
-            HostKind::HgxH100 | HostKind::H100Pcie => HGX_H100_GPUS
-                .iter()
-                .enumerate()
-                .map(|(i, addr)| {
-                    // Two GPUs per PCIe switch, four per NUMA node.
-                    let switch = [
-                        "0000:18:00.0",
-                        "0000:50:00.0",
-                        "0000:9a:00.0",
-                        "0000:ce:00.0",
-                    ][i / 2];
-                    GpuDevice {
-                        pci_address: (*addr).to_owned(),
-                        vendor_id: "10de".to_owned(),
-                        // SXM5 on the HGX board, the PCIe card otherwise.
-                        device_id: if self == HostKind::HgxH100 { "2330" } else { "2331" }
-                            .to_owned(),
-                        model: "h100-80gb".to_owned(),
-                        iommu_group: Some(40 + u32::try_from(i).unwrap_or(0) * 9),
-                        iommu_group_members: vec![IommuMember {
+            HostKind::HgxH100 | HostKind::H100Pcie => {
+                // H100 SXM5 on the HGX board, the PCIe card in the PCIe server.
+                let sxm_or_pcie = if self == HostKind::HgxH100 {
+                    "2330"
+                } else {
+                    "2331"
+                };
+                HGX_H100_GPUS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| {
+                        // Two GPUs per PCIe switch, four per NUMA node.
+                        let switch = [
+                            "0000:18:00.0",
+                            "0000:50:00.0",
+                            "0000:9a:00.0",
+                            "0000:ce:00.0",
+                        ][i / 2];
+                        GpuDevice {
                             pci_address: (*addr).to_owned(),
-                            role: MemberRole::Gpu,
-                        }],
-                        numa_node: Some(i32::from(i >= 4)),
-                        pcie_parent: Some(switch.to_owned()),
-                        driver: Some("vfio-pci".to_owned()),
-                        healthy: true,
-                        reason: None,
-                    }
-                })
-                .collect(),
+                            vendor_id: "10de".to_owned(),
+                            device_id: sxm_or_pcie.to_owned(),
+                            model: "h100-80gb".to_owned(),
+                            iommu_group: Some(40 + u32::try_from(i).unwrap_or(0) * 9),
+                            iommu_group_members: vec![IommuMember {
+                                pci_address: (*addr).to_owned(),
+                                role: MemberRole::Gpu,
+                            }],
+                            numa_node: Some(i32::from(i >= 4)),
+                            pcie_parent: Some(switch.to_owned()),
+                            driver: Some("vfio-pci".to_owned()),
+                            healthy: true,
+                            reason: None,
+                        }
+                    })
+                    .collect()
+            }
             HostKind::L40sWorkstation => vec![GpuDevice {
                 pci_address: L40S_GPU.to_owned(),
                 vendor_id: "10de".to_owned(),

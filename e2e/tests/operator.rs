@@ -12,9 +12,9 @@ use gpuvm_api::{
     ConditionType, EnvVar, GpuAllocation, GpuMachine, GuestResources, MachinePhase, RestartPolicy,
     keys,
 };
+use gpuvm_e2e::cluster::HEARTBEAT;
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU};
 use gpuvm_e2e::invariants::pinned_node;
-use gpuvm_e2e::cluster::HEARTBEAT;
 use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, bench, note};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -597,7 +597,11 @@ async fn a_machine_only_an_nvswitch_node_could_take_waits_for_want_of_fabric_man
             .unwrap_or(0);
         ensure!(held == 0, "{held} devices of {} were taken", hgx[0]);
         let events = env.events("big", "FailedScheduling").await?;
-        ensure!(events.len() == 1, "{} FailedScheduling Events", events.len());
+        ensure!(
+            events.len() == 1,
+            "{} FailedScheduling Events",
+            events.len()
+        );
         ensure!(
             events[0].note.as_deref() == Some(c.message.as_str()),
             "Event note {:?}",

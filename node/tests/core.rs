@@ -99,7 +99,13 @@ fn hgx_h100_has_eight_healthy_gpus_four_nvswitches_two_numa_nodes() {
     let switches: Vec<(&str, &str, &str)> = status
         .nvswitches
         .iter()
-        .map(|s| (s.pci_address.as_str(), s.device_id.as_str(), s.model.as_str()))
+        .map(|s| {
+            (
+                s.pci_address.as_str(),
+                s.device_id.as_str(),
+                s.model.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         switches,

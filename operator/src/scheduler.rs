@@ -21,9 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use gpuvm_api::keys::MODEL_ANY;
-use gpuvm_api::{
-    AllocatedGpu, GpuDevice, GpuMachineSpec, MemberRole, NvSwitch, PlacementStrategy,
-};
+use gpuvm_api::{AllocatedGpu, GpuDevice, GpuMachineSpec, MemberRole, NvSwitch, PlacementStrategy};
 
 /// One node as the scheduler sees it: the Kubernetes Node's state joined with its
 /// `GpuNode` inventory.

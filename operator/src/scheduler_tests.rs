@@ -434,8 +434,8 @@ fn a_device_claimed_twice_is_never_handed_out() {
 fn an_nvswitch_node_takes_no_machine_and_the_refusal_names_it() {
     let nodes = vec![with_nvswitches(hgx("hgx-0"))];
     for count in [1, 8] {
-        let err = place_machine(&request("h100-80gb", count), &nodes, &no_allocations())
-            .unwrap_err();
+        let err =
+            place_machine(&request("h100-80gb", count), &nodes, &no_allocations()).unwrap_err();
         assert_eq!(err.reason(), "FabricManagerUnavailable");
         let plural = if count == 1 { "" } else { "s" };
         assert_eq!(

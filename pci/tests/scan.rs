@@ -6,7 +6,8 @@ use std::fs;
 use gpuvm_pci::testing::presets::{self, HGX_H100_GPUS, HGX_H100_NVSWITCHES};
 use gpuvm_pci::testing::{DeviceSpec, SysfsBuilder, bdf};
 use gpuvm_pci::{
-    DeviceRole, Inventory, Passthrough, PciAddress, Sysfs, nvswitch_model, nvswitch_model_name, scan,
+    DeviceRole, Inventory, Passthrough, PciAddress, Sysfs, nvswitch_model, nvswitch_model_name,
+    scan,
 };
 
 fn scan_of(builder: &SysfsBuilder) -> Inventory {
