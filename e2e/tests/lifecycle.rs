@@ -18,7 +18,7 @@ use gpuvm_e2e::fixtures::{binding, pod_ended_patch, pod_running_patch};
 use gpuvm_e2e::{Check, HostKind, TestEnv, eventually, generation_observed, note};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
