@@ -44,17 +44,19 @@ pub struct GpuNodeStatus {
     /// Every NVIDIA GPU found on the node.
     #[serde(default)]
     pub devices: Vec<GpuDevice>,
-    /// The NVSwitches found on the node (NVIDIA functions of PCI class 0x0680). A node
-    /// with NVSwitches needs NVIDIA Fabric Manager before CUDA works on its GPUs, which
-    /// gpuvm cannot provide: the operator places no machine there (see
-    /// `docs/nvswitch.md`). Older node agents published bare PCI addresses; those still
-    /// read, with the device id left empty.
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        deserialize_with = "nvswitches_in_any_form"
-    )]
-    pub nvswitches: Vec<NvSwitch>,
+    /// PCI addresses of the NVSwitches found on the node; `nvswitchDevices` has their
+    /// ids and models.
+    // Stays a list of strings: the API server answers 500 to a server-side apply over a
+    // stored field whose type the schema changed, so every node agent's status write
+    // would fail on GpuNodes published before (node/tests/e2e.rs shows the upgrade).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvswitches: Vec<String>,
+    /// The NVSwitches found on the node (NVIDIA functions of PCI class 0x0680), with
+    /// device id and model. A node with NVSwitches needs NVIDIA Fabric Manager before
+    /// CUDA works on its GPUs, which gpuvm cannot provide: the operator places no
+    /// machine there (see `docs/nvswitch.md`). Absent from older node agents' objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvswitch_devices: Vec<NvSwitch>,
     /// Whether the host's IOMMU is on; without it no device can be passed through.
     #[serde(default)]
     pub iommu_enabled: bool,
@@ -79,8 +81,7 @@ pub struct GpuNodeStatus {
 pub struct NvSwitch {
     /// PCI address, e.g. `0000:07:00.0`.
     pub pci_address: String,
-    /// PCI device id in hex, e.g. `22a3` (third generation, HGX H100/H200). Empty when
-    /// an older node agent published only the address.
+    /// PCI device id in hex, e.g. `22a3` (third generation, HGX H100/H200).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device_id: String,
     /// Model name, e.g. `h100-nvswitch`; unknown ids read `nvidia-<device id>`.
@@ -88,29 +89,21 @@ pub struct NvSwitch {
     pub model: String,
 }
 
-/// Reads `nvswitches` both as objects and as the bare address strings that node agents
-/// before the object form published, so a GpuNode written by either still parses.
-fn nvswitches_in_any_form<'de, D>(deserializer: D) -> Result<Vec<NvSwitch>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Entry {
-        Address(String),
-        Switch(NvSwitch),
-    }
-    let entries = Vec::<Entry>::deserialize(deserializer)?;
-    Ok(entries
-        .into_iter()
-        .map(|entry| match entry {
-            Entry::Address(pci_address) => NvSwitch {
-                pci_address,
+impl GpuNodeStatus {
+    /// The node's NVSwitches: `nvswitchDevices`, or, from a node agent that published
+    /// only addresses, `nvswitches` with the ids left empty.
+    pub fn all_nvswitches(&self) -> Vec<NvSwitch> {
+        if !self.nvswitch_devices.is_empty() {
+            return self.nvswitch_devices.clone();
+        }
+        self.nvswitches
+            .iter()
+            .map(|address| NvSwitch {
+                pci_address: address.clone(),
                 ..NvSwitch::default()
-            },
-            Entry::Switch(switch) => switch,
-        })
-        .collect())
+            })
+            .collect()
+    }
 }
 
 /// One GPU on a node.
@@ -179,9 +172,12 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn nvswitches_read_as_objects_and_as_the_old_bare_addresses() {
+    fn nvswitches_come_with_ids_or_as_an_older_agents_bare_addresses() {
         let new: GpuNodeStatus = serde_json::from_value(json!({
-            "nvswitches": [{"pciAddress": "0000:07:00.0", "deviceId": "22a3", "model": "h100-nvswitch"}]
+            "nvswitches": ["0000:07:00.0"],
+            "nvswitchDevices": [
+                {"pciAddress": "0000:07:00.0", "deviceId": "22a3", "model": "h100-nvswitch"}
+            ]
         }))
         .unwrap();
         let old: GpuNodeStatus =
@@ -189,31 +185,20 @@ mod tests {
                 .unwrap();
         let none: GpuNodeStatus = serde_json::from_value(json!({})).unwrap();
         assert_eq!(
-            new.nvswitches,
+            new.all_nvswitches(),
             [NvSwitch {
                 pci_address: "0000:07:00.0".into(),
                 device_id: "22a3".into(),
                 model: "h100-nvswitch".into(),
             }]
         );
-        assert_eq!(old.nvswitches.len(), 2);
-        assert_eq!(old.nvswitches[1].pci_address, "0000:08:00.0");
-        assert!(old.nvswitches[1].device_id.is_empty());
-        assert!(none.nvswitches.is_empty());
-        // Written back, the object form comes out; an empty list is left out.
-        let written = serde_json::to_value(&new).unwrap();
-        assert_eq!(written["nvswitches"][0]["deviceId"], "22a3");
-        assert!(
-            serde_json::to_value(&none)
-                .unwrap()
-                .get("nvswitches")
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn nvswitches_of_another_shape_are_refused() {
-        let err = serde_json::from_value::<GpuNodeStatus>(json!({"nvswitches": [7]}));
-        assert!(err.is_err());
+        let from_old = old.all_nvswitches();
+        assert_eq!(from_old.len(), 2);
+        assert_eq!(from_old[1].pci_address, "0000:08:00.0");
+        assert!(from_old[1].device_id.is_empty() && from_old[1].model.is_empty());
+        assert!(none.all_nvswitches().is_empty());
+        // Empty lists are left out when written.
+        let written = serde_json::to_value(&none).unwrap();
+        assert!(written.get("nvswitches").is_none() && written.get("nvswitchDevices").is_none());
     }
 }

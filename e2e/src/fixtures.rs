@@ -146,6 +146,10 @@ impl HostKind {
         let count = i32::try_from(devices.len()).unwrap_or(i32::MAX);
         GpuNodeStatus {
             nvswitches: match self {
+                HostKind::HgxH100 => HGX_H100_NVSWITCHES.map(str::to_owned).to_vec(),
+                HostKind::H100Pcie | HostKind::L40sWorkstation => Vec::new(),
+            },
+            nvswitch_devices: match self {
                 HostKind::HgxH100 => HGX_H100_NVSWITCHES
                     .map(|address| NvSwitch {
                         pci_address: address.to_owned(),
@@ -483,8 +487,9 @@ mod tests {
             4
         );
         assert_eq!(inv.nvswitches.len(), 4);
+        assert_eq!(inv.nvswitch_devices.len(), 4);
         let pcie = HostKind::H100Pcie.inventory();
-        assert!(pcie.nvswitches.is_empty());
+        assert!(pcie.all_nvswitches().is_empty());
         assert_eq!(pcie.devices.len(), 8);
         assert!(pcie.devices.iter().all(|d| d.device_id == "2331"));
         let l40s = HostKind::L40sWorkstation.inventory();

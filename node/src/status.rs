@@ -73,7 +73,12 @@ pub fn inventory_to_status(inventory: &Inventory, observations: &Observations) -
         gpu_count: count(devices.len()),
         healthy_count: count(healthy),
         devices,
-        nvswitches: inventory.nvswitches.iter().map(describe_nvswitch).collect(),
+        nvswitches: inventory
+            .nvswitches
+            .iter()
+            .map(|s| s.address.to_string())
+            .collect(),
+        nvswitch_devices: inventory.nvswitches.iter().map(describe_nvswitch).collect(),
         iommu_enabled: inventory.iommu_enabled,
         heartbeat: None,
         message: message(inventory, observations),

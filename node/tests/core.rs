@@ -96,8 +96,9 @@ fn hgx_h100_has_eight_healthy_gpus_four_nvswitches_two_numa_nodes() {
     let status = host.pass(Vec::new());
     assert!(status.iommu_enabled);
     assert_eq!((status.gpu_count, status.healthy_count), (8, 8));
+    assert_eq!(status.nvswitches, HGX_H100_NVSWITCHES.map(str::to_owned));
     let switches: Vec<(&str, &str, &str)> = status
-        .nvswitches
+        .nvswitch_devices
         .iter()
         .map(|s| {
             (

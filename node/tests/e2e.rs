@@ -20,18 +20,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use gpuvm_api::keys::{LABEL_GPU_COUNT, LABEL_GPU_MODEL, LABEL_GPU_NODE};
 use gpuvm_api::{GpuNode, PlacementStrategy};
+use gpuvm_e2e::cluster::apply_crds;
 use gpuvm_e2e::fixtures::{LABEL_RUN, node_ready_patch};
 use gpuvm_e2e::{Check, TestEnv, eventually};
 use gpuvm_operator::inventory::node_views;
 use gpuvm_operator::scheduler::{NodeView, PlacementRequest, place_machine};
 use gpuvm_pci::testing::{FakeSysfs, presets};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt as _, ResourceExt as _};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gpuvm-node");
 const WAIT: Duration = Duration::from_secs(60);
@@ -270,8 +272,9 @@ async fn scenario(
     ensure!(status.iommu_enabled);
     ensure!(
         status.nvswitches.len() == 4
+            && status.nvswitch_devices.len() == 4
             && status
-                .nvswitches
+                .nvswitch_devices
                 .iter()
                 .all(|s| s.device_id == "22a3" && s.model == "h100-nvswitch"),
         "{:?}",
@@ -533,5 +536,125 @@ async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let node = nodes.get(name).await?;
     let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready && !views[0].schedulable, "{views:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nvswitches_stored_as_bare_addresses_still_read_and_the_agent_rewrites_them()
+-> anyhow::Result<()> {
+    let test = "node_agent_nvswitch_upgrade";
+    // Prints `SKIPPED: <test>: ...`, or fails when GPUVM_REQUIRE names `apiserver`.
+    let Some(env) = TestEnv::start(test).await? else {
+        return Ok(());
+    };
+    let name = format!("{}-hgx", env.run);
+    let result = upgrade(&env, &name).await;
+    remove(&env, &name).await;
+    // The control plane may be shared: leave it the committed CRDs.
+    let restored = apply_crds(&env.client).await;
+    env.cleanup().await;
+    result.and(restored)
+}
+
+/// The GpuNode CRD as it was before `nvswitchDevices`: NVSwitches as bare addresses.
+fn crd_before_nvswitch_devices() -> anyhow::Result<CustomResourceDefinition> {
+    let mut crd = serde_json::to_value(GpuNode::crd())?;
+    let status = crd
+        .pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/status/properties")
+        .and_then(Value::as_object_mut)
+        .context("no status properties in the GpuNode schema")?;
+    status
+        .remove("nvswitchDevices")
+        .context("no nvswitchDevices in the GpuNode schema")?;
+    Ok(serde_json::from_value(crd)?)
+}
+
+/// A GpuNode written by an agent of the old schema, then the CRD upgraded: it still
+/// reads, and the current agent's server-side apply over it succeeds. (It did not when
+/// `nvswitches` itself changed type from strings to objects: the API server answers
+/// 500 to an apply over a stored field of the wrong type.)
+async fn upgrade(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let old = crd_before_nvswitch_devices()?;
+    crds.patch(
+        &old.name_any(),
+        &PatchParams::apply("gpuvm-e2e-old-crd").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .context("applying the old GpuNode CRD")?;
+    let nodes = create_node(env, name).await?;
+    let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
+    gpu_nodes
+        .create(&PostParams::default(), &gpuvm_e2e::fixtures::gpu_node(name))
+        .await?;
+    let old_status = json!({"status": {"iommuEnabled": true, "nvswitches": ["0000:06:00.0"]}});
+    // The API server takes a moment to serve the old schema.
+    eventually("the old agent's status to be stored", WAIT, || async {
+        Ok(
+            match gpu_nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&old_status))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
+    })
+    .await?;
+
+    apply_crds(&env.client).await?;
+    let stored = gpu_nodes
+        .get(name)
+        .await
+        .context("reading the old GpuNode")?;
+    let switches = stored.status.unwrap_or_default().all_nvswitches();
+    ensure!(
+        switches.len() == 1
+            && switches[0].pci_address == "0000:06:00.0"
+            && switches[0].device_id.is_empty(),
+        "{switches:?}"
+    );
+
+    let fake = presets::hgx_h100_8gpu().build()?;
+    let work = tempfile::tempdir()?;
+    let (sys, dev) = (fake.sys_root(), fake.dev_root());
+    let health = work.path().join("health");
+    let args = [
+        "--once",
+        "--no-bind",
+        "--node-name",
+        name,
+        "--sysfs-root",
+        path_arg(&sys)?,
+        "--dev-root",
+        path_arg(&dev)?,
+        "--health-dir",
+        path_arg(&health)?,
+    ];
+    let mut agent = AgentProcess::start(env, &args, work.path())?;
+    let exit = agent.wait(WAIT)?;
+    ensure!(
+        exit.success(),
+        "--once over the old object exited with {exit}:\n{}",
+        agent.log_tail()
+    );
+    let gn = gpu_nodes.get(name).await?;
+    let status = gn.status.unwrap_or_default();
+    ensure!(
+        status.nvswitches == presets::HGX_H100_NVSWITCHES,
+        "{:?}",
+        status.nvswitches
+    );
+    let ids: Vec<(&str, &str)> = status
+        .nvswitch_devices
+        .iter()
+        .map(|s| (s.pci_address.as_str(), s.device_id.as_str()))
+        .collect();
+    ensure!(
+        ids == presets::HGX_H100_NVSWITCHES.map(|a| (a, "22a3")),
+        "{ids:?}"
+    );
+    ensure!(nodes.get(name).await.is_ok());
     Ok(())
 }
