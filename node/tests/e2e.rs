@@ -99,6 +99,33 @@ fn path_arg(path: &Path) -> anyhow::Result<&str> {
     path.to_str().context("a non-UTF-8 temp path")
 }
 
+/// Runs `gpuvm-node --once --no-bind` for node `name` on `fake`, with its log and
+/// health records in `work`; fails unless it exits 0.
+fn run_agent_once(env: &TestEnv, name: &str, fake: &FakeSysfs, work: &Path) -> anyhow::Result<()> {
+    let (sys, dev) = (fake.sys_root(), fake.dev_root());
+    let health = work.join("health");
+    let args = [
+        "--once",
+        "--no-bind",
+        "--node-name",
+        name,
+        "--sysfs-root",
+        path_arg(&sys)?,
+        "--dev-root",
+        path_arg(&dev)?,
+        "--health-dir",
+        path_arg(&health)?,
+    ];
+    let mut agent = AgentProcess::start(env, &args, work)?;
+    let exit = agent.wait(WAIT)?;
+    ensure!(
+        exit.success(),
+        "--once exited with {exit}:\n{}",
+        agent.log_tail()
+    );
+    Ok(())
+}
+
 /// A bare Node for the test run (no gpuvm labels but a stale model), Ready.
 async fn create_node(env: &TestEnv, name: &str) -> anyhow::Result<Api<Node>> {
     let nodes: Api<Node> = Api::all(env.client.clone());
@@ -464,31 +491,7 @@ async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let nodes = create_node(env, name).await?;
     let fake = presets::workstation_l40s().build()?;
     let work = tempfile::tempdir()?;
-    let sys = fake.sys_root();
-    let dev = fake.dev_root();
-    let health = work.path().join("health");
-    let args = [
-        "--once",
-        "--no-bind",
-        "--node-name",
-        name,
-        "--sysfs-root",
-        path_arg(&sys)?,
-        "--dev-root",
-        path_arg(&dev)?,
-        "--health-dir",
-        path_arg(&health)?,
-    ];
-    let run_once = || -> anyhow::Result<()> {
-        let mut agent = AgentProcess::start(env, &args, work.path())?;
-        let exit = agent.wait(WAIT)?;
-        ensure!(
-            exit.success(),
-            "--once exited with {exit}:\n{}",
-            agent.log_tail()
-        );
-        Ok(())
-    };
+    let run_once = || run_agent_once(env, name, &fake, work.path());
     run_once()?;
 
     let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
@@ -618,27 +621,7 @@ async fn upgrade(env: &TestEnv, name: &str) -> anyhow::Result<()> {
 
     let fake = presets::hgx_h100_8gpu().build()?;
     let work = tempfile::tempdir()?;
-    let (sys, dev) = (fake.sys_root(), fake.dev_root());
-    let health = work.path().join("health");
-    let args = [
-        "--once",
-        "--no-bind",
-        "--node-name",
-        name,
-        "--sysfs-root",
-        path_arg(&sys)?,
-        "--dev-root",
-        path_arg(&dev)?,
-        "--health-dir",
-        path_arg(&health)?,
-    ];
-    let mut agent = AgentProcess::start(env, &args, work.path())?;
-    let exit = agent.wait(WAIT)?;
-    ensure!(
-        exit.success(),
-        "--once over the old object exited with {exit}:\n{}",
-        agent.log_tail()
-    );
+    run_agent_once(env, name, &fake, work.path()).context("over the old object")?;
     let gn = gpu_nodes.get(name).await?;
     let status = gn.status.unwrap_or_default();
     ensure!(
