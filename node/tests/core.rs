@@ -112,6 +112,12 @@ fn hgx_h100_has_eight_healthy_gpus_four_nvswitches_two_numa_nodes() {
         switches,
         HGX_H100_NVSWITCHES.map(|a| (a, "22a3", "h100-nvswitch"))
     );
+    let table = render_table(&status, &[]);
+    assert!(
+        table.contains("NVSwitches: 4\n")
+            && table.contains("NVSwitches: 0000:06:00.0 (h100-nvswitch), 0000:07:00.0"),
+        "{table}"
+    );
     assert_eq!(status.message, None);
     assert_eq!(status.heartbeat, None, "the publisher stamps the heartbeat");
     let addresses: Vec<&str> = status
