@@ -22,7 +22,7 @@ pub use machine::{
     GpuMachineStatus, GpuRequest, GuestResources, MachinePhase, PlacementStrategy, RestartPolicy,
     Termination,
 };
-pub use node::{GpuDevice, GpuNode, GpuNodeSpec, GpuNodeStatus, IommuMember, MemberRole};
+pub use node::{GpuDevice, GpuNode, GpuNodeSpec, GpuNodeStatus, IommuMember, MemberRole, NvSwitch};
 
 /// The API group of every gpuvm resource.
 pub const GROUP: &str = "gpuvm.dev";

@@ -44,9 +44,19 @@ pub struct GpuNodeStatus {
     /// Every NVIDIA GPU found on the node.
     #[serde(default)]
     pub devices: Vec<GpuDevice>,
-    /// PCI addresses of NVSwitch bridges found on the node (reported, not passed through).
+    /// PCI addresses of the NVSwitches found on the node; `nvswitchDevices` has their
+    /// ids and models.
+    // Stays a list of strings: the API server answers 500 to a server-side apply over a
+    // stored field whose type the schema changed, so every node agent's status write
+    // would fail on GpuNodes published before (node/tests/e2e.rs shows the upgrade).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nvswitches: Vec<String>,
+    /// The NVSwitches found on the node (NVIDIA functions of PCI class 0x0680), with
+    /// device id and model. A node with NVSwitches needs NVIDIA Fabric Manager before
+    /// CUDA works on its GPUs, which gpuvm cannot provide: the operator places no
+    /// machine there (see `docs/nvswitch.md`). Absent from older node agents' objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvswitch_devices: Vec<NvSwitch>,
     /// Whether the host's IOMMU is on; without it no device can be passed through.
     #[serde(default)]
     pub iommu_enabled: bool,
@@ -63,6 +73,37 @@ pub struct GpuNodeStatus {
     /// A human-readable note from the node agent, e.g. why the IOMMU check failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// One NVSwitch on a node: reported, never passed through.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NvSwitch {
+    /// PCI address, e.g. `0000:07:00.0`.
+    pub pci_address: String,
+    /// PCI device id in hex, e.g. `22a3` (third generation, HGX H100/H200).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
+    /// Model name, e.g. `h100-nvswitch`; unknown ids read `nvidia-<device id>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+}
+
+impl GpuNodeStatus {
+    /// The node's NVSwitches: `nvswitchDevices`, or, from a node agent that published
+    /// only addresses, `nvswitches` with the ids left empty.
+    pub fn all_nvswitches(&self) -> Vec<NvSwitch> {
+        if !self.nvswitch_devices.is_empty() {
+            return self.nvswitch_devices.clone();
+        }
+        self.nvswitches
+            .iter()
+            .map(|address| NvSwitch {
+                pci_address: address.clone(),
+                ..NvSwitch::default()
+            })
+            .collect()
+    }
 }
 
 /// One GPU on a node.
@@ -123,4 +164,41 @@ pub enum MemberRole {
     Bridge,
     /// A device the host uses (NIC, NVMe, ...): the whole group is unsafe to pass.
     Host,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nvswitches_come_with_ids_or_as_an_older_agents_bare_addresses() {
+        let new: GpuNodeStatus = serde_json::from_value(json!({
+            "nvswitches": ["0000:07:00.0"],
+            "nvswitchDevices": [
+                {"pciAddress": "0000:07:00.0", "deviceId": "22a3", "model": "h100-nvswitch"}
+            ]
+        }))
+        .unwrap();
+        let old: GpuNodeStatus =
+            serde_json::from_value(json!({"nvswitches": ["0000:07:00.0", "0000:08:00.0"]}))
+                .unwrap();
+        let none: GpuNodeStatus = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(
+            new.all_nvswitches(),
+            [NvSwitch {
+                pci_address: "0000:07:00.0".into(),
+                device_id: "22a3".into(),
+                model: "h100-nvswitch".into(),
+            }]
+        );
+        let from_old = old.all_nvswitches();
+        assert_eq!(from_old.len(), 2);
+        assert_eq!(from_old[1].pci_address, "0000:08:00.0");
+        assert!(from_old[1].device_id.is_empty() && from_old[1].model.is_empty());
+        assert!(none.all_nvswitches().is_empty());
+        // Empty lists are left out when written.
+        let written = serde_json::to_value(&none).unwrap();
+        assert!(written.get("nvswitches").is_none() && written.get("nvswitchDevices").is_none());
+    }
 }

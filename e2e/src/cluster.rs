@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use gpuvm_api::{GpuMachine, GpuNode, keys};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -49,6 +50,21 @@ type Silenced = Arc<Mutex<BTreeSet<(String, Beat)>>>;
 
 /// What a poll found: done with a value, or not yet, with what was seen.
 pub type Check<T> = Result<T, String>;
+
+/// Whether the operator has caught up with a machine's spec: its status's
+/// `observedGeneration` is the machine's `metadata.generation`. A check for
+/// [`TestEnv::wait_machine`], alone or with others.
+pub fn generation_observed(machine: &GpuMachine) -> Check<()> {
+    let status = machine.status.as_ref().ok_or("no status")?;
+    if status.observed_generation == machine.metadata.generation {
+        Ok(())
+    } else {
+        Err(format!(
+            "observedGeneration {:?} of generation {:?}",
+            status.observed_generation, machine.metadata.generation
+        ))
+    }
+}
 
 /// Polls `probe` every 250 ms until it returns `Ok(Ok(value))` or `timeout` passes.
 /// An `Err` from the probe (an API error) counts as "not yet". The error on timeout
@@ -421,6 +437,37 @@ impl TestEnv {
             Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
             Err(e) => Err(e).with_context(|| format!("deleting {name}")),
         }
+    }
+
+    /// The Events of the test's namespace with `reason` about the object named `name`.
+    pub async fn events(&self, name: &str, reason: &str) -> anyhow::Result<Vec<Event>> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+            .collect())
+    }
+
+    /// Waits until the operator has observed machine `name`'s current generation
+    /// ([`generation_observed`]), returning the machine.
+    pub async fn wait_generation_observed(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<GpuMachine> {
+        self.wait_machine(
+            name,
+            "its generation observed",
+            timeout,
+            generation_observed,
+        )
+        .await
     }
 
     /// Waits until machine `name` satisfies `check`, returning it.

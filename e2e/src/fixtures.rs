@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use gpuvm_api::{
     EnvVar, GpuDevice, GpuMachine, GpuMachineSpec, GpuNode, GpuNodeSpec, GpuNodeStatus, GpuRequest,
-    GuestResources, IommuMember, MemberRole, PlacementStrategy, RestartPolicy, keys,
+    GuestResources, IommuMember, MemberRole, NvSwitch, PlacementStrategy, RestartPolicy, keys,
 };
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -22,12 +22,16 @@ pub const LABEL_RUN: &str = "gpuvm.dev/e2e-run";
 pub enum HostKind {
     /// An HGX H100 8-GPU board (DGX H100 layout): eight SXM5 H100 80GB, four per NUMA
     /// node, two per PCIe switch, each GPU alone in its IOMMU group, four NVSwitches.
+    /// The NVSwitches need a Fabric Manager, so the operator places nothing here.
     HgxH100,
+    /// A server with eight H100 PCIe 80GB cards in the same PCIe layout as
+    /// [`HostKind::HgxH100`] and no NVSwitch: the 8-GPU node machines are placed on.
+    H100Pcie,
     /// A workstation with one L40S whose HDMI audio function shares its IOMMU group.
     L40sWorkstation,
 }
 
-/// The PCI addresses of the HGX H100's GPUs, in bus order.
+/// The PCI addresses of the HGX H100's GPUs (and the H100 PCIe server's), in bus order.
 pub const HGX_H100_GPUS: [&str; 8] = [
     "0000:1b:00.0",
     "0000:43:00.0",
@@ -38,6 +42,13 @@ pub const HGX_H100_GPUS: [&str; 8] = [
     "0000:d1:00.0",
     "0000:df:00.0",
 ];
+/// The PCI addresses of the HGX H100's NVSwitches (third generation, `10de:22a3`).
+pub const HGX_H100_NVSWITCHES: [&str; 4] = [
+    "0000:05:00.0",
+    "0000:06:00.0",
+    "0000:07:00.0",
+    "0000:08:00.0",
+];
 /// The L40S workstation's GPU.
 pub const L40S_GPU: &str = "0000:01:00.0";
 /// The L40S's HDMI audio function, passed along with the GPU.
@@ -47,7 +58,7 @@ impl HostKind {
     /// The model name the node agent publishes.
     pub fn model(self) -> &'static str {
         match self {
-            HostKind::HgxH100 => "h100-80gb",
+            HostKind::HgxH100 | HostKind::H100Pcie => "h100-80gb",
             HostKind::L40sWorkstation => "l40s",
         }
     }
@@ -55,7 +66,7 @@ impl HostKind {
     /// How many GPUs the host has.
     pub fn gpu_count(self) -> usize {
         match self {
-            HostKind::HgxH100 => 8,
+            HostKind::HgxH100 | HostKind::H100Pcie => 8,
             HostKind::L40sWorkstation => 1,
         }
     }
@@ -64,6 +75,7 @@ impl HostKind {
     pub fn tag(self) -> &'static str {
         match self {
             HostKind::HgxH100 => "hgx",
+            HostKind::H100Pcie => "h100",
             HostKind::L40sWorkstation => "ws",
         }
     }
@@ -71,35 +83,43 @@ impl HostKind {
     /// The inventory the node agent would publish (heartbeat left unset).
     pub fn inventory(self) -> GpuNodeStatus {
         let devices: Vec<GpuDevice> = match self {
-            HostKind::HgxH100 => HGX_H100_GPUS
-                .iter()
-                .enumerate()
-                .map(|(i, addr)| {
-                    // Two GPUs per PCIe switch, four per NUMA node.
-                    let switch = [
-                        "0000:18:00.0",
-                        "0000:50:00.0",
-                        "0000:9a:00.0",
-                        "0000:ce:00.0",
-                    ][i / 2];
-                    GpuDevice {
-                        pci_address: (*addr).to_owned(),
-                        vendor_id: "10de".to_owned(),
-                        device_id: "2330".to_owned(),
-                        model: "h100-80gb".to_owned(),
-                        iommu_group: Some(40 + u32::try_from(i).unwrap_or(0) * 9),
-                        iommu_group_members: vec![IommuMember {
+            HostKind::HgxH100 | HostKind::H100Pcie => {
+                // H100 SXM5 on the HGX board, the PCIe card in the PCIe server.
+                let sxm_or_pcie = if self == HostKind::HgxH100 {
+                    "2330"
+                } else {
+                    "2331"
+                };
+                HGX_H100_GPUS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| {
+                        // Two GPUs per PCIe switch, four per NUMA node.
+                        let switch = [
+                            "0000:18:00.0",
+                            "0000:50:00.0",
+                            "0000:9a:00.0",
+                            "0000:ce:00.0",
+                        ][i / 2];
+                        GpuDevice {
                             pci_address: (*addr).to_owned(),
-                            role: MemberRole::Gpu,
-                        }],
-                        numa_node: Some(i32::from(i >= 4)),
-                        pcie_parent: Some(switch.to_owned()),
-                        driver: Some("vfio-pci".to_owned()),
-                        healthy: true,
-                        reason: None,
-                    }
-                })
-                .collect(),
+                            vendor_id: "10de".to_owned(),
+                            device_id: sxm_or_pcie.to_owned(),
+                            model: "h100-80gb".to_owned(),
+                            iommu_group: Some(40 + u32::try_from(i).unwrap_or(0) * 9),
+                            iommu_group_members: vec![IommuMember {
+                                pci_address: (*addr).to_owned(),
+                                role: MemberRole::Gpu,
+                            }],
+                            numa_node: Some(i32::from(i >= 4)),
+                            pcie_parent: Some(switch.to_owned()),
+                            driver: Some("vfio-pci".to_owned()),
+                            healthy: true,
+                            reason: None,
+                        }
+                    })
+                    .collect()
+            }
             HostKind::L40sWorkstation => vec![GpuDevice {
                 pci_address: L40S_GPU.to_owned(),
                 vendor_id: "10de".to_owned(),
@@ -126,15 +146,18 @@ impl HostKind {
         let count = i32::try_from(devices.len()).unwrap_or(i32::MAX);
         GpuNodeStatus {
             nvswitches: match self {
-                HostKind::HgxH100 => [
-                    "0000:05:00.0",
-                    "0000:06:00.0",
-                    "0000:07:00.0",
-                    "0000:08:00.0",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
-                HostKind::L40sWorkstation => Vec::new(),
+                HostKind::HgxH100 => HGX_H100_NVSWITCHES.map(str::to_owned).to_vec(),
+                HostKind::H100Pcie | HostKind::L40sWorkstation => Vec::new(),
+            },
+            nvswitch_devices: match self {
+                HostKind::HgxH100 => HGX_H100_NVSWITCHES
+                    .map(|address| NvSwitch {
+                        pci_address: address.to_owned(),
+                        device_id: "22a3".to_owned(),
+                        model: "h100-nvswitch".to_owned(),
+                    })
+                    .to_vec(),
+                HostKind::H100Pcie | HostKind::L40sWorkstation => Vec::new(),
             },
             devices,
             iommu_enabled: true,
@@ -464,6 +487,11 @@ mod tests {
             4
         );
         assert_eq!(inv.nvswitches.len(), 4);
+        assert_eq!(inv.nvswitch_devices.len(), 4);
+        let pcie = HostKind::H100Pcie.inventory();
+        assert!(pcie.all_nvswitches().is_empty());
+        assert_eq!(pcie.devices.len(), 8);
+        assert!(pcie.devices.iter().all(|d| d.device_id == "2331"));
         let l40s = HostKind::L40sWorkstation.inventory();
         assert_eq!(
             l40s.devices[0].iommu_group_members[1].role,

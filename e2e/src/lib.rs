@@ -23,7 +23,7 @@ pub mod process;
 pub mod tokens;
 
 pub use assets::{Assets, ServerSource};
-pub use cluster::{Beat, Check, TestEnv, eventually};
+pub use cluster::{Beat, Check, TestEnv, eventually, generation_observed};
 pub use control_plane::ControlPlane;
 pub use fixtures::HostKind;
 pub use gpuvm_testkit::{Requirement, note, skip};

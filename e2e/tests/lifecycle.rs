@@ -15,11 +15,10 @@ use gpuvm_api::{
     ConditionType, GpuAllocation, GpuCheckPolicy, GpuMachine, MachinePhase, RestartPolicy, keys,
 };
 use gpuvm_e2e::fixtures::{binding, pod_ended_patch, pod_running_patch};
-use gpuvm_e2e::{Check, HostKind, TestEnv, eventually, note};
+use gpuvm_e2e::{Check, HostKind, TestEnv, eventually, generation_observed, note};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
@@ -159,25 +158,10 @@ async fn wait_terminating(env: &TestEnv, name: &str) -> anyhow::Result<Pod> {
     .await
 }
 
-/// The Events the operator published about machine `name` with `reason`.
-async fn events(env: &TestEnv, name: &str, reason: &str) -> anyhow::Result<Vec<Event>> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    Ok(api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-        })
-        .collect())
-}
-
 /// Waits for an Event with `reason` about machine `name`; returns its note.
 async fn wait_event(env: &TestEnv, name: &str, reason: &str) -> anyhow::Result<String> {
     eventually(&format!("a {reason} Event for {name}"), T, || async move {
-        Ok(match events(env, name, reason).await?.first() {
+        Ok(match env.events(name, reason).await?.first() {
             Some(e) => Ok(e.note.clone().unwrap_or_default()),
             None => Err("none yet".to_owned()),
         })
@@ -209,12 +193,7 @@ async fn a_spec_change_replaces_the_pod_on_the_same_gpus_once_the_old_one_is_gon
         let running = env
             .wait_machine("m", "Ready and generation 1 observed", T, |m| {
                 ready_is("True", "Running")(m)?;
-                let s = m.status.as_ref().ok_or("no status")?;
-                if s.observed_generation == m.metadata.generation {
-                    Ok(())
-                } else {
-                    Err(format!("observedGeneration {:?}", s.observed_generation))
-                }
+                generation_observed(m)
             })
             .await?;
         let devices = status_of(&running)?.devices();
@@ -281,16 +260,13 @@ async fn a_spec_change_replaces_the_pod_on_the_same_gpus_once_the_old_one_is_gon
             "generation annotation {:?}",
             annotations.get(keys::ANNOTATION_GENERATION)
         );
-        let booted = env
-            .wait_machine("m", "generation 2 observed", T, |m| {
-                let s = m.status.as_ref().ok_or("no status")?;
-                if s.observed_generation == gen2 {
-                    Ok(())
-                } else {
-                    Err(format!("observedGeneration {:?}", s.observed_generation))
-                }
-            })
-            .await?;
+        // Nothing changed the spec since: the current generation is generation 2.
+        let booted = env.wait_generation_observed("m", T).await?;
+        ensure!(
+            booted.metadata.generation == gen2,
+            "generation {:?}, want {gen2:?}",
+            booted.metadata.generation
+        );
         ensure!(
             status_of(&booted)?.devices() == devices,
             "the GPUs changed in a roll-out"

@@ -12,6 +12,7 @@ use gpuvm_api::{
     ConditionType, EnvVar, GpuAllocation, GpuMachine, GuestResources, MachinePhase, RestartPolicy,
     keys,
 };
+use gpuvm_e2e::cluster::HEARTBEAT;
 use gpuvm_e2e::fixtures::{L40S_AUDIO, L40S_GPU};
 use gpuvm_e2e::invariants::pinned_node;
 use gpuvm_e2e::{Check, HostKind, OperatorOptions, TestEnv, bench, note};
@@ -378,8 +379,8 @@ fn check_pod(pod: &Pod, m: &GpuMachine) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> {
-    let Some((mut env, hgx, mut op)) =
-        TestEnv::with_operator("pods-and-status", HostKind::HgxH100, 2).await?
+    let Some((mut env, h100, mut op)) =
+        TestEnv::with_operator("pods-and-status", HostKind::H100Pcie, 2).await?
     else {
         return Ok(());
     };
@@ -414,7 +415,7 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
         check_pod(&train_pod, &train)?;
         let status = train.status.clone().unwrap_or_default();
         let node = status.node_name.clone().unwrap_or_default();
-        ensure!(hgx.contains(&node), "train is on {node}, not an HGX node");
+        ensure!(h100.contains(&node), "train is on {node}, not an H100 node");
         ensure!(
             status.pod_name.as_deref() == Some("train-vm"),
             "podName {:?}",
@@ -560,6 +561,73 @@ async fn operator_places_machines_and_builds_their_pods() -> anyhow::Result<()> 
     env.finish(result, &mut [&mut op]).await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_only_an_nvswitch_node_could_take_waits_for_want_of_fabric_manager()
+-> anyhow::Result<()> {
+    let Some((mut env, hgx, mut op)) =
+        TestEnv::with_operator("fabric-manager", HostKind::HgxH100, 1).await?
+    else {
+        return Ok(());
+    };
+    let result = async {
+        env.apply(&env.machine("big", "h100-80gb", 8)).await?;
+        let refused = env
+            .wait_machine("big", "Scheduled=False", T, scheduled_false)
+            .await?;
+        let c = condition(&refused, ConditionType::Scheduled).context("no Scheduled condition")?;
+        let named = format!("{} has 4 NVSwitches (h100-nvswitch)", hgx[0]);
+        ensure!(
+            c.reason == "FabricManagerUnavailable"
+                && c.message.contains(&named)
+                && c.message.contains("Fabric Manager"),
+            "condition {c:?}"
+        );
+        note(&format!("e2e: fabric-manager: {}", c.message));
+        // Retried on every heartbeat: still no Pod, no GPU taken, and one Event.
+        tokio::time::sleep(HEARTBEAT + Duration::from_secs(2)).await;
+        ensure!(
+            env.pods().get_opt("big-vm").await?.is_none(),
+            "a refused machine got a Pod"
+        );
+        let records: Api<GpuAllocation> = Api::all(env.client.clone());
+        let held = records
+            .get_opt(&hgx[0])
+            .await?
+            .map(|r| r.spec.devices.len())
+            .unwrap_or(0);
+        ensure!(held == 0, "{held} devices of {} were taken", hgx[0]);
+        let events = env.events("big", "FailedScheduling").await?;
+        ensure!(
+            events.len() == 1,
+            "{} FailedScheduling Events",
+            events.len()
+        );
+        ensure!(
+            events[0].note.as_deref() == Some(c.message.as_str()),
+            "Event note {:?}",
+            events[0].note
+        );
+
+        // A node without NVSwitches comes: the machine goes there.
+        let pcie = env.add_hosts(HostKind::H100Pcie, 1).await?;
+        env.wait_pod("big-vm", T_RETRY).await?;
+        let placed = env
+            .wait_machine("big", "Scheduled=True", T, |m| {
+                match condition(m, ConditionType::Scheduled) {
+                    Some(c) if c.status == "True" => Ok(()),
+                    other => Err(format!("Scheduled condition {other:?}")),
+                }
+            })
+            .await?;
+        let node = placed.status.and_then(|s| s.node_name).unwrap_or_default();
+        ensure!(node == pcie[0], "big is on {node}, want {}", pcie[0]);
+        check_all(&env).await?;
+        Ok(())
+    }
+    .await;
+    env.finish(result, &mut [&mut op]).await
+}
+
 /// The harness's invariants plus the records: every placed machine's status mirrors
 /// what its node's GpuAllocation gives it. Returns how many machines are placed.
 async fn check_all(env: &TestEnv) -> anyhow::Result<usize> {
@@ -670,7 +738,7 @@ async fn kill_restart_round() -> anyhow::Result<bool> {
     let Some(mut env) = TestEnv::start("kill-restart").await? else {
         return Ok(false);
     };
-    env.add_hosts(HostKind::HgxH100, 5).await?;
+    env.add_hosts(HostKind::H100Pcie, 5).await?;
     let mut first = env
         .start_operator(OperatorOptions::single(&env.namespace))
         .await?;
@@ -728,7 +796,7 @@ async fn two_leader_elected_operators_fail_over_without_double_allocation() -> a
     let Some(mut env) = TestEnv::start("leader-election").await? else {
         return Ok(());
     };
-    env.add_hosts(HostKind::HgxH100, 5).await?;
+    env.add_hosts(HostKind::H100Pcie, 5).await?;
     let mut a = env
         .start_operator(OperatorOptions::elected(&env.namespace, "op-a"))
         .await?;
@@ -793,7 +861,7 @@ async fn racing_round() -> anyhow::Result<bool> {
         return Ok(false);
     };
     // 24 GPUs for 24 single-GPU machines: every GPU is contested by both replicas.
-    env.add_hosts(HostKind::HgxH100, 3).await?;
+    env.add_hosts(HostKind::H100Pcie, 3).await?;
     let mut a = env
         .start_operator(OperatorOptions::single(&env.namespace))
         .await?;
@@ -861,7 +929,7 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     let nodes: usize = size("GPUVM_E2E_BENCH_NODES", 25);
     let machines_count: usize = size("GPUVM_E2E_BENCH_MACHINES", 200);
     let Some((env, _, mut op)) =
-        TestEnv::with_operator("throughput", HostKind::HgxH100, nodes).await?
+        TestEnv::with_operator("throughput", HostKind::H100Pcie, nodes).await?
     else {
         return Ok(());
     };

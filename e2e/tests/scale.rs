@@ -27,7 +27,7 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
         .unwrap_or(10_000);
     let nodes = machines_count.div_ceil(8);
     let started = Instant::now();
-    env.add_hosts(HostKind::HgxH100, nodes).await?;
+    env.add_hosts(HostKind::H100Pcie, nodes).await?;
     // No node lifecycle controller runs here and the operator's heartbeat timeout is an
     // hour: the keeper's 2 writes per node per 10 s would only slow the run down.
     env.stop_keeper();

@@ -176,15 +176,7 @@ async fn the_pod_carries_the_machines_volumes_and_env_sources_and_rolls_out_thei
             reflects_spec(&pod, &applied.spec),
             "the stored Pod does not reflect its spec"
         );
-        env.wait_machine("server", "its generation observed", T, |m| {
-            let s = m.status.as_ref().ok_or("no status")?;
-            if s.observed_generation == m.metadata.generation {
-                Ok(())
-            } else {
-                Err(format!("observedGeneration {:?}", s.observed_generation))
-            }
-        })
-        .await?;
+        env.wait_generation_observed("server", T).await?;
         // No roll-out follows: the same Pod, still index 0, a few reconciles later.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let again = env.machines().get("server").await?;

@@ -3,9 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use gpuvm_api::{GpuDevice, GpuNodeStatus, IommuMember, MemberRole};
+use gpuvm_api::{GpuDevice, GpuNodeStatus, IommuMember, MemberRole, NvSwitch};
 use gpuvm_pci::class::DeviceRole;
-use gpuvm_pci::{Gpu, Inventory, Passthrough, PciAddress, VFIO_PCI_DRIVER};
+use gpuvm_pci::{
+    Gpu, Inventory, Passthrough, PciAddress, PciDevice, VFIO_PCI_DRIVER, nvswitch_model_name,
+};
 
 /// The reason of a GPU that was listed before and is no longer on the bus.
 pub const REASON_DISAPPEARED: &str = "device disappeared from the PCI bus";
@@ -76,6 +78,7 @@ pub fn inventory_to_status(inventory: &Inventory, observations: &Observations) -
             .iter()
             .map(|s| s.address.to_string())
             .collect(),
+        nvswitch_devices: inventory.nvswitches.iter().map(describe_nvswitch).collect(),
         iommu_enabled: inventory.iommu_enabled,
         heartbeat: None,
         message: message(inventory, observations),
@@ -84,6 +87,15 @@ pub fn inventory_to_status(inventory: &Inventory, observations: &Observations) -
 
 fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// One NVSwitch of the scan as the API describes it.
+fn describe_nvswitch(device: &PciDevice) -> NvSwitch {
+    NvSwitch {
+        pci_address: device.address.to_string(),
+        device_id: format!("{:04x}", device.device),
+        model: nvswitch_model_name(device.device),
+    }
 }
 
 /// One GPU of the scan as the API describes it.

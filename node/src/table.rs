@@ -140,7 +140,7 @@ fn write_table(out: &mut String, status: &GpuNodeStatus, actions: &[PlannedActio
         if status.iommu_enabled { "on" } else { "off" },
         status.gpu_count,
         status.healthy_count,
-        status.nvswitches.len()
+        status.all_nvswitches().len()
     )?;
     if status.devices.is_empty() {
         writeln!(out, "no NVIDIA GPU found")?;
@@ -180,8 +180,16 @@ fn write_table(out: &mut String, status: &GpuNodeStatus, actions: &[PlannedActio
             write_row(out, row, &widths)?;
         }
     }
-    if !status.nvswitches.is_empty() {
-        writeln!(out, "NVSwitches: {}", status.nvswitches.join(", "))?;
+    let nvswitches = status.all_nvswitches();
+    if !nvswitches.is_empty() {
+        let switches: Vec<String> = nvswitches
+            .iter()
+            .map(|s| match s.model.as_str() {
+                "" => s.pci_address.clone(),
+                model => format!("{} ({model})", s.pci_address),
+            })
+            .collect();
+        writeln!(out, "NVSwitches: {}", switches.join(", "))?;
     }
     if let Some(message) = &status.message {
         writeln!(out, "message: {message}")?;

@@ -97,6 +97,27 @@ fn hgx_h100_has_eight_healthy_gpus_four_nvswitches_two_numa_nodes() {
     assert!(status.iommu_enabled);
     assert_eq!((status.gpu_count, status.healthy_count), (8, 8));
     assert_eq!(status.nvswitches, HGX_H100_NVSWITCHES.map(str::to_owned));
+    let switches: Vec<(&str, &str, &str)> = status
+        .nvswitch_devices
+        .iter()
+        .map(|s| {
+            (
+                s.pci_address.as_str(),
+                s.device_id.as_str(),
+                s.model.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        switches,
+        HGX_H100_NVSWITCHES.map(|a| (a, "22a3", "h100-nvswitch"))
+    );
+    let table = render_table(&status, &[]);
+    assert!(
+        table.contains("NVSwitches: 4\n")
+            && table.contains("NVSwitches: 0000:06:00.0 (h100-nvswitch), 0000:07:00.0"),
+        "{table}"
+    );
     assert_eq!(status.message, None);
     assert_eq!(status.heartbeat, None, "the publisher stamps the heartbeat");
     let addresses: Vec<&str> = status
@@ -544,7 +565,8 @@ fn the_dry_run_table_lists_devices_actions_and_labels() {
 }
 
 /// The operator's own reading of what the agent publishes (the same check the e2e test
-/// makes against a real API server): unhealthy GPUs are never placed.
+/// makes against a real API server): an NVSwitch board takes nothing, and unhealthy
+/// GPUs are never placed.
 #[test]
 fn the_operator_never_places_what_the_agent_marks_unhealthy() {
     use gpuvm_api::{GpuNode, GpuNodeSpec, PlacementStrategy};
@@ -582,7 +604,7 @@ fn the_operator_never_places_what_the_agent_marks_unhealthy() {
         }]),
         ..NodeStatus::default()
     });
-    let views = node_views(
+    let mut views = node_views(
         [&gpu_node],
         [&node],
         Timestamp::now(),
@@ -595,6 +617,17 @@ fn the_operator_never_places_what_the_agent_marks_unhealthy() {
         node_selector: BTreeMap::from([(LABEL_GPU_NODE.to_owned(), "true".to_owned())]),
         strategy: PlacementStrategy::default(),
     };
+    // The board's NVSwitches, as the agent publishes them, keep every machine off it.
+    let refused = place_machine(&request(1), &views, &BTreeMap::new()).expect_err("NVSwitches");
+    assert_eq!(refused.reason(), "FabricManagerUnavailable");
+    assert!(
+        refused
+            .to_string()
+            .contains("hgx-1 has 4 NVSwitches (h100-nvswitch)"),
+        "{refused}"
+    );
+    // Without them (a fabric someone else set up), what is left is the GPUs' health.
+    views[0].nvswitches.clear();
     assert!(place_machine(&request(7), &views, &BTreeMap::new()).is_err());
     let placed = place_machine(&request(6), &views, &BTreeMap::new()).expect("6 fit");
     let devices = placed.devices();

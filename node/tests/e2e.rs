@@ -6,8 +6,9 @@
 //! Checked: the GpuNode is created and its status published (heartbeat, devices) under
 //! field manager `gpuvm-node`; the Node gets its labels and keeps the others; a GPU
 //! vanishing from the bus and a reset-failure record show up as `healthy: false` after a
-//! SIGHUP; the operator's own view (`node_views` + `place_machine`) stops placing on the
-//! unhealthy GPUs; SIGTERM ends the agent cleanly; `--once` keeps an administrator's
+//! SIGHUP; the operator's own view (`node_views` + `place_machine`) places nothing on the
+//! board for its NVSwitches (`FabricManagerUnavailable`) and, those set aside, stops
+//! placing on the unhealthy GPUs; SIGTERM ends the agent cleanly; `--once` keeps an administrator's
 //! `spec.unschedulable`.
 
 use std::collections::BTreeMap;
@@ -19,18 +20,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use gpuvm_api::keys::{LABEL_GPU_COUNT, LABEL_GPU_MODEL, LABEL_GPU_NODE};
 use gpuvm_api::{GpuNode, PlacementStrategy};
+use gpuvm_e2e::cluster::apply_crds;
 use gpuvm_e2e::fixtures::{LABEL_RUN, node_ready_patch};
 use gpuvm_e2e::{Check, TestEnv, eventually};
 use gpuvm_operator::inventory::node_views;
-use gpuvm_operator::scheduler::{PlacementRequest, place_machine};
+use gpuvm_operator::scheduler::{NodeView, PlacementRequest, place_machine};
 use gpuvm_pci::testing::{FakeSysfs, presets};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt as _, ResourceExt as _};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gpuvm-node");
 const WAIT: Duration = Duration::from_secs(60);
@@ -94,6 +97,33 @@ impl Drop for AgentProcess {
 
 fn path_arg(path: &Path) -> anyhow::Result<&str> {
     path.to_str().context("a non-UTF-8 temp path")
+}
+
+/// Runs `gpuvm-node --once --no-bind` for node `name` on `fake`, with its log and
+/// health records in `work`; fails unless it exits 0.
+fn run_agent_once(env: &TestEnv, name: &str, fake: &FakeSysfs, work: &Path) -> anyhow::Result<()> {
+    let (sys, dev) = (fake.sys_root(), fake.dev_root());
+    let health = work.join("health");
+    let args = [
+        "--once",
+        "--no-bind",
+        "--node-name",
+        name,
+        "--sysfs-root",
+        path_arg(&sys)?,
+        "--dev-root",
+        path_arg(&dev)?,
+        "--health-dir",
+        path_arg(&health)?,
+    ];
+    let mut agent = AgentProcess::start(env, &args, work)?;
+    let exit = agent.wait(WAIT)?;
+    ensure!(
+        exit.success(),
+        "--once exited with {exit}:\n{}",
+        agent.log_tail()
+    );
+    Ok(())
 }
 
 /// A bare Node for the test run (no gpuvm labels but a stale model), Ready.
@@ -179,6 +209,17 @@ fn counts(gn: &GpuNode) -> (i32, i32) {
         .map_or((0, 0), |s| (s.gpu_count, s.healthy_count))
 }
 
+/// The operator's view of the node with its NVSwitches set aside, as if their fabric
+/// were managed: what placement then sees is the GPUs' health. (The NVSwitches
+/// themselves keep every machine off, checked once in the scenario.)
+fn views_past_the_fabric(gn: &GpuNode, node: &Node) -> Vec<NodeView> {
+    let mut views = node_views([gn], [node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    for view in &mut views {
+        view.nvswitches.clear();
+    }
+    views
+}
+
 fn request(run: &str, count: u32) -> PlacementRequest {
     PlacementRequest {
         model: "h100-80gb".to_owned(),
@@ -256,7 +297,16 @@ async fn scenario(
     ensure!(!gn.spec.unschedulable);
     let status = gn.status.clone().context("no status")?;
     ensure!(status.iommu_enabled);
-    ensure!(status.nvswitches.len() == 4, "{:?}", status.nvswitches);
+    ensure!(
+        status.nvswitches.len() == 4
+            && status.nvswitch_devices.len() == 4
+            && status
+                .nvswitch_devices
+                .iter()
+                .all(|s| s.device_id == "22a3" && s.model == "h100-nvswitch"),
+        "{:?}",
+        status.nvswitches
+    );
     let heartbeat = status.heartbeat.clone().context("no heartbeat")?;
     let age = Timestamp::now().duration_since(heartbeat.0).as_secs_f64();
     ensure!(age.abs() < 60.0, "heartbeat is {age} s old");
@@ -306,12 +356,22 @@ async fn scenario(
     );
     ensure!(labels.get(LABEL_RUN) == Some(&env.run), "{labels:?}");
 
-    // The operator's view: ready, and 8 GPUs placeable.
+    // The operator's view: ready, but the board's NVSwitches keep every machine off it.
     let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
     ensure!(
         views.len() == 1 && views[0].ready && views[0].schedulable,
         "{views:?}"
     );
+    let refused = place_machine(&request(&env.run, 1), &views, &BTreeMap::new())
+        .err()
+        .context("a machine was placed on an NVSwitch board")?;
+    ensure!(
+        refused.reason() == "FabricManagerUnavailable",
+        "{}: {refused}",
+        refused.reason()
+    );
+    // Past the fabric, 8 GPUs are placeable.
+    let views = views_past_the_fabric(&gn, &node);
     place_machine(&request(&env.run, 8), &views, &BTreeMap::new())
         .map_err(|e| anyhow::anyhow!("8 GPUs should be placeable: {e:?}"))?;
 
@@ -341,7 +401,7 @@ async fn scenario(
     .await?;
     mark_ready(nodes, name).await?;
     let node = nodes.get(name).await.unwrap_or(node);
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready, "{views:?}");
     ensure!(
         views[0]
@@ -390,7 +450,7 @@ async fn scenario(
     );
     mark_ready(nodes, name).await?;
     let node = nodes.get(name).await?;
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready, "{views:?}");
     ensure!(
         place_machine(&request(&env.run, 7), &views, &BTreeMap::new()).is_err(),
@@ -431,31 +491,7 @@ async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let nodes = create_node(env, name).await?;
     let fake = presets::workstation_l40s().build()?;
     let work = tempfile::tempdir()?;
-    let sys = fake.sys_root();
-    let dev = fake.dev_root();
-    let health = work.path().join("health");
-    let args = [
-        "--once",
-        "--no-bind",
-        "--node-name",
-        name,
-        "--sysfs-root",
-        path_arg(&sys)?,
-        "--dev-root",
-        path_arg(&dev)?,
-        "--health-dir",
-        path_arg(&health)?,
-    ];
-    let run_once = || -> anyhow::Result<()> {
-        let mut agent = AgentProcess::start(env, &args, work.path())?;
-        let exit = agent.wait(WAIT)?;
-        ensure!(
-            exit.success(),
-            "--once exited with {exit}:\n{}",
-            agent.log_tail()
-        );
-        Ok(())
-    };
+    let run_once = || run_agent_once(env, name, &fake, work.path());
     run_once()?;
 
     let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
@@ -501,7 +537,107 @@ async fn once(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let gn = gpu_nodes.get(name).await?;
     ensure!(gn.spec.unschedulable, "spec.unschedulable was reset");
     let node = nodes.get(name).await?;
-    let views = node_views([&gn], [&node], Timestamp::now(), HEARTBEAT_TIMEOUT);
+    let views = views_past_the_fabric(&gn, &node);
     ensure!(views[0].ready && !views[0].schedulable, "{views:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nvswitches_stored_as_bare_addresses_still_read_and_the_agent_rewrites_them()
+-> anyhow::Result<()> {
+    let test = "node_agent_nvswitch_upgrade";
+    // Prints `SKIPPED: <test>: ...`, or fails when GPUVM_REQUIRE names `apiserver`.
+    let Some(env) = TestEnv::start(test).await? else {
+        return Ok(());
+    };
+    let name = format!("{}-hgx", env.run);
+    let result = upgrade(&env, &name).await;
+    remove(&env, &name).await;
+    // The control plane may be shared: leave it the committed CRDs.
+    let restored = apply_crds(&env.client).await;
+    env.cleanup().await;
+    result.and(restored)
+}
+
+/// The GpuNode CRD as it was before `nvswitchDevices`: NVSwitches as bare addresses.
+fn crd_before_nvswitch_devices() -> anyhow::Result<CustomResourceDefinition> {
+    let mut crd = serde_json::to_value(GpuNode::crd())?;
+    let status = crd
+        .pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/status/properties")
+        .and_then(Value::as_object_mut)
+        .context("no status properties in the GpuNode schema")?;
+    status
+        .remove("nvswitchDevices")
+        .context("no nvswitchDevices in the GpuNode schema")?;
+    Ok(serde_json::from_value(crd)?)
+}
+
+/// A GpuNode written by an agent of the old schema, then the CRD upgraded: it still
+/// reads, and the current agent's server-side apply over it succeeds. (It did not when
+/// `nvswitches` itself changed type from strings to objects: the API server answers
+/// 500 to an apply over a stored field of the wrong type.)
+async fn upgrade(env: &TestEnv, name: &str) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let old = crd_before_nvswitch_devices()?;
+    crds.patch(
+        &old.name_any(),
+        &PatchParams::apply("gpuvm-e2e-old-crd").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .context("applying the old GpuNode CRD")?;
+    let nodes = create_node(env, name).await?;
+    let gpu_nodes: Api<GpuNode> = Api::all(env.client.clone());
+    gpu_nodes
+        .create(&PostParams::default(), &gpuvm_e2e::fixtures::gpu_node(name))
+        .await?;
+    let old_status = json!({"status": {"iommuEnabled": true, "nvswitches": ["0000:06:00.0"]}});
+    // The API server takes a moment to serve the old schema.
+    eventually("the old agent's status to be stored", WAIT, || async {
+        Ok(
+            match gpu_nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&old_status))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
+    })
+    .await?;
+
+    apply_crds(&env.client).await?;
+    let stored = gpu_nodes
+        .get(name)
+        .await
+        .context("reading the old GpuNode")?;
+    let switches = stored.status.unwrap_or_default().all_nvswitches();
+    ensure!(
+        switches.len() == 1
+            && switches[0].pci_address == "0000:06:00.0"
+            && switches[0].device_id.is_empty(),
+        "{switches:?}"
+    );
+
+    let fake = presets::hgx_h100_8gpu().build()?;
+    let work = tempfile::tempdir()?;
+    run_agent_once(env, name, &fake, work.path()).context("over the old object")?;
+    let gn = gpu_nodes.get(name).await?;
+    let status = gn.status.unwrap_or_default();
+    ensure!(
+        status.nvswitches == presets::HGX_H100_NVSWITCHES,
+        "{:?}",
+        status.nvswitches
+    );
+    let ids: Vec<(&str, &str)> = status
+        .nvswitch_devices
+        .iter()
+        .map(|s| (s.pci_address.as_str(), s.device_id.as_str()))
+        .collect();
+    ensure!(
+        ids == presets::HGX_H100_NVSWITCHES.map(|a| (a, "22a3")),
+        "{ids:?}"
+    );
+    ensure!(nodes.get(name).await.is_ok());
     Ok(())
 }

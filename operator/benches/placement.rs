@@ -42,6 +42,7 @@ fn hgx(name: String) -> NodeView {
         ready: true,
         schedulable: true,
         devices,
+        nvswitches: Vec::new(),
     }
 }
 

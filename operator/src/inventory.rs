@@ -45,6 +45,7 @@ pub fn node_views<'a>(
                 labels: node.map(|n| n.labels().clone()).unwrap_or_default(),
                 ready: node_ready && fresh,
                 schedulable: !cordoned && !gn.spec.unschedulable,
+                nvswitches: status.all_nvswitches(),
                 devices: status.devices,
             }
         })
@@ -118,7 +119,7 @@ pub fn machine_key(m: &GpuMachine) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuvm_api::{GpuNodeSpec, GpuNodeStatus, MachinePhase};
+    use gpuvm_api::{GpuNodeSpec, GpuNodeStatus, MachinePhase, NvSwitch};
     use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -191,6 +192,33 @@ mod tests {
             ]
         );
         assert_eq!(views[0].labels["zone"], "a");
+    }
+
+    #[test]
+    fn nvswitches_reach_the_view_from_new_and_older_node_agents() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let mut new = gpu_node("new", 9_990, false);
+        let mut old = gpu_node("old", 9_990, false);
+        if let Some(s) = new.status.as_mut() {
+            s.nvswitches = vec!["0000:07:00.0".into()];
+            s.nvswitch_devices = vec![NvSwitch {
+                pci_address: "0000:07:00.0".into(),
+                device_id: "22a3".into(),
+                model: "h100-nvswitch".into(),
+            }];
+        }
+        if let Some(s) = old.status.as_mut() {
+            s.nvswitches = vec!["0000:07:00.0".into(), "0000:08:00.0".into()];
+        }
+        let nodes = [node("new", true, false), node("old", true, false)];
+        let views = node_views(&[new, old], &nodes, now, Duration::from_secs(120));
+        assert_eq!(views[0].nvswitches[0].model, "h100-nvswitch");
+        let old_addresses: Vec<&str> = views[1]
+            .nvswitches
+            .iter()
+            .map(|s| s.pci_address.as_str())
+            .collect();
+        assert_eq!(old_addresses, ["0000:07:00.0", "0000:08:00.0"]);
     }
 
     fn machine(name: &str, phase: MachinePhase, pod: Option<&str>) -> GpuMachine {

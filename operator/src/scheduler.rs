@@ -7,16 +7,21 @@
 //! (or spreads) and finally breaks ties by node name, so the same inputs always give the
 //! same answer.
 //!
+//! A node whose inventory lists NVSwitches takes no machine: CUDA on an NVSwitch
+//! baseboard (HGX) needs NVIDIA Fabric Manager to set up the NVLink fabric first, and
+//! gpuvm cannot provide it (`docs/nvswitch.md`). Its GPUs count as blocked, and a
+//! machine that only such a node could take is refused with `FabricManagerUnavailable`.
+//!
 //! [`Inventory::build`] indexes the cluster once (interned models, per-node summaries);
 //! [`Inventory::place`] then answers in time proportional to the node count with a small
 //! constant, and [`Inventory::commit`] records a placement so a batch of machines can be
 //! placed in a row. [`place_machine`] is the one-shot form.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use gpuvm_api::keys::MODEL_ANY;
-use gpuvm_api::{AllocatedGpu, GpuDevice, GpuMachineSpec, MemberRole, PlacementStrategy};
+use gpuvm_api::{AllocatedGpu, GpuDevice, GpuMachineSpec, MemberRole, NvSwitch, PlacementStrategy};
 
 /// One node as the scheduler sees it: the Kubernetes Node's state joined with its
 /// `GpuNode` inventory.
@@ -32,6 +37,8 @@ pub struct NodeView {
     pub schedulable: bool,
     /// The node's GPUs.
     pub devices: Vec<GpuDevice>,
+    /// The node's NVSwitches. Any at all keeps every machine off the node.
+    pub nvswitches: Vec<NvSwitch>,
 }
 
 /// What a machine asks of the scheduler.
@@ -93,6 +100,8 @@ pub enum NodeRejection {
     Unhealthy,
     /// The GPUs exist but too many are already allocated.
     Full,
+    /// The GPUs hang off an NVSwitch fabric, which needs a Fabric Manager gpuvm lacks.
+    FabricManagerUnavailable,
 }
 
 impl NodeRejection {
@@ -106,6 +115,7 @@ impl NodeRejection {
             NodeRejection::UnsafeIommuGroup => "GPUs share an IOMMU group with a host device",
             NodeRejection::Unhealthy => "unhealthy GPUs",
             NodeRejection::Full => "full",
+            NodeRejection::FabricManagerUnavailable => "NVSwitch fabric without Fabric Manager",
         }
     }
 }
@@ -119,16 +129,48 @@ pub struct Unschedulable {
     /// How many nodes were turned down for each reason.
     pub rejections: BTreeMap<NodeRejection, usize>,
     request: String,
+    /// The first few nodes turned down for their NVSwitches, described for the message.
+    fabric_nodes: Vec<String>,
 }
 
+/// How many nodes turned down for their NVSwitches the message names.
+const FABRIC_NODES_NAMED: usize = 3;
+
 impl Unschedulable {
-    /// A CamelCase reason for the `Scheduled=False` condition and the Event.
+    /// A CamelCase reason for the `Scheduled=False` condition and the Event:
+    /// `FabricManagerUnavailable` when a node was turned down for its NVSwitches, since
+    /// that node would take the machine given a Fabric Manager.
     pub fn reason(&self) -> &'static str {
         if self.nodes_checked == 0 {
             "NoGpuNodes"
+        } else if self
+            .rejections
+            .contains_key(&NodeRejection::FabricManagerUnavailable)
+        {
+            "FabricManagerUnavailable"
         } else {
             "Unschedulable"
         }
+    }
+
+    fn write_fabric_nodes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = self
+            .rejections
+            .get(&NodeRejection::FabricManagerUnavailable)
+            .copied()
+            .unwrap_or(0);
+        if total == 0 {
+            return Ok(());
+        }
+        write!(f, "; {}", self.fabric_nodes.join(", "))?;
+        if total > self.fabric_nodes.len() {
+            write!(f, " and {} more", total - self.fabric_nodes.len())?;
+        }
+        write!(
+            f,
+            ": CUDA on an NVSwitch baseboard needs NVIDIA Fabric Manager, which gpuvm \
+             cannot run (no Debian package; see docs/nvswitch.md), so no machine is placed there"
+        )
     }
 }
 
@@ -154,7 +196,8 @@ impl fmt::Display for Unschedulable {
             .into_iter()
             .map(|(r, n)| format!("{n} {}", r.describe()))
             .collect();
-        write!(f, "{})", parts.join(", "))
+        write!(f, "{})", parts.join(", "))?;
+        self.write_fabric_nodes(f)
     }
 }
 
@@ -169,6 +212,7 @@ enum Blocked {
     NoIommu,
     HostDevice,
     Unhealthy,
+    NoFabricManager,
 }
 
 /// An allocatable unit: one IOMMU group's GPUs (usually one) and companions.
@@ -206,6 +250,7 @@ struct ModelSummary {
     blocked_no_iommu: u32,
     blocked_host: u32,
     blocked_unhealthy: u32,
+    blocked_fabric: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -413,9 +458,15 @@ impl Inventory {
 
     fn explain(&self, request: &PlacementRequest, wanted: Option<ModelId>) -> Unschedulable {
         let mut rejections: BTreeMap<NodeRejection, usize> = BTreeMap::new();
+        let mut fabric_nodes = Vec::new();
         for node in &self.nodes {
             let why = reject_reason(node, request, wanted);
             *rejections.entry(why).or_default() += 1;
+            if why == NodeRejection::FabricManagerUnavailable
+                && fabric_nodes.len() < FABRIC_NODES_NAMED
+            {
+                fabric_nodes.push(describe_fabric(&node.view));
+            }
         }
         let model = if request.model == MODEL_ANY {
             String::new()
@@ -427,7 +478,30 @@ impl Inventory {
             nodes_checked: self.nodes.len(),
             rejections,
             request: format!("{} free healthy {model}GPU{plural}", request.count),
+            fabric_nodes,
         }
+    }
+}
+
+/// "hgx-0 has 4 NVSwitches (h100-nvswitch)": a node turned down for its fabric.
+fn describe_fabric(view: &NodeView) -> String {
+    let count = view.nvswitches.len();
+    let plural = if count == 1 { "" } else { "es" };
+    let models: BTreeSet<&str> = view
+        .nvswitches
+        .iter()
+        .map(|s| s.model.as_str())
+        .filter(|m| !m.is_empty())
+        .collect();
+    let models: Vec<&str> = models.into_iter().collect();
+    if models.is_empty() {
+        format!("{} has {count} NVSwitch{plural}", view.name)
+    } else {
+        format!(
+            "{} has {count} NVSwitch{plural} ({})",
+            view.name,
+            models.join(", ")
+        )
     }
 }
 
@@ -471,13 +545,17 @@ fn reject_reason(
     if relevant.is_empty() {
         return NodeRejection::WrongModel;
     }
+    if !node.view.nvswitches.is_empty() {
+        return NodeRejection::FabricManagerUnavailable;
+    }
     let sum = |f: fn(&ModelSummary) -> u32| relevant.iter().map(|s| f(s)).sum::<u32>();
     let total = sum(|s| s.total);
     let free = sum(|s| s.free);
     let no_iommu = sum(|s| s.blocked_no_iommu);
     let host = sum(|s| s.blocked_host);
     let unhealthy = sum(|s| s.blocked_unhealthy);
-    let taken = total.saturating_sub(free + no_iommu + host + unhealthy);
+    let fabric = sum(|s| s.blocked_fabric);
+    let taken = total.saturating_sub(free + no_iommu + host + unhealthy + fabric);
     // The largest obstacle names the node; ties go to the more fundamental one.
     [
         (no_iommu, NodeRejection::NoIommu),
@@ -560,6 +638,13 @@ fn build_units(
             taken: is_taken,
         });
     }
+    // Without a Fabric Manager no GPU of an NVSwitch baseboard initialises, whatever
+    // else holds for it.
+    if !view.nvswitches.is_empty() {
+        for unit in &mut units {
+            unit.blocked = Some(Blocked::NoFabricManager);
+        }
+    }
     // An address claimed by two units (a duplicate device, or a companion listed in two
     // groups) means the inventory is inconsistent: handing out either unit could give
     // one physical function to two VMs, so neither is used.
@@ -616,6 +701,7 @@ fn summarize(node: &mut IndexedNode) {
             Some(Blocked::NoIommu) => s.blocked_no_iommu += size,
             Some(Blocked::HostDevice) => s.blocked_host += size,
             Some(Blocked::Unhealthy) => s.blocked_unhealthy += size,
+            Some(Blocked::NoFabricManager) => s.blocked_fabric += size,
             None => {}
         }
         if unit.free() {

@@ -26,7 +26,8 @@ fn gpu(addr: &str, model: &str, group: u32, numa: i32, switch: &str) -> GpuDevic
     }
 }
 
-/// An 8×H100 SXM HGX board: two NUMA nodes, four PCIe switches of two GPUs each.
+/// Eight H100s laid out like an HGX board's PCIe side: two NUMA nodes, four PCIe
+/// switches of two GPUs each. No NVSwitches are listed; [`with_nvswitches`] adds them.
 fn hgx(name: &str) -> NodeView {
     let buses = ["18", "2a", "3a", "5d", "9a", "ab", "ba", "db"];
     let devices = buses
@@ -53,8 +54,24 @@ fn node(name: &str, devices: Vec<GpuDevice>) -> NodeView {
         ready: true,
         schedulable: true,
         devices,
+        nvswitches: Vec::new(),
     }
 }
+
+/// `view` with the four third-generation NVSwitches of an HGX H100 board.
+fn with_nvswitches(mut view: NodeView) -> NodeView {
+    view.nvswitches = ["06", "07", "08", "09"]
+        .map(|bus| NvSwitch {
+            pci_address: format!("0000:{bus}:00.0"),
+            device_id: "22a3".into(),
+            model: "h100-nvswitch".into(),
+        })
+        .to_vec();
+    view
+}
+
+const FABRIC_WHY: &str = ": CUDA on an NVSwitch baseboard needs NVIDIA Fabric Manager, which gpuvm \
+     cannot run (no Debian package; see docs/nvswitch.md), so no machine is placed there";
 
 /// A workstation with one L40S whose HDMI audio function shares its IOMMU group.
 fn l40s_workstation(name: &str) -> NodeView {
@@ -411,4 +428,115 @@ fn a_device_claimed_twice_is_never_handed_out() {
     assert_eq!(addrs(&p), vec!["0000:04:00.0"]);
     let err = place_machine(&request("l40s", 2), &[n], &no_allocations()).unwrap_err();
     assert!(err.to_string().contains("unhealthy"), "{err}");
+}
+
+#[test]
+fn an_nvswitch_node_takes_no_machine_and_the_refusal_names_it() {
+    let nodes = vec![with_nvswitches(hgx("hgx-0"))];
+    for count in [1, 8] {
+        let err =
+            place_machine(&request("h100-80gb", count), &nodes, &no_allocations()).unwrap_err();
+        assert_eq!(err.reason(), "FabricManagerUnavailable");
+        let plural = if count == 1 { "" } else { "s" };
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no node has {count} free healthy h100-80gb GPU{plural} (1 node checked: \
+                 1 NVSwitch fabric without Fabric Manager); hgx-0 has 4 NVSwitches \
+                 (h100-nvswitch){FABRIC_WHY}"
+            )
+        );
+    }
+    // Its GPUs are neither free nor allocated in the metrics.
+    let inv = Inventory::build(&nodes, &no_allocations());
+    assert_eq!(inv.usage_by_model().get("h100-80gb"), None);
+}
+
+#[test]
+fn another_node_that_fits_is_used_instead_of_an_nvswitch_node() {
+    // The NVSwitch node sorts first and is emptiest: only the fabric keeps it out.
+    let nodes = vec![
+        with_nvswitches(hgx("a-fabric")),
+        hgx("b-pcie"),
+        l40s_workstation("ws"),
+    ];
+    let allocs = taken("b-pcie", &["0000:18:00.0"]);
+    let spread = PlacementRequest {
+        strategy: PlacementStrategy::Spread,
+        ..request("h100-80gb", 2)
+    };
+    for req in [request("h100-80gb", 7), spread, request(MODEL_ANY, 1)] {
+        let p = place_machine(&req, &nodes, &allocs).unwrap();
+        assert_ne!(p.node, "a-fabric", "{req:?}");
+    }
+    // Eight do not fit the other node: the refusal counts both and names the fabric.
+    let err = place_machine(&request("h100-80gb", 8), &nodes, &allocs).unwrap_err();
+    assert_eq!(err.reason(), "FabricManagerUnavailable");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no node has 8 free healthy h100-80gb GPUs (3 nodes checked: 1 wrong model, 1 full, \
+             1 NVSwitch fabric without Fabric Manager); a-fabric has 4 NVSwitches \
+             (h100-nvswitch){FABRIC_WHY}"
+        )
+    );
+}
+
+#[test]
+fn nvswitch_nodes_that_could_not_serve_anyway_do_not_change_the_reason() {
+    let mut cordoned = with_nvswitches(hgx("a-cordoned"));
+    cordoned.schedulable = false;
+    let nodes = vec![cordoned, with_nvswitches(hgx("b-fabric"))];
+    // Wrong model, cordoned: those reasons come before the fabric.
+    let err = place_machine(&request("l40s", 1), &nodes, &no_allocations()).unwrap_err();
+    assert_eq!(err.reason(), "Unschedulable");
+    assert_eq!(
+        err.to_string(),
+        "no node has 1 free healthy l40s GPU (2 nodes checked: 1 cordoned, 1 wrong model)"
+    );
+}
+
+#[test]
+fn many_nvswitch_nodes_are_named_up_to_three() {
+    let mut nodes: Vec<NodeView> = (0..5)
+        .map(|i| with_nvswitches(hgx(&format!("hgx-{i}"))))
+        .collect();
+    // An inventory from an older node agent: bare addresses, no model.
+    for switch in &mut nodes[0].nvswitches {
+        switch.device_id.clear();
+        switch.model.clear();
+    }
+    nodes[1].nvswitches.truncate(1);
+    let err = place_machine(&request(MODEL_ANY, 1), &nodes, &no_allocations()).unwrap_err();
+    assert_eq!(err.reason(), "FabricManagerUnavailable");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no node has 1 free healthy GPU (5 nodes checked: 5 NVSwitch fabric without \
+             Fabric Manager); hgx-0 has 4 NVSwitches, hgx-1 has 1 NVSwitch (h100-nvswitch), \
+             hgx-2 has 4 NVSwitches (h100-nvswitch) and 2 more{FABRIC_WHY}"
+        )
+    );
+}
+
+#[test]
+fn a_machine_already_on_an_nvswitch_node_keeps_its_record_but_nothing_new_lands() {
+    // A machine placed before this rule holds GPUs there: they stay taken (not handed
+    // out again), and the rest stays blocked.
+    let nodes = vec![with_nvswitches(hgx("hgx-0"))];
+    let allocs = taken("hgx-0", &["0000:18:00.0"]);
+    let mut inv = Inventory::build(&nodes, &allocs);
+    assert!(inv.place(&request("h100-80gb", 1)).is_err());
+    let old = Placement {
+        node: "hgx-0".into(),
+        gpus: vec![AllocatedGpu {
+            pci_address: "0000:18:00.0".into(),
+            model: "h100-80gb".into(),
+            iommu_group: Some(10),
+            numa_node: Some(0),
+            companions: Vec::new(),
+        }],
+    };
+    inv.release(&old);
+    assert!(inv.place(&request("h100-80gb", 1)).is_err());
 }

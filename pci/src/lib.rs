@@ -12,7 +12,8 @@
 //! - [`DeviceLock`] and [`GroupLock`] keep two sandboxes on one node off one device.
 //! - [`HealthRecord`] is the reset-failure record the shim writes under
 //!   [`DEFAULT_HEALTH_DIR`] and the node agent reads.
-//! - [`model_name`] maps NVIDIA device ids to the model names the API uses.
+//! - [`model_name`] maps NVIDIA device ids to the model names the API uses;
+//!   [`nvswitch_model_name`] does the same for NVSwitches.
 
 mod address;
 pub mod class;
@@ -31,7 +32,10 @@ pub use class::{DeviceRole, NVIDIA_VENDOR_ID};
 pub use error::{Error, Result};
 pub use health::{DEFAULT_HEALTH_DIR, HealthRecord};
 pub use lock::{DEFAULT_LOCK_DIR, DeviceLock, GroupLock};
-pub use models::{NVIDIA_MODELS, NvidiaModel, model_name, nvidia_model};
+pub use models::{
+    NVIDIA_MODELS, NVSWITCH_MODELS, NvSwitchModel, NvidiaModel, model_name, nvidia_model,
+    nvswitch_model, nvswitch_model_name,
+};
 pub use scan::{Gpu, GroupMember, Inventory, IommuGroup, Passthrough, VFIO_PCI_DRIVER, scan};
 pub use sysfs::{Bar, DeviceIds, PciDevice, PcieLink, Sysfs};
 pub use vfio::{

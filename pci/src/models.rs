@@ -53,11 +53,57 @@ pub fn nvidia_model(device_id: u16) -> Option<&'static NvidiaModel> {
     NVIDIA_MODELS.iter().find(|m| m.device_id == device_id)
 }
 
+/// One known NVIDIA NVSwitch: the NVLink switch chip of an HGX/DGX GPU baseboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct NvSwitchModel {
+    /// The PCI device id.
+    pub device_id: u16,
+    /// The model as the API reports it, e.g. `h100-nvswitch`.
+    pub model: &'static str,
+    /// The NVSwitch generation (1 for HGX-2, 2 for HGX A100, 3 for HGX H100/H200).
+    pub generation: u8,
+    /// The baseboards it sits on, for people.
+    pub platform: &'static str,
+}
+
+/// Every NVSwitch this crate knows by id (pci.ids names them "GA100 [A100 NVSwitch]" and
+/// "GH100 [H100 NVSwitch]"). Fourth-generation NVSwitches (HGX B200/B300) are not on the
+/// host's PCI bus at all, so no scan can list them; see `docs/nvswitch.md`.
+pub const NVSWITCH_MODELS: &[NvSwitchModel] = &[
+    NvSwitchModel {
+        device_id: 0x1af1,
+        model: "a100-nvswitch",
+        generation: 2,
+        platform: "HGX A100 / DGX A100",
+    },
+    NvSwitchModel {
+        device_id: 0x22a3,
+        model: "h100-nvswitch",
+        generation: 3,
+        platform: "HGX H100 / H200 / H800, DGX H100 / H200",
+    },
+];
+
+/// The known NVSwitch for an NVIDIA device id, if any.
+pub fn nvswitch_model(device_id: u16) -> Option<&'static NvSwitchModel> {
+    NVSWITCH_MODELS.iter().find(|m| m.device_id == device_id)
+}
+
+/// The model name of an NVSwitch: the table's, or `nvidia-<id in 4 hex>` (every NVIDIA
+/// function of class 0x0680 counts as an NVSwitch, known id or not).
+pub fn nvswitch_model_name(device_id: u16) -> String {
+    nvswitch_model(device_id).map_or_else(|| fallback_name(device_id), |m| m.model.to_owned())
+}
+
+fn fallback_name(device_id: u16) -> String {
+    format!("nvidia-{device_id:04x}")
+}
+
 /// The model name for an NVIDIA device id: the table's, or `nvidia-<id in 4 hex>`.
 pub fn model_name(device_id: u16) -> String {
     match nvidia_model(device_id) {
         Some(known) => known.model.to_owned(),
-        None => format!("nvidia-{device_id:04x}"),
+        None => fallback_name(device_id),
     }
 }
 
@@ -95,6 +141,18 @@ mod tests {
         assert_eq!(model_name(0x1eb8), "nvidia-1eb8");
         assert_eq!(model_name(0x0001), "nvidia-0001");
         assert_eq!(model_name(0xABCD), "nvidia-abcd");
+    }
+
+    #[test]
+    fn nvswitch_ids_name_their_generation_and_unknown_ones_fall_back() {
+        assert_eq!(nvswitch_model_name(0x1af1), "a100-nvswitch");
+        assert_eq!(nvswitch_model_name(0x22a3), "h100-nvswitch");
+        assert_eq!(nvswitch_model(0x22a3).map(|m| m.generation), Some(3));
+        assert_eq!(nvswitch_model(0x1af1).map(|m| m.generation), Some(2));
+        assert_eq!(nvswitch_model_name(0x22a4), "nvidia-22a4");
+        // GPU ids are not NVSwitches, and the other way round.
+        assert!(nvswitch_model(0x2330).is_none());
+        assert!(nvidia_model(0x22a3).is_none());
     }
 
     #[test]

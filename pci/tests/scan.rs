@@ -5,7 +5,10 @@ use std::fs;
 
 use gpuvm_pci::testing::presets::{self, HGX_H100_GPUS, HGX_H100_NVSWITCHES};
 use gpuvm_pci::testing::{DeviceSpec, SysfsBuilder, bdf};
-use gpuvm_pci::{DeviceRole, Inventory, Passthrough, PciAddress, Sysfs, scan};
+use gpuvm_pci::{
+    DeviceRole, Inventory, Passthrough, PciAddress, Sysfs, nvswitch_model, nvswitch_model_name,
+    scan,
+};
 
 fn scan_of(builder: &SysfsBuilder) -> Inventory {
     let fake = builder.build().expect("build the fake sysfs");
@@ -260,6 +263,58 @@ fn unknown_nvidia_device_gets_a_fallback_model_and_other_vendors_are_ignored() {
     };
     assert_eq!(gpu.model, "nvidia-1eb8");
     assert_eq!(gpu.device.driver, None);
+}
+
+#[test]
+fn hgx_a100_nvswitches_are_found_by_vendor_and_class_and_named_by_id() {
+    // Two A100 SXM4 GPUs and the six second-generation NVSwitches of an HGX A100 board
+    // (10de:1af1, class 0x068000, bound to no driver: the host has no nvidia-nvswitch),
+    // one NVIDIA 0x0680 function with an id this crate does not know, and "other
+    // bridge" functions of other vendors, which are no NVSwitch.
+    let mut builder = SysfsBuilder::new()
+        .device(DeviceSpec::nvidia_gpu("0000:07:00.0", 0x20b2, 0xa000_0000).group(1))
+        .device(DeviceSpec::nvidia_gpu("0000:0f:00.0", 0x20b2, 0xb000_0000).group(2))
+        .device(DeviceSpec::new("0000:c4:00.0", 0x10de, 0x22a4, 0x068000).group(20))
+        .device(DeviceSpec::new("0000:00:14.2", 0x8086, 0xa0ef, 0x068000).group(30))
+        .device(DeviceSpec::new("0000:00:1f.5", 0x1022, 0x1493, 0x068000).group(31));
+    let a100_switches = [
+        "0000:c0:00.0",
+        "0000:c1:00.0",
+        "0000:c2:00.0",
+        "0000:c3:00.0",
+        "0000:c5:00.0",
+        "0000:c6:00.0",
+    ];
+    for (i, address) in (10..).zip(a100_switches) {
+        builder = builder.device(
+            DeviceSpec::new(address, 0x10de, 0x1af1, 0x068000)
+                .numa(1)
+                .group(i),
+        );
+    }
+    let inventory = scan_of(&builder);
+    assert!(inventory.problems.is_empty(), "{:?}", inventory.problems);
+    assert_eq!(inventory.gpus.len(), 2);
+    assert!(inventory.gpus.iter().all(|g| g.model == "a100-80gb"));
+    let found: Vec<(String, String, Option<u32>)> = inventory
+        .nvswitches
+        .iter()
+        .map(|s| {
+            (
+                s.address.to_string(),
+                nvswitch_model_name(s.device),
+                s.numa_node,
+            )
+        })
+        .collect();
+    let mut want: Vec<(String, String, Option<u32>)> = a100_switches
+        .iter()
+        .map(|a| ((*a).to_owned(), "a100-nvswitch".to_owned(), Some(1)))
+        .collect();
+    want.insert(4, ("0000:c4:00.0".into(), "nvidia-22a4".into(), None));
+    assert_eq!(found, want, "sorted by address, unknown id included");
+    assert!(inventory.nvswitches.iter().all(|s| s.driver.is_none()));
+    assert_eq!(nvswitch_model(0x1af1).map(|m| m.generation), Some(2));
 }
 
 #[test]
