@@ -13,11 +13,11 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 need=()
-for pkg in make gcc-12 patch libelf1 libssl3 xz-utils python3; do
+for pkg in make gcc-12 libc6-dev patch libelf1 libssl3 xz-utils python3; do
     dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || need+=("$pkg")
 done
 if [ "${#need[@]}" -eq 0 ]; then
-    echo "guest-gpu-deps: make, gcc-12, patch, libelf1, libssl3, xz-utils and python3 are installed"
+    echo "guest-gpu-deps: make, gcc-12, libc6-dev (the probe's headers), patch, libelf1, libssl3, xz-utils and python3 are installed"
     exit 0
 fi
 echo "guest-gpu-deps: installing ${need[*]}"
