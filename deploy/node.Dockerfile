@@ -7,6 +7,8 @@
 #   bin/vhost-device-vsock         vsock for the QEMU backend
 #   share/vmlinux                  the guest kernel (guest/build.sh)
 #   share/initramfs.img            the guest initramfs with gpuvm-agent as /init
+#   share/initramfs-gpu.img        the GPU flavour (guest/build.sh --gpu): NVIDIA driver
+#                                  550.163.01, booted by pods with GPUs
 #
 #   docker build -f deploy/node.Dockerfile -t ghcr.io/gpuvm/gpuvm-node:0.1.0 .
 #
@@ -50,6 +52,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0644 /tmp/guest/vmlinux /out/dist/share/vmlinux \
  && install -D -m 0644 /tmp/guest/initramfs.cpio.gz /out/dist/share/initramfs.img \
  && install -D -m 0644 /tmp/guest/manifest.json /out/dist/share/guest-manifest.json \
+ && scripts/guest-gpu-deps.sh \
+ && CARGO_TARGET_DIR=/src/target guest/build.sh --gpu /tmp/guest-gpu \
+ && install -D -m 0644 /tmp/guest-gpu/initramfs.cpio.gz /out/dist/share/initramfs-gpu.img \
+ && install -D -m 0644 /tmp/guest-gpu/manifest.json /out/dist/share/guest-gpu-manifest.json \
  && rm -rf /var/lib/apt/lists/*
 
 # Cloud Hypervisor publishes a static binary per release.

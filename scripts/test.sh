@@ -10,6 +10,9 @@
 #     chart's server-side dry-run against a real etcd + kube-apiserver +
 #     kube-controller-manager, which the e2e harness starts on loopback from the binaries
 #     scripts/kube-deps.sh puts in KUBEBUILDER_ASSETS (nothing is started by hand here),
+#   - the GPU flavour of the guest image (NVIDIA's open modules built for the guest
+#     kernel, the driver's libraries) booted under QEMU without a GPU, a container
+#     seeing libcuda.so.1 and libnvidia-ml.so.1 (agent/tests/gpu_image.rs),
 #   - the Helm chart tests.
 # Tests that need what this machine lacks (a GPU, a KVM that boots real guests, a
 # Kubernetes API server, a cloud-hypervisor binary) print `SKIPPED: <reason>`.
@@ -22,7 +25,7 @@
 #   GPUVM_REQUIRE=LIST   strict mode (crate gpuvm-testkit, and charts/tests for Python):
 #                        a test whose requirement is in the comma LIST fails instead of
 #                        printing SKIPPED. Names: apiserver, controller-manager, kvm, gpu,
-#                        cloud-hypervisor, ch-openapi, qemu, containerd, cni, root, or `all`; an
+#                        cloud-hypervisor, ch-openapi, qemu, containerd, cni, gpu-image, root, or `all`; an
 #                        unknown name is an error. `.ci/run` sets it to what CI can run.
 #   KUBECONFIG, KUBEBUILDER_ASSETS, KUBE_APISERVER + ETCD, CLOUD_HYPERVISOR_BIN
 #                        when set, win over what scripts/kube-deps.sh finds
@@ -77,8 +80,13 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     scripts/vm-deps.sh
     scripts/containerd-deps.sh
     scripts/cni-deps.sh
+    scripts/guest-gpu-deps.sh
     stage "building the guest image (kernel + initramfs with the agent)"
     guest/build.sh
+    # NVIDIA's open modules are compiled once per driver and kernel release and cached
+    # in .work/guest-cache (about 15 min cold on 2 cores; a repack after that).
+    stage "building the GPU guest image (NVIDIA 550.163.01 open modules, driver libraries)"
+    guest/build.sh --gpu
 fi
 # With GPUVM_SKIP_DEPS=1 only what kube-deps.sh already cached is used (--cached).
 stage "control-plane binaries (etcd, kube-apiserver, kube-controller-manager)"
@@ -106,6 +114,9 @@ cargo run -q --locked -p gpuvm-operator --bin crdgen -- --check crds/
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 export GPUVM_OPERATOR_BIN="${GPUVM_OPERATOR_BIN:-$target_dir/debug/gpuvm-operator}"
 export GPUVM_WITH_CONTROL_PLANE="${GPUVM_WITH_CONTROL_PLANE:-$target_dir/debug/with-control-plane}"
+
+stage "guest image packing tests (pack.py, the GPU layout, probe-rootfs)"
+python3 -m unittest discover -s guest/tests
 
 stage "cargo test (workspace)"
 cargo test --workspace --all-targets --locked --no-fail-fast
