@@ -875,9 +875,9 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         note(&format!("THROUGHPUT: over {nodes} GpuNodes: {run}"));
         let placed = check_all(&env).await?;
         ensure!(placed == machines_count, "{placed} of {machines_count} placed");
-        if let Some((rss, peak)) = op.memory_kib() {
+        if let Some(memory) = op.memory() {
             note(&format!(
-                "THROUGHPUT: operator memory with {machines_count} machines: VmRSS {rss} KiB, VmHWM {peak} KiB"
+                "THROUGHPUT: operator memory with {machines_count} machines: {memory}"
             ));
         }
         // The API server's own limit on this machine, for comparison: as many plain Pods
