@@ -193,6 +193,11 @@ impl Operator {
         Memory::parse(&status)
     }
 
+    /// The CPU seconds it has used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.process.cpu_seconds()
+    }
+
     /// Its state and the tail of its log.
     pub fn describe(&mut self) -> String {
         self.process.describe()

@@ -46,17 +46,31 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
         // A generous bound: about 4 machines/s on a loaded 2-core box.
         let timeout = Duration::from_secs(300 + u64::try_from(machines_count / 4)?);
         let before = op.memory();
+        let cpu = bench::CpuUse::read(&env, &op);
         let mut peak_rss = 0;
-        let run = bench::place_all(&env, &machines, 8, timeout, Duration::from_secs(10), |count| {
-            if let Some(m) = op.memory() {
-                peak_rss = peak_rss.max(m.rss);
-                note(&format!("SCALE: {count} machines with a Pod, operator {m}"));
-            }
-        })
+        let run = bench::place_all(
+            &env,
+            &machines,
+            8,
+            timeout,
+            Duration::from_secs(10),
+            |count| {
+                if let Some(m) = op.memory() {
+                    peak_rss = peak_rss.max(m.rss);
+                    note(&format!("SCALE: {count} machines with a Pod, operator {m}"));
+                }
+            },
+        )
         .await?;
         note(&format!("SCALE: over {nodes} GpuNodes: {run}"));
+        for line in cpu.lines_until(&bench::CpuUse::read(&env, &op), machines_count) {
+            note(&format!("SCALE: {line}"));
+        }
         let placed = env.check_invariants().await?;
-        ensure!(placed == machines_count, "{placed} of {machines_count} placed");
+        ensure!(
+            placed == machines_count,
+            "{placed} of {machines_count} placed"
+        );
         // Settle: the status writes and watch events of the last placements drain.
         tokio::time::sleep(Duration::from_secs(20)).await;
         let Some(after) = op.memory() else {
