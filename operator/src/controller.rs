@@ -1223,13 +1223,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     .touched_objects();
     let node_stream = reflector(
         node_writer,
-        watcher(nodes_api, watcher::Config::default()).modify(|n| {
-            // Only labels, readiness and cordon matter here: keep the cache small.
-            n.metadata.managed_fields = None;
-            if let Some(s) = n.status.as_mut() {
-                s.images = None;
-            }
-        }),
+        // Only labels, readiness and cordon matter here: keep the cache small.
+        watcher(nodes_api, watcher::Config::default()).modify(inventory::trim_node),
     )
     .inspect(synced.marker(Cache::Node))
     .default_backoff()
