@@ -670,12 +670,9 @@ async fn run_placed(
 /// again (the cache is a watch event behind; nothing is asked of the API server).
 const STALE_RETRY: Duration = Duration::from_millis(200);
 
-/// Pods move on their own and the Pod watch (every change of a Pod, status included)
-/// wakes their machine: a look this often is a safety net. It was 30 s: at 10,000
-/// machines that alone was 333 Pod reads a second, more than the API server of the
-/// benchmark's box answered (71,000 reads in one 10,000-machine run), and placement fell
-/// minutes behind the applies.
-const POD_SAFETY_NET: Duration = Duration::from_secs(300);
+/// Pods move on their own and the Pod watch wakes their machine: a look this often is a
+/// safety net.
+const POD_SAFETY_NET: Duration = Duration::from_secs(30);
 
 /// Creates a machine's Pod; `Some(wait)` when one of that name exists already (ours
 /// from an earlier pass, or someone else's: a look after `wait` decides).
