@@ -225,6 +225,46 @@ pub async fn plain_pods(env: &TestEnv, n: usize, parallel: usize) -> anyhow::Res
     Ok(started.elapsed())
 }
 
+/// CPU seconds used by each process of a run (the control plane's, the operator, this
+/// test's client), read before and after: on a small shared box the run is bound by CPU,
+/// and this says who spent it.
+#[derive(Clone, Debug, Default)]
+pub struct CpuUse(Vec<(String, f64)>);
+
+impl CpuUse {
+    /// Reads the CPU time of the control plane's processes, the operator's and this one's.
+    pub fn read(env: &TestEnv, operator: &crate::Operator) -> CpuUse {
+        let mut all: Vec<(String, f64)> = env
+            .cp
+            .cpu_seconds()
+            .into_iter()
+            .map(|(n, s)| (n.to_owned(), s))
+            .collect();
+        all.extend(operator.cpu_seconds().map(|s| ("operator".to_owned(), s)));
+        all.extend(
+            crate::process::cpu_seconds(std::process::id()).map(|s| ("test client".to_owned(), s)),
+        );
+        CpuUse(all)
+    }
+
+    /// `name: N s (M ms per machine)` for each process, from `self` to `after`.
+    pub fn lines_until(&self, after: &CpuUse, machines: usize) -> Vec<String> {
+        let per = machines.max(1) as f64;
+        after
+            .0
+            .iter()
+            .filter_map(|(name, end)| {
+                let (_, start) = self.0.iter().find(|(n, _)| n == name)?;
+                let used = end - start;
+                Some(format!(
+                    "{name}: {used:.1} s CPU ({:.1} ms per machine)",
+                    used / per * 1e3
+                ))
+            })
+            .collect()
+    }
+}
+
 /// Mean and percentiles of a set of latencies.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Latency {

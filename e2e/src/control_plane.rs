@@ -250,6 +250,14 @@ impl ControlPlane {
         self.dir.as_ref().map(TempDir::path)
     }
 
+    /// The CPU seconds used so far by each process it started (`etcd`, `kube-apiserver`).
+    pub fn cpu_seconds(&self) -> Vec<(&'static str, f64)> {
+        [("etcd", &self.etcd), ("kube-apiserver", &self.apiserver)]
+            .into_iter()
+            .filter_map(|(name, p)| Some((name, p.as_ref()?.cpu_seconds()?)))
+            .collect()
+    }
+
     /// The tails of the control plane's logs, for a failing test's message.
     pub fn describe(&mut self) -> String {
         [

@@ -27,4 +27,4 @@ pub use cluster::{Beat, Check, TestEnv, eventually, generation_observed};
 pub use control_plane::ControlPlane;
 pub use fixtures::HostKind;
 pub use gpuvm_testkit::{Requirement, note, skip};
-pub use operator::{Operator, OperatorOptions};
+pub use operator::{Memory, Operator, OperatorOptions};

@@ -186,23 +186,65 @@ impl Operator {
         self.process.kill();
     }
 
-    /// Its resident and peak memory in KiB (`VmRSS`, `VmHWM`), read from `/proc`.
-    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+    /// Its memory, read from `/proc/<pid>/status`.
+    pub fn memory(&self) -> Option<Memory> {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()?)).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        };
-        Some((field("VmRSS:")?, field("VmHWM:")?))
+        Memory::parse(&status)
+    }
+
+    /// The CPU seconds it has used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.process.cpu_seconds()
     }
 
     /// Its state and the tail of its log.
     pub fn describe(&mut self) -> String {
         self.process.describe()
+    }
+}
+
+/// A process's memory in KiB, as `/proc/<pid>/status` gives it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident now (`VmRSS`): `anon` + `file` + shared memory.
+    pub rss: u64,
+    /// The largest resident size so far (`VmHWM`).
+    pub hwm: u64,
+    /// Resident anonymous memory (`RssAnon`): the heap, stacks and the allocator's
+    /// retained pages; what grows with the number of machines.
+    pub anon: u64,
+    /// Resident file-backed memory (`RssFile`): mostly the binary's own pages, larger
+    /// for a debug build.
+    pub file: u64,
+}
+
+impl Memory {
+    /// Reads the fields from the text of `/proc/<pid>/status`; `None` when one is missing.
+    pub fn parse(status: &str) -> Option<Memory> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some(Memory {
+            rss: field("VmRSS:")?,
+            hwm: field("VmHWM:")?,
+            anon: field("RssAnon:")?,
+            file: field("RssFile:")?,
+        })
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmRSS {} KiB (RssAnon {} KiB, RssFile {} KiB), VmHWM {} KiB",
+            self.rss, self.anon, self.file, self.hwm
+        )
     }
 }
 
@@ -324,6 +366,14 @@ mod tests {
         assert!(args.contains("--heartbeat-timeout-seconds 3600"), "{args}");
         let single = OperatorOptions::single("ns1").args(addr).join(" ");
         assert!(single.contains("--leader-elect=false"), "{single}");
+    }
+
+    #[test]
+    fn memory_is_read_from_proc_status() {
+        let status = "Name:\tx\nVmHWM:\t  900 kB\nVmRSS:\t  800 kB\nRssAnon:\t  500 kB\nRssFile:\t  300 kB\n";
+        let m = Memory::parse(status).unwrap();
+        assert_eq!((m.rss, m.hwm, m.anon, m.file), (800, 900, 500, 300));
+        assert_eq!(Memory::parse("VmRSS:\t1 kB\n"), None);
     }
 
     #[test]

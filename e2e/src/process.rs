@@ -63,6 +63,11 @@ impl ChildProcess {
         }
     }
 
+    /// The CPU time it has used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(self.pid()?)
+    }
+
     /// The path of the log file.
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -101,6 +106,18 @@ pub fn tail(path: &Path, lines: usize) -> String {
         .unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The CPU time (user + system) process `pid` has used, in seconds, from `/proc/<pid>/stat`
+/// (in clock ticks of 1/100 s, Linux's `USER_HZ` on every architecture it runs on).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 #[cfg(test)]

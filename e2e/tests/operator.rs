@@ -938,14 +938,18 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         .collect();
 
     let result = async {
+        let cpu = bench::CpuUse::read(&env, &op);
         let run = bench::place_all(&env, &machines, 16, Duration::from_secs(600), Duration::from_secs(10), |_| {})
             .await?;
         note(&format!("THROUGHPUT: over {nodes} GpuNodes: {run}"));
+        for line in cpu.lines_until(&bench::CpuUse::read(&env, &op), machines_count) {
+            note(&format!("THROUGHPUT: {line}"));
+        }
         let placed = check_all(&env).await?;
         ensure!(placed == machines_count, "{placed} of {machines_count} placed");
-        if let Some((rss, peak)) = op.memory_kib() {
+        if let Some(memory) = op.memory() {
             note(&format!(
-                "THROUGHPUT: operator memory with {machines_count} machines: VmRSS {rss} KiB, VmHWM {peak} KiB"
+                "THROUGHPUT: operator memory with {machines_count} machines: {memory}"
             ));
         }
         // The API server's own limit on this machine, for comparison: as many plain Pods

@@ -45,28 +45,53 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
     let result = async {
         // A generous bound: about 4 machines/s on a loaded 2-core box.
         let timeout = Duration::from_secs(300 + u64::try_from(machines_count / 4)?);
+        let before = op.memory();
+        let cpu = bench::CpuUse::read(&env, &op);
         let mut peak_rss = 0;
-        let run = bench::place_all(&env, &machines, 8, timeout, Duration::from_secs(10), |count| {
-            if let Some((rss, _)) = op.memory_kib() {
-                peak_rss = peak_rss.max(rss);
-                note(&format!("SCALE: {count} machines with a Pod, operator VmRSS {rss} KiB"));
-            }
-        })
+        let run = bench::place_all(
+            &env,
+            &machines,
+            8,
+            timeout,
+            Duration::from_secs(10),
+            |count| {
+                if let Some(m) = op.memory() {
+                    peak_rss = peak_rss.max(m.rss);
+                    note(&format!("SCALE: {count} machines with a Pod, operator {m}"));
+                }
+            },
+        )
         .await?;
         note(&format!("SCALE: over {nodes} GpuNodes: {run}"));
+        for line in cpu.lines_until(&bench::CpuUse::read(&env, &op), machines_count) {
+            note(&format!("SCALE: {line}"));
+        }
         let placed = env.check_invariants().await?;
-        ensure!(placed == machines_count, "{placed} of {machines_count} placed");
+        ensure!(
+            placed == machines_count,
+            "{placed} of {machines_count} placed"
+        );
         // Settle: the status writes and watch events of the last placements drain.
         tokio::time::sleep(Duration::from_secs(20)).await;
-        let Some((rss, peak)) = op.memory_kib() else {
+        let Some(after) = op.memory() else {
             bail!("could not read the operator's memory from /proc");
         };
+        let rss = after.rss;
         note(&format!(
-            "SCALE: {machines_count} machines over {nodes} GpuNodes; \
-             operator VmRSS {rss} KiB ({:.1} MB), VmHWM {peak} KiB ({:.1} MB), largest sampled VmRSS {peak_rss} KiB",
+            "SCALE: {machines_count} machines over {nodes} GpuNodes; operator {after} \
+             ({:.1} MB), largest sampled VmRSS {peak_rss} KiB",
             rss as f64 * 1024.0 / 1e6,
-            peak as f64 * 1024.0 / 1e6
         ));
+        if let Some(before) = before {
+            // What each machine costs: the growth over the operator with no machine (its
+            // caches of the nodes, its connections, the binary's pages).
+            let per_machine = |a: u64, b: u64| a.saturating_sub(b) * 1024 / machines_count as u64;
+            note(&format!(
+                "SCALE: with no machine: {before}; per machine: VmRSS {} B, RssAnon {} B",
+                per_machine(after.rss, before.rss),
+                per_machine(after.anon, before.anon)
+            ));
+        }
         note(&format!("OPERATOR_RSS_KB={rss} machines={machines_count}"));
         if let Ok(metrics) = op.metrics().await {
             for line in bench::timing_lines(&metrics) {

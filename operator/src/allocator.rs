@@ -91,8 +91,9 @@ type Answer = oneshot::Sender<Result<Outcome, CommitError>>;
 struct Slot {
     queue: StdMutex<Vec<(Op, Answer)>>,
     /// Held while writing; holds the newest version of the record this process knows.
-    latest: Mutex<Option<GpuAllocation>>,
-    /// A copy of `latest` after each write, readable while the next write is in flight.
+    latest: Mutex<Option<Arc<GpuAllocation>>>,
+    /// `latest` after each write (the same allocation, shared), readable while the next
+    /// write is in flight.
     snapshot: StdMutex<Option<Arc<GpuAllocation>>>,
 }
 
@@ -153,7 +154,7 @@ impl Committer {
         }
         let batch = std::mem::take(&mut *slot.queue.lock().unwrap_or_else(|e| e.into_inner()));
         self.write(node, &mut latest, batch).await;
-        *slot.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = latest.clone().map(Arc::new);
+        *slot.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = latest.clone();
         drop(latest);
         rx.await
             .unwrap_or_else(|_| Err(CommitError::Abandoned(node.to_owned())))
@@ -162,7 +163,7 @@ impl Committer {
     async fn write(
         &self,
         node: &str,
-        latest: &mut Option<GpuAllocation>,
+        latest: &mut Option<Arc<GpuAllocation>>,
         batch: Vec<(Op, Answer)>,
     ) {
         let api_error = |e: kube::Error| CommitError::Api {
@@ -178,7 +179,7 @@ impl Committer {
                     Err(e) => return answer_all(batch, &Err(api_error(e))),
                 },
             };
-            let mut record = base.clone();
+            let mut record = GpuAllocation::clone(&base);
             let outcomes: Vec<Outcome> = batch
                 .iter()
                 .map(|(op, _)| decide(&mut record.spec, op))
@@ -207,8 +208,11 @@ impl Committer {
                     .await
             };
             match result {
-                Ok(written) => {
-                    *latest = Some(written);
+                Ok(mut written) => {
+                    // Kept for every node: the server's `managedFields` (several times
+                    // the record's own size) are never read.
+                    written.metadata.managed_fields = None;
+                    *latest = Some(Arc::new(written));
                     return answer_each(batch, outcomes);
                 }
                 Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => {
@@ -223,15 +227,15 @@ impl Committer {
 
     /// The node's record: from the cache unless `fresh` (after a conflict), else by a
     /// quorum read; an empty, not yet created one when there is none.
-    async fn read(&self, node: &str, fresh: bool) -> Result<GpuAllocation, kube::Error> {
+    async fn read(&self, node: &str, fresh: bool) -> Result<Arc<GpuAllocation>, kube::Error> {
         if !fresh
             && let Some(cached) = self
                 .cache
                 .get(&kube::runtime::reflector::ObjectRef::new(node))
         {
-            return Ok((*cached).clone());
+            return Ok(cached);
         }
-        Ok(self
+        let mut record = self
             .api
             .get_opt(node)
             .await?
@@ -241,7 +245,9 @@ impl Committer {
                     ..ObjectMeta::default()
                 },
                 spec: GpuAllocationSpec::default(),
-            }))
+            });
+        record.metadata.managed_fields = None;
+        Ok(Arc::new(record))
     }
 
     /// A quorum read of what `uid` holds on `node` (empty when nothing).

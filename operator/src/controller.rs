@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gpuvm_api::{
     AllocatedGpu, GpuAllocation, GpuMachine, GpuMachineStatus, GpuNode, MachinePhase, MachineRef,
     keys,
@@ -266,6 +266,10 @@ pub struct Context {
     /// The resourceVersion of this process's last status write per machine uid: a cached
     /// machine older than that is a stale copy, not worth a reconcile.
     written: std::sync::Mutex<HashMap<String, u64>>,
+    /// Pods this process created, by uid, with the resourceVersion the create answered
+    /// with: the watch event that brings one back is this process's own echo, not news.
+    /// An entry lives until the Pod's first event.
+    created_pods: std::sync::Mutex<HashMap<String, String>>,
     /// Told whenever GPUs are released, so machines waiting for GPUs are retried now
     /// rather than at their next periodic retry.
     released: tokio::sync::mpsc::UnboundedSender<()>,
@@ -308,6 +312,7 @@ impl Context {
             inventory_dirty: AtomicBool::new(true),
             synced: Arc::new(Synced::default()),
             written: std::sync::Mutex::new(HashMap::new()),
+            created_pods: std::sync::Mutex::new(HashMap::new()),
             released: tokio::sync::mpsc::unbounded_channel().0,
         }
     }
@@ -318,13 +323,46 @@ impl Context {
         self
     }
 
+    /// How `machine`'s version compares with what this process last wrote to it (`None`
+    /// when it wrote nothing, or a version is unreadable).
+    fn against_own_write(&self, machine: &GpuMachine) -> Option<std::cmp::Ordering> {
+        let (uid, rv) = (machine.uid()?, rv_number(machine)?);
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(&uid).map(|w| rv.cmp(w))
+    }
+
     /// Whether `machine` is older than what this process last wrote to it.
     fn is_stale(&self, machine: &GpuMachine) -> bool {
-        let (Some(uid), Some(rv)) = (machine.uid(), rv_number(machine)) else {
-            return false;
+        self.against_own_write(machine) == Some(std::cmp::Ordering::Less)
+    }
+
+    /// Whether a watch event of `machine` is news: not this process's own write coming
+    /// back, nor a copy older than it. The reconcile that wrote has already asked for
+    /// whatever comes next (its `Action`), so an echo would only repeat it, with one
+    /// more read of the Pod.
+    pub fn machine_event_is_news(&self, machine: &GpuMachine) -> bool {
+        !matches!(
+            self.against_own_write(machine),
+            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+        )
+    }
+
+    /// Notes a Pod this process created, so that its creation event is not taken for news.
+    fn remember_pod(&self, pod: &Pod) {
+        if let (Some(uid), Some(rv)) = (pod.uid(), pod.resource_version()) {
+            let mut created = self.created_pods.lock().unwrap_or_else(|e| e.into_inner());
+            created.insert(uid, rv);
+        }
+    }
+
+    /// Whether a watch event of a Pod is news: anything but the first event of a Pod this
+    /// process created, unchanged since.
+    pub fn pod_event_is_news(&self, pod: &PartialObjectMeta<Pod>) -> bool {
+        let Some(uid) = pod.metadata.uid.as_ref() else {
+            return true;
         };
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.get(&uid).is_some_and(|w| rv < *w)
+        let mut created = self.created_pods.lock().unwrap_or_else(|e| e.into_inner());
+        created.remove(uid).as_ref() != pod.metadata.resource_version.as_ref()
     }
 
     fn remember_write(&self, machine: &GpuMachine) {
@@ -408,9 +446,10 @@ fn now() -> Time {
 #[instrument(skip(machine, ctx), fields(machine = %machine_key(&machine)))]
 pub async fn reconcile(machine: Arc<GpuMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     if ctx.is_stale(&machine) {
-        // Our own newer write is on its way through the watch, which triggers the
-        // reconcile that matters; acting on this copy would only meet a conflict.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        // Our own newer write is on its way through the watch; acting on this copy would
+        // only meet a conflict. The echo triggers nothing (`machine_event_is_news`): look
+        // again shortly, from the cache.
+        return Ok(Action::requeue(STALE_RETRY));
     }
     let ns = machine.namespace().unwrap_or_default();
     let api: Api<GpuMachine> = Api::namespaced(ctx.client.clone(), &ns);
@@ -627,6 +666,10 @@ async fn run_placed(
     })
 }
 
+/// How soon a reconcile that found its cached machine older than its own last write looks
+/// again (the cache is a watch event behind; nothing is asked of the API server).
+const STALE_RETRY: Duration = Duration::from_millis(200);
+
 /// Pods move on their own and the Pod watch wakes their machine: a look this often is a
 /// safety net.
 const POD_SAFETY_NET: Duration = Duration::from_secs(30);
@@ -639,7 +682,8 @@ async fn create_pod(pods: &Api<Pod>, pod: &Pod, ctx: &Context) -> Result<Option<
         .timed("pod_create", pods.create(&PostParams::default(), pod))
         .await;
     match created {
-        Ok(_) => {
+        Ok(created) => {
+            ctx.remember_pod(&created);
             // No Event: `Scheduled` and the phase Events that follow say it, and each
             // Event is one more write on the API server's busiest path.
             info!(pod = %pod.name_any(), "created Pod");
@@ -1179,13 +1223,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     .touched_objects();
     let node_stream = reflector(
         node_writer,
-        watcher(nodes_api, watcher::Config::default()).modify(|n| {
-            // Only labels, readiness and cordon matter here: keep the cache small.
-            n.metadata.managed_fields = None;
-            if let Some(s) = n.status.as_mut() {
-                s.images = None;
-            }
-        }),
+        // Only labels, readiness and cordon matter here: keep the cache small.
+        watcher(nodes_api, watcher::Config::default()).modify(inventory::trim_node),
     )
     .inspect(synced.marker(Cache::Node))
     .default_backoff()
@@ -1200,9 +1239,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
     .inspect(synced.marker(Cache::GpuMachine))
     .default_backoff()
     .touched_objects();
-    let controller = Controller::for_stream(machine_stream, machines.clone()).with_config(
-        kube::runtime::controller::Config::default().concurrency(settings.concurrency),
-    );
+    let concurrency = settings.concurrency;
     let (released_tx, released_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(
         Context::new(
@@ -1217,6 +1254,21 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         .with_release_notifier(released_tx)
         .with_synced(synced.clone()),
     );
+    // The watch brings back every write of this process; those echoes reconcile nothing
+    // (the cache is updated all the same).
+    let news = ctx.clone();
+    let machine_stream =
+        machine_stream.try_filter(move |m| futures::future::ready(news.machine_event_is_news(m)));
+    let controller = Controller::for_stream(machine_stream, machines.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    let news = ctx.clone();
+    let pod_stream = watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default().labels(keys::LABEL_MACHINE),
+    )
+    .default_backoff()
+    .touched_objects()
+    .try_filter(move |p| futures::future::ready(news.pod_event_is_news(p)));
 
     // Inventory changes (a GpuNode, Node or record) wake the machines waiting for GPUs:
     // those placement refused (`Scheduled=False`). A machine not yet tried is reconciled
@@ -1284,10 +1336,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
 
     controller
         // Only the owner reference matters here: metadata alone, not whole Pods.
-        .owns(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            watcher::Config::default().labels(keys::LABEL_MACHINE),
-        )
+        .owns_stream(pod_stream)
         .watches_stream(gn_stream, move |_: GpuNode| on_gpu_node())
         .watches_stream(node_stream, move |_: Node| on_node())
         // A record another replica changed may have freed GPUs.

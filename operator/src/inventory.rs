@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use gpuvm_api::{ConditionType, GpuAllocation, GpuMachine, GpuNode};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
@@ -111,6 +111,32 @@ pub fn trim_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
+/// Keeps of a cached `Node` only what placement and node-loss detection read: its name,
+/// labels and creation time, whether it is cordoned, and its `Ready` condition. A real
+/// Node also carries its image list, addresses, capacity, system info, annotations and
+/// several other conditions (several KB each, on every node of the fleet); the operator
+/// never writes a Node back.
+pub fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(spec) = node.spec.as_mut() {
+        *spec = NodeSpec {
+            unschedulable: spec.unschedulable,
+            ..NodeSpec::default()
+        };
+    }
+    if let Some(status) = node.status.as_mut() {
+        let ready = status
+            .conditions
+            .take()
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        *status = NodeStatus {
+            conditions: ready,
+            ..NodeStatus::default()
+        };
+    }
+}
+
 /// `namespace/name`, the key machines are tracked by.
 pub fn machine_key(m: &GpuMachine) -> String {
     format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())
@@ -120,7 +146,7 @@ pub fn machine_key(m: &GpuMachine) -> String {
 mod tests {
     use super::*;
     use gpuvm_api::{GpuNodeSpec, GpuNodeStatus, MachinePhase, NvSwitch};
-    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::api::core::v1::{ContainerImage, NodeCondition, NodeSpec, NodeStatus, Taint};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn node(name: &str, ready: bool, cordoned: bool) -> Node {
@@ -155,6 +181,49 @@ mod tests {
             ..GpuNodeStatus::default()
         });
         gn
+    }
+
+    #[test]
+    fn a_trimmed_node_keeps_what_placement_and_node_loss_read() {
+        let mut n = node("n1", false, true);
+        n.metadata.annotations = Some(BTreeMap::from([("a".into(), "b".repeat(100))]));
+        let spec = n.spec.as_mut().unwrap();
+        spec.taints = Some(vec![Taint::default()]);
+        let status = n.status.as_mut().unwrap();
+        status.images = Some(vec![ContainerImage::default()]);
+        status.conditions.as_mut().unwrap().push(NodeCondition {
+            type_: "MemoryPressure".into(),
+            status: "False".into(),
+            ..NodeCondition::default()
+        });
+        let mut trimmed = n.clone();
+        trim_node(&mut trimmed);
+        assert_eq!(trimmed.metadata.annotations, None);
+        assert_eq!(trimmed.metadata.labels, n.metadata.labels);
+        assert_eq!(trimmed.spec.as_ref().unwrap().unschedulable, Some(true));
+        assert_eq!(trimmed.spec.as_ref().unwrap().taints, None);
+        let status = trimmed.status.as_ref().unwrap();
+        assert_eq!(status.images, None);
+        let types: Vec<&str> = status
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(types, ["Ready"]);
+        // What the views and the node-loss verdict say is unchanged.
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let policy = crate::node_loss::Policy::default();
+        let gn = gpu_node("n1", 1_000_000, false);
+        assert_eq!(
+            crate::node_loss::judge(Some(&trimmed), Some(&gn), now, &policy),
+            crate::node_loss::judge(Some(&n), Some(&gn), now, &policy)
+        );
+        let view = |node: &Node| {
+            let v = node_views([&gn], [node], now, Duration::from_secs(60));
+            (v[0].ready, v[0].schedulable, v[0].labels.clone())
+        };
+        assert_eq!(view(&trimmed), view(&n));
     }
 
     #[test]

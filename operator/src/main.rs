@@ -12,6 +12,13 @@ use gpuvm_operator::metrics::{self, Metrics};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, not glibc's malloc: the operator's heap is many small objects (its caches)
+/// among short-lived request buffers, and glibc's heap kept the freed buffers resident
+/// (9.2 KB per machine against 5.7 KB, measured with `e2e/tests/scale.rs`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
