@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::io::Write as _;
+use std::path::PathBuf;
 
 /// The environment variable that turns skips into failures.
 pub const REQUIRE_VAR: &str = "GPUVM_REQUIRE";
@@ -148,6 +149,22 @@ pub fn skip(r: Requirement, reason: &str) {
         panic!("{REQUIRE_VAR} requires {r}, but it is missing: {reason}");
     }
     note(&format!("SKIPPED: {reason}"));
+}
+
+/// `name` on `PATH`, in cargo's bin dir (`$CARGO_HOME/bin`, `~/.cargo/bin`) or in
+/// `/usr/libexec` (Debian's virtiofsd): where the VM tests' helper binaries are.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.push(PathBuf::from("/usr/libexec"));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 #[cfg(test)]

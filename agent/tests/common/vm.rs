@@ -117,19 +117,7 @@ impl Drop for Children {
     }
 }
 
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.push(PathBuf::from("/usr/libexec"));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
+pub use gpuvm_testkit::find_tool;
 
 pub fn wait_for_path(path: &Path, what: &str, children: &mut Children) {
     let deadline = Instant::now() + Duration::from_secs(10);

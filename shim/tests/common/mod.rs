@@ -41,17 +41,7 @@ pub fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
     {
         return Some(p);
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        dirs.push(PathBuf::from(home).join("bin"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.push(PathBuf::from("/usr/libexec"));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists())
+    gpuvm_testkit::find_tool(name)
 }
 
 /// `../shared` next to the checkout.
