@@ -84,7 +84,7 @@ if [ "${GPUVM_SKIP_DEPS:-0}" != 1 ]; then
     stage "building the guest image (kernel + initramfs with the agent)"
     guest/build.sh
     # NVIDIA's open modules are compiled once per driver and kernel release and cached
-    # in .work/guest-cache (353 s cold on 2 cores in a clean-clone CI run; a repack
+    # in .work/guest-cache (140–353 s cold on 2 cores in clean-clone CI runs; a repack
     # after that).
     stage "building the GPU guest image (NVIDIA 550.163.01 open modules, driver libraries)"
     guest/build.sh --gpu
