@@ -46,11 +46,32 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(env: &TestEnv, args: &[&str], dir: &Path) -> anyhow::Result<Self> {
+    /// Starts the agent for node `name` on `fake`, with its health records in `health`
+    /// and its log in `dir`, plus `extra` arguments.
+    fn start(
+        env: &TestEnv,
+        name: &str,
+        fake: &FakeSysfs,
+        health: &Path,
+        extra: &[&str],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let (sys, dev) = (fake.sys_root(), fake.dev_root());
+        let args = [
+            "--node-name",
+            name,
+            "--sysfs-root",
+            path_arg(&sys)?,
+            "--dev-root",
+            path_arg(&dev)?,
+            "--health-dir",
+            path_arg(health)?,
+        ];
         let log = dir.join("gpuvm-node.log");
         let stderr = fs::File::create(&log).context("creating the agent's log")?;
         let child = Command::new(BIN)
             .args(args)
+            .args(extra)
             .env("KUBECONFIG", env.cp.kubeconfig_path())
             .env("RUST_LOG", "info,gpuvm_node=debug")
             .env_remove("NODE_NAME")
@@ -102,21 +123,9 @@ fn path_arg(path: &Path) -> anyhow::Result<&str> {
 /// Runs `gpuvm-node --once --no-bind` for node `name` on `fake`, with its log and
 /// health records in `work`; fails unless it exits 0.
 fn run_agent_once(env: &TestEnv, name: &str, fake: &FakeSysfs, work: &Path) -> anyhow::Result<()> {
-    let (sys, dev) = (fake.sys_root(), fake.dev_root());
     let health = work.join("health");
-    let args = [
-        "--once",
-        "--no-bind",
-        "--node-name",
-        name,
-        "--sysfs-root",
-        path_arg(&sys)?,
-        "--dev-root",
-        path_arg(&dev)?,
-        "--health-dir",
-        path_arg(&health)?,
-    ];
-    let mut agent = AgentProcess::start(env, &args, work)?;
+    let extra = ["--once", "--no-bind"];
+    let mut agent = AgentProcess::start(env, name, fake, &health, &extra, work)?;
     let exit = agent.wait(WAIT)?;
     ensure!(
         exit.success(),
@@ -249,26 +258,8 @@ async fn publishes(env: &TestEnv, name: &str) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let health = work.path().join("health");
     fs::create_dir_all(&health)?;
-    let sys = fake.sys_root();
-    let dev = fake.dev_root();
-    let mut agent = AgentProcess::start(
-        env,
-        &[
-            "--node-name",
-            name,
-            "--sysfs-root",
-            path_arg(&sys)?,
-            "--dev-root",
-            path_arg(&dev)?,
-            "--health-dir",
-            path_arg(&health)?,
-            "--interval",
-            "3600",
-            "--log-format",
-            "json",
-        ],
-        work.path(),
-    )?;
+    let extra = ["--interval", "3600", "--log-format", "json"];
+    let mut agent = AgentProcess::start(env, name, &fake, &health, &extra, work.path())?;
     let outcome = scenario(env, name, &nodes, &fake, &health, &mut agent).await;
     outcome.with_context(|| format!("gpuvm-node's log:\n{}", agent.log_tail()))
 }
