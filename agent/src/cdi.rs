@@ -378,14 +378,6 @@ pub fn write_boot_spec(loaded: &Loaded) -> Option<Spec> {
     Some(spec)
 }
 
-/// Reads the spec written at boot.
-pub fn read_spec(path: &Path) -> Result<Spec> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("Reading the CDI spec {}", path.display()), e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::invalid(format!("the CDI spec {} is not valid: {e}", path.display())))
-}
-
 fn env_value<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
     env.iter()
         .rev()

@@ -580,11 +580,10 @@ pub fn container_edits(
     if container.rootfs.is_none() {
         return Ok(None);
     }
-    if driver.wait(LOAD_WAIT)?.cdi.is_none() {
-        return Ok(None);
+    match &driver.wait(LOAD_WAIT)?.cdi {
+        Some(spec) => cdi::select(spec, env, annotations),
+        None => Ok(None),
     }
-    let spec = cdi::read_spec(Path::new(cdi::SPEC_PATH))?;
-    cdi::select(&spec, env, annotations)
 }
 
 fn gpu_message(g: gpu::Gpu) -> pb::Gpu {
