@@ -547,7 +547,11 @@ impl TtrpcAgent {
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX))
+        Self::ctx_for(self.timeout)
+    }
+
+    fn ctx_for(bound: Duration) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(i64::try_from(bound.as_nanos()).unwrap_or(i64::MAX))
     }
 
     fn no_timeout() -> ttrpc::context::Context {
@@ -558,8 +562,7 @@ impl TtrpcAgent {
     /// (at most 300 s: GSP firmware boot of eight GPUs) and then for its NVML helper
     /// (at most 60 s), so an ordinary call timeout would cut a healthy first answer.
     fn gpu_info_ctx(&self) -> ttrpc::context::Context {
-        let bound = self.timeout.max(GPU_INFO_TIMEOUT);
-        ttrpc::context::with_timeout(i64::try_from(bound.as_nanos()).unwrap_or(i64::MAX))
+        Self::ctx_for(self.timeout.max(GPU_INFO_TIMEOUT))
     }
 }
 

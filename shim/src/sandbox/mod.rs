@@ -603,11 +603,16 @@ async fn blocking<T: Send + 'static>(
 /// Checks that a configured file exists, so a typo names the setting rather than
 /// surfacing later as a VMM error or an agent timeout.
 fn require_file(what: &str, setting: &str, path: &Path) -> Result<()> {
+    require_file_or(&format!("the {what}"), setting, path, "")
+}
+
+/// [`require_file`] with the whole subject (`the …`) and a `hint` after the setting.
+fn require_file_or(subject: &str, setting: &str, path: &Path, hint: &str) -> Result<()> {
     if path.is_file() {
         Ok(())
     } else {
         Err(Error::VmConfig(format!(
-            "the {what} {} does not exist (set {setting} in the shim config)",
+            "{subject} {} does not exist (set {setting} in the shim config{hint})",
             path.display()
         )))
     }
@@ -727,14 +732,13 @@ async fn run_gpu_check(
 /// so: `guest.gpu_initramfs` = `guest.initramfs`).
 fn require_gpu_images(config: &ShimConfig) -> Result<()> {
     for (key, path) in Flavour::Gpu.images(config) {
-        if !path.is_file() {
-            return Err(Error::VmConfig(format!(
-                "the pod has GPUs, and the GPU guest image {} does not exist (set {key} in \
-                 the shim config; guest/build.sh --gpu builds the image with the NVIDIA \
-                 driver, the chart installs it as share/initramfs-gpu.img)",
-                path.display()
-            )));
-        }
+        require_file_or(
+            "the pod has GPUs, and the GPU guest image",
+            key,
+            &path,
+            "; guest/build.sh --gpu builds the image with the NVIDIA driver, the chart \
+             installs it as share/initramfs-gpu.img",
+        )?;
     }
     Ok(())
 }
