@@ -152,8 +152,9 @@ def add_glibc(cpio, glibc_root, programs, driver_libs):
     DT_NEEDED or dlopen()ed library of a packed program or library is nowhere in the
     image. `programs` is a list of (name, ELF data); `driver_libs` {soname: data}."""
     glibc_dir = os.path.join(glibc_root, GLIBC_DIR)
-    wanted, pending, seen = set(GLIBC), list(programs), set()
+    pending, seen = list(programs), set()
     pending += [(soname, data) for soname, data in driver_libs.items()]
+    glibc = {}  # what is packed from glibc_root, each file read once
     missing = []
     while pending:
         name, data = pending.pop()
@@ -164,20 +165,25 @@ def add_glibc(cpio, glibc_root, programs, driver_libs):
         for lib in needed + list(DLOPENED.get(name, ())):
             if lib in driver_libs:
                 pending.append((lib, driver_libs[lib]))
+            elif lib in glibc:
+                continue
             elif os.path.isfile(os.path.join(glibc_dir, lib)):
-                wanted.add(lib)
-                pending.append((lib, read(os.path.join(glibc_dir, lib))))
+                glibc[lib] = read(os.path.join(glibc_dir, lib))
+                pending.append((lib, glibc[lib]))
             else:
                 missing.append(f"{lib} (needed by {name})")
     if missing:
         raise GpuError("libraries missing from the GPU image: " + ", ".join(sorted(set(missing))))
-    for lib in sorted(wanted):
+    for lib in GLIBC:
         path = os.path.join(glibc_dir, lib)
-        if not os.path.isfile(path):
-            raise GpuError(f"{path} is missing (bookworm libc6 unpacked?)")
-        cpio.add_file(f"{GLIBC_DIR}/{lib}", read(path), 0o755)
+        if lib not in glibc:
+            if not os.path.isfile(path):
+                raise GpuError(f"{path} is missing (bookworm libc6 unpacked?)")
+            glibc[lib] = read(path)
+    for lib in sorted(glibc):
+        cpio.add_file(f"{GLIBC_DIR}/{lib}", glibc[lib], 0o755)
     cpio.add_symlink("lib64/ld-linux-x86-64.so.2", f"/{GLIBC_DIR}/ld-linux-x86-64.so.2")
-    return sorted(wanted)
+    return sorted(glibc)
 
 
 def add_gpu(cpio, args, release, resolve_kernel_deps):
