@@ -265,6 +265,99 @@ impl CpuUse {
     }
 }
 
+/// The API server's own count of the requests it answered (`apiserver_request_total`
+/// from its `/metrics`), by verb and resource, read before and after a run: what each
+/// machine costs the server, in requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ApiRequests(HashMap<(String, String), f64>);
+
+/// The verbs that write.
+const WRITE_VERBS: [&str; 5] = ["POST", "PUT", "PATCH", "APPLY", "DELETE"];
+
+impl ApiRequests {
+    /// Reads the counts from the test's API server.
+    pub async fn read(env: &TestEnv) -> anyhow::Result<ApiRequests> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        let text = env
+            .client
+            .request_text(request)
+            .await
+            .context("reading the API server's /metrics")?;
+        Ok(ApiRequests::parse(&text))
+    }
+
+    /// Sums `apiserver_request_total` over response codes, keyed by verb and
+    /// `resource[/subresource]`.
+    pub fn parse(metrics: &str) -> ApiRequests {
+        let mut counts: HashMap<(String, String), f64> = HashMap::new();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\""))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let resource = match label("subresource").as_str() {
+                "" => label("resource"),
+                sub => format!("{}/{sub}", label("resource")),
+            };
+            *counts.entry((label("verb"), resource)).or_default() += value;
+        }
+        ApiRequests(counts)
+    }
+
+    /// `writes per machine: W (verb resource n, …)` and the same for reads, from `self`
+    /// to `after`, the largest first; requests below 0.01 per machine are left out.
+    pub fn lines_until(&self, after: &ApiRequests, machines: usize) -> Vec<String> {
+        let per = machines.max(1) as f64;
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        for ((verb, resource), end) in &after.0 {
+            let start = self
+                .0
+                .get(&(verb.clone(), resource.clone()))
+                .copied()
+                .unwrap_or(0.0);
+            let n = (end - start) / per;
+            // Watches are long-lived; their count says nothing per machine.
+            if n < 0.01 || verb == "WATCH" || verb == "CONNECT" {
+                continue;
+            }
+            let into = if WRITE_VERBS.contains(&verb.as_str()) {
+                &mut writes
+            } else {
+                &mut reads
+            };
+            into.push((n, format!("{verb} {resource}")));
+        }
+        [("writes", writes), ("reads", reads)]
+            .into_iter()
+            .map(|(kind, mut all)| {
+                all.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                let total: f64 = all.iter().map(|(n, _)| n).sum();
+                let parts: Vec<String> = all
+                    .iter()
+                    .map(|(n, what)| format!("{what} {n:.2}"))
+                    .collect();
+                format!(
+                    "API server {kind} per machine: {total:.2} ({})",
+                    parts.join(", ")
+                )
+            })
+            .collect()
+    }
+}
+
 /// Mean and percentiles of a set of latencies.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Latency {
@@ -406,6 +499,28 @@ mod tests {
             vec![
                 "gpuvm_operator_api_seconds{call=\"status\"}: 4 calls, mean 500.0 ms, total 2.0 s",
                 "gpuvm_operator_placement_seconds: 3 calls, mean 500.0 ms, total 1.5 s",
+            ]
+        );
+    }
+
+    #[test]
+    fn api_requests_count_writes_and_reads_per_machine() {
+        let before = ApiRequests::parse(
+            "apiserver_request_total{code=\"201\",component=\"apiserver\",resource=\"pods\",subresource=\"\",verb=\"POST\",version=\"v1\"} 10\n",
+        );
+        let after = ApiRequests::parse(
+            "# HELP apiserver_request_total x\n\
+             apiserver_request_total{code=\"201\",component=\"apiserver\",resource=\"pods\",subresource=\"\",verb=\"POST\",version=\"v1\"} 20\n\
+             apiserver_request_total{code=\"409\",component=\"apiserver\",resource=\"pods\",subresource=\"\",verb=\"POST\",version=\"v1\"} 2\n\
+             apiserver_request_total{code=\"200\",component=\"apiserver\",resource=\"gpumachines\",subresource=\"status\",verb=\"PUT\",version=\"v1alpha1\"} 10\n\
+             apiserver_request_total{code=\"200\",component=\"apiserver\",resource=\"pods\",subresource=\"\",verb=\"GET\",version=\"v1\"} 5\n\
+             apiserver_request_total{code=\"200\",component=\"apiserver\",resource=\"pods\",subresource=\"\",verb=\"WATCH\",version=\"v1\"} 7\n",
+        );
+        assert_eq!(
+            before.lines_until(&after, 10),
+            vec![
+                "API server writes per machine: 2.20 (POST pods 1.20, PUT gpumachines/status 1.00)",
+                "API server reads per machine: 0.50 (GET pods 0.50)",
             ]
         );
     }

@@ -939,10 +939,14 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
 
     let result = async {
         let cpu = bench::CpuUse::read(&env, &op);
+        let requests = bench::ApiRequests::read(&env).await?;
         let run = bench::place_all(&env, &machines, 16, Duration::from_secs(600), Duration::from_secs(10), |_| {})
             .await?;
         note(&format!("THROUGHPUT: over {nodes} GpuNodes: {run}"));
         for line in cpu.lines_until(&bench::CpuUse::read(&env, &op), machines_count) {
+            note(&format!("THROUGHPUT: {line}"));
+        }
+        for line in requests.lines_until(&bench::ApiRequests::read(&env).await?, machines_count) {
             note(&format!("THROUGHPUT: {line}"));
         }
         let placed = check_all(&env).await?;
@@ -964,6 +968,15 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
         }
         // And the applies alone: as many GpuMachines with no operator to place them.
         op.kill();
+        // The same writes the operator makes, made by a plain client with nothing to
+        // decide: the API server's own limit for this work.
+        let placed = env.machines().list(&ListParams::default()).await?.items;
+        let secs = replay_writes(&env, &placed, 64).await?.as_secs_f64();
+        note(&format!(
+            "THROUGHPUT: API server alone: the operator's writes for {} machines (apply, finalizer, status, Pod, Event; 64 machines at a time, no operator) in {secs:.1} s: {:.1} machines/s",
+            placed.len(),
+            f64::from(u32::try_from(placed.len()).unwrap_or(u32::MAX)) / secs
+        ));
         let more: Vec<GpuMachine> = (0..machines_count)
             .map(|i| env.machine(&format!("b{i:05}"), "h100-80gb", 1))
             .collect();
@@ -978,4 +991,60 @@ async fn placement_throughput_two_hundred_machines_over_twenty_five_nodes() -> a
     }
     .await;
     env.finish(result, &mut [&mut op]).await
+}
+
+/// Makes, for a copy of each placed machine, the writes the operator made for it (the
+/// user's apply, the finalizer, the status with its allocation, the Pod, the `Scheduled`
+/// Event), one machine after another `parallel` at a time, and returns how long it took.
+async fn replay_writes(
+    env: &TestEnv,
+    placed: &[GpuMachine],
+    parallel: usize,
+) -> anyhow::Result<Duration> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    use kube::api::PostParams;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let machines = env.machines();
+    let pods = env.pods();
+    let recorder = Recorder::new(env.client.clone(), Reporter::from("e2e-replay"));
+    let started = Instant::now();
+    futures::stream::iter(placed.iter().enumerate().map(|(i, original)| {
+        let (machines, pods, recorder) = (machines.clone(), pods.clone(), recorder.clone());
+        async move {
+            let mut copy = env.machine(&format!("r{i:05}"), "h100-80gb", 1);
+            copy.spec = original.spec.clone();
+            let applied = env.apply(&copy).await?;
+            let finalizer = json!({"metadata": {
+                "finalizers": [keys::FINALIZER],
+                "resourceVersion": applied.resource_version(),
+            }});
+            let mut written = machines
+                .patch(
+                    &applied.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&finalizer),
+                )
+                .await?;
+            written.status = original.status.clone();
+            written.metadata.managed_fields = None;
+            let written = machines
+                .replace_status(&written.name_any(), &PostParams::default(), &written)
+                .await?;
+            let pod = gpuvm_operator::pod::build_pod(&written)?;
+            pods.create(&PostParams::default(), &pod).await?;
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Scheduled".to_owned(),
+                note: written.status.as_ref().and_then(|s| s.message.clone()),
+                action: "Reconcile".to_owned(),
+                secondary: None,
+            };
+            recorder.publish(&event, &written.object_ref(&())).await?;
+            anyhow::Ok(())
+        }
+    }))
+    .buffer_unordered(parallel)
+    .try_collect::<Vec<_>>()
+    .await?;
+    Ok(started.elapsed())
 }
