@@ -47,6 +47,7 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
         let timeout = Duration::from_secs(300 + u64::try_from(machines_count / 4)?);
         let before = op.memory();
         let cpu = bench::CpuUse::read(&env, &op);
+        let requests = bench::ApiRequests::read(&env).await?;
         let mut peak_rss = 0;
         let run = bench::place_all(
             &env,
@@ -64,6 +65,9 @@ async fn operator_memory_at_ten_thousand_machines() -> anyhow::Result<()> {
         .await?;
         note(&format!("SCALE: over {nodes} GpuNodes: {run}"));
         for line in cpu.lines_until(&bench::CpuUse::read(&env, &op), machines_count) {
+            note(&format!("SCALE: {line}"));
+        }
+        for line in requests.lines_until(&bench::ApiRequests::read(&env).await?, machines_count) {
             note(&format!("SCALE: {line}"));
         }
         let placed = env.check_invariants().await?;
