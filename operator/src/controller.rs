@@ -142,7 +142,8 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// How often an unschedulable machine is retried even without a trigger.
     pub unschedulable_retry: Duration,
-    /// Periodic resync of a healthy machine.
+    /// How often a machine with a Pod is looked at even without an event (a safety net:
+    /// the Pod watch wakes a machine whenever its Pod moves).
     pub resync: Duration,
     /// Back-off between restarts of a machine's Pod (kubelet's CrashLoopBackOff values
     /// by default; tests shorten them).
@@ -593,7 +594,8 @@ async fn run_placed(
         );
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let decision = status::decide(machine, pod.as_ref(), &ctx.settings.restart_backoff, &now());
+    let backoff = &ctx.settings.restart_backoff;
+    let mut decision = status::decide(machine, pod.as_ref(), backoff, &now());
     let mut wait = decision.wait;
     let mut written = false;
 
@@ -621,11 +623,21 @@ async fn run_placed(
                     return mirror(machine, &node, held, ctx).await;
                 }
             }
-            let pod = build_pod(&GpuMachine {
-                status: Some(decision.status.clone()),
+            let with = |status: &GpuMachineStatus| GpuMachine {
+                status: Some(status.clone()),
                 ..machine.clone()
-            })?;
-            wait = create_pod(&pods, &pod, ctx).await?.or(wait);
+            };
+            let pod = build_pod(&with(&decision.status))?;
+            let exists = create_pod(&pods, &pod, ctx).await?;
+            if exists.is_none() {
+                // The status written is the one the new Pod makes (Booting), as
+                // `mirror` writes it: the Pod's own echo wakes nothing, so a status
+                // saying "creating the Pod" would stand until the safety-net look.
+                let created = status::decide(&with(&decision.status), Some(&pod), backoff, &now());
+                decision.status = created.status;
+                decision.notes.extend(created.notes);
+            }
+            wait = exists.or(wait);
         }
         action if action.deletes() => {
             // Crash-safe bookkeeping: the next Pod's name, the restart count and the
@@ -661,18 +673,13 @@ async fn run_placed(
     Ok(match decision.status.phase {
         _ if wait.is_some() => Action::requeue(wait.unwrap_or_default()),
         Some(p) if p.is_terminal() && decision.status.pod_name.is_none() => Action::await_change(),
-        Some(MachinePhase::Running) => Action::requeue(ctx.settings.resync),
-        _ => Action::requeue(POD_SAFETY_NET),
+        _ => Action::requeue(ctx.settings.resync),
     })
 }
 
 /// How soon a reconcile that found its cached machine older than its own last write looks
 /// again (the cache is a watch event behind; nothing is asked of the API server).
 const STALE_RETRY: Duration = Duration::from_millis(200);
-
-/// Pods move on their own and the Pod watch wakes their machine: a look this often is a
-/// safety net.
-const POD_SAFETY_NET: Duration = Duration::from_secs(30);
 
 /// Creates a machine's Pod; `Some(wait)` when one of that name exists already (ours
 /// from an earlier pass, or someone else's: a look after `wait` decides).
@@ -974,7 +981,7 @@ async fn mirror(
                 Some(pod) => {
                     let pods = Api::namespaced(ctx.client.clone(), &me.namespace);
                     let wait = create_pod(&pods, &pod, ctx).await?;
-                    Ok(Action::requeue(wait.unwrap_or(POD_SAFETY_NET)))
+                    Ok(Action::requeue(wait.unwrap_or(ctx.settings.resync)))
                 }
                 None => Box::pin(run_placed(&written, ctx, true)).await,
             }
