@@ -3,7 +3,9 @@
 //! (goal: ≤ 100 MB).
 //!
 //! Not part of the default run (it takes many minutes on a small box): run it with
-//! `cargo test -p gpuvm-e2e --test scale -- --ignored --nocapture`.
+//! `cargo test -p gpuvm-e2e --test scale -- --ignored --nocapture`, and with
+//! `GPUVM_OPERATOR_BIN=target/release/gpuvm-operator` to measure the operator as it is
+//! deployed (a debug build's binary alone is ~15 MB more).
 //! `GPUVM_E2E_SCALE_MACHINES` (default 10000) sets the size; nodes are machines / 8.
 
 use std::time::{Duration, Instant};
