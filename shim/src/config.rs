@@ -171,9 +171,13 @@ pub struct GuestConfig {
 }
 
 impl GuestConfig {
-    /// The kernel a pod with GPUs boots.
-    pub fn gpu_kernel(&self) -> &Path {
-        self.gpu_kernel.as_deref().unwrap_or(&self.kernel)
+    /// The kernel a pod with GPUs boots, with the config key that names it
+    /// (`guest.gpu_kernel`, or `guest.kernel` when that is not set).
+    pub fn gpu_kernel(&self) -> (&'static str, &Path) {
+        match &self.gpu_kernel {
+            Some(kernel) => ("guest.gpu_kernel", kernel),
+            None => ("guest.kernel", &self.kernel),
+        }
     }
 
     /// The period of the GPU check after its round at boot; `None`: boot only.
@@ -929,7 +933,10 @@ mod tests {
             PathBuf::from("/usr/share/gpuvm/initramfs-gpu.img")
         );
         // The GPU image's modules are built for the one kernel.
-        assert_eq!(config.guest.gpu_kernel(), config.guest.kernel);
+        assert_eq!(
+            config.guest.gpu_kernel(),
+            ("guest.kernel", config.guest.kernel.as_path())
+        );
         assert_eq!(
             config.guest.gpu_check_period(),
             Some(Duration::from_secs(60))
@@ -980,7 +987,7 @@ mod tests {
         assert_eq!(c.guest.kernel, PathBuf::from("/k"));
         assert_eq!(c.guest.agent_port, 2000);
         assert_eq!(c.guest.gpu_initramfs, PathBuf::from("/gi"));
-        assert_eq!(c.guest.gpu_kernel(), Path::new("/gk"));
+        assert_eq!(c.guest.gpu_kernel(), ("guest.gpu_kernel", Path::new("/gk")));
         assert_eq!(c.guest.gpu_check_period(), Some(Duration::from_secs(30)));
         assert_eq!(c.binaries.vhost_device_vsock, PathBuf::from("/hv"));
         assert_eq!(c.timeouts.vm_shutdown_secs, 3);

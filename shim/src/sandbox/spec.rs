@@ -49,14 +49,10 @@ impl Flavour {
                 ("guest.initramfs", g.initramfs.clone()),
             ],
             Flavour::Gpu => [
-                (
-                    if g.gpu_kernel.is_some() {
-                        "guest.gpu_kernel"
-                    } else {
-                        "guest.kernel"
-                    },
-                    g.gpu_kernel().to_owned(),
-                ),
+                {
+                    let (key, kernel) = g.gpu_kernel();
+                    (key, kernel.to_owned())
+                },
                 ("guest.gpu_initramfs", g.gpu_initramfs.clone()),
             ],
         }
