@@ -827,3 +827,51 @@ fn pod_sandbox_and_app_container_share_one_vm() {
 
     containerd.assert_nothing_left_behind(&[&pod, &app]);
 }
+
+/// What a killed containerd leaves mounted under its state dir (a CRI sandbox's
+/// `/dev/shm`) is detached by the harness, names with spaces included, so the test's
+/// temp dir can go.
+#[test]
+fn the_harness_detaches_what_a_killed_containerd_left_mounted() {
+    // SAFETY: geteuid(2) has no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        gpuvm_testkit::skip(Requirement::Root, "mounting a tmpfs needs root");
+        return;
+    }
+    let dir = test_dir();
+    let state = dir.path().join("state");
+    let points = [
+        state.join("sandboxes/a/shm"),
+        state.join("sandboxes/b c/shm"),
+    ];
+    let mounted = |p: &Path| {
+        let escaped = p.display().to_string().replace(' ', "\\040");
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
+    };
+    for p in &points {
+        std::fs::create_dir_all(p).unwrap();
+        common::run(Command::new("mount").args(["-t", "tmpfs", "shm"]).arg(p));
+        assert!(mounted(p), "{} not mounted", p.display());
+    }
+    // A mount beside the state dir is not touched.
+    let beside = dir.path().join("stateful");
+    std::fs::create_dir_all(&beside).unwrap();
+    common::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "x"])
+            .arg(&beside),
+    );
+    common::unmount_under(&state);
+    for p in &points {
+        assert!(!mounted(p), "{} still mounted", p.display());
+    }
+    assert!(
+        mounted(&beside),
+        "a mount outside the state dir was detached"
+    );
+    common::unmount_under(&beside);
+    assert!(!mounted(&beside));
+}
